@@ -1,0 +1,456 @@
+//! The receive side: frames in, whole messages and control frames out.
+//!
+//! [`Decoder`] is a sans-IO state machine. It is handed the bytes of each read in a mutable
+//! buffer, unmasks them in place, and returns events that borrow either that buffer (the
+//! common case: a whole message in one read, zero copies) or, when a message is split across
+//! reads or fragmented into several frames, a buffer of its own that it holds only until the
+//! message is delivered. It checks every receive-side rule of RFC 6455 and answers a violation
+//! with the close code to send.
+
+use crate::close::{CloseCode, ProtocolError};
+use crate::header::{FrameHeader, MAX_HEADER_LEN, OpCode, RSV1, RSV2, RSV3};
+use crate::mask::apply_mask;
+use crate::utf8::Utf8Stream;
+
+/// Which end of the connection this decoder sits at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Receives client frames: they must be masked.
+    Server,
+    /// Receives server frames: they must not be masked.
+    Client,
+}
+
+/// Limits and negotiated options for a [`Decoder`].
+#[derive(Clone, Copy, Debug)]
+pub struct DecoderConfig {
+    /// Which end we are; decides the masking rule.
+    pub role: Role,
+    /// Largest message, summed over its fragments, in bytes on the wire. Larger messages fail
+    /// with 1009 as soon as a frame header announces them, before their payload arrives.
+    pub max_message_size: u64,
+    /// Whether RSV1 may be set (permessage-deflate was negotiated).
+    pub allow_rsv1: bool,
+}
+
+impl DecoderConfig {
+    /// A server-side configuration with the given size limit and no extension.
+    pub fn server(max_message_size: u64) -> Self {
+        DecoderConfig { role: Role::Server, max_message_size, allow_rsv1: false }
+    }
+
+    /// A client-side configuration with the given size limit and no extension.
+    pub fn client(max_message_size: u64) -> Self {
+        DecoderConfig { role: Role::Client, max_message_size, allow_rsv1: false }
+    }
+}
+
+/// Whether a data message is text or binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataKind {
+    /// A text message (valid UTF-8 once decompressed).
+    Text,
+    /// A binary message.
+    Binary,
+}
+
+/// Payload of a received close frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseFrame<'a> {
+    /// The status code, or `None` when the frame had no payload (report it as 1005).
+    pub code: Option<CloseCode>,
+    /// The reason, possibly empty.
+    pub reason: &'a str,
+}
+
+/// What the decoder found in the input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// A complete text message, already validated as UTF-8.
+    Text(&'a str),
+    /// A complete binary message.
+    Binary(&'a [u8]),
+    /// A complete message sent with RSV1 (permessage-deflate): the payload is still
+    /// compressed; UTF-8 validation of text happens after inflating.
+    Compressed {
+        /// Text or binary.
+        kind: DataKind,
+        /// Raw DEFLATE bytes without the `00 00 ff ff` tail.
+        payload: &'a [u8],
+    },
+    /// A ping; the payload is at most 125 bytes.
+    Ping(&'a [u8]),
+    /// A pong; the payload is at most 125 bytes.
+    Pong(&'a [u8]),
+    /// A valid close frame. The decoder ignores everything after it.
+    Close(CloseFrame<'a>),
+}
+
+/// The frame whose payload is being received.
+#[derive(Clone, Copy, Debug)]
+struct FrameState {
+    opcode: OpCode,
+    fin: bool,
+    key: Option<[u8; 4]>,
+    /// Payload bytes not yet received.
+    remaining: u64,
+    /// Payload bytes received so far: the phase of the mask.
+    received: u64,
+}
+
+/// The data message being assembled.
+#[derive(Clone, Copy, Debug)]
+struct MessageState {
+    kind: DataKind,
+    compressed: bool,
+    /// Payload bytes announced so far, across all frames: what the size limit applies to.
+    announced: u64,
+}
+
+/// Receive-side protocol state for one connection.
+///
+/// Call [`decode`](Decoder::decode) with the unconsumed part of a read until it reports that
+/// it consumed everything without an event. See the crate documentation for an example.
+#[derive(Debug)]
+pub struct Decoder {
+    config: DecoderConfig,
+    /// Bytes of a frame header cut off by the end of a read.
+    spill: [u8; MAX_HEADER_LEN],
+    spill_len: u8,
+    frame: Option<FrameState>,
+    message: Option<MessageState>,
+    /// Payload of a data message that did not arrive as one whole frame in one read.
+    data: Vec<u8>,
+    /// Payload of a control frame split across reads.
+    control: Vec<u8>,
+    utf8: Utf8Stream,
+    /// An event borrowed `data`; it is emptied at the next call.
+    data_delivered: bool,
+    /// An event borrowed `control`; it is emptied at the next call.
+    control_delivered: bool,
+    /// A close frame was received or an error was reported: ignore further input.
+    finished: bool,
+}
+
+/// Buffers larger than this are not reserved from the header alone: a peer could otherwise
+/// make us allocate its announced size while sending only a few bytes.
+const MAX_RESERVE: u64 = 64 * 1024;
+
+impl Decoder {
+    /// A decoder at the start of a connection.
+    pub fn new(config: DecoderConfig) -> Self {
+        Decoder {
+            config,
+            spill: [0; MAX_HEADER_LEN],
+            spill_len: 0,
+            frame: None,
+            message: None,
+            data: Vec::new(),
+            control: Vec::new(),
+            utf8: Utf8Stream::new(),
+            data_delivered: false,
+            control_delivered: false,
+            finished: false,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// Change the configuration, e.g. to allow RSV1 once permessage-deflate is negotiated.
+    pub fn set_config(&mut self, config: DecoderConfig) {
+        self.config = config;
+    }
+
+    /// Whether a close frame was received or an error reported.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Whether the decoder holds part of a frame or message (and so possibly heap memory).
+    pub fn is_mid_message(&self) -> bool {
+        self.spill_len != 0 || self.frame.is_some() || self.message.is_some()
+    }
+
+    /// Heap bytes held for partial messages.
+    pub fn heap_bytes(&self) -> usize {
+        self.data.capacity() + self.control.capacity()
+    }
+
+    /// Free the buffers of a message that was delivered. [`decode`](Decoder::decode) does this
+    /// by itself on its next call; call it when a read's events are handled so that an idle
+    /// connection holds no heap memory.
+    pub fn release(&mut self) {
+        if self.data_delivered {
+            self.data_delivered = false;
+            self.data = Vec::new();
+        }
+        if self.control_delivered {
+            self.control_delivered = false;
+            self.control = Vec::new();
+        }
+    }
+
+    /// Decode the next event from `input`, the unconsumed bytes of a read.
+    ///
+    /// Returns how many bytes were consumed and the event, if one completed. When the event is
+    /// `None`, all of `input` was consumed (kept as partial state). Payload bytes are unmasked
+    /// in place. An error carries the close code to send; after an error or a close frame,
+    /// input is consumed and ignored.
+    pub fn decode<'a>(
+        &'a mut self,
+        input: &'a mut [u8],
+    ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
+        self.release();
+        if self.finished {
+            return Ok((input.len(), None));
+        }
+        let input_len = input.len();
+        match self.decode_inner(input) {
+            Ok(Step::Input(n, event)) => Ok((n, Some(event))),
+            Ok(Step::Data(n)) => {
+                self.data_delivered = true;
+                let event = self.data_event()?;
+                Ok((n, Some(event)))
+            }
+            Ok(Step::Control(n, opcode)) => {
+                self.control_delivered = true;
+                let event = control_event(opcode, &self.control);
+                if matches!(event, Ok(Event::Close(_)) | Err(_)) {
+                    self.finished = true;
+                }
+                Ok((n, Some(event?)))
+            }
+            Ok(Step::NeedMore) => Ok((input_len, None)),
+            Err(e) => {
+                self.finished = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn decode_inner<'a>(&mut self, input: &'a mut [u8]) -> Result<Step<'a>, ProtocolError> {
+        let mut pos = 0;
+        loop {
+            if self.frame.is_none() {
+                let Some((header, header_len)) = self.read_header(&input[pos..])? else {
+                    return Ok(Step::NeedMore);
+                };
+                pos += header_len;
+                self.begin_frame(&header)?;
+                let len = header.payload_len;
+                let whole = header.fin && header.opcode != OpCode::Continuation;
+                if whole && (input.len() - pos) as u64 >= len {
+                    // Fast path: the whole message is in this read; hand out a slice of it.
+                    let len = len as usize;
+                    self.frame = None;
+                    let (_, rest) = input.split_at_mut(pos);
+                    let payload = &mut rest[..len];
+                    if let Some(key) = header.mask {
+                        apply_mask(payload, key, 0);
+                    }
+                    let payload: &'a [u8] = payload;
+                    let event = if header.opcode.is_control() {
+                        let event = control_event(header.opcode, payload);
+                        if matches!(event, Ok(Event::Close(_))) {
+                            self.finished = true;
+                        }
+                        event?
+                    } else {
+                        let message = self.message.take().expect("data frame began a message");
+                        whole_message_event(message, payload)?
+                    };
+                    return Ok(Step::Input(pos + len, event));
+                }
+            }
+            // Payload of the current frame, in whole or in part.
+            let frame = self.frame.as_mut().expect("a frame is open");
+            let take = ((input.len() - pos) as u64).min(frame.remaining) as usize;
+            let chunk = &mut input[pos..pos + take];
+            if let Some(key) = frame.key {
+                apply_mask(chunk, key, (frame.received & 3) as usize);
+            }
+            frame.received += take as u64;
+            frame.remaining -= take as u64;
+            pos += take;
+            let frame = *frame;
+            if frame.opcode.is_control() {
+                self.control.extend_from_slice(chunk);
+                if frame.remaining == 0 {
+                    self.frame = None;
+                    return Ok(Step::Control(pos, frame.opcode));
+                }
+            } else {
+                let message = self.message.expect("data frame belongs to a message");
+                if message.kind == DataKind::Text && !message.compressed {
+                    self.utf8
+                        .feed(chunk)
+                        .map_err(|_| ProtocolError::invalid_payload("invalid UTF-8 in text message"))?;
+                }
+                if self.data.capacity() == 0 {
+                    self.data.reserve((frame.remaining + take as u64).min(MAX_RESERVE) as usize);
+                }
+                self.data.extend_from_slice(chunk);
+                if frame.remaining == 0 {
+                    self.frame = None;
+                    if frame.fin {
+                        return Ok(Step::Data(pos));
+                    }
+                }
+            }
+            if pos == input.len() && self.frame.is_some() {
+                return Ok(Step::NeedMore);
+            }
+        }
+    }
+
+    /// Decode a header from the spill and/or the input. Returns the header and how many bytes
+    /// of `input` it used, or `None` after stashing an incomplete header.
+    fn read_header(&mut self, input: &[u8]) -> Result<Option<(FrameHeader, usize)>, ProtocolError> {
+        let have = self.spill_len as usize;
+        if have == 0 {
+            return match FrameHeader::decode(input)? {
+                Some(found) => Ok(Some(found)),
+                None => {
+                    self.spill[..input.len()].copy_from_slice(input);
+                    self.spill_len = input.len() as u8;
+                    Ok(None)
+                }
+            };
+        }
+        let take = (MAX_HEADER_LEN - have).min(input.len());
+        self.spill[have..have + take].copy_from_slice(&input[..take]);
+        match FrameHeader::decode(&self.spill[..have + take])? {
+            Some((header, len)) => {
+                self.spill_len = 0;
+                Ok(Some((header, len - have)))
+            }
+            None => {
+                self.spill_len = (have + take) as u8;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Check a header against the connection's state and open its frame.
+    fn begin_frame(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+        match (self.config.role, h.mask.is_some()) {
+            (Role::Server, false) => return Err(ProtocolError::protocol("unmasked client frame")),
+            (Role::Client, true) => return Err(ProtocolError::protocol("masked server frame")),
+            _ => {}
+        }
+        if h.rsv & (RSV2 | RSV3) != 0 {
+            return Err(ProtocolError::protocol("reserved bits RSV2/RSV3 set"));
+        }
+        let rsv1 = h.rsv & RSV1 != 0;
+        if rsv1 {
+            if !self.config.allow_rsv1 {
+                return Err(ProtocolError::protocol("RSV1 set without a negotiated extension"));
+            }
+            if h.opcode.is_control() || h.opcode == OpCode::Continuation {
+                return Err(ProtocolError::protocol("RSV1 on a control or continuation frame"));
+            }
+        }
+        let kind = match h.opcode {
+            OpCode::Text => Some(DataKind::Text),
+            OpCode::Binary => Some(DataKind::Binary),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            if self.message.is_some() {
+                return Err(ProtocolError::protocol("new data frame inside a fragmented message"));
+            }
+            self.check_size(h.payload_len)?;
+            self.utf8.reset();
+            self.message = Some(MessageState { kind, compressed: rsv1, announced: h.payload_len });
+        } else if h.opcode == OpCode::Continuation {
+            let Some(message) = self.message.as_mut() else {
+                return Err(ProtocolError::protocol("continuation frame outside a message"));
+            };
+            let announced = message.announced.saturating_add(h.payload_len);
+            message.announced = announced;
+            self.check_size(announced)?;
+        }
+        self.frame = Some(FrameState {
+            opcode: h.opcode,
+            fin: h.fin,
+            key: h.mask,
+            remaining: h.payload_len,
+            received: 0,
+        });
+        Ok(())
+    }
+
+    fn check_size(&self, total: u64) -> Result<(), ProtocolError> {
+        if total > self.config.max_message_size {
+            Err(ProtocolError::too_big("message larger than the configured maximum"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The event for a message assembled in `data`.
+    fn data_event(&mut self) -> Result<Event<'_>, ProtocolError> {
+        let message = self.message.take().expect("a message was being assembled");
+        if message.kind == DataKind::Text && !message.compressed && !self.utf8.is_complete() {
+            self.finished = true;
+            return Err(ProtocolError::invalid_payload("text message ends inside a UTF-8 sequence"));
+        }
+        let event = whole_message_event(message, &self.data);
+        if event.is_err() {
+            self.finished = true;
+        }
+        event
+    }
+}
+
+/// How `decode_inner` finished; events that borrow the decoder's own buffers are built after
+/// it returns, so that the borrow of `self` does not outlive the loop.
+enum Step<'a> {
+    /// An event borrowing the input; consumed bytes.
+    Input(usize, Event<'a>),
+    /// A message completed in `data`; consumed bytes.
+    Data(usize),
+    /// A control frame completed in `control`; consumed bytes.
+    Control(usize, OpCode),
+    /// All input consumed, no event.
+    NeedMore,
+}
+
+fn whole_message_event(message: MessageState, payload: &[u8]) -> Result<Event<'_>, ProtocolError> {
+    Ok(match (message.compressed, message.kind) {
+        (true, kind) => Event::Compressed { kind, payload },
+        (false, DataKind::Binary) => Event::Binary(payload),
+        (false, DataKind::Text) => Event::Text(
+            simdutf8::basic::from_utf8(payload)
+                .map_err(|_| ProtocolError::invalid_payload("invalid UTF-8 in text message"))?,
+        ),
+    })
+}
+
+fn control_event(opcode: OpCode, payload: &[u8]) -> Result<Event<'_>, ProtocolError> {
+    Ok(match opcode {
+        OpCode::Ping => Event::Ping(payload),
+        OpCode::Pong => Event::Pong(payload),
+        _ => Event::Close(parse_close_payload(payload)?),
+    })
+}
+
+/// Parse and validate the payload of a close frame.
+pub fn parse_close_payload(payload: &[u8]) -> Result<CloseFrame<'_>, ProtocolError> {
+    match payload {
+        [] => Ok(CloseFrame { code: None, reason: "" }),
+        [_] => Err(ProtocolError::protocol("close frame with a one-byte payload")),
+        [hi, lo, reason @ ..] => {
+            let code = CloseCode(u16::from_be_bytes([*hi, *lo]));
+            if !code.is_valid_on_wire() {
+                return Err(ProtocolError::protocol("invalid close code"));
+            }
+            let reason = simdutf8::basic::from_utf8(reason)
+                .map_err(|_| ProtocolError::invalid_payload("close reason is not valid UTF-8"))?;
+            Ok(CloseFrame { code: Some(code), reason })
+        }
+    }
+}

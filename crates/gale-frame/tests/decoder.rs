@@ -1,0 +1,304 @@
+//! Receive-side rules of RFC 6455, one test per rule, with the RFC's own examples.
+
+mod common;
+
+use common::{Owned, feed, feed_all};
+use gale_frame::{
+    CloseCode, DataKind, Decoder, DecoderConfig, Event, FrameSpec, OpCode, append_frame, header::RSV1,
+};
+
+const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+fn server() -> Decoder {
+    Decoder::new(DecoderConfig::server(1 << 20))
+}
+
+fn client() -> Decoder {
+    Decoder::new(DecoderConfig::client(1 << 20))
+}
+
+/// A masked client frame.
+fn cframe(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    append_frame(&mut v, FrameSpec { opcode, fin, compressed: false, mask: Some(KEY) }, payload);
+    v
+}
+
+fn error_code(dec: &mut Decoder, bytes: &[u8]) -> u16 {
+    let (_, err) = feed_all(dec, bytes);
+    err.expect("expected a protocol error").code.0
+}
+
+#[test]
+fn rfc_unmasked_hello_at_client() {
+    let (ev, err) = feed_all(&mut client(), &[0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
+    assert_eq!((ev, err), (vec![Owned::Text("Hello".into())], None));
+}
+
+#[test]
+fn rfc_masked_hello_at_server() {
+    let bytes = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
+    let (ev, err) = feed_all(&mut server(), &bytes);
+    assert_eq!((ev, err), (vec![Owned::Text("Hello".into())], None));
+}
+
+#[test]
+fn rfc_fragmented_hello() {
+    let bytes = [0x01, 0x03, 0x48, 0x65, 0x6c, 0x80, 0x02, 0x6c, 0x6f];
+    let (ev, err) = feed_all(&mut client(), &bytes);
+    assert_eq!((ev, err), (vec![Owned::Text("Hello".into())], None));
+}
+
+#[test]
+fn rfc_ping_and_masked_pong() {
+    let (ev, _) = feed_all(&mut client(), &[0x89, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f]);
+    assert_eq!(ev, vec![Owned::Ping(b"Hello".to_vec())]);
+    let (ev, _) =
+        feed_all(&mut server(), &[0x8a, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58]);
+    assert_eq!(ev, vec![Owned::Pong(b"Hello".to_vec())]);
+}
+
+#[test]
+fn rfc_256_bytes_and_64k_binary() {
+    for len in [256usize, 65536] {
+        let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        let mut bytes = Vec::new();
+        append_frame(&mut bytes, FrameSpec::server(OpCode::Binary), &payload);
+        let (ev, err) = feed_all(&mut client(), &bytes);
+        assert_eq!((ev, err), (vec![Owned::Binary(payload.clone())], None));
+        let (ev, err) = feed(&mut client(), &bytes, &[1000, 7, 1]);
+        assert_eq!((ev, err), (vec![Owned::Binary(payload)], None));
+    }
+}
+
+#[test]
+fn whole_message_in_one_read_is_zero_copy() {
+    let mut bytes = cframe(OpCode::Binary, true, b"payload bytes");
+    let range = bytes.as_ptr_range();
+    let mut dec = server();
+    let (n, ev) = dec.decode(&mut bytes).unwrap();
+    let Some(Event::Binary(p)) = ev else { panic!("expected binary") };
+    assert!(range.contains(&p.as_ptr()), "payload must borrow the read buffer");
+    assert_eq!(p, b"payload bytes");
+    assert_eq!(n, bytes.len());
+    assert_eq!(dec.heap_bytes(), 0);
+}
+
+#[test]
+fn split_message_buffer_is_freed_after_delivery() {
+    let bytes = cframe(OpCode::Binary, true, &[9u8; 5000]);
+    let mut dec = server();
+    let (ev, _) = feed(&mut dec, &bytes, &[100]);
+    assert_eq!(ev, vec![Owned::Binary(vec![9u8; 5000])]);
+    dec.release();
+    assert_eq!(dec.heap_bytes(), 0);
+    assert!(!dec.is_mid_message());
+}
+
+#[test]
+fn every_split_point_gives_the_same_events() {
+    let mut bytes = cframe(OpCode::Text, false, "κόσμε ".as_bytes());
+    bytes.extend(cframe(OpCode::Ping, true, b"p"));
+    bytes.extend(cframe(OpCode::Continuation, true, "你好 🎉".as_bytes()));
+    bytes.extend(cframe(OpCode::Binary, true, &[1, 2, 3]));
+    bytes.extend(cframe(OpCode::Close, true, &[0x03, 0xE8, b'o', b'k']));
+    let want = vec![
+        Owned::Ping(b"p".to_vec()),
+        Owned::Text("κόσμε 你好 🎉".into()),
+        Owned::Binary(vec![1, 2, 3]),
+        Owned::Close(Some(1000), "ok".into()),
+    ];
+    for size in 1..=bytes.len() {
+        let (ev, err) = feed(&mut server(), &bytes, &[size]);
+        assert_eq!((&ev, err), (&want, None), "read size {size}");
+    }
+    for cut in 0..bytes.len() {
+        let (ev, err) = feed(&mut server(), &bytes, &[cut.max(1), bytes.len()]);
+        assert_eq!((&ev, err), (&want, None), "cut {cut}");
+    }
+}
+
+#[test]
+fn control_frames_between_fragments() {
+    let mut bytes = cframe(OpCode::Binary, false, b"ab");
+    bytes.extend(cframe(OpCode::Ping, true, b"1"));
+    bytes.extend(cframe(OpCode::Continuation, false, b"cd"));
+    bytes.extend(cframe(OpCode::Pong, true, b"2"));
+    bytes.extend(cframe(OpCode::Continuation, true, b"ef"));
+    let (ev, err) = feed_all(&mut server(), &bytes);
+    assert_eq!(err, None);
+    assert_eq!(
+        ev,
+        vec![Owned::Ping(b"1".to_vec()), Owned::Pong(b"2".to_vec()), Owned::Binary(b"abcdef".to_vec())]
+    );
+}
+
+#[test]
+fn empty_messages_and_fragments() {
+    let mut bytes = cframe(OpCode::Text, true, b"");
+    bytes.extend(cframe(OpCode::Binary, false, b""));
+    bytes.extend(cframe(OpCode::Continuation, false, b""));
+    bytes.extend(cframe(OpCode::Continuation, true, b""));
+    bytes.extend(cframe(OpCode::Ping, true, b""));
+    let (ev, err) = feed(&mut server(), &bytes, &[1]);
+    assert_eq!(err, None);
+    assert_eq!(ev, vec![Owned::Text(String::new()), Owned::Binary(vec![]), Owned::Ping(vec![])]);
+}
+
+#[test]
+fn unmasked_client_frame_is_1002() {
+    let mut bytes = Vec::new();
+    append_frame(&mut bytes, FrameSpec::server(OpCode::Text), b"hi");
+    assert_eq!(error_code(&mut server(), &bytes), 1002);
+}
+
+#[test]
+fn masked_server_frame_is_1002() {
+    assert_eq!(error_code(&mut client(), &cframe(OpCode::Text, true, b"hi")), 1002);
+}
+
+#[test]
+fn reserved_bits_are_1002() {
+    for rsv in [0x40u8, 0x20, 0x10, 0x70] {
+        let mut bytes = cframe(OpCode::Text, true, b"hi");
+        bytes[0] |= rsv;
+        assert_eq!(error_code(&mut server(), &bytes), 1002, "rsv {rsv:#x}");
+    }
+}
+
+#[test]
+fn rsv1_with_deflate_negotiated() {
+    let cfg = DecoderConfig { allow_rsv1: true, ..DecoderConfig::server(1 << 20) };
+    let mut bytes = cframe(OpCode::Text, false, &[0xf2, 0x48]);
+    bytes[0] |= RSV1;
+    bytes.extend(cframe(OpCode::Continuation, true, &[0xcd, 0xc9]));
+    let (ev, err) = feed(&mut Decoder::new(cfg), &bytes, &[3]);
+    assert_eq!(err, None);
+    assert_eq!(ev, vec![Owned::Compressed(DataKind::Text, vec![0xf2, 0x48, 0xcd, 0xc9])]);
+
+    // RSV1 is only allowed on the first frame of a message, never on control frames.
+    let mut bytes = cframe(OpCode::Text, false, b"a");
+    let mut cont = cframe(OpCode::Continuation, true, b"b");
+    cont[0] |= RSV1;
+    bytes.extend(cont);
+    assert_eq!(error_code(&mut Decoder::new(cfg), &bytes), 1002);
+    let mut ping = cframe(OpCode::Ping, true, b"");
+    ping[0] |= RSV1;
+    assert_eq!(error_code(&mut Decoder::new(cfg), &ping), 1002);
+}
+
+#[test]
+fn reserved_opcodes_are_1002() {
+    for op in [3u8, 4, 5, 6, 7, 11, 12, 13, 14, 15] {
+        let mut bytes = cframe(OpCode::Binary, true, b"x");
+        bytes[0] = 0x80 | op;
+        assert_eq!(error_code(&mut server(), &bytes), 1002, "opcode {op}");
+    }
+}
+
+#[test]
+fn fragmentation_order_rules() {
+    // Continuation with nothing to continue.
+    assert_eq!(error_code(&mut server(), &cframe(OpCode::Continuation, true, b"x")), 1002);
+    // A new data frame while a message is open.
+    let mut bytes = cframe(OpCode::Text, false, b"a");
+    bytes.extend(cframe(OpCode::Text, true, b"b"));
+    assert_eq!(error_code(&mut server(), &bytes), 1002);
+    // Fragmented control frame and oversized control frame.
+    assert_eq!(error_code(&mut server(), &cframe(OpCode::Ping, false, b"x")), 1002);
+    assert_eq!(error_code(&mut server(), &cframe(OpCode::Ping, true, &[0; 126])), 1002);
+}
+
+#[test]
+fn size_limit_is_1009_before_the_payload_arrives() {
+    let mut dec = Decoder::new(DecoderConfig::server(1000));
+    let bytes = cframe(OpCode::Binary, true, &[0; 1001]);
+    // Only the header (8 bytes) is fed.
+    let (_, err) = feed_all(&mut dec, &bytes[..8]);
+    assert_eq!(err.unwrap().code, CloseCode::MESSAGE_TOO_BIG);
+
+    // Fragments adding up past the limit.
+    let mut dec = Decoder::new(DecoderConfig::server(1000));
+    let mut bytes = cframe(OpCode::Binary, false, &[0; 600]);
+    bytes.extend(cframe(OpCode::Continuation, true, &[0; 401]));
+    assert_eq!(error_code(&mut dec, &bytes), 1009);
+
+    // Exactly at the limit is fine.
+    let mut dec = Decoder::new(DecoderConfig::server(1000));
+    let mut bytes = cframe(OpCode::Binary, false, &[0; 600]);
+    bytes.extend(cframe(OpCode::Continuation, true, &[0; 400]));
+    assert_eq!(feed_all(&mut dec, &bytes).1, None);
+}
+
+#[test]
+fn invalid_utf8_is_1007() {
+    assert_eq!(error_code(&mut server(), &cframe(OpCode::Text, true, &[0xff, 0xfe])), 1007);
+    // A message ending inside a sequence, fragmented.
+    let mut bytes = cframe(OpCode::Text, false, b"ok");
+    bytes.extend(cframe(OpCode::Continuation, true, &[0xF0, 0x9F]));
+    assert_eq!(error_code(&mut server(), &bytes), 1007);
+}
+
+/// Autobahn 6.4.x: the first fragment carries an invalid sequence; the error must come
+/// before the rest of the message arrives.
+#[test]
+fn invalid_utf8_fails_fast() {
+    let mut first = "κόσμε".as_bytes().to_vec();
+    first.extend([0xF4, 0x90, 0x80, 0x80]);
+    let bytes = cframe(OpCode::Text, false, &first);
+    let (_, err) = feed_all(&mut server(), &bytes);
+    assert_eq!(err.unwrap().code, CloseCode::INVALID_PAYLOAD);
+
+    // One frame, arriving in pieces: the error comes with the piece holding F4 90.
+    let bytes = cframe(OpCode::Text, true, &first);
+    let header = 6;
+    let upto_f4_90 = header + "κόσμε".len() + 2;
+    let mut dec = server();
+    let (_, err) = feed_all(&mut dec, &bytes[..upto_f4_90 - 1]);
+    assert_eq!(err, None);
+    let (_, err) = feed(&mut dec, &bytes[upto_f4_90 - 1..upto_f4_90], &[1]);
+    assert_eq!(err.unwrap().code, CloseCode::INVALID_PAYLOAD);
+}
+
+#[test]
+fn close_frame_rules() {
+    let close = |payload: &[u8]| cframe(OpCode::Close, true, payload);
+    let (ev, _) = feed_all(&mut server(), &close(&[]));
+    assert_eq!(ev, vec![Owned::Close(None, String::new())]);
+    let (ev, _) = feed_all(&mut server(), &close(&[0x0F, 0xA0, b'b', b'y', b'e']));
+    assert_eq!(ev, vec![Owned::Close(Some(4000), "bye".into())]);
+    assert_eq!(error_code(&mut server(), &close(&[0x03])), 1002);
+    for code in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 2000, 2999, 5000] {
+        let b = code.to_be_bytes();
+        assert_eq!(error_code(&mut server(), &close(&b)), 1002, "code {code}");
+    }
+    for code in [1000u16, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999] {
+        let b = code.to_be_bytes();
+        let (ev, err) = feed_all(&mut server(), &close(&b));
+        assert_eq!((ev, err), (vec![Owned::Close(Some(code), String::new())], None));
+    }
+    assert_eq!(error_code(&mut server(), &close(&[0x03, 0xE8, 0xff])), 1007);
+}
+
+#[test]
+fn input_after_close_is_ignored() {
+    let mut bytes = cframe(OpCode::Close, true, &[0x03, 0xE8]);
+    bytes.extend(cframe(OpCode::Text, true, b"late"));
+    bytes.extend([0xFF, 0xFF]);
+    let mut dec = server();
+    let (ev, err) = feed_all(&mut dec, &bytes);
+    assert_eq!((ev, err), (vec![Owned::Close(Some(1000), String::new())], None));
+    assert!(dec.is_finished());
+}
+
+#[test]
+fn non_minimal_lengths_are_rejected() {
+    let bytes = [0x82, 0x80 | 126, 0, 5, 0, 0, 0, 0, 1, 2, 3, 4, 5];
+    assert_eq!(error_code(&mut server(), &bytes), 1002);
+}
+
+#[test]
+fn sixty_four_bit_length_with_top_bit_is_1002() {
+    let bytes = [0x82, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
+    assert_eq!(error_code(&mut Decoder::new(DecoderConfig::server(u64::MAX)), &bytes), 1002);
+}
