@@ -51,7 +51,7 @@ impl std::fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
-const UPGRADE_HEADERS: &[(&str, &str)] = &[("Upgrade", "websocket"), ("Connection", "Upgrade")];
+const UPGRADE_HEADERS: &[(&str, &str)] = &[("Upgrade", "websocket")];
 const VERSION_HEADERS: &[(&str, &str)] = &[("Sec-WebSocket-Version", "13")];
 
 /// A parsed HTTP/1.x request head, borrowing the buffer it was parsed from.
@@ -114,7 +114,13 @@ impl<'a> Request<'a> {
         if values.next().is_some() {
             return Err(HttpError::new(400, "more than one Content-Length header"));
         }
-        first.trim().parse::<u64>().map(Some).map_err(|_| HttpError::new(400, "malformed Content-Length"))
+        // Digits only: `parse` would also take a sign, which a proxy in front may read
+        // differently (request smuggling).
+        let digits = first.trim_matches([' ', '\t']);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HttpError::new(400, "malformed Content-Length"));
+        }
+        digits.parse::<u64>().map(Some).map_err(|_| HttpError::new(400, "Content-Length too large"))
     }
 }
 

@@ -26,9 +26,10 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4], phase: usize) {
 
 /// The key as seen from byte `phase` of the payload.
 #[inline]
-pub fn rotate_key(mut key: [u8; 4], phase: usize) -> [u8; 4] {
-    key.rotate_left(phase & 3);
-    key
+pub fn rotate_key(key: [u8; 4], phase: usize) -> [u8; 4] {
+    // One rotate instruction; `<[u8]>::rotate_left` with a run-time amount becomes calls to
+    // `memcpy` and `memmove`.
+    u32::from_le_bytes(key).rotate_right(8 * (phase & 3) as u32).to_le_bytes()
 }
 
 /// A named masking kernel, for tests and benchmarks that compare them.
@@ -167,8 +168,27 @@ fn dispatch(buf: &mut [u8], key: [u8; 4]) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::mask_words;
+    use super::{mask_words, rotate_key};
     use std::arch::x86_64::*;
+
+    /// Buffers at least this long are first brought to a 64-byte boundary, so that no vector
+    /// load or store straddles two cache lines. A payload sits a header's length (2 to 14
+    /// bytes) past the start of a read, so it is almost never aligned; unaligned, a 64 KiB one
+    /// unmasks at about half the aligned speed.
+    const ALIGN_FROM: usize = 256;
+
+    /// Mask the bytes of `buf` before its first 64-byte boundary when `buf` is long enough to
+    /// gain from it; returns the rest and the key rotated to the phase of its first byte.
+    #[inline(always)]
+    fn align_head(buf: &mut [u8], key: [u8; 4]) -> (&mut [u8], [u8; 4]) {
+        if buf.len() < ALIGN_FROM {
+            return (buf, key);
+        }
+        let head = buf.as_ptr().addr().wrapping_neg() & 63;
+        let (h, rest) = buf.split_at_mut(head);
+        mask_words(h, key);
+        (rest, rotate_key(key, head))
+    }
 
     /// SSE2 is part of the x86_64 baseline, so this kernel needs no detection.
     pub fn sse2(buf: &mut [u8], key: [u8; 4]) {
@@ -178,6 +198,7 @@ mod x86 {
 
     #[target_feature(enable = "sse2")]
     unsafe fn sse2_impl(buf: &mut [u8], key: [u8; 4]) {
+        let (buf, key) = align_head(buf, key);
         let k = _mm_set1_epi32(i32::from_ne_bytes(key));
         let mut chunks = buf.chunks_exact_mut(64);
         for c in &mut chunks {
@@ -209,6 +230,7 @@ mod x86 {
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
     pub unsafe fn avx2(buf: &mut [u8], key: [u8; 4]) {
+        let (buf, key) = align_head(buf, key);
         let k = _mm256_set1_epi32(i32::from_ne_bytes(key));
         let mut chunks = buf.chunks_exact_mut(128);
         for c in &mut chunks {
@@ -239,6 +261,7 @@ mod x86 {
     /// The CPU must support AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn avx512(buf: &mut [u8], key: [u8; 4]) {
+        let (buf, key) = align_head(buf, key);
         let k = _mm512_set1_epi32(i32::from_ne_bytes(key));
         let mut chunks = buf.chunks_exact_mut(256);
         for c in &mut chunks {
@@ -345,6 +368,32 @@ mod tests {
                     (kernel.run)(&mut got, key);
                     reference(&mut want, key, 0);
                     assert_eq!(got, want, "{} start {start} len {len}", kernel.name);
+                }
+            }
+        }
+    }
+
+    /// Long buffers at every address modulo 64, so that the aligning head of the SIMD
+    /// kernels takes every length, including ones that are not a multiple of 4.
+    #[test]
+    fn every_kernel_every_alignment() {
+        let key = [0xA1, 0x5B, 0x3C, 0xD7];
+        let data: Vec<u8> = (0..1200u32).map(|i| (i * 31 + 7) as u8).collect();
+        for kernel in kernels() {
+            for start in 0..64 {
+                for len in [255, 256, 257, 319, 320, 321, 1000, 1027] {
+                    let mut got = data.clone();
+                    let mut want = data[start..start + len].to_vec();
+                    (kernel.run)(&mut got[start..start + len], key);
+                    reference(&mut want, key, 0);
+                    assert_eq!(
+                        &got[start..start + len],
+                        &want[..],
+                        "{} start {start} len {len}",
+                        kernel.name
+                    );
+                    assert_eq!(&got[..start], &data[..start]);
+                    assert_eq!(&got[start + len..], &data[start + len..]);
                 }
             }
         }

@@ -227,3 +227,21 @@ fn client_rejects_bad_responses() {
         Err(ClientHandshakeError::Malformed(_))
     ));
 }
+
+#[test]
+fn content_length_must_be_digits() {
+    let with_length = |v: &str| format!("POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: {v}\r\n\r\n");
+    let length = |v: &str| {
+        let r = with_length(v);
+        let (req, _) = parse_request(r.as_bytes()).unwrap().unwrap();
+        req.content_length().map_err(|e| e.status)
+    };
+    assert_eq!(length("5"), Ok(Some(5)));
+    assert_eq!(length(" 12 "), Ok(Some(12)));
+    for bad in ["+5", "-1", "5 5", "0x10", "", "99999999999999999999999"] {
+        assert_eq!(length(bad), Err(400), "{bad:?}");
+    }
+    let two = "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n";
+    let (req, _) = parse_request(two.as_bytes()).unwrap().unwrap();
+    assert_eq!(req.content_length().map_err(|e| e.status), Err(400));
+}

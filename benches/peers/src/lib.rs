@@ -1,0 +1,70 @@
+//! What the peer echo servers share: the command line (`--port`, `--threads`), the single
+//! `<name> listening on <scheme>://127.0.0.1:<port>` line a harness waits for, the message size
+//! limit, and the tokio accept loop of the three tokio-based peers.
+//!
+//! Each peer is a binary of this crate (`src/bin/`); see `benches/peers/README.md`.
+
+use std::future::Future;
+use std::io::{self, Write};
+use std::net::Ipv4Addr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::{TcpListener, TcpStream};
+
+/// Largest message every peer accepts (16 MiB), so all of them take the same loads.
+pub const MAX_MESSAGE: usize = 16 << 20;
+
+/// Command line common to every peer.
+#[derive(Parser, Debug, Clone, Copy)]
+pub struct Args {
+    /// TCP port to listen on, on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Worker threads (tokio runtime workers, or event loops for raw-tcp).
+    #[arg(long, default_value_t = available_cores())]
+    pub threads: NonZeroUsize,
+}
+
+fn available_cores() -> NonZeroUsize {
+    std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN)
+}
+
+/// Prints the one stdout line that says the server accepts connections, and flushes it.
+pub fn announce(name: &str, scheme: &str, port: u16) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{name} listening on {scheme}://127.0.0.1:{port}")?;
+    out.flush()
+}
+
+/// Runs a tokio multi-thread runtime with `args.threads` workers, listens on 127.0.0.1, announces
+/// `name`, and spawns `handle` on every accepted connection (with `TCP_NODELAY` set, as Gale and
+/// uWebSockets do). Never returns unless the runtime or the listener cannot be set up.
+pub fn serve_tokio<H, F>(name: &str, args: Args, handle: H) -> io::Result<()>
+where
+    H: Fn(TcpStream) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.get())
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, args.port)).await?;
+        announce(name, "ws", listener.local_addr()?.port())?;
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(handle(stream));
+                }
+                Err(err) => {
+                    // Out of descriptors or a connection reset before accept: back off briefly.
+                    eprintln!("{name}: accept: {err}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    })
+}

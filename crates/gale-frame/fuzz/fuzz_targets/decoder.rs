@@ -1,0 +1,15 @@
+//! Fuzz target `decoder`: arbitrary wire bytes, role, limits and read sizes against the
+//! decoder's invariants; see `checks::decoder` for the input layout.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+/// The checks shared with the regression test; each target uses only its own.
+#[allow(dead_code)]
+#[path = "../checks/mod.rs"]
+mod checks;
+
+fuzz_target!(|data: &[u8]| {
+    checks::decoder::check(data);
+});

@@ -1,0 +1,357 @@
+//! The readiness backend: one `mio::Poll` (epoll, edge-triggered) per loop.
+//!
+//! Per iteration: wait for events; read each readable socket into the loop's shared buffer and
+//! hand the bytes to its connection (one write per read batch, with everything the handlers
+//! sent); accept new connections; run due timers; close finished connections.
+
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
+use crate::conn::{Conn, ConnCx};
+use crate::link::{BufPool, Link};
+use crate::timer::TimerWheel;
+
+use super::WAKER;
+
+const LISTENER: Token = Token(usize::MAX - 2);
+
+/// Reads per readable event before the connection yields to others; with a 512 KiB buffer
+/// this is 2 MiB per connection per iteration.
+const MAX_READS: usize = 4;
+
+/// Accepts per iteration before the loop serves its existing connections again.
+const MAX_ACCEPTS: usize = 512;
+
+/// How long accepting pauses after the process runs out of descriptors (EMFILE/ENFILE). The
+/// pending connections wait in the backlog; a closed connection resumes accepting at once.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the connections borrow from their loop.
+struct Env {
+    shared: Arc<Shared>,
+    pool: BufPool,
+    wheel: TimerWheel,
+}
+
+impl Env {
+    fn cx(&mut self) -> ConnCx<'_> {
+        ConnCx {
+            routes: &self.shared.routes,
+            config: &self.shared.config,
+            handshake_ticks: self.shared.handshake_ticks,
+            pool: &mut self.pool,
+            now: self.wheel.now(),
+        }
+    }
+}
+
+pub(crate) struct EpollLoop {
+    index: usize,
+    poll: Poll,
+    listener: Option<mio::net::TcpListener>,
+    rx: Receiver<Task>,
+    handle: ServerHandle,
+    conns: Slab<Conn>,
+    buf: Vec<u8>,
+    env: Env,
+    /// The listener has connections we have not accepted yet.
+    accept_pending: bool,
+    accept_paused_until: Option<Instant>,
+    /// The last accept ran out of descriptors (logged once per episode).
+    out_of_descriptors: bool,
+    /// Connections that hit `MAX_READS` and may have more input.
+    read_pending: Vec<usize>,
+    due: Vec<(u32, u32)>,
+    shutdown_deadline: Option<Instant>,
+}
+
+impl EpollLoop {
+    pub(crate) fn new(seed: LoopSeed, shared: Arc<Shared>, handle: ServerHandle) -> io::Result<Self> {
+        let mut listener = mio::net::TcpListener::from_std(seed.listener);
+        seed.poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let buf = vec![0u8; shared.config.recv_buffer.max(4096)];
+        Ok(EpollLoop {
+            index: seed.index,
+            poll: seed.poll,
+            listener: Some(listener),
+            rx: seed.rx,
+            handle,
+            conns: Slab::new(),
+            buf,
+            env: Env { shared, pool: BufPool::default(), wheel: TimerWheel::new() },
+            accept_pending: true,
+            accept_paused_until: None,
+            out_of_descriptors: false,
+            read_pending: Vec::new(),
+            due: Vec::new(),
+            shutdown_deadline: None,
+        })
+    }
+
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let mut due = std::mem::take(&mut self.due);
+            self.env.wheel.advance(&mut due);
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_pending = true,
+                    WAKER => self.run_tasks(),
+                    Token(key) => self.on_event(
+                        key,
+                        event.is_readable() || event.is_read_closed() || event.is_error(),
+                        event.is_writable(),
+                    ),
+                }
+            }
+            for key in std::mem::take(&mut self.read_pending) {
+                if self.conns.contains(key) {
+                    self.read(key);
+                    self.settle(key);
+                }
+            }
+            for &(key, tick) in &due {
+                self.on_timer(key as usize, tick);
+            }
+            due.clear();
+            self.due = due;
+            self.accept();
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() {
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                    for key in keys {
+                        self.close(key);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.read_pending.is_empty()
+            || (self.accept_pending && self.accept_paused_until.is_none() && self.listener.is_some())
+        {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let mut timeout = self.env.wheel.timeout();
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                let d = at.saturating_duration_since(now);
+                timeout = Some(timeout.map_or(d, |t| t.min(d)));
+            }
+        };
+        consider(self.accept_paused_until.filter(|_| self.accept_pending));
+        consider(self.shutdown_deadline);
+        timeout
+    }
+
+    fn on_event(&mut self, key: usize, readable: bool, writable: bool) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if writable && conn.link.buffered() > 0 {
+            conn.on_writable(&mut self.env.cx());
+        }
+        if readable && !conn.read_closed {
+            self.read(key);
+        }
+        self.settle(key);
+    }
+
+    /// Read until the socket is drained (a short read), EOF, or `MAX_READS` full buffers.
+    fn read(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        for _ in 0..MAX_READS {
+            if conn.should_close() || conn.read_closed {
+                return;
+            }
+            match (&conn.link.stream).read(&mut self.buf) {
+                Ok(0) => {
+                    conn.on_eof(&mut self.env.cx());
+                    return;
+                }
+                Ok(n) => {
+                    conn.on_data(&mut self.buf[..n], &mut self.env.cx());
+                    // One write per read: everything the handlers sent for these bytes.
+                    if conn.link.flush() {
+                        conn.drained(&mut self.env.cx());
+                    }
+                    if n < self.buf.len() {
+                        // A stream socket that returned less than asked is drained; new data
+                        // raises a new edge.
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    conn.link.broken = true;
+                    conn.on_eof(&mut self.env.cx());
+                    return;
+                }
+            }
+        }
+        self.read_pending.push(key);
+    }
+
+    /// After a connection handled something: flush, close it if it is done, or make sure its
+    /// timer is due no later than its deadline.
+    fn settle(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if conn.link.dirty && conn.link.flush() {
+            conn.drained(&mut self.env.cx());
+        }
+        conn.after_flush(self.env.wheel.now());
+        if conn.should_close() {
+            self.close(key);
+            return;
+        }
+        conn.link.recycle(&mut self.env.pool);
+        let cx = self.env.cx();
+        if let Some(deadline) = conn.deadline(&cx)
+            && (conn.timer_at == 0 || deadline < conn.timer_at)
+        {
+            conn.timer_at = self.env.wheel.schedule(key as u32, deadline);
+        }
+    }
+
+    fn on_timer(&mut self, key: usize, tick: u32) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.timer_at != tick {
+            // A stale entry: the connection rescheduled earlier, or the slot was reused.
+            return;
+        }
+        conn.timer_at = 0;
+        conn.on_timer(&mut self.env.cx());
+        self.settle(key);
+    }
+
+    fn close(&mut self, key: usize) {
+        let mut conn = self.conns.remove(key);
+        conn.on_teardown(&mut self.env.cx());
+        conn.link.discard(&mut self.env.pool);
+        // Dropping the stream closes the descriptor, which also removes it from epoll.
+        drop(conn);
+        self.handle
+            .stats(self.index)
+            .connections
+            .store(self.conns.len(), std::sync::atomic::Ordering::Relaxed);
+        // A descriptor was freed: accepting may work again.
+        self.accept_paused_until = None;
+    }
+
+    fn accept(&mut self) {
+        let Some(listener) = &self.listener else { return };
+        if !self.accept_pending {
+            return;
+        }
+        if let Some(until) = self.accept_paused_until {
+            if Instant::now() < until {
+                return;
+            }
+            self.accept_paused_until = None;
+        }
+        for _ in 0..MAX_ACCEPTS {
+            match listener.accept() {
+                Ok((stream, remote)) => {
+                    if self.out_of_descriptors {
+                        tracing::info!("accepting again");
+                        self.out_of_descriptors = false;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let stream: std::net::TcpStream = stream.into();
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    let fd = stream.as_raw_fd();
+                    if let Err(e) = self.poll.registry().register(
+                        &mut SourceFd(&fd),
+                        Token(key),
+                        Interest::READABLE | Interest::WRITABLE,
+                    ) {
+                        tracing::warn!(error = %e, "cannot register an accepted connection");
+                        continue;
+                    }
+                    let now = self.env.wheel.now();
+                    let conn = entry.insert(Conn::new(Link::new(stream, remote), now));
+                    let cx = self.env.cx();
+                    if let Some(deadline) = conn.deadline(&cx) {
+                        conn.timer_at = self.env.wheel.schedule(key as u32, deadline);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept_pending = false;
+                    break;
+                }
+                Err(e) if is_out_of_descriptors(&e) => {
+                    if !self.out_of_descriptors {
+                        tracing::warn!(error = %e, "out of descriptors: accepting paused until one frees up");
+                        self.out_of_descriptors = true;
+                    }
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    break;
+                }
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    break;
+                }
+            }
+        }
+        self.handle
+            .stats(self.index)
+            .connections
+            .store(self.conns.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn run_tasks(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Task::Shutdown) => self.begin_shutdown(),
+                Ok(Task::Run(f)) => {
+                    let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
+                    f(&mut cx);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        // Dropping the listener closes it: new connections go to other loops or are refused.
+        self.listener = None;
+        self.accept_pending = false;
+        self.shutdown_deadline = Some(Instant::now() + self.env.shared.config.shutdown_timeout);
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.conns[key].on_shutdown(&mut self.env.cx());
+            self.settle(key);
+        }
+    }
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}

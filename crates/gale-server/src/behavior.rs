@@ -1,0 +1,61 @@
+//! Per-route settings for WebSocket connections.
+
+use std::time::Duration;
+
+/// What happens to a send that would push a connection's buffered bytes past
+/// [`Behavior::max_backpressure`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackpressurePolicy {
+    /// Refuse the message ([`crate::SendStatus::Dropped`]); the connection stays open.
+    Drop,
+    /// Refuse the message and drop the connection (the client sees 1006).
+    Close,
+}
+
+/// How a connection idle for [`Behavior::idle_timeout`] is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdleClose {
+    /// Send close 1001 and wait [`Behavior::close_timeout`] for the client's answer.
+    GoingAway,
+    /// Drop the TCP connection without a close frame.
+    Silent,
+}
+
+/// Settings of a WebSocket route.
+#[derive(Clone, Debug)]
+pub struct Behavior {
+    /// Largest message accepted, summed over its fragments; larger ones close with 1009 as
+    /// soon as a frame header announces them.
+    pub max_payload: usize,
+    /// Close a connection after this long without receiving anything. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// How an idle connection is closed.
+    pub idle_close: IdleClose,
+    /// Send a ping after this long without receiving anything (keeps NAT and proxies open and
+    /// detects dead peers). `None`: no automatic pings.
+    pub ping_interval: Option<Duration>,
+    /// After an automatic ping, drop the connection if nothing arrives within this time.
+    pub pong_timeout: Duration,
+    /// Most bytes held for a connection that the kernel will not take yet. Sends beyond it are
+    /// refused; the buffer never holds more than this or a single message, whichever is larger.
+    pub max_backpressure: usize,
+    /// What a send over [`max_backpressure`](Self::max_backpressure) does.
+    pub backpressure_policy: BackpressurePolicy,
+    /// After sending a close frame, how long to wait for the client's before dropping TCP.
+    pub close_timeout: Duration,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Behavior {
+            max_payload: 16 << 20,
+            idle_timeout: Some(Duration::from_secs(120)),
+            idle_close: IdleClose::GoingAway,
+            ping_interval: None,
+            pong_timeout: Duration::from_secs(10),
+            max_backpressure: 1 << 20,
+            backpressure_policy: BackpressurePolicy::Drop,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! The connection state machine, free of I/O: bytes in, handler calls and bytes out.
+//!
+//! A connection starts in the HTTP phase: requests are parsed and answered (keep-alive,
+//! pipelining) until one upgrades to a WebSocket route. In the WebSocket phase, each read goes
+//! through the frame decoder in place and events go to the route's handler. Both backends
+//! drive this same code; they only move bytes and report readiness, timer expiry and EOF.
+
+use gale_frame::handshake::{
+    AcceptOptions, Request, is_upgrade_request, parse_request, validate_upgrade, write_accept_response,
+    write_error_response,
+};
+use gale_frame::{CloseCode, ClosePayload, Decoder, DecoderConfig, Event, OpCode};
+
+use crate::app::ServerConfig;
+use crate::handler::{HttpRequest, HttpResponse, Message, UpgradeRequest};
+use crate::link::{BufPool, CloseState, Finish, Link};
+use crate::routes::{HttpMatch, Routes, WsRoute};
+use crate::websocket::{AnyData, Callback};
+
+/// An HTTP client whose responses pile up past this is not reading them: drop it.
+const HTTP_OUT_LIMIT: usize = 4 << 20;
+
+/// What a connection needs from its loop while it handles an event.
+pub(crate) struct ConnCx<'a> {
+    pub(crate) routes: &'a Routes,
+    pub(crate) config: &'a ServerConfig,
+    /// The handshake timeout in ticks.
+    pub(crate) handshake_ticks: u32,
+    pub(crate) pool: &'a mut BufPool,
+    /// The current tick of the loop's timer wheel.
+    pub(crate) now: u32,
+}
+
+/// One client connection.
+pub(crate) struct Conn {
+    pub(crate) link: Link,
+    phase: Phase,
+    /// Tick of this connection's live timer-wheel entry; 0 when it has none.
+    pub(crate) timer_at: u32,
+    /// Tick at which the HTTP phase (or the current keep-alive request) began.
+    since: u32,
+    /// Tick of the last bytes received.
+    last_seen: u32,
+    /// The peer shut down its sending side: nothing more to read.
+    pub(crate) read_closed: bool,
+    /// Tick the lingering close began.
+    linger_since: u32,
+}
+
+/// How long a lingering close waits for the peer's EOF, in ticks.
+const LINGER_TICKS: u32 = 8;
+
+enum Phase {
+    Http(HttpPhase),
+    Ws(WsPhase),
+}
+
+/// A request head or body that arrived in pieces.
+struct HttpPhase {
+    buf: Vec<u8>,
+}
+
+struct WsPhase {
+    decoder: Decoder,
+    app: WsApp,
+}
+
+/// The WebSocket state besides the decoder, so that it can be borrowed while a decoded event
+/// borrows the decoder.
+struct WsApp {
+    route: u16,
+    data: AnyData,
+    /// Tick an automatic ping went out, 0 when none is outstanding.
+    ping_at: u32,
+    /// Tick the close handshake began, 0 while open.
+    close_since: u32,
+    /// The `close` callback has been delivered.
+    reported: bool,
+}
+
+impl Conn {
+    pub(crate) fn new(link: Link, now: u32) -> Self {
+        Conn {
+            link,
+            phase: Phase::Http(HttpPhase { buf: Vec::new() }),
+            timer_at: 0,
+            since: now,
+            last_seen: now,
+            read_closed: false,
+            linger_since: 0,
+        }
+    }
+
+    /// Whether the socket should be closed now.
+    pub(crate) fn should_close(&self) -> bool {
+        self.link.should_close(self.read_closed)
+    }
+
+    /// After a flush: once a finishing connection has written everything, shut down our
+    /// sending side and linger for the peer's EOF.
+    pub(crate) fn after_flush(&mut self, now: u32) {
+        if self.link.finish == Finish::AfterFlush
+            && self.link.buffered() == 0
+            && !self.read_closed
+            && !self.link.broken
+        {
+            let _ = self.link.stream.shutdown(std::net::Shutdown::Write);
+            self.link.finish = Finish::Linger;
+            self.linger_since = now;
+        }
+    }
+
+    /// Bytes arrived. `data` may be modified in place (WebSocket payloads are unmasked there).
+    pub(crate) fn on_data(&mut self, data: &mut [u8], cx: &mut ConnCx<'_>) {
+        if self.link.finishing() {
+            // Closing: input is read only to see the peer's EOF.
+            return;
+        }
+        self.last_seen = cx.now;
+        match &mut self.phase {
+            Phase::Http(_) => self.http_data(data, cx),
+            Phase::Ws(ws) => {
+                ws.app.ping_at = 0;
+                self.ws_data(data, cx);
+            }
+        }
+        self.after_callbacks(cx);
+    }
+
+    /// The peer shut down its side (EOF) or the socket failed.
+    pub(crate) fn on_eof(&mut self, cx: &mut ConnCx<'_>) {
+        self.read_closed = true;
+        // Let a queued answer (a close reply, an HTTP response) go out before closing.
+        self.link.finish =
+            if self.link.buffered() > 0 && !self.link.broken { Finish::AfterFlush } else { Finish::Now };
+        if let Phase::Ws(ws) = &mut self.phase
+            && ws.app.close_since == 0
+        {
+            ws.app.close_since = cx.now;
+        }
+        self.report_close_if_ending(cx, true);
+    }
+
+    /// The socket can take more bytes.
+    pub(crate) fn on_writable(&mut self, cx: &mut ConnCx<'_>) {
+        if self.link.flush() {
+            self.call(cx, Callback::Drain);
+        }
+        self.after_callbacks(cx);
+    }
+
+    /// Call `drain` if the last flush emptied a buffer the kernel had refused.
+    pub(crate) fn drained(&mut self, cx: &mut ConnCx<'_>) {
+        self.call(cx, Callback::Drain);
+        self.after_callbacks(cx);
+    }
+
+    /// The server is shutting down: start closing.
+    pub(crate) fn on_shutdown(&mut self, cx: &mut ConnCx<'_>) {
+        match &mut self.phase {
+            Phase::Http(_) => {
+                if self.link.finish == Finish::No {
+                    self.link.finish = Finish::AfterFlush;
+                }
+            }
+            Phase::Ws(_) => {
+                self.link.queue_close(
+                    cx.pool,
+                    ClosePayload::new(CloseCode::GOING_AWAY, "server shutting down"),
+                    CloseState::Closing,
+                );
+            }
+        }
+        self.after_callbacks(cx);
+    }
+
+    /// The socket is about to be closed: deliver the `close` callback if it is still due.
+    pub(crate) fn on_teardown(&mut self, cx: &mut ConnCx<'_>) {
+        if self.link.finish == Finish::No {
+            self.link.finish = Finish::Now;
+        }
+        self.report_close_if_ending(cx, true);
+    }
+
+    /// The tick at which this connection next needs attention, if any.
+    pub(crate) fn deadline(&self, cx: &ConnCx<'_>) -> Option<u32> {
+        if self.link.finish == Finish::Linger {
+            return Some(self.linger_since + LINGER_TICKS + 1);
+        }
+        match &self.phase {
+            // Timestamps are ticks, and an event happens partway through its tick: one more
+            // tick makes every timeout at least as long as configured (never shorter).
+            Phase::Http(_) => Some(self.since + cx.handshake_ticks + 1),
+            Phase::Ws(ws) => {
+                let route = &cx.routes.ws[ws.app.route as usize];
+                if self.link.close != CloseState::Open || self.link.finish != Finish::No {
+                    return Some(ws.app.close_since.max(1) + route.ticks.close + 1);
+                }
+                let idle = route.ticks.idle.map(|t| self.last_seen + t + 1);
+                let ping = route.ticks.ping.map(|t| {
+                    if ws.app.ping_at != 0 {
+                        ws.app.ping_at + route.ticks.pong + 1
+                    } else {
+                        self.last_seen + t + 1
+                    }
+                });
+                match (idle, ping) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        }
+    }
+
+    /// The connection's timer fired: act if its deadline has passed.
+    pub(crate) fn on_timer(&mut self, cx: &mut ConnCx<'_>) {
+        let Some(deadline) = self.deadline(cx) else { return };
+        if cx.now < deadline {
+            return;
+        }
+        let now = cx.now;
+        let routes = cx.routes;
+        if self.link.finish == Finish::Linger {
+            self.link.finish = Finish::Now;
+            self.after_callbacks(cx);
+            return;
+        }
+        match &mut self.phase {
+            // Handshake not finished, or an idle keep-alive connection: drop it (slowloris).
+            Phase::Http(_) => self.link.finish = Finish::Now,
+            Phase::Ws(ws) => {
+                let route = &routes.ws[ws.app.route as usize];
+                if self.link.close != CloseState::Open || self.link.finish != Finish::No {
+                    // The peer never answered our close, or never read it.
+                    self.link.finish = Finish::Now;
+                } else if route.ticks.idle.is_some_and(|t| now > self.last_seen + t) {
+                    match route.behavior.idle_close {
+                        crate::IdleClose::GoingAway => self.link.queue_close(
+                            cx.pool,
+                            ClosePayload::new(CloseCode::GOING_AWAY, "idle timeout"),
+                            CloseState::Closing,
+                        ),
+                        crate::IdleClose::Silent => self.link.finish = Finish::Now,
+                    }
+                } else if ws.app.ping_at != 0 {
+                    // No answer to our ping: the peer is gone.
+                    self.link.finish = Finish::Now;
+                } else {
+                    self.link.queue_control(cx.pool, OpCode::Ping, b"");
+                    ws.app.ping_at = now;
+                }
+            }
+        }
+        self.after_callbacks(cx);
+    }
+
+    /// Record state changes handlers made and deliver `close` when the connection is ending.
+    fn after_callbacks(&mut self, cx: &mut ConnCx<'_>) {
+        if let Phase::Ws(ws) = &mut self.phase
+            && self.link.close != CloseState::Open
+            && ws.app.close_since == 0
+        {
+            ws.app.close_since = cx.now;
+        }
+        self.report_close_if_ending(cx, false);
+    }
+
+    /// Deliver `close` to the handler if the connection is ending and it was not delivered
+    /// yet. `teardown` says the socket is going away whatever the state.
+    fn report_close_if_ending(&mut self, cx: &mut ConnCx<'_>, teardown: bool) {
+        let Phase::Ws(ws) = &mut self.phase else { return };
+        let ending = self.link.finish == Finish::Now || self.link.broken || teardown;
+        if ws.app.reported || !ending {
+            return;
+        }
+        let (code, reason) =
+            if self.link.broken { (CloseCode::ABNORMAL, String::new()) } else { self.link.sent_close_info() };
+        let route = &cx.routes.ws[ws.app.route as usize];
+        report_close(&mut ws.app, &mut self.link, route, cx.pool, code, &reason);
+    }
+
+    fn call(&mut self, cx: &mut ConnCx<'_>, cb: Callback<'_>) {
+        // After `close` was delivered the handler hears nothing more of this connection.
+        if let Phase::Ws(ws) = &mut self.phase
+            && !ws.app.reported
+        {
+            let route = &cx.routes.ws[ws.app.route as usize];
+            route.handler.call(&mut self.link, &mut ws.app.data, cx.pool, &route.behavior, cb);
+        }
+    }
+
+    fn http_data(&mut self, data: &mut [u8], cx: &mut ConnCx<'_>) {
+        let Phase::Http(http) = &mut self.phase else { return };
+        if http.buf.is_empty() {
+            let used = self.http_requests(data, cx);
+            if let Phase::Http(http) = &mut self.phase
+                && used < data.len()
+                && self.link.finish == Finish::No
+            {
+                http.buf.extend_from_slice(&data[used..]);
+            }
+        } else {
+            let mut buf = std::mem::take(&mut http.buf);
+            buf.extend_from_slice(data);
+            let used = self.http_requests(&mut buf, cx);
+            if let Phase::Http(http) = &mut self.phase
+                && used < buf.len()
+                && self.link.finish == Finish::No
+            {
+                buf.drain(..used);
+                http.buf = buf;
+            }
+        }
+    }
+
+    /// Serve the complete requests at the start of `bytes`; returns how many bytes were used.
+    /// On an upgrade, the rest of `bytes` is handed to the WebSocket phase.
+    fn http_requests(&mut self, bytes: &mut [u8], cx: &mut ConnCx<'_>) -> usize {
+        let mut pos = 0;
+        while pos < bytes.len() && self.link.finish == Finish::No {
+            if self.link.buffered() > HTTP_OUT_LIMIT {
+                self.link.finish = Finish::Now;
+                break;
+            }
+            let (req, head_len) = match parse_request(&bytes[pos..]) {
+                Ok(Some(found)) => found,
+                Ok(None) => break,
+                Err(e) => {
+                    self.http_error(cx, e.status, e.reason, e.headers);
+                    break;
+                }
+            };
+            if let Err(e) = check_host(&req) {
+                self.http_error(cx, e.status, e.reason, e.headers);
+                break;
+            }
+            if req.header("transfer-encoding").is_some() {
+                self.http_error(
+                    cx,
+                    411,
+                    "chunked request bodies are not supported; send Content-Length",
+                    &[],
+                );
+                break;
+            }
+            let body_len = match req.content_length() {
+                Ok(n) => n.unwrap_or(0),
+                Err(e) => {
+                    self.http_error(cx, e.status, e.reason, e.headers);
+                    break;
+                }
+            };
+            if body_len > cx.config.max_body as u64 {
+                self.http_error(cx, 413, "request body larger than the server accepts", &[]);
+                break;
+            }
+            let total = head_len + body_len as usize;
+            if bytes.len() - pos < total {
+                break;
+            }
+            let upgrade = is_upgrade_request(&req);
+            let path = req.path();
+            let ws_route = cx.routes.find_ws(path);
+            let http_route = cx.routes.find_http(req.method, path);
+            match (upgrade, ws_route, http_route) {
+                (true, Some(route), _) => {
+                    if self.upgrade(route, &req, cx) {
+                        let rest = pos + total;
+                        self.ws_data(&mut bytes[rest..], cx);
+                        return bytes.len();
+                    }
+                    break;
+                }
+                (_, _, HttpMatch::Found(i)) => {
+                    let body = &bytes[pos + head_len..pos + total];
+                    let hreq = HttpRequest { req: &req, body, remote: self.link.remote };
+                    let response = cx.routes.http[i].handler.handle(&hreq);
+                    self.http_respond(cx, &req, &response);
+                }
+                (_, _, HttpMatch::WrongMethod(allowed)) => {
+                    self.http_error(cx, 405, "method not allowed for this path", &[("Allow", &allowed)]);
+                    break;
+                }
+                (false, Some(_), HttpMatch::NotFound) => {
+                    self.http_error(
+                        cx,
+                        426,
+                        "this resource requires a WebSocket upgrade (Upgrade: websocket)",
+                        &[("Upgrade", "websocket")],
+                    );
+                    break;
+                }
+                (_, _, HttpMatch::NotFound) => {
+                    let response = HttpResponse::text(404, format!("no route for {path}\n"));
+                    self.http_respond(cx, &req, &response);
+                }
+            }
+            pos += total;
+            self.since = cx.now;
+        }
+        pos
+    }
+
+    /// Write an HTTP response, keeping the connection open when the request allows it.
+    fn http_respond(&mut self, cx: &mut ConnCx<'_>, req: &Request<'_>, response: &HttpResponse) {
+        let keep_alive = if req.minor_version >= 1 {
+            !req.header_has_token("connection", "close")
+        } else {
+            req.header_has_token("connection", "keep-alive")
+        };
+        let head_only = req.method == "HEAD";
+        self.link.push_with(cx.pool, |out| {
+            use std::io::Write;
+            let _ = write!(
+                out,
+                "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: {}\r\n",
+                response.status,
+                gale_frame::handshake::status_text(response.status),
+                response.body.len(),
+                if keep_alive { "keep-alive" } else { "close" }
+            );
+            for (name, value) in &response.headers {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend(value.bytes().filter(|&b| b != b'\r' && b != b'\n'));
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"\r\n");
+            if !head_only {
+                out.extend_from_slice(&response.body);
+            }
+        });
+        if !keep_alive {
+            self.link.finish = Finish::AfterFlush;
+        }
+    }
+
+    /// Answer with an error and close once it is written.
+    fn http_error(&mut self, cx: &mut ConnCx<'_>, status: u16, reason: &str, headers: &[(&str, &str)]) {
+        self.link.push_with(cx.pool, |out| write_error_response(out, status, reason, headers));
+        self.link.finish = Finish::AfterFlush;
+    }
+
+    /// Validate an upgrade, ask the route's handler, and switch to the WebSocket phase.
+    fn upgrade(&mut self, route_index: usize, req: &Request<'_>, cx: &mut ConnCx<'_>) -> bool {
+        let routes = cx.routes;
+        let route = &routes.ws[route_index];
+        let upgrade = match validate_upgrade(req) {
+            Ok(u) => u,
+            Err(e) => {
+                self.http_error(cx, e.status, e.reason, e.headers);
+                return false;
+            }
+        };
+        let ureq = UpgradeRequest { req, remote: self.link.remote };
+        let (data, protocol) = match route.handler.upgrade(&ureq) {
+            Ok(accepted) => accepted,
+            Err(reject) => {
+                let status = if (400..600).contains(&reject.status) { reject.status } else { 500 };
+                self.http_error(cx, status, &reject.reason, &[]);
+                return false;
+            }
+        };
+        let accept = upgrade.accept_key();
+        let options = AcceptOptions { protocol: protocol.as_deref(), ..Default::default() };
+        self.link.push_with(cx.pool, |out| write_accept_response(out, &accept, &options));
+        self.phase = Phase::Ws(WsPhase {
+            decoder: Decoder::new(DecoderConfig::server(route.behavior.max_payload as u64)),
+            app: WsApp { route: route_index as u16, data, ping_at: 0, close_since: 0, reported: false },
+        });
+        self.call(cx, Callback::Open);
+        true
+    }
+
+    /// Decode frames from `data` and deliver them.
+    fn ws_data(&mut self, data: &mut [u8], cx: &mut ConnCx<'_>) {
+        let routes = cx.routes;
+        let Phase::Ws(ws) = &mut self.phase else { return };
+        let route = &routes.ws[ws.app.route as usize];
+        let mut pos = 0;
+        while self.link.finish == Finish::No && !self.link.broken {
+            let (used, event) = match ws.decoder.decode(&mut data[pos..]) {
+                Ok(step) => step,
+                Err(e) => {
+                    // Tell the peer why with the RFC's code, then close TCP once it is written.
+                    self.link.queue_close(cx.pool, ClosePayload::new(e.code, e.reason), CloseState::Closed);
+                    self.link.close = CloseState::Closed;
+                    self.link.finish = Finish::AfterFlush;
+                    report_close(&mut ws.app, &mut self.link, route, cx.pool, e.code, e.reason);
+                    break;
+                }
+            };
+            pos += used;
+            let Some(event) = event else { break };
+            let open = self.link.close == CloseState::Open;
+            let link = &mut self.link;
+            let app = &mut ws.app;
+            let call = |app: &mut WsApp, link: &mut Link, pool: &mut BufPool, cb: Callback<'_>| {
+                route.handler.call(link, &mut app.data, pool, &route.behavior, cb)
+            };
+            match event {
+                Event::Text(text) if open => call(app, link, cx.pool, Callback::Message(Message::Text(text))),
+                Event::Binary(bytes) if open => {
+                    call(app, link, cx.pool, Callback::Message(Message::Binary(bytes)))
+                }
+                Event::Text(_) | Event::Binary(_) => {}
+                Event::Compressed { .. } => {
+                    // RSV1 is refused by the decoder unless an extension was negotiated.
+                    link.queue_close(
+                        cx.pool,
+                        ClosePayload::new(CloseCode::PROTOCOL_ERROR, "unexpected RSV1"),
+                        CloseState::Closed,
+                    );
+                    link.finish = Finish::AfterFlush;
+                    report_close(app, link, route, cx.pool, CloseCode::PROTOCOL_ERROR, "unexpected RSV1");
+                    break;
+                }
+                Event::Ping(payload) => {
+                    if open {
+                        link.queue_control(cx.pool, OpCode::Pong, payload);
+                    }
+                    call(app, link, cx.pool, Callback::Ping(payload));
+                }
+                Event::Pong(payload) => call(app, link, cx.pool, Callback::Pong(payload)),
+                Event::Close(frame) => {
+                    match link.close {
+                        CloseState::Open => {
+                            // Echo the peer's code and reason, as RFC 6455 section 5.5.1 suggests.
+                            let reply = match frame.code {
+                                Some(code) => ClosePayload::new(code, frame.reason),
+                                None => ClosePayload::empty(),
+                            };
+                            link.queue_close(cx.pool, reply, CloseState::Closed);
+                            link.finish = Finish::AfterFlush;
+                            let code = frame.code.unwrap_or(CloseCode::NO_STATUS);
+                            report_close(app, link, route, cx.pool, code, frame.reason);
+                        }
+                        CloseState::Closing => {
+                            // Our close was answered: the handshake is complete.
+                            link.close = CloseState::Closed;
+                            link.finish = Finish::AfterFlush;
+                            let (code, reason) = link.sent_close_info();
+                            report_close(app, link, route, cx.pool, code, &reason);
+                        }
+                        CloseState::Closed => link.finish = Finish::AfterFlush,
+                    }
+                    break;
+                }
+            }
+        }
+        ws.decoder.release();
+    }
+}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `Host` header.
+fn check_host(req: &Request<'_>) -> Result<(), gale_frame::handshake::HttpError> {
+    let hosts = req.headers().filter(|(name, _)| name.eq_ignore_ascii_case("host")).count();
+    if (req.minor_version >= 1 && hosts != 1) || hosts > 1 {
+        let reason = if hosts == 0 { "missing Host header" } else { "more than one Host header" };
+        return Err(gale_frame::handshake::HttpError { status: 400, reason, headers: &[] });
+    }
+    Ok(())
+}
+
+/// Deliver the `close` callback once; sends are refused from then on.
+fn report_close(
+    app: &mut WsApp,
+    link: &mut Link,
+    route: &WsRoute,
+    pool: &mut BufPool,
+    code: CloseCode,
+    reason: &str,
+) {
+    if app.reported {
+        return;
+    }
+    app.reported = true;
+    link.close = CloseState::Closed;
+    route.handler.call(link, &mut app.data, pool, &route.behavior, Callback::Close(code, reason));
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle WebSocket costs its slab entry and nothing else; keep the entry small (the
+    /// budget is under 1 KiB of user space per idle connection, including the slab's slack).
+    #[test]
+    fn connection_state_stays_small() {
+        let size = std::mem::size_of::<super::Conn>();
+        assert!(size <= 320, "Conn grew to {size} bytes");
+    }
+}

@@ -1,0 +1,29 @@
+//! `gale-server`: a WebSocket and HTTP/1.1 server with one event loop per core.
+//!
+//! Each loop owns a listener on the shared port (`SO_REUSEPORT`), its connections, one
+//! receive buffer and a pool of send buffers. Connections run through a sans-IO state machine
+//! (HTTP requests, the upgrade, then RFC 6455 frames via `gale-frame`), driven by a backend
+//! that only moves bytes. Applications describe routes with [`App`]: WebSocket behaviours
+//! ([`WsHandler`]) and plain HTTP handlers ([`HttpHandler`]).
+
+#![warn(missing_docs)]
+
+mod app;
+mod backend;
+mod behavior;
+mod conn;
+mod handler;
+mod link;
+mod listener;
+mod routes;
+mod timer;
+mod websocket;
+
+pub use app::{App, Backend, LoopContext, LoopGone, Running, Server, ServerConfig, ServerHandle};
+pub use behavior::{BackpressurePolicy, Behavior, IdleClose};
+pub use gale_frame::CloseCode;
+pub use handler::{
+    Accept, HttpHandler, HttpRequest, HttpResponse, Message, Reject, UpgradeRequest, WsHandler,
+};
+pub use link::SendStatus;
+pub use websocket::WebSocket;

@@ -1,0 +1,339 @@
+//! The sending half of a connection: its socket, the bytes waiting to be written, and the
+//! close state. Shared by the HTTP and WebSocket phases.
+
+use std::io::{self, IoSlice, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use gale_frame::{CloseCode, ClosePayload, FrameSpec, MAX_HEADER_LEN, OpCode, write_header};
+
+use crate::behavior::{BackpressurePolicy, Behavior};
+
+/// Output buffers are flushed early once this many unsent bytes accumulate while the kernel is
+/// taking everything: a handler that sends a lot in one go does not build a large buffer.
+const CORK_FLUSH: usize = 64 * 1024;
+
+/// Payloads at least this large are written straight from the caller's slice (header and
+/// payload in one `writev`) when nothing is queued, instead of being copied first.
+const DIRECT_WRITE_MIN: usize = 16 * 1024;
+
+/// Output buffers larger than this are freed instead of going back to the pool.
+const POOL_MAX_CAPACITY: usize = 256 * 1024;
+
+/// Buffers kept in a loop's pool.
+const POOL_MAX_BUFFERS: usize = 64;
+
+/// Result of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendStatus {
+    /// Queued; the kernel has been taking everything so far.
+    Sent,
+    /// Queued behind bytes the kernel refused: see `buffered_amount` and wait for `drain`.
+    Backpressure,
+    /// Refused: it would exceed `max_backpressure`. With [`BackpressurePolicy::Close`] the
+    /// connection is being dropped.
+    Dropped,
+    /// Refused: the connection is closing or closed.
+    Closed,
+}
+
+/// Where the close handshake stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloseState {
+    /// Open for sending.
+    Open,
+    /// We sent a close frame and wait for the peer's.
+    Closing,
+    /// No more frames may be sent.
+    Closed,
+}
+
+/// When the socket should be closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// Not yet.
+    No,
+    /// Once every queued byte is written: then shut down our sending side and wait briefly
+    /// for the peer's EOF, so that unread input does not turn the close into a reset that
+    /// could destroy our last bytes (a close frame, an error response) before the peer reads
+    /// them.
+    AfterFlush,
+    /// Our side is shut down; discard input until the peer's EOF or a short timeout.
+    Linger,
+    /// Now, dropping queued bytes.
+    Now,
+}
+
+/// A loop's pool of output buffers: connections borrow one while they have bytes to send.
+#[derive(Default)]
+pub(crate) struct BufPool {
+    free: Vec<Vec<u8>>,
+}
+
+impl BufPool {
+    fn take(&mut self) -> Vec<u8> {
+        self.free.pop().unwrap_or_else(|| Vec::with_capacity(16 * 1024))
+    }
+
+    fn give(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() <= POOL_MAX_CAPACITY && self.free.len() < POOL_MAX_BUFFERS {
+            buf.clear();
+            self.free.push(buf);
+        }
+    }
+}
+
+/// The sending half of a connection.
+pub(crate) struct Link {
+    pub(crate) stream: TcpStream,
+    /// Bytes not yet handed to the kernel. Holds a pooled buffer only while non-empty.
+    out: Vec<u8>,
+    pub(crate) remote: SocketAddr,
+    pub(crate) close: CloseState,
+    pub(crate) finish: Finish,
+    /// The kernel refused bytes at the last write; a writable event will follow.
+    pub(crate) blocked: bool,
+    /// The backend allows writing from inside handlers (no write of ours in flight).
+    pub(crate) direct: bool,
+    /// The socket failed (reset, broken pipe): the connection is dead.
+    pub(crate) broken: bool,
+    /// The connection has output to flush at the end of the loop iteration.
+    pub(crate) dirty: bool,
+    /// The close frame we sent, reported to the handler when the handshake ends.
+    pub(crate) sent_close: Option<Box<ClosePayload>>,
+}
+
+impl Link {
+    pub(crate) fn new(stream: TcpStream, remote: SocketAddr) -> Self {
+        Link {
+            stream,
+            out: Vec::new(),
+            remote,
+            close: CloseState::Open,
+            finish: Finish::No,
+            blocked: false,
+            direct: true,
+            broken: false,
+            dirty: false,
+            sent_close: None,
+        }
+    }
+
+    /// Bytes waiting to be written.
+    #[inline]
+    pub(crate) fn buffered(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether the socket should be closed now: forced, broken, or finished and flushed.
+    #[inline]
+    pub(crate) fn should_close(&self, read_closed: bool) -> bool {
+        self.broken
+            || self.finish == Finish::Now
+            || (read_closed
+                && matches!(self.finish, Finish::AfterFlush | Finish::Linger)
+                && self.out.is_empty())
+    }
+
+    /// Whether the connection is on its way out (no more input is processed).
+    #[inline]
+    pub(crate) fn finishing(&self) -> bool {
+        self.finish != Finish::No || self.broken
+    }
+
+    /// Append raw bytes produced by `fill` into the output buffer.
+    pub(crate) fn push_with(&mut self, pool: &mut BufPool, fill: impl FnOnce(&mut Vec<u8>)) {
+        self.ensure_buf(pool);
+        fill(&mut self.out);
+        self.dirty = true;
+    }
+
+    #[inline]
+    fn ensure_buf(&mut self, pool: &mut BufPool) {
+        if self.out.capacity() == 0 {
+            self.out = pool.take();
+        }
+    }
+
+    /// Queue a control frame (pong, ping, close). Control frames ignore the backpressure
+    /// limit: they are at most 127 bytes and the protocol needs them.
+    pub(crate) fn queue_control(&mut self, pool: &mut BufPool, opcode: OpCode, payload: &[u8]) {
+        let mut header = [0u8; MAX_HEADER_LEN];
+        let n = write_header(&mut header, FrameSpec::server(opcode), payload.len());
+        self.ensure_buf(pool);
+        self.out.extend_from_slice(&header[..n]);
+        self.out.extend_from_slice(payload);
+        self.dirty = true;
+    }
+
+    /// Queue a close frame and move to `next` (Closing when we start the handshake, Closed when
+    /// we answer the peer's close).
+    pub(crate) fn queue_close(&mut self, pool: &mut BufPool, payload: ClosePayload, next: CloseState) {
+        if self.close != CloseState::Open {
+            return;
+        }
+        self.queue_control(pool, OpCode::Close, payload.as_bytes());
+        self.close = next;
+        if next == CloseState::Closing {
+            self.sent_close = Some(Box::new(payload));
+        }
+    }
+
+    /// Queue a data frame, enforcing the backpressure limit.
+    pub(crate) fn send_frame(
+        &mut self,
+        pool: &mut BufPool,
+        behavior: &Behavior,
+        opcode: OpCode,
+        payload: &[u8],
+    ) -> SendStatus {
+        let mut header = [0u8; MAX_HEADER_LEN];
+        let n = write_header(&mut header, FrameSpec::server(opcode), payload.len());
+        self.send_parts(pool, behavior, &header[..n], payload)
+    }
+
+    /// Queue bytes that are already a complete frame (a shared, pre-encoded message).
+    pub(crate) fn send_encoded(
+        &mut self,
+        pool: &mut BufPool,
+        behavior: &Behavior,
+        frame: &[u8],
+    ) -> SendStatus {
+        self.send_parts(pool, behavior, &[], frame)
+    }
+
+    fn send_parts(
+        &mut self,
+        pool: &mut BufPool,
+        behavior: &Behavior,
+        head: &[u8],
+        body: &[u8],
+    ) -> SendStatus {
+        if self.close != CloseState::Open || self.finish != Finish::No || self.broken {
+            return SendStatus::Closed;
+        }
+        let len = head.len() + body.len();
+        if self.out.len() >= CORK_FLUSH && self.direct && !self.blocked {
+            self.flush();
+        }
+        if !self.out.is_empty() && self.out.len() + len > behavior.max_backpressure {
+            if behavior.backpressure_policy == BackpressurePolicy::Close {
+                self.finish = Finish::Now;
+            }
+            return SendStatus::Dropped;
+        }
+        if self.out.is_empty() && self.direct && !self.blocked && body.len() >= DIRECT_WRITE_MIN {
+            // Large payload: write it from the caller's slice, copy only what the kernel refuses.
+            let written = self.write_vectored(head, body);
+            if written < len {
+                self.ensure_buf(pool);
+                if written < head.len() {
+                    self.out.extend_from_slice(&head[written..]);
+                    self.out.extend_from_slice(body);
+                } else {
+                    self.out.extend_from_slice(&body[written - head.len()..]);
+                }
+                self.dirty = true;
+            }
+            return if self.blocked { SendStatus::Backpressure } else { SendStatus::Sent };
+        }
+        self.ensure_buf(pool);
+        self.out.extend_from_slice(head);
+        self.out.extend_from_slice(body);
+        self.dirty = true;
+        if self.blocked { SendStatus::Backpressure } else { SendStatus::Sent }
+    }
+
+    fn write_vectored(&mut self, head: &[u8], body: &[u8]) -> usize {
+        let mut written = 0;
+        let total = head.len() + body.len();
+        while written < total {
+            let result = if written < head.len() {
+                (&self.stream).write_vectored(&[IoSlice::new(&head[written..]), IoSlice::new(body)])
+            } else {
+                (&self.stream).write(&body[written - head.len()..])
+            };
+            match result {
+                Ok(0) => {
+                    self.broken = true;
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        written
+    }
+
+    /// Write queued bytes until the kernel refuses. Returns true if the buffer emptied after
+    /// the kernel had refused bytes before (time to call `drain`).
+    pub(crate) fn flush(&mut self) -> bool {
+        self.dirty = false;
+        if self.out.is_empty() || self.broken || self.finish == Finish::Now {
+            return false;
+        }
+        let was_blocked = self.blocked;
+        let mut written = 0;
+        while written < self.out.len() {
+            match (&self.stream).write(&self.out[written..]) {
+                Ok(0) => {
+                    self.broken = true;
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.blocked = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.broken = true;
+                    break;
+                }
+            }
+        }
+        if written == self.out.len() {
+            self.out.clear();
+            self.blocked = false;
+            return was_blocked;
+        }
+        self.out.drain(..written);
+        false
+    }
+
+    /// Give the output buffer back to the pool if it is empty.
+    pub(crate) fn recycle(&mut self, pool: &mut BufPool) {
+        if self.out.is_empty() && self.out.capacity() != 0 {
+            pool.give(std::mem::take(&mut self.out));
+        }
+    }
+
+    /// Forget queued bytes and free the buffer (the connection is going away).
+    pub(crate) fn discard(&mut self, pool: &mut BufPool) {
+        self.out.clear();
+        self.recycle(pool);
+    }
+
+    /// The close code and reason we sent, if we started the close handshake.
+    pub(crate) fn sent_close_info(&self) -> (CloseCode, String) {
+        match &self.sent_close {
+            Some(p) => {
+                let b = p.as_bytes();
+                let code = if b.len() >= 2 {
+                    CloseCode(u16::from_be_bytes([b[0], b[1]]))
+                } else {
+                    CloseCode::NO_STATUS
+                };
+                (code, String::from_utf8_lossy(b.get(2..).unwrap_or_default()).into_owned())
+            }
+            None => (CloseCode::ABNORMAL, String::new()),
+        }
+    }
+}

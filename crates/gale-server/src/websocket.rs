@@ -1,0 +1,150 @@
+//! The handle handlers use to act on a connection, and the type erasure that lets routes with
+//! different per-connection data types live in one server.
+
+use std::any::Any;
+use std::net::SocketAddr;
+
+use gale_frame::{CloseCode, ClosePayload, OpCode, SharedFrame};
+
+use crate::behavior::Behavior;
+use crate::handler::{Message, Reject, UpgradeRequest, WsHandler};
+use crate::link::{BufPool, CloseState, Finish, Link, SendStatus};
+
+/// A WebSocket connection, as seen from inside a handler call.
+///
+/// Sends are corked: everything sent while handling one batch of events (one read, one timer
+/// tick) goes out in one write at the end of the batch, or earlier once 64 KiB accumulate.
+pub struct WebSocket<'a, D> {
+    pub(crate) link: &'a mut Link,
+    pub(crate) data: &'a mut D,
+    pub(crate) pool: &'a mut BufPool,
+    pub(crate) behavior: &'a Behavior,
+}
+
+impl<D> WebSocket<'_, D> {
+    /// Send a text message.
+    pub fn send_text(&mut self, text: &str) -> SendStatus {
+        self.link.send_frame(self.pool, self.behavior, OpCode::Text, text.as_bytes())
+    }
+
+    /// Send a binary message.
+    pub fn send_binary(&mut self, data: &[u8]) -> SendStatus {
+        self.link.send_frame(self.pool, self.behavior, OpCode::Binary, data)
+    }
+
+    /// Send a message of the same kind as `msg` (handy for echoing).
+    pub fn send(&mut self, msg: Message<'_>) -> SendStatus {
+        match msg {
+            Message::Text(t) => self.send_text(t),
+            Message::Binary(b) => self.send_binary(b),
+        }
+    }
+
+    /// Send a frame encoded once for many receivers.
+    pub fn send_shared(&mut self, frame: &SharedFrame) -> SendStatus {
+        self.link.send_encoded(self.pool, self.behavior, frame.as_bytes())
+    }
+
+    /// Send a ping (payload cut to 125 bytes).
+    pub fn ping(&mut self, payload: &[u8]) -> SendStatus {
+        if self.link.close != CloseState::Open {
+            return SendStatus::Closed;
+        }
+        self.link.queue_control(self.pool, OpCode::Ping, &payload[..payload.len().min(125)]);
+        SendStatus::Sent
+    }
+
+    /// Start the close handshake: send a close frame with `code` and `reason` (cut to fit), then
+    /// wait for the client's close frame, at most [`Behavior::close_timeout`].
+    pub fn close(&mut self, code: CloseCode, reason: &str) {
+        self.link.queue_close(self.pool, ClosePayload::new(code, reason), CloseState::Closing);
+    }
+
+    /// Drop the TCP connection now, without a close frame. The `close` handler sees 1006.
+    pub fn end(&mut self) {
+        self.link.close = CloseState::Closed;
+        self.link.finish = Finish::Now;
+    }
+
+    /// Bytes queued for this connection that the kernel has not taken yet.
+    pub fn buffered_amount(&self) -> usize {
+        self.link.buffered()
+    }
+
+    /// Whether messages can still be sent.
+    pub fn is_open(&self) -> bool {
+        self.link.close == CloseState::Open && self.link.finish == Finish::No && !self.link.broken
+    }
+
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.link.remote
+    }
+
+    /// The per-connection data created by `upgrade`.
+    pub fn data(&mut self) -> &mut D {
+        self.data
+    }
+
+    /// The route's settings.
+    pub fn behavior(&self) -> &Behavior {
+        self.behavior
+    }
+}
+
+/// A callback to deliver to a handler.
+pub(crate) enum Callback<'a> {
+    Open,
+    Message(Message<'a>),
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    Drain,
+    Close(CloseCode, &'a str),
+}
+
+/// Per-connection data of any route, boxed. A zero-sized data type costs no allocation.
+pub(crate) type AnyData = Box<dyn Any + Send>;
+
+/// A [`WsHandler`] with its data type erased.
+pub(crate) trait ErasedHandler: Send + Sync {
+    fn upgrade(&self, req: &UpgradeRequest<'_>) -> Result<(AnyData, Option<String>), Reject>;
+    fn call(
+        &self,
+        link: &mut Link,
+        data: &mut AnyData,
+        pool: &mut BufPool,
+        behavior: &Behavior,
+        cb: Callback<'_>,
+    );
+}
+
+impl<H: WsHandler> ErasedHandler for H {
+    fn upgrade(&self, req: &UpgradeRequest<'_>) -> Result<(AnyData, Option<String>), Reject> {
+        let accept = WsHandler::upgrade(self, req)?;
+        Ok((Box::new(accept.data), accept.protocol))
+    }
+
+    fn call(
+        &self,
+        link: &mut Link,
+        data: &mut AnyData,
+        pool: &mut BufPool,
+        behavior: &Behavior,
+        cb: Callback<'_>,
+    ) {
+        let Some(data) = data.downcast_mut::<H::Data>() else {
+            // The data was created by this handler's own `upgrade`; a mismatch cannot happen.
+            debug_assert!(false, "per-connection data of the wrong type");
+            return;
+        };
+        let mut ws = WebSocket { link, data, pool, behavior };
+        match cb {
+            Callback::Open => self.open(&mut ws),
+            Callback::Message(m) => self.message(&mut ws, m),
+            Callback::Ping(p) => self.ping(&mut ws, p),
+            Callback::Pong(p) => self.pong(&mut ws, p),
+            Callback::Drain => self.drain(&mut ws),
+            Callback::Close(code, reason) => self.close(&mut ws, code, reason),
+        }
+    }
+}

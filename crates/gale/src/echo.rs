@@ -1,0 +1,106 @@
+//! `gale echo`: echoes every message back, on any path, and answers `GET /healthz`.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use gale_server::{
+    Accept, App, Backend, Behavior, HttpRequest, HttpResponse, Message, Reject, ServerConfig, UpgradeRequest,
+    WebSocket, WsHandler,
+};
+
+/// Options of `gale echo`.
+#[derive(Args, Debug)]
+pub struct EchoArgs {
+    /// Address to listen on (IPv4 or IPv6).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to listen on; 0 picks a free one (printed at start).
+    #[arg(long, short, default_value_t = 9001)]
+    port: u16,
+    /// Event loops (threads); default: one per available core.
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// Event-loop implementation.
+    #[arg(long, value_enum, default_value_t = BackendArg::Epoll)]
+    backend: BackendArg,
+    /// Pin each loop thread to a core.
+    #[arg(long)]
+    pin: bool,
+    /// Subprotocols to accept, in order of preference over the client's offer (repeat the
+    /// flag). Without it, the client's first offered subprotocol is accepted.
+    #[arg(long = "protocol", value_name = "NAME")]
+    protocols: Vec<String>,
+    /// Largest message accepted, in bytes (1009 above it).
+    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
+    max_payload: usize,
+    /// Close connections idle for this many seconds (0: never).
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    idle_timeout: u64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BackendArg {
+    /// mio over epoll.
+    Epoll,
+}
+
+/// Echoes messages back as they came.
+struct Echo {
+    protocols: Vec<String>,
+}
+
+impl WsHandler for Echo {
+    type Data = ();
+
+    fn upgrade(&self, req: &UpgradeRequest<'_>) -> Result<Accept<()>, Reject> {
+        let chosen = if self.protocols.is_empty() {
+            req.protocols().next()
+        } else {
+            let supported: Vec<&str> = self.protocols.iter().map(String::as_str).collect();
+            req.select_protocol(&supported)
+        };
+        Ok(match chosen {
+            Some(p) => Accept::new(()).protocol(p),
+            None => Accept::new(()),
+        })
+    }
+
+    fn message(&self, ws: &mut WebSocket<'_, ()>, msg: Message<'_>) {
+        ws.send(msg);
+    }
+}
+
+/// Run the echo server until SIGINT/SIGTERM.
+pub fn run(args: EchoArgs) -> std::io::Result<()> {
+    let backend = match args.backend {
+        BackendArg::Epoll => Backend::Epoll,
+    };
+    let config = ServerConfig {
+        threads: args.threads.unwrap_or_else(|| ServerConfig::default().threads).max(1),
+        pin_threads: args.pin,
+        backend,
+        ..ServerConfig::default()
+    };
+    let behavior = Behavior {
+        max_payload: args.max_payload,
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        ..Behavior::default()
+    };
+    let threads = config.threads;
+    let server = App::new()
+        .config(config)
+        .get("/healthz", |_req: &HttpRequest<'_>| HttpResponse::text(200, "ok\n"))
+        .ws("/*", behavior, Echo { protocols: args.protocols })
+        .listen((args.host, args.port))?;
+    server.handle().shutdown_on_signals()?;
+    let mut stdout = std::io::stdout();
+    writeln!(
+        stdout,
+        "gale echo listening on ws://{} ({threads} threads, {backend} backend)",
+        server.local_addr()
+    )?;
+    stdout.flush()?;
+    server.run()
+}

@@ -1,0 +1,48 @@
+//! One `gale echo` shared by every test of a test binary, for tests that only need the default
+//! server and do not stop it.
+//!
+//! The server lives until the test binary exits: its guard is held by a thread that never
+//! returns, and the kernel sends the server SIGTERM when that thread goes away with the process
+//! (statics are never dropped, so a guard in a static would leak the process).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::{OnceLock, mpsc};
+use std::time::Duration;
+
+use crate::support::{Gale, gale_bin};
+
+/// Address of the shared `gale echo --threads 2`, started on first use.
+pub fn echo_addr() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(start_shared_echo)
+}
+
+fn start_shared_echo() -> SocketAddr {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("shared-gale-echo".into())
+        .spawn(move || {
+            let mut cmd = Command::new(gale_bin());
+            cmd.args(["echo", "--port", "0", "--threads", "2"]);
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // PR_SET_PDEATHSIG fires when the thread that forked the child exits: this
+                    // thread parks forever, so that happens only when the test binary exits.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                    Ok(())
+                });
+            }
+            let gale = Gale::start(&mut cmd);
+            let _ = tx.send(gale.addr);
+            loop {
+                std::thread::park();
+            }
+        })
+        .expect("spawn the thread that owns the shared server");
+    rx.recv_timeout(Duration::from_secs(30)).expect("the shared gale echo did not start")
+}

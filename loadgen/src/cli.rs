@@ -1,0 +1,222 @@
+//! Command-line interface: one subcommand per scenario, with a stable set of options for
+//! scripts (`--url`, `--connections`, `--duration`, `--json`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// A load generator for WebSocket servers: connection counts, echo throughput and latency,
+/// and side-by-side comparisons of servers.
+#[derive(Parser, Debug)]
+#[command(name = "gale-loadgen", version, about, long_about = None)]
+pub struct Cli {
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Scenarios.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Open N connections, complete the handshake, hold them idle; report connect rate,
+    /// handshake latency, failures by cause and the server's memory per connection.
+    Connect(ConnectArgs),
+    /// N connections send messages and check every echo; report messages/s and round-trip
+    /// latency percentiles.
+    Echo(EchoArgs),
+    /// M subscribers receive what publishers send through a pub/sub server at a fixed rate;
+    /// report delivery rate, end-to-end latency, and lost / duplicated / out-of-order messages.
+    Fanout(FanoutArgs),
+    /// Run one scenario against several servers, interleaved over rounds; print medians and
+    /// ratios against the first server (terminal, JSON, Markdown, SVG plots).
+    Compare(CompareArgs),
+}
+
+/// Options every scenario takes.
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Server URL: ws://host:port/path (or tcp://host:port for a raw TCP echo).
+    #[arg(long)]
+    pub url: String,
+    /// Connections to open.
+    #[arg(long, short = 'c', default_value_t = 100)]
+    pub connections: usize,
+    /// Length of the measurement (echo) or of the hold (connect), in seconds.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    /// Write the report as JSON to this file (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Client threads, each with its own event loop.
+    #[arg(long, short = 't', default_value_t = 1)]
+    pub threads: usize,
+    /// Subprotocol to offer (repeat for several).
+    #[arg(long = "subprotocol", value_name = "NAME")]
+    pub protocols: Vec<String>,
+    /// Extra request header, "Name: value" (repeat for several).
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// PID of the server: report its CPU time per message and its memory.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+    /// Give up on a connect + handshake after this many seconds.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N (loopback servers only),
+    /// to go past one address's ~28,000 ephemeral ports.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub source_ips: u8,
+}
+
+/// Options of `echo`.
+#[derive(Args, Debug, Clone)]
+pub struct EchoArgs {
+    /// Options every scenario takes.
+    #[command(flatten)]
+    pub common: Common,
+    /// Message size in bytes.
+    #[arg(long, short = 's', default_value_t = 20)]
+    pub size: usize,
+    /// Messages in flight per connection (closed loop).
+    #[arg(long, short = 'p', default_value_t = 1)]
+    pub pipeline: usize,
+    /// Seconds of warm-up before the measurement.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// Send binary messages instead of UTF-8 text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Masking keys: fresh random keys (default), or the all-zero key that uWebSockets'
+    /// load_test uses (lets a server skip the unmasking work).
+    #[arg(long, value_enum, default_value_t = MaskArg::Random)]
+    pub mask: MaskArg,
+    /// Open loop: send this many messages per second in total on a fixed schedule, whatever
+    /// the server does (latency then includes queueing: no coordinated omission).
+    #[arg(long, value_name = "MSG_PER_SEC")]
+    pub rate: Option<f64>,
+}
+
+/// Masking keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MaskArg {
+    /// A fresh random key per frame.
+    Random,
+    /// The all-zero key.
+    Zero,
+}
+
+/// Options of `connect`.
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// Options every scenario takes (`--duration` is how long connections are held).
+    #[command(flatten)]
+    pub common: Common,
+    /// How long to hold the connections once open, in seconds (overrides --duration).
+    #[arg(long, value_name = "SECONDS")]
+    pub hold: Option<f64>,
+    /// Connections per second (default: as fast as possible).
+    #[arg(long, value_name = "CONN_PER_SEC")]
+    pub rate: Option<f64>,
+    /// Send a ping on every connection this often while holding, in seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub ping: Option<f64>,
+    /// Worker processes to use: each has its own open-files limit (20,000 here), so K
+    /// processes hold up to K times as many connections. The report adds them up.
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Internal: run as worker I of K of a `--procs` run.
+    #[arg(long, hide = true, value_name = "I/K")]
+    pub worker: Option<String>,
+}
+
+/// Options of `compare`.
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// A server as NAME=COMMAND; `{port}` in the command is replaced by a free port (repeat;
+    /// the first is the reference for ratios). The URL is read from a `listening on ws://…`
+    /// line the server prints, or is ws://127.0.0.1:{port}/.
+    #[arg(long = "server", value_name = "NAME=COMMAND", required = true)]
+    pub servers: Vec<String>,
+    /// Scenario: echo or connect.
+    #[arg(long, default_value = "echo")]
+    pub scenario: String,
+    /// Path to connect to.
+    #[arg(long, default_value = "/")]
+    pub path: String,
+    /// Connection counts to try (comma-separated).
+    #[arg(long, short = 'c', value_delimiter = ',', default_value = "100")]
+    pub connections: Vec<usize>,
+    /// Message sizes to try (comma-separated, echo).
+    #[arg(long, short = 's', value_delimiter = ',', default_value = "20")]
+    pub size: Vec<usize>,
+    /// Pipeline depths to try (comma-separated, echo).
+    #[arg(long, short = 'p', value_delimiter = ',', default_value = "1")]
+    pub pipeline: Vec<usize>,
+    /// Rounds; every round runs every server once, in order.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds measured per run (echo) or held (connect).
+    #[arg(long, short = 'd', default_value_t = 5.0)]
+    pub duration: f64,
+    /// Seconds of warm-up per run.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Client threads.
+    #[arg(long, short = 't', default_value_t = 1)]
+    pub threads: usize,
+    /// Send binary messages instead of UTF-8 text.
+    #[arg(long)]
+    pub binary: bool,
+    /// Masking keys.
+    #[arg(long, value_enum, default_value_t = MaskArg::Random)]
+    pub mask: MaskArg,
+    /// Write the full results as JSON (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the tables as Markdown.
+    #[arg(long, value_name = "FILE")]
+    pub md: Option<PathBuf>,
+    /// Write SVG plots into this directory.
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
+}
+
+/// Options of `fanout`.
+#[derive(Args, Debug, Clone)]
+pub struct FanoutArgs {
+    /// Options every scenario takes (`--url` and `--connections` are the subscribers').
+    #[command(flatten)]
+    pub common: Common,
+    /// Where publishers go: a ws:// URL, or http://host:port/path for HTTP POST publishing
+    /// (`{topic}` in the path is replaced). Default: the subscribers' URL.
+    #[arg(long, value_name = "URL")]
+    pub publish_url: Option<String>,
+    /// The server's pub/sub protocol.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Plain)]
+    pub protocol: ProtocolArg,
+    /// Topic to subscribe and publish to.
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Publishes per second, in total.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Payload size in bytes (at least 32).
+    #[arg(long, short = 's', default_value_t = 64)]
+    pub size: usize,
+    /// Publisher connections (WebSocket publishing).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Seconds of publishing before the measurement.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// Seconds to keep listening after publishing stops, for the last deliveries.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub drain: f64,
+}
+
+/// Pub/sub protocols `fanout` speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    /// Subscribers receive every message sent to the server; the publisher sends the payload.
+    Plain,
+}

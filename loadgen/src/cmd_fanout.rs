@@ -1,0 +1,225 @@
+//! `gale-loadgen fanout`: M subscribers, publishers at a fixed rate over WebSocket or HTTP,
+//! delivery rate, end-to-end latency, and lost / duplicated / out-of-order deliveries.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::cli::{FanoutArgs, ProtocolArg};
+use crate::common::{run_config, unreachable, write_json};
+use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, print_fanout};
+use crate::run::{Run, Samples};
+use crate::scenario::fanout::{FanoutStats, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload};
+
+/// The protocol adapter for `--protocol`.
+fn protocol(p: ProtocolArg) -> &'static dyn Protocol {
+    match p {
+        ProtocolArg::Plain => &Plain,
+    }
+}
+
+/// Run the fan-out scenario.
+pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
+    let c = &args.common;
+    if args.size < MIN_SIZE {
+        return Err(format!("--size must be at least {MIN_SIZE} bytes (sequence number and timestamp)"));
+    }
+    if !(args.rate > 0.0 && args.rate.is_finite()) {
+        return Err(format!("--rate must be a positive number of publishes per second, not {}", args.rate));
+    }
+    if args.publishers == 0 {
+        return Err("--publishers must be at least 1".into());
+    }
+    let proto = protocol(args.protocol);
+    let drain = Duration::from_secs_f64(args.drain.max(0.0));
+    let (sub_cfg, _) = run_config(c, true, 64 << 20)?;
+    let mut subs = Run::start(&sub_cfg, |_| Subscribers::new(proto, args.topic.clone(), drain))
+        .map_err(|e| e.to_string())?;
+    let connect = subs.wait_connected()?;
+    if connect.connected == 0 {
+        let _ = subs.finish();
+        return Err(unreachable(&c.url, &connect));
+    }
+    let publish_url = args.publish_url.clone().unwrap_or_else(|| c.url.clone());
+    let from = Instant::now() + Duration::from_secs_f64(args.warmup.max(0.0));
+    let until = from + Duration::from_secs_f64(c.duration);
+    let mut samples = Samples::default();
+    let pid = c.server_pid;
+    let (published, publish_errors) = if publish_url.starts_with("http://") {
+        subs.go(from, until + drain);
+        let per = args.rate;
+        let topic = args.topic.clone();
+        let size = args.size;
+        let url = publish_url.clone();
+        let publisher =
+            std::thread::spawn(move || http_publisher(&url, proto, &topic, size, per, from, until));
+        subs.wait(from, until + drain, "fan-out", || samples.start(pid));
+        samples.end(pid);
+        publisher.join().map_err(|_| "the HTTP publisher panicked")??
+    } else {
+        let mut pub_common = c.clone();
+        pub_common.url = publish_url.clone();
+        pub_common.connections = args.publishers;
+        pub_common.threads = 1;
+        pub_common.source_ips = 1;
+        let (pub_cfg, _) = run_config(&pub_common, true, 64 << 20)?;
+        let rate = args.rate / args.publishers as f64;
+        let mut pubs = Run::start(&pub_cfg, |_| Publisher::new(proto, args.topic.clone(), args.size, rate))
+            .map_err(|e| e.to_string())?;
+        let pconnect = pubs.wait_connected()?;
+        if pconnect.connected == 0 {
+            subs.stop();
+            let _ = subs.finish();
+            let _ = pubs.finish();
+            return Err(unreachable(&publish_url, &pconnect));
+        }
+        subs.go(from, until + drain);
+        pubs.go(Instant::now(), until);
+        subs.wait(from, until + drain, "fan-out", || samples.start(pid));
+        samples.end(pid);
+        let results = pubs.finish()?;
+        (results.iter().map(|r| r.driver.published).sum(), 0)
+    };
+    let interrupted = subs.interrupted();
+    let results = subs.finish()?;
+    let mut stats: Option<FanoutStats> = None;
+    let mut open = 0u64;
+    for r in &results {
+        match &mut stats {
+            Some(s) => s.merge(&r.driver.stats),
+            None => stats = Some(r.driver.stats.clone()),
+        }
+        open += r.open as u64;
+    }
+    let stats = stats.ok_or("no results")?;
+    let window = until.saturating_duration_since(from).as_secs_f64();
+    let expected = published * connect.connected;
+    let server = pid.and_then(|pid| {
+        let cpu = samples.server_cpu()?;
+        Some(ServerCost {
+            pid,
+            cpu_s: cpu,
+            cpu_ms_per_1k_msgs: (stats.delivered > 0).then(|| cpu * 1e6 / stats.delivered as f64),
+            rss_bytes: samples.server_until.map_or(0, |s| s.rss),
+        })
+    });
+    let threads = results.len();
+    let self_cpu = samples.self_cpu();
+    let report = FanoutReport {
+        scenario: "fanout".into(),
+        url: c.url.clone(),
+        publish_url,
+        protocol: format!("{:?}", args.protocol).to_lowercase(),
+        topic: args.topic.clone(),
+        subscribers: connect.connected,
+        failed: connect.failed(),
+        open_at_end: open,
+        rate: args.rate,
+        size: args.size,
+        duration_s: window,
+        published,
+        publish_errors,
+        expected,
+        delivered: stats.delivered,
+        deliveries_per_sec: stats.delivered as f64 / window.max(1e-9),
+        lost: expected.saturating_sub(stats.delivered),
+        duplicated: stats.duplicated,
+        out_of_order: stats.out_of_order,
+        latency_us: Latency::of(&stats.latency_us),
+        server,
+        loadgen: LoadgenCost {
+            threads,
+            cpu_s: self_cpu,
+            utilisation: self_cpu / (window + drain.as_secs_f64()) / threads as f64,
+        },
+        interrupted,
+    };
+    if print {
+        print_fanout(&report);
+    }
+    write_json(&c.json, &report)?;
+    Ok(report)
+}
+
+/// Publish over HTTP POST at `rate`, one keep-alive connection; returns (published in the
+/// window, failed requests).
+fn http_publisher(
+    url: &str,
+    proto: &'static dyn Protocol,
+    topic: &str,
+    size: usize,
+    rate: f64,
+    from: Instant,
+    until: Instant,
+) -> Result<(u64, u64), String> {
+    let rest = url.strip_prefix("http://").ok_or("publish URL must be http://")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/".to_string() } else { path.replace("{topic}", topic) };
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
+    let (mut seq, mut published, mut errors) = (0u64, 0u64, 0u64);
+    let mut due = Instant::now();
+    while due < until {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let payload = make_payload(seq, size);
+        seq += 1;
+        let Some((extra, body)) = proto.publish_http(topic, &payload) else {
+            return Err("this protocol has no HTTP publish API".into());
+        };
+        let target = format!("{path}{extra}");
+        let ok = post(&mut conn, authority, &target, &body).unwrap_or(false);
+        if !ok {
+            errors += 1;
+            conn = None;
+        } else if due >= from {
+            published += 1;
+        }
+        due += interval;
+    }
+    Ok((published, errors))
+}
+
+/// One POST on the keep-alive connection (opened if needed); whether it got a 2xx.
+fn post(
+    conn: &mut Option<(TcpStream, BufReader<TcpStream>)>,
+    authority: &str,
+    target: &str,
+    body: &[u8],
+) -> std::io::Result<bool> {
+    if conn.is_none() {
+        let s = TcpStream::connect(authority)?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let r = BufReader::new(s.try_clone()?);
+        *conn = Some((s, r));
+    }
+    let (stream, reader) = conn.as_mut().expect("connected above");
+    let head = format!(
+        "POST {target} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut length = 0usize;
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h)?;
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut skip = vec![0u8; length];
+    std::io::Read::read_exact(reader, &mut skip)?;
+    Ok((200..300).contains(&status))
+}

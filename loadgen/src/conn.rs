@@ -1,0 +1,277 @@
+//! One client connection: TCP connect (optionally from a chosen source address), the opening
+//! handshake, and masked frames out / decoded frames in, on top of `gale-frame`.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use gale_frame::handshake::{ClientHandshake, ClientHandshakeError};
+use gale_frame::{Decoder, DecoderConfig, FrameSpec, OpCode, write_header};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::payload::Kind;
+use crate::rng::Rng;
+
+/// Where a connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// TCP connect in progress.
+    Connecting,
+    /// Upgrade request sent, waiting for the 101.
+    Handshaking,
+    /// Frames flow.
+    Open,
+}
+
+/// Why a connection could not be opened or was lost.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Failure {
+    /// The server refused the TCP connection.
+    Refused,
+    /// Connect or handshake took longer than the timeout.
+    Timeout,
+    /// The server answered the upgrade with this HTTP status.
+    Status(u16),
+    /// The connection was reset or closed before it opened.
+    Reset,
+    /// No local port left for this source address (spread over `--source-ips`).
+    NoPorts,
+    /// This process hit its open-files limit (use `--procs`).
+    FdLimit,
+    /// The handshake response was invalid.
+    Handshake(String),
+    /// The server broke the protocol or closed unexpectedly while open.
+    Protocol(String),
+    /// Anything else.
+    Other(String),
+}
+
+impl Failure {
+    /// A short label for reports.
+    pub fn label(&self) -> String {
+        match self {
+            Failure::Refused => "refused".into(),
+            Failure::Timeout => "timeout".into(),
+            Failure::Status(s) => format!("http_{s}"),
+            Failure::Reset => "reset".into(),
+            Failure::NoPorts => "no_local_ports".into(),
+            Failure::FdLimit => "fd_limit".into(),
+            Failure::Handshake(_) => "bad_handshake".into(),
+            Failure::Protocol(_) => "protocol".into(),
+            Failure::Other(_) => "other".into(),
+        }
+    }
+
+    /// Classify an I/O error.
+    pub fn from_io(e: &io::Error) -> Failure {
+        match e.raw_os_error() {
+            Some(libc::ECONNREFUSED) => Failure::Refused,
+            Some(libc::ETIMEDOUT) => Failure::Timeout,
+            Some(libc::ECONNRESET | libc::EPIPE) => Failure::Reset,
+            Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE) => Failure::NoPorts,
+            Some(libc::EMFILE | libc::ENFILE) => Failure::FdLimit,
+            _ => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+/// The sending half, which scenarios act on while a decoded frame borrows the receiving half.
+pub struct Io {
+    pub(crate) stream: mio::net::TcpStream,
+    out: Vec<u8>,
+    sent: usize,
+    /// Whether frames are masked with fresh random keys (`false`: the all-zero key).
+    random_masks: bool,
+    /// Open, or closing: no more data frames.
+    pub(crate) open: bool,
+}
+
+impl Io {
+    /// Queue a data message of `len` bytes whose payload `fill` writes, masked.
+    #[inline]
+    pub fn send(&mut self, rng: &mut Rng, kind: Kind, len: usize, fill: impl FnOnce(&mut [u8])) {
+        let opcode = if kind == Kind::Text { OpCode::Text } else { OpCode::Binary };
+        self.frame(rng, opcode, len, fill);
+    }
+
+    /// Queue a control or data frame.
+    #[inline]
+    pub fn frame(&mut self, rng: &mut Rng, opcode: OpCode, len: usize, fill: impl FnOnce(&mut [u8])) {
+        let key = if self.random_masks { rng.mask() } else { [0; 4] };
+        let mut header = [0u8; gale_frame::MAX_HEADER_LEN];
+        let n = write_header(&mut header, FrameSpec::client(opcode, key), len);
+        self.out.extend_from_slice(&header[..n]);
+        let start = self.out.len();
+        self.out.resize(start + len, 0);
+        fill(&mut self.out[start..]);
+        if self.random_masks {
+            gale_frame::apply_mask(&mut self.out[start..], key, 0);
+        }
+    }
+
+    /// Queue raw bytes (raw TCP mode).
+    #[inline]
+    pub fn send_raw(&mut self, len: usize, fill: impl FnOnce(&mut [u8])) {
+        let start = self.out.len();
+        self.out.resize(start + len, 0);
+        fill(&mut self.out[start..]);
+    }
+
+    /// Queue a close frame; no data frames after it.
+    pub fn close(&mut self, rng: &mut Rng) {
+        if self.open {
+            self.frame(rng, OpCode::Close, 2, |p| p.copy_from_slice(&1000u16.to_be_bytes()));
+            self.open = false;
+        }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending(&self) -> usize {
+        self.out.len() - self.sent
+    }
+
+    /// Write queued bytes until the kernel refuses.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while self.sent < self.out.len() {
+            match self.stream.write(&self.out[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        Ok(())
+    }
+}
+
+/// A client connection.
+pub struct Conn {
+    pub io: Io,
+    pub state: State,
+    handshake: ClientHandshake,
+    /// Bytes of the handshake response received so far.
+    head: Vec<u8>,
+    pub decoder: Decoder,
+    /// When the TCP connect started.
+    pub started: Instant,
+    raw: bool,
+}
+
+/// Options for opening connections.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// Server address.
+    pub addr: SocketAddr,
+    /// `Host` header value.
+    pub host: String,
+    /// Request target.
+    pub path: String,
+    /// Subprotocols to offer.
+    pub protocols: Vec<String>,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+    /// Raw TCP: no handshake, no framing.
+    pub raw: bool,
+    /// Mask frames with random keys (else the zero key).
+    pub random_masks: bool,
+    /// Largest message accepted from the server.
+    pub max_message: u64,
+}
+
+impl Conn {
+    /// Start a non-blocking connect, from `source` if given.
+    pub fn connect(opts: &ConnectOptions, source: Option<IpAddr>) -> Result<Conn, Failure> {
+        let socket = Socket::new(Domain::for_address(opts.addr), Type::STREAM, Some(Protocol::TCP))
+            .map_err(|e| Failure::from_io(&e))?;
+        socket.set_nonblocking(true).map_err(|e| Failure::from_io(&e))?;
+        socket.set_tcp_nodelay(true).map_err(|e| Failure::from_io(&e))?;
+        if let Some(ip) = source {
+            // Each source address has its own range of ephemeral ports.
+            socket.bind(&SocketAddr::new(ip, 0).into()).map_err(|e| Failure::from_io(&e))?;
+        }
+        match socket.connect(&opts.addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(Failure::from_io(&e)),
+        }
+        let stream = mio::net::TcpStream::from_std(socket.into());
+        Ok(Conn {
+            io: Io { stream, out: Vec::new(), sent: 0, random_masks: opts.random_masks, open: false },
+            state: State::Connecting,
+            handshake: ClientHandshake::new(),
+            head: Vec::new(),
+            decoder: Decoder::new(DecoderConfig::client(opts.max_message)),
+            started: Instant::now(),
+            raw: opts.raw,
+        })
+    }
+
+    /// The TCP connect finished (the socket became writable): check it and send the upgrade.
+    /// Returns `true` when the connection is already open (raw TCP mode).
+    pub fn on_connected(&mut self, opts: &ConnectOptions) -> Result<bool, Failure> {
+        if let Ok(Some(e)) | Err(e) = self.io.stream.take_error() {
+            return Err(Failure::from_io(&e));
+        }
+        if let Err(e) = self.io.stream.peer_addr() {
+            return Err(if e.kind() == io::ErrorKind::NotConnected {
+                Failure::Reset
+            } else {
+                Failure::from_io(&e)
+            });
+        }
+        if self.raw {
+            self.state = State::Open;
+            self.io.open = true;
+            return Ok(true);
+        }
+        let protocols: Vec<&str> = opts.protocols.iter().map(String::as_str).collect();
+        let headers: Vec<(&str, &str)> = opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.handshake.write_request(&mut self.io.out, &opts.host, &opts.path, &protocols, &headers);
+        self.state = State::Handshaking;
+        self.io.flush().map_err(|e| Failure::from_io(&e))?;
+        Ok(false)
+    }
+
+    /// Handshake bytes arrived. Once the connection is open, returns the offset in `data`
+    /// where frames begin; `None` while the head is incomplete.
+    pub fn on_handshake_bytes(
+        &mut self,
+        data: &[u8],
+        opts: &ConnectOptions,
+    ) -> Result<Option<usize>, Failure> {
+        let offered: Vec<&str> = opts.protocols.iter().map(String::as_str).collect();
+        let (buf, already): (&[u8], usize) = if self.head.is_empty() {
+            (data, 0)
+        } else {
+            let already = self.head.len();
+            self.head.extend_from_slice(data);
+            (&self.head, already)
+        };
+        match self.handshake.parse_response(buf, &offered) {
+            Ok(Some((_, head_len))) => {
+                self.state = State::Open;
+                self.io.open = true;
+                self.head = Vec::new();
+                Ok(Some((head_len - already).min(data.len())))
+            }
+            Ok(None) => {
+                if self.head.is_empty() {
+                    self.head.extend_from_slice(data);
+                }
+                Ok(None)
+            }
+            Err(ClientHandshakeError::Status(s)) => Err(Failure::Status(s)),
+            Err(e) => Err(Failure::Handshake(e.to_string())),
+        }
+    }
+
+    /// Read into `buf`; `Ok(0)` is EOF.
+    pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io.stream.read(buf)
+    }
+}

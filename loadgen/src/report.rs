@@ -1,0 +1,410 @@
+//! Reports: JSON for scripts (a stable schema), and a readable terminal summary.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+    /// Samples.
+    pub count: u64,
+}
+
+impl Latency {
+    /// Percentiles of a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: h.value_at_quantile(0.50),
+            p90: h.value_at_quantile(0.90),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+            count: h.len(),
+        }
+    }
+}
+
+/// A histogram as `(value, count)` pairs, to move it between processes.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Buckets(pub Vec<(u64, u64)>);
+
+impl Buckets {
+    /// The non-empty buckets of `h`.
+    pub fn of(h: &Histogram<u64>) -> Buckets {
+        Buckets(h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect())
+    }
+
+    /// Add these buckets to `h`.
+    pub fn add_to(&self, h: &mut Histogram<u64>) {
+        for &(v, c) in &self.0 {
+            let _ = h.record_n(v, c);
+        }
+    }
+}
+
+/// The cost a server paid during the measurement, from `/proc`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServerCost {
+    /// Process id measured.
+    pub pid: u32,
+    /// CPU seconds (user + system) used during the window.
+    pub cpu_s: f64,
+    /// CPU milliseconds per 1,000 messages.
+    pub cpu_ms_per_1k_msgs: Option<f64>,
+    /// Resident memory at the end, bytes.
+    pub rss_bytes: u64,
+}
+
+/// The load generator's own CPU use, to tell which side was the bottleneck.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LoadgenCost {
+    /// Threads used.
+    pub threads: usize,
+    /// CPU seconds used during the window.
+    pub cpu_s: f64,
+    /// CPU use as a fraction of its threads' capacity (1.0 = every thread busy).
+    pub utilisation: f64,
+}
+
+/// Report of `echo`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EchoReport {
+    /// Always "echo".
+    pub scenario: String,
+    /// Server URL.
+    pub url: String,
+    /// Connections that took part.
+    pub connections: u64,
+    /// Connections that failed to open.
+    pub failed: u64,
+    /// Message size, bytes.
+    pub size: usize,
+    /// "text" or "binary".
+    pub kind: String,
+    /// Closed-loop pipeline depth, or 0 for open loop.
+    pub pipeline: usize,
+    /// Open-loop target rate, messages per second.
+    pub rate: Option<f64>,
+    /// "random" or "zero".
+    pub mask: String,
+    /// Measurement window, seconds.
+    pub duration_s: f64,
+    /// Echoes received and verified in the window.
+    pub messages: u64,
+    /// Echoes per second.
+    pub messages_per_sec: f64,
+    /// Payload bytes per second (one direction).
+    pub bytes_per_sec: f64,
+    /// Round-trip latency.
+    pub latency_us: Latency,
+    /// Echoes that did not match what was sent; any is a failure.
+    pub mismatches: u64,
+    /// Description of the first mismatch.
+    pub first_mismatch: Option<String>,
+    /// Connections lost during the run, by cause.
+    pub lost: BTreeMap<String, u64>,
+    /// Server cost, when `--server-pid` was given.
+    pub server: Option<ServerCost>,
+    /// Load generator cost.
+    pub loadgen: LoadgenCost,
+    /// The run was cut short by Ctrl-C.
+    pub interrupted: bool,
+}
+
+/// Report of `connect`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ConnectReport {
+    /// Always "connect".
+    pub scenario: String,
+    /// Server URL.
+    pub url: String,
+    /// Connections asked for.
+    pub requested: u64,
+    /// Connections that completed the handshake.
+    pub connected: u64,
+    /// Connections that failed.
+    pub failed: u64,
+    /// Failures by cause.
+    pub failures: BTreeMap<String, u64>,
+    /// One example per failure cause.
+    pub failure_examples: BTreeMap<String, String>,
+    /// Completed handshakes per second over the connect phase.
+    pub connect_per_sec: f64,
+    /// Connect phase duration, seconds.
+    pub connect_s: f64,
+    /// Connect + handshake latency.
+    pub handshake_latency_us: Latency,
+    /// How long connections were held, seconds.
+    pub hold_s: f64,
+    /// Connections still open at the end of the hold.
+    pub open_after_hold: u64,
+    /// Connections lost while held, by cause.
+    pub lost: BTreeMap<String, u64>,
+    /// Pings sent and pongs received while held.
+    pub pings: u64,
+    /// Pongs received.
+    pub pongs: u64,
+    /// Server RSS before connecting, bytes.
+    pub server_rss_before: Option<u64>,
+    /// Server RSS with every connection open, bytes.
+    pub server_rss_after: Option<u64>,
+    /// (after - before) / connected.
+    pub server_rss_bytes_per_conn: Option<f64>,
+    /// Worker processes used.
+    pub procs: usize,
+    /// Source addresses used.
+    pub source_ips: usize,
+    /// Handshake latency buckets, for merging worker processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_buckets: Option<Buckets>,
+    /// The run was cut short by Ctrl-C.
+    pub interrupted: bool,
+}
+
+/// Report of `fanout`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FanoutReport {
+    /// Always "fanout".
+    pub scenario: String,
+    /// Subscribers' URL.
+    pub url: String,
+    /// Publishers' URL.
+    pub publish_url: String,
+    /// Protocol adapter.
+    pub protocol: String,
+    /// Topic.
+    pub topic: String,
+    /// Subscribers connected.
+    pub subscribers: u64,
+    /// Subscribers that failed to connect.
+    pub failed: u64,
+    /// Subscribers still open at the end.
+    pub open_at_end: u64,
+    /// Publish rate asked for, per second.
+    pub rate: f64,
+    /// Payload size, bytes.
+    pub size: usize,
+    /// Measurement window, seconds.
+    pub duration_s: f64,
+    /// Messages published in the window.
+    pub published: u64,
+    /// Publishes that failed (HTTP errors).
+    pub publish_errors: u64,
+    /// published × subscribers.
+    pub expected: u64,
+    /// Distinct deliveries of messages published in the window.
+    pub delivered: u64,
+    /// Deliveries per second.
+    pub deliveries_per_sec: f64,
+    /// expected - delivered.
+    pub lost: u64,
+    /// Deliveries received twice.
+    pub duplicated: u64,
+    /// Deliveries that arrived after a later message.
+    pub out_of_order: u64,
+    /// Publish-to-delivery latency.
+    pub latency_us: Latency,
+    /// Server cost, when `--server-pid` was given (per 1,000 deliveries).
+    pub server: Option<ServerCost>,
+    /// Load generator cost.
+    pub loadgen: LoadgenCost,
+    /// The run was cut short by Ctrl-C.
+    pub interrupted: bool,
+}
+
+/// Print a fan-out report for a person.
+pub fn print_fanout(r: &FanoutReport) {
+    println!(
+        "fanout {} — {} subscribers ({} failed), publishing {} msg/s of {} B to {:?} via {}",
+        r.url,
+        r.subscribers,
+        r.failed,
+        group(r.rate),
+        r.size,
+        r.topic,
+        r.publish_url
+    );
+    println!(
+        "  {} published, {} of {} deliveries in {:.1} s: {} deliveries/s",
+        group(r.published as f64),
+        group(r.delivered as f64),
+        group(r.expected as f64),
+        r.duration_s,
+        group(r.deliveries_per_sec)
+    );
+    println!(
+        "  lost {}  duplicated {}  out of order {}  publish errors {}",
+        r.lost, r.duplicated, r.out_of_order, r.publish_errors
+    );
+    let l = &r.latency_us;
+    println!("  end-to-end µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    if let Some(s) = &r.server {
+        println!(
+            "  server pid {}: {:.2} CPU s, {} ms CPU per 1k deliveries, RSS {}",
+            s.pid,
+            s.cpu_s,
+            s.cpu_ms_per_1k_msgs.map_or("-".into(), |v| format!("{v:.3}")),
+            human_bytes(s.rss_bytes as f64)
+        );
+    }
+    println!(
+        "  loadgen: {} threads, {:.0}% of its threads",
+        r.loadgen.threads,
+        r.loadgen.utilisation * 100.0
+    );
+}
+
+/// Thousands separators for counts and rates.
+pub fn group(v: f64) -> String {
+    let s = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Print an echo report for a person.
+pub fn print_echo(r: &EchoReport) {
+    println!(
+        "echo {} — {} connections, {} B {} messages, {}, mask {}",
+        r.url,
+        r.connections,
+        r.size,
+        r.kind,
+        match r.rate {
+            Some(rate) => format!("open loop at {} msg/s", group(rate)),
+            None => format!("pipeline {}", r.pipeline),
+        },
+        r.mask
+    );
+    println!(
+        "  {} messages in {:.1} s: {} msg/s, {}/s",
+        group(r.messages as f64),
+        r.duration_s,
+        group(r.messages_per_sec),
+        human_bytes(r.bytes_per_sec)
+    );
+    let l = &r.latency_us;
+    println!(
+        "  latency µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {:.0})",
+        l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+    );
+    if let Some(s) = &r.server {
+        println!(
+            "  server pid {}: {:.2} CPU s, {} ms CPU per 1k messages, RSS {}",
+            s.pid,
+            s.cpu_s,
+            s.cpu_ms_per_1k_msgs.map_or("-".into(), |v| format!("{v:.3}")),
+            human_bytes(s.rss_bytes as f64)
+        );
+    }
+    println!(
+        "  loadgen: {} threads, {:.2} CPU s ({:.0}% of its threads)",
+        r.loadgen.threads,
+        r.loadgen.cpu_s,
+        r.loadgen.utilisation * 100.0
+    );
+    if r.failed > 0 || !r.lost.is_empty() {
+        println!("  connections failed to open: {}; lost: {:?}", r.failed, r.lost);
+    }
+    if r.mismatches > 0 {
+        println!("  WRONG ECHOES: {} ({})", r.mismatches, r.first_mismatch.as_deref().unwrap_or(""));
+    }
+    if r.interrupted {
+        println!("  (interrupted: partial results)");
+    }
+}
+
+/// Print a connect report for a person.
+pub fn print_connect(r: &ConnectReport) {
+    println!(
+        "connect {} — {} of {} connected in {:.2} s ({} conn/s), {} failed",
+        r.url,
+        group(r.connected as f64),
+        group(r.requested as f64),
+        r.connect_s,
+        group(r.connect_per_sec),
+        r.failed
+    );
+    for (cause, n) in &r.failures {
+        println!("  failed: {cause}: {n}  e.g. {}", r.failure_examples.get(cause).map_or("", String::as_str));
+    }
+    let l = &r.handshake_latency_us;
+    println!("  handshake µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    println!(
+        "  held {:.1} s: {} still open, pings {} / pongs {}, lost {:?}",
+        r.hold_s, r.open_after_hold, r.pings, r.pongs, r.lost
+    );
+    if let (Some(b), Some(a)) = (r.server_rss_before, r.server_rss_after) {
+        println!(
+            "  server RSS {} -> {}: {} per connection",
+            human_bytes(b as f64),
+            human_bytes(a as f64),
+            r.server_rss_bytes_per_conn.map_or("-".into(), |v| format!("{v:.0} B"))
+        );
+    }
+    if r.procs > 1 || r.source_ips > 1 {
+        println!("  {} processes, {} source addresses", r.procs, r.source_ips);
+    }
+    if r.interrupted {
+        println!("  (interrupted: partial results)");
+    }
+}
+
+/// 1234567 -> "1.2 MiB".
+pub fn human_bytes(v: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = v;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{v:.0} {}", UNITS[u]) } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formatting() {
+        assert_eq!(group(1234567.4), "1,234,567");
+        assert_eq!(group(12.0), "12");
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+    }
+
+    #[test]
+    fn buckets_round_trip() {
+        let mut h = crate::engine::latency_histogram();
+        for v in [1u64, 5, 5, 1000, 123_456] {
+            h.record(v).unwrap();
+        }
+        let mut back = crate::engine::latency_histogram();
+        Buckets::of(&h).add_to(&mut back);
+        assert_eq!(Latency::of(&h), Latency::of(&back));
+    }
+}

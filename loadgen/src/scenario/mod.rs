@@ -1,0 +1,5 @@
+//! Scenario drivers.
+
+pub mod connect;
+pub mod echo;
+pub mod fanout;

@@ -1,0 +1,74 @@
+//! The server to load: parsed from a `ws://` or `tcp://` URL.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+
+/// How to talk to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scheme {
+    /// WebSocket over TCP.
+    Ws,
+    /// Raw TCP: no handshake, no framing; the server echoes bytes (the kernel's ceiling).
+    Tcp,
+}
+
+/// A parsed URL.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `ws` or `tcp`.
+    pub scheme: Scheme,
+    /// `host:port` as written, for the `Host` header.
+    pub authority: String,
+    /// Resolved address.
+    pub addr: SocketAddr,
+    /// Path and query, at least `/`.
+    pub path: String,
+}
+
+impl Target {
+    /// Parse `ws://host:port/path` or `tcp://host:port`.
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let (scheme, rest) = if let Some(r) = url.strip_prefix("ws://") {
+            (Scheme::Ws, r)
+        } else if let Some(r) = url.strip_prefix("tcp://") {
+            (Scheme::Tcp, r)
+        } else if url.starts_with("wss://") {
+            return Err(format!("{url}: wss:// is not supported yet; use ws://"));
+        } else {
+            return Err(format!("{url}: the URL must start with ws:// (or tcp:// for a raw TCP echo)"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() {
+            return Err(format!("{url}: no host"));
+        }
+        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
+            authority.to_string()
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .map_err(|e| format!("{url}: cannot resolve {authority}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{url}: {authority} resolves to no address"))?;
+        Ok(Target { scheme, authority: authority.to_string(), addr, path: path.to_string() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let t = Target::parse("ws://127.0.0.1:9001/chat?x=1").unwrap();
+        assert_eq!((t.scheme, t.addr.port(), t.path.as_str()), (Scheme::Ws, 9001, "/chat?x=1"));
+        let t = Target::parse("tcp://127.0.0.1:7").unwrap();
+        assert_eq!((t.scheme, t.path.as_str()), (Scheme::Tcp, "/"));
+        assert!(Target::parse("http://x").unwrap_err().contains("ws://"));
+        assert!(Target::parse("wss://x").unwrap_err().contains("not supported"));
+        assert!(Target::parse("ws://").is_err());
+    }
+}

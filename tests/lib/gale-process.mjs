@@ -1,0 +1,86 @@
+// Start and stop a `gale echo` process for the Node and browser client suites.
+//
+// The binary comes from $GALE_BIN (default: target/debug/gale under the repo root). It
+// listens on --port 0, so the real address is read from the one line it prints on stdout.
+// It is stopped by its own PID only: other engineers' servers on this machine are never
+// touched, and a server that ignores SIGTERM is SIGKILLed so it cannot outlive the suite.
+
+import { spawn } from 'node:child_process';
+import { createWriteStream, mkdirSync } from 'node:fs';
+import { once } from 'node:events';
+import { dirname, isAbsolute, join, resolve } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+// Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
+const START_TIMEOUT_MS = 60_000;
+const STOP_TIMEOUT_MS = 30_000;
+const READY_LINE = /^gale echo listening on (ws:\/\/(\S+):(\d+)) \(/;
+
+export function galeBin() {
+  const bin = process.env.GALE_BIN || 'target/debug/gale';
+  return isAbsolute(bin) ? bin : join(REPO_ROOT, bin);
+}
+
+/** Wait for `emitter` to emit `event`, or reject after `ms`. */
+export async function onceWithin(emitter, event, ms, what = event) {
+  const signal = AbortSignal.timeout(ms);
+  try {
+    return await once(emitter, event, { signal });
+  } catch (err) {
+    if (signal.aborted) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    throw err;
+  }
+}
+
+/**
+ * Start `gale echo --port 0 --threads 2 ...extraArgs`. Resolves to
+ * { url, httpUrl, pid, terminate(), exited, stop() } once the address line is printed.
+ * `logDir` receives the server's stderr (tracing logs), for investigating failures.
+ */
+export async function startGale(name, logDir, extraArgs = []) {
+  const dir = join(REPO_ROOT, 'target', 'test-output', logDir);
+  mkdirSync(dir, { recursive: true });
+  const log = createWriteStream(join(dir, `gale-${name}.log`));
+  const child = spawn(galeBin(), ['echo', '--port', '0', '--threads', '2', ...extraArgs], {
+    cwd: REPO_ROOT,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  child.stderr.pipe(log);
+  const exited = new Promise((res) => child.once('exit', (code, signal) => res({ code, signal })));
+
+  const lines = createInterface({ input: child.stdout });
+  let line;
+  try {
+    [line] = await Promise.race([
+      onceWithin(lines, 'line', START_TIMEOUT_MS, 'the gale echo address line'),
+      once(child, 'error').then(([err]) => Promise.reject(err)),
+      exited.then(({ code }) => Promise.reject(new Error(`gale exited early with ${code}`))),
+    ]);
+  } catch (err) {
+    child.kill('SIGKILL');
+    throw err;
+  }
+  const match = READY_LINE.exec(line);
+  if (!match) {
+    child.kill('SIGKILL');
+    throw new Error(`unexpected first line from gale echo: ${JSON.stringify(line)}`);
+  }
+  const [, url, host, port] = match;
+
+  const terminate = () => {
+    // Signal the process we spawned, by its PID, and only while it still runs.
+    if (child.exitCode === null && child.signalCode === null) process.kill(child.pid, 'SIGTERM');
+  };
+  const stop = async () => {
+    terminate();
+    const timer = setTimeout(() => child.kill('SIGKILL'), STOP_TIMEOUT_MS);
+    const result = await exited;
+    clearTimeout(timer);
+    lines.close();
+    return result;
+  };
+  return { url, httpUrl: `http://${host}:${port}`, pid: child.pid, terminate, exited, stop };
+}

@@ -1,0 +1,79 @@
+"""Start and stop a `gale echo` process for the Python client suite.
+
+The binary comes from $GALE_BIN (default: target/debug/gale under the repo root).
+It listens on --port 0, so the real address is read from the one line it prints on
+stdout. It is stopped by its own PID only: other engineers' servers on this machine
+are never touched.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LOG_DIR = REPO_ROOT / "target" / "test-output" / "python"
+READY_LINE = re.compile(r"^gale echo listening on (ws://(\S+):(\d+)) \(")
+
+# Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+def gale_bin() -> Path:
+    path = Path(os.environ.get("GALE_BIN", "target/debug/gale"))
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+class GaleEcho:
+    """One `gale echo` process; `url` is its ws:// base, `http_url` the same as http://."""
+
+    def __init__(self, name: str, *extra_args: str):
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        # stderr (tracing logs) goes to a file so a failure can be investigated afterwards
+        # without cluttering the test output.
+        self.log_path = LOG_DIR / f"gale-{name}.log"
+        args = [str(gale_bin()), "echo", "--port", "0", "--threads", "2", *extra_args]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT)
+        self.url, self.host, self.port = self._read_address()
+        self.http_url = f"http://{self.host}:{self.port}"
+
+    def _read_address(self):
+        # readline() blocks, so it runs in a thread that the timeout can give up on.
+        result = {}
+        reader = threading.Thread(target=lambda: result.update(line=self.proc.stdout.readline()))
+        reader.daemon = True
+        reader.start()
+        reader.join(START_TIMEOUT)
+        line = result.get("line", b"").decode("utf-8", "replace").strip()
+        match = READY_LINE.match(line)
+        if not match:
+            self.kill()
+            raise RuntimeError(f"gale echo did not report its address (got {line!r}); see {self.log_path}")
+        return match.group(1), match.group(2), int(match.group(3))
+
+    def terminate(self) -> None:
+        """Send SIGTERM (graceful shutdown: every WebSocket gets close 1001)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """Graceful stop, falling back to SIGKILL so a hung server never outlives the suite."""
+        self.terminate()
+        try:
+            self.wait()
+        except subprocess.TimeoutExpired:
+            self.kill()
+        finally:
+            self.proc.stdout.close()
