@@ -7,7 +7,7 @@
 //! loop at 64 KiB.
 //!
 //! Masking is an XOR in place, so one buffer is reused: its contents alternate between masked
-//! and clear, which costs the same. Buffers start on a 64-byte boundary; the `+6`, `+8` and
+//! and clear, which costs the same. Buffers start on a page boundary; the `+6`, `+8` and
 //! `+14` groups start that many bytes past one, where the payload of a masked frame of that
 //! size lands after its header in a read buffer. `u32_scalar` is the same 32-bit loop with
 //! vectorization blocked, to show what the compiler adds to the shipped loop.

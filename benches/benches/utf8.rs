@@ -14,33 +14,21 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use gale_benches::Text;
-use gale_frame::Utf8Stream;
+use gale_benches::{Text, stream_validate};
 
 const PIECE: usize = 1500;
-
-fn stream(bytes: &[u8], piece: usize) -> bool {
-    let mut v = Utf8Stream::new();
-    let mut chunks = bytes.chunks(piece);
-    let last = chunks.next_back().unwrap_or(&[]);
-    for c in chunks {
-        if v.feed(c).is_err() {
-            return false;
-        }
-    }
-    v.finish(last).is_ok()
-}
 
 fn utf8(c: &mut Criterion) {
     for text in [Text::Ascii, Text::Cjk, Text::Emoji] {
         for (len, label) in [(64, "64B"), (4096, "4KiB"), (65536, "64KiB")] {
             let s = text.generate(len);
             let bytes = s.as_bytes();
-            assert!(stream(bytes, PIECE) && stream(bytes, usize::MAX));
+            assert!(stream_validate(bytes, PIECE) && stream_validate(bytes, usize::MAX));
             let mut group = c.benchmark_group(format!("utf8/{}/{label}", text.name()));
             group.throughput(Throughput::Bytes(bytes.len() as u64));
-            group.bench_function("stream_1500", |b| b.iter(|| stream(black_box(bytes), PIECE)));
-            group.bench_function("stream_whole", |b| b.iter(|| stream(black_box(bytes), usize::MAX)));
+            group.bench_function("stream_1500", |b| b.iter(|| stream_validate(black_box(bytes), PIECE)));
+            group
+                .bench_function("stream_whole", |b| b.iter(|| stream_validate(black_box(bytes), usize::MAX)));
             group.bench_function("simdutf8", |b| {
                 b.iter(|| simdutf8::basic::from_utf8(black_box(bytes)).is_ok())
             });

@@ -2,7 +2,7 @@
 //! frames, buffers at a known alignment, and the 32-bit-word masking loop that tungstenite
 //! ships, used as a reference.
 
-use gale_frame::{FrameSpec, OpCode, append_frame};
+use gale_frame::{FrameSpec, OpCode, Utf8Stream, append_frame};
 
 /// Masking key used throughout (the one from RFC 6455 section 5.7).
 pub const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
@@ -52,8 +52,24 @@ pub fn mask_u32_scalar(buf: &mut [u8], key: [u8; 4]) {
     }
 }
 
-/// A buffer whose slice `[offset..offset + len]` starts `offset` bytes past a 64-byte
-/// boundary, so that results do not depend on where the allocator put it.
+/// Validate `bytes` with [`Utf8Stream`], fed in pieces of at most `piece` bytes, the last
+/// one through `finish`, as a decoder does with the reads of a text message.
+pub fn stream_validate(bytes: &[u8], piece: usize) -> bool {
+    let mut v = Utf8Stream::new();
+    let mut rest = bytes;
+    while rest.len() > piece {
+        let (now, later) = rest.split_at(piece);
+        if v.feed(now).is_err() {
+            return false;
+        }
+        rest = later;
+    }
+    v.finish(rest).is_ok()
+}
+
+/// A buffer that starts `offset` bytes past a page (4 KiB) boundary, so that results do not
+/// depend on where the allocator put it: how many cache lines and pages an unaligned buffer
+/// straddles changes its cost.
 pub struct Aligned {
     storage: Vec<u8>,
     start: usize,
@@ -61,10 +77,10 @@ pub struct Aligned {
 }
 
 impl Aligned {
-    /// `len` bytes of `fill`, starting `offset` bytes after a 64-byte boundary.
+    /// A copy of `fill`, starting `offset` bytes after a page boundary.
     pub fn new(fill: &[u8], offset: usize) -> Self {
-        let mut storage = vec![0u8; fill.len() + offset + 64];
-        let start = storage.as_ptr().align_offset(64) + offset;
+        let mut storage = vec![0u8; fill.len() + offset + 4096];
+        let start = storage.as_ptr().align_offset(4096) + offset;
         storage[start..start + fill.len()].copy_from_slice(fill);
         Aligned { storage, start, len: fill.len() }
     }

@@ -86,8 +86,9 @@ pub struct EchoArgs {
     /// Send binary messages instead of UTF-8 text.
     #[arg(long)]
     pub binary: bool,
-    /// Masking keys: fresh random keys (default), or the all-zero key that uWebSockets'
-    /// load_test uses (lets a server skip the unmasking work).
+    /// Masking keys: fresh random keys (default), or the all-zero key (lets a server that
+    /// checks for it skip the unmasking work; uWebSockets' load_test uses it in its deflate
+    /// mode, and the fixed key 01 02 03 04 otherwise).
     #[arg(long, value_enum, default_value_t = MaskArg::Random)]
     pub mask: MaskArg,
     /// Open loop: send this many messages per second in total on a fixed schedule, whatever
@@ -219,4 +220,16 @@ pub struct FanoutArgs {
 pub enum ProtocolArg {
     /// Subscribers receive every message sent to the server; the publisher sends the payload.
     Plain,
+}
+
+impl Command {
+    /// Where `--json` sends the report, if anywhere.
+    pub fn json_path(&self) -> Option<&PathBuf> {
+        match self {
+            Command::Connect(a) => a.common.json.as_ref(),
+            Command::Echo(a) => a.common.json.as_ref(),
+            Command::Fanout(a) => a.common.json.as_ref(),
+            Command::Compare(a) => a.json.as_ref(),
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::cli::ConnectArgs;
-use crate::common::{run_config, unreachable, write_json};
+use crate::common::{run_config, write_json};
 use crate::engine::{ConnectStats, latency_histogram};
 use crate::procstat;
 use crate::report::{Buckets, ConnectReport, Latency, print_connect};
@@ -40,7 +40,13 @@ pub fn run(args: &ConnectArgs, print: bool) -> Result<ConnectReport, String> {
     }
     write_json(&args.common.json, &report)?;
     if report.connected == 0 {
-        return Err(format!("no connection to {} could be opened", args.common.url));
+        let causes: Vec<String> = report.failures.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        return Err(format!(
+            "cannot reach {}: 0 of {} connections opened: {}",
+            args.common.url,
+            report.requested,
+            causes.join(", ")
+        ));
     }
     Ok(report)
 }
@@ -105,11 +111,13 @@ fn single(args: &ConnectArgs, hold: Duration) -> Result<ConnectReport, String> {
     let pid = args.common.server_pid.map(|p| p.to_string());
     let before = pid.as_deref().and_then(procstat::sample);
     let (run, stats) = connect_here(args, 0)?;
-    if stats.connected == 0 {
-        let _ = run.finish();
-        return Err(unreachable(&args.common.url, &stats));
-    }
     let mut report = base_report(args, &stats);
+    if stats.connected == 0 {
+        // Nothing to hold: report the failures by cause and stop.
+        report.interrupted = run.interrupted();
+        let _ = run.finish();
+        return Ok(report);
+    }
     // Let the server settle (its last accepts and handshakes) before reading its memory.
     std::thread::sleep(Duration::from_millis(300));
     let after = pid.as_deref().and_then(procstat::sample);
@@ -219,7 +227,9 @@ fn parent(args: &ConnectArgs, hold: Duration) -> Result<ConnectReport, String> {
     std::thread::sleep(Duration::from_millis(300));
     let after = pid.as_deref().and_then(procstat::sample);
     let held_from = Instant::now();
-    std::thread::sleep(hold);
+    if ready.iter().any(|r| r.connected > 0) {
+        std::thread::sleep(hold);
+    }
     let mut finals = Vec::new();
     for w in &mut workers {
         drop(w.child.stdin.take());

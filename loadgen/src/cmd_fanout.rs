@@ -9,7 +9,9 @@ use crate::cli::{FanoutArgs, ProtocolArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, print_fanout};
 use crate::run::{Run, Samples};
-use crate::scenario::fanout::{FanoutStats, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload};
+use crate::scenario::fanout::{
+    FanoutStats, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at,
+};
 
 /// The protocol adapter for `--protocol`.
 fn protocol(p: ProtocolArg) -> &'static dyn Protocol {
@@ -74,7 +76,8 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
             return Err(unreachable(&publish_url, &pconnect));
         }
         subs.go(from, until + drain);
-        pubs.go(Instant::now(), until);
+        // Publishers start at once (the warm-up) but count only what is due inside the window.
+        pubs.go(from, until);
         subs.wait(from, until + drain, "fan-out", || samples.start(pid));
         samples.end(pid);
         let results = pubs.finish()?;
@@ -164,7 +167,7 @@ fn http_publisher(
         if due > now {
             std::thread::sleep(due - now);
         }
-        let payload = make_payload(seq, size);
+        let payload = make_payload(seq, ns_at(due), size);
         seq += 1;
         let Some((extra, body)) = proto.publish_http(topic, &payload) else {
             return Err("this protocol has no HTTP publish API".into());

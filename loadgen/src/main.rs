@@ -1,5 +1,8 @@
 //! `gale-loadgen`: a load generator for WebSocket servers.
 
+#[macro_use]
+mod report;
+
 mod cli;
 mod cmd_connect;
 mod cmd_echo;
@@ -11,7 +14,6 @@ mod engine;
 mod payload;
 mod plot;
 mod procstat;
-mod report;
 mod rng;
 mod run;
 mod scenario;
@@ -22,31 +24,54 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// How a run ended, for the exit status.
+enum Outcome {
+    /// Ran to the end.
+    Done,
+    /// Cut short by Ctrl-C (exit status 130, like a shell).
+    Interrupted,
+}
+
+fn outcome(interrupted: bool) -> Outcome {
+    if interrupted { Outcome::Interrupted } else { Outcome::Done }
+}
+
+fn run(command: &cli::Command) -> Result<Outcome, String> {
+    match command {
+        cli::Command::Echo(a) => {
+            let r = cmd_echo::run(a, true)?;
+            if r.mismatches > 0 {
+                return Err(format!("{} echoes did not match what was sent", r.mismatches));
+            }
+            Ok(outcome(r.interrupted))
+        }
+        cli::Command::Connect(a) => cmd_connect::run(a, a.worker.is_none()).map(|r| outcome(r.interrupted)),
+        cli::Command::Fanout(a) => {
+            let r = cmd_fanout::run(a, true)?;
+            if r.lost + r.duplicated > 0 && !r.interrupted {
+                return Err(format!("{} deliveries lost, {} duplicated", r.lost, r.duplicated));
+            }
+            Ok(outcome(r.interrupted))
+        }
+        cli::Command::Compare(a) => {
+            let r = compare::run(a)?;
+            for line in compare::markdown(&r).lines() {
+                say!("{line}");
+            }
+            compare::write_outputs(&r, &a.json, &a.md, &a.plot)?;
+            Ok(outcome(run::interrupt_flag().is_ok_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))))
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let result = match &cli.command {
-        cli::Command::Echo(a) => cmd_echo::run(a, true).and_then(|r| {
-            if r.mismatches > 0 {
-                Err(format!("{} echoes did not match what was sent", r.mismatches))
-            } else {
-                Ok(())
-            }
-        }),
-        cli::Command::Connect(a) => cmd_connect::run(a, a.worker.is_none()).map(|_| ()),
-        cli::Command::Fanout(a) => cmd_fanout::run(a, true).and_then(|r| {
-            if r.lost + r.duplicated > 0 {
-                Err(format!("{} deliveries lost, {} duplicated", r.lost, r.duplicated))
-            } else {
-                Ok(())
-            }
-        }),
-        cli::Command::Compare(a) => compare::run(a).and_then(|r| {
-            print!("{}", compare::markdown(&r));
-            compare::write_outputs(&r, &a.json, &a.md, &a.plot)
-        }),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    if cli.command.json_path().is_some_and(|p| p.as_os_str() == "-") {
+        report::summary_to_stderr();
+    }
+    match run(&cli.command) {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Interrupted) => ExitCode::from(130),
         Err(e) => {
             eprintln!("gale-loadgen: {e}");
             ExitCode::FAILURE

@@ -1,6 +1,7 @@
 //! Reports: JSON for scripts (a stable schema), and a readable terminal summary.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -179,6 +180,29 @@ pub struct ConnectReport {
     pub interrupted: bool,
 }
 
+/// Set when the JSON report goes to stdout: the readable summary then goes to stderr, so that
+/// stdout holds nothing but the JSON.
+static SUMMARY_TO_STDERR: AtomicBool = AtomicBool::new(false);
+
+/// Send the readable summaries to stderr (because stdout carries the JSON report).
+pub fn summary_to_stderr() {
+    SUMMARY_TO_STDERR.store(true, Ordering::Relaxed);
+}
+
+/// Print one line of a readable summary.
+pub fn say(line: std::fmt::Arguments<'_>) {
+    if SUMMARY_TO_STDERR.load(Ordering::Relaxed) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
+/// `println!` for summaries: to stdout, or to stderr when stdout carries JSON.
+macro_rules! say {
+    ($($arg:tt)*) => { $crate::report::say(format_args!($($arg)*)) };
+}
+
 /// Report of `fanout`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct FanoutReport {
@@ -232,7 +256,7 @@ pub struct FanoutReport {
 
 /// Print a fan-out report for a person.
 pub fn print_fanout(r: &FanoutReport) {
-    println!(
+    say!(
         "fanout {} — {} subscribers ({} failed), publishing {} msg/s of {} B to {:?} via {}",
         r.url,
         r.subscribers,
@@ -242,7 +266,7 @@ pub fn print_fanout(r: &FanoutReport) {
         r.topic,
         r.publish_url
     );
-    println!(
+    say!(
         "  {} published, {} of {} deliveries in {:.1} s: {} deliveries/s",
         group(r.published as f64),
         group(r.delivered as f64),
@@ -250,14 +274,17 @@ pub fn print_fanout(r: &FanoutReport) {
         r.duration_s,
         group(r.deliveries_per_sec)
     );
-    println!(
+    say!(
         "  lost {}  duplicated {}  out of order {}  publish errors {}",
-        r.lost, r.duplicated, r.out_of_order, r.publish_errors
+        r.lost,
+        r.duplicated,
+        r.out_of_order,
+        r.publish_errors
     );
     let l = &r.latency_us;
-    println!("  end-to-end µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    say!("  end-to-end µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
     if let Some(s) = &r.server {
-        println!(
+        say!(
             "  server pid {}: {:.2} CPU s, {} ms CPU per 1k deliveries, RSS {}",
             s.pid,
             s.cpu_s,
@@ -265,11 +292,7 @@ pub fn print_fanout(r: &FanoutReport) {
             human_bytes(s.rss_bytes as f64)
         );
     }
-    println!(
-        "  loadgen: {} threads, {:.0}% of its threads",
-        r.loadgen.threads,
-        r.loadgen.utilisation * 100.0
-    );
+    say!("  loadgen: {} threads, {:.0}% of its threads", r.loadgen.threads, r.loadgen.utilisation * 100.0);
 }
 
 /// Thousands separators for counts and rates.
@@ -287,7 +310,7 @@ pub fn group(v: f64) -> String {
 
 /// Print an echo report for a person.
 pub fn print_echo(r: &EchoReport) {
-    println!(
+    say!(
         "echo {} — {} connections, {} B {} messages, {}, mask {}",
         r.url,
         r.connections,
@@ -299,7 +322,7 @@ pub fn print_echo(r: &EchoReport) {
         },
         r.mask
     );
-    println!(
+    say!(
         "  {} messages in {:.1} s: {} msg/s, {}/s",
         group(r.messages as f64),
         r.duration_s,
@@ -307,12 +330,17 @@ pub fn print_echo(r: &EchoReport) {
         human_bytes(r.bytes_per_sec)
     );
     let l = &r.latency_us;
-    println!(
+    say!(
         "  latency µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (mean {:.0})",
-        l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        l.p50,
+        l.p90,
+        l.p99,
+        l.p999,
+        l.max,
+        l.mean
     );
     if let Some(s) = &r.server {
-        println!(
+        say!(
             "  server pid {}: {:.2} CPU s, {} ms CPU per 1k messages, RSS {}",
             s.pid,
             s.cpu_s,
@@ -320,26 +348,26 @@ pub fn print_echo(r: &EchoReport) {
             human_bytes(s.rss_bytes as f64)
         );
     }
-    println!(
+    say!(
         "  loadgen: {} threads, {:.2} CPU s ({:.0}% of its threads)",
         r.loadgen.threads,
         r.loadgen.cpu_s,
         r.loadgen.utilisation * 100.0
     );
     if r.failed > 0 || !r.lost.is_empty() {
-        println!("  connections failed to open: {}; lost: {:?}", r.failed, r.lost);
+        say!("  connections failed to open: {}; lost: {:?}", r.failed, r.lost);
     }
     if r.mismatches > 0 {
-        println!("  WRONG ECHOES: {} ({})", r.mismatches, r.first_mismatch.as_deref().unwrap_or(""));
+        say!("  WRONG ECHOES: {} ({})", r.mismatches, r.first_mismatch.as_deref().unwrap_or(""));
     }
     if r.interrupted {
-        println!("  (interrupted: partial results)");
+        say!("  (interrupted: partial results)");
     }
 }
 
 /// Print a connect report for a person.
 pub fn print_connect(r: &ConnectReport) {
-    println!(
+    say!(
         "connect {} — {} of {} connected in {:.2} s ({} conn/s), {} failed",
         r.url,
         group(r.connected as f64),
@@ -349,16 +377,20 @@ pub fn print_connect(r: &ConnectReport) {
         r.failed
     );
     for (cause, n) in &r.failures {
-        println!("  failed: {cause}: {n}  e.g. {}", r.failure_examples.get(cause).map_or("", String::as_str));
+        say!("  failed: {cause}: {n}  e.g. {}", r.failure_examples.get(cause).map_or("", String::as_str));
     }
     let l = &r.handshake_latency_us;
-    println!("  handshake µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
-    println!(
+    say!("  handshake µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    say!(
         "  held {:.1} s: {} still open, pings {} / pongs {}, lost {:?}",
-        r.hold_s, r.open_after_hold, r.pings, r.pongs, r.lost
+        r.hold_s,
+        r.open_after_hold,
+        r.pings,
+        r.pongs,
+        r.lost
     );
     if let (Some(b), Some(a)) = (r.server_rss_before, r.server_rss_after) {
-        println!(
+        say!(
             "  server RSS {} -> {}: {} per connection",
             human_bytes(b as f64),
             human_bytes(a as f64),
@@ -366,10 +398,10 @@ pub fn print_connect(r: &ConnectReport) {
         );
     }
     if r.procs > 1 || r.source_ips > 1 {
-        println!("  {} processes, {} source addresses", r.procs, r.source_ips);
+        say!("  {} processes, {} source addresses", r.procs, r.source_ips);
     }
     if r.interrupted {
-        println!("  (interrupted: partial results)");
+        say!("  (interrupted: partial results)");
     }
 }
 

@@ -71,7 +71,7 @@ describe('gale echo with headless Chromium', () => {
     const binary = randomBytes(100 * 1024);
     try {
       const result = await page.evaluate(
-        ([url, texts, b64]) => window.echoSession(url, texts, b64),
+        ([url, texts, b64]) => window.runEcho(url, texts, b64),
         [gale.url, texts, binary.toString('base64')],
       );
       assert.equal(result.protocol, 'chat');

@@ -44,7 +44,10 @@ export async function startGale(name, logDir, extraArgs = []) {
   const dir = join(REPO_ROOT, 'target', 'test-output', logDir);
   mkdirSync(dir, { recursive: true });
   const log = createWriteStream(join(dir, `gale-${name}.log`));
-  const child = spawn(galeBin(), ['echo', '--port', '0', '--threads', '2', ...extraArgs], {
+  // GALE_BACKEND (epoll, uring or auto) picks the backend; the test command runs each suite
+  // once per backend.
+  const backend = process.env.GALE_BACKEND ? ['--backend', process.env.GALE_BACKEND] : [];
+  const child = spawn(galeBin(), ['echo', '--port', '0', '--threads', '2', ...backend, ...extraArgs], {
     cwd: REPO_ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
   });

@@ -21,9 +21,7 @@ const TEST = { timeout: 2 * TIMEOUT_MS };
 
 function asciiText(size) {
   const alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789 ';
-  let s = '';
-  for (let i = 0; i < size; i++) s += alphabet[i % alphabet.length];
-  return s;
+  return alphabet.repeat(Math.ceil(size / alphabet.length)).slice(0, size);
 }
 
 function unicodeText(minBytes) {
@@ -155,10 +153,13 @@ describe('gale echo with the ws client', () => {
   });
 
   it('echoes the close code and reason', TEST, async () => {
-    const ws = await open(server.url);
-    const done = closed(ws);
-    ws.close(4000, 'bye');
-    assert.deepEqual(await done, { code: 4000, reason: 'bye' });
+    // The last reason is the longest allowed: 123 bytes fill a 125-byte control payload.
+    for (const [code, reason] of [[4000, 'bye'], [3001, '再见 👋'], [4999, 'r'.repeat(123)]]) {
+      const ws = await open(server.url);
+      const done = closed(ws);
+      ws.close(code, reason);
+      assert.deepEqual(await done, { code, reason });
+    }
   });
 
   it('answers a close that has no code', TEST, async () => {

@@ -27,6 +27,13 @@ def gale_bin() -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
+def backend_args():
+    """`--backend X` from GALE_BACKEND (epoll, uring or auto); the test command runs the suites
+    once per backend."""
+    backend = os.environ.get("GALE_BACKEND")
+    return ["--backend", backend] if backend else []
+
+
 class GaleEcho:
     """One `gale echo` process; `url` is its ws:// base, `http_url` the same as http://."""
 
@@ -35,7 +42,7 @@ class GaleEcho:
         # stderr (tracing logs) goes to a file so a failure can be investigated afterwards
         # without cluttering the test output.
         self.log_path = LOG_DIR / f"gale-{name}.log"
-        args = [str(gale_bin()), "echo", "--port", "0", "--threads", "2", *extra_args]
+        args = [str(gale_bin()), "echo", "--port", "0", "--threads", "2", *backend_args(), *extra_args]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT)
         self.url, self.host, self.port = self._read_address()

@@ -398,6 +398,14 @@ impl Decoder {
             self.finished = true;
             return Err(ProtocolError::invalid_payload("text message ends inside a UTF-8 sequence"));
         }
+        if message.kind == DataKind::Text && !message.compressed {
+            // Every byte of `data` went through `self.utf8` as it arrived, and the stream ended
+            // on a character boundary (checked above): validating again would cost a second
+            // pass over the whole message (about 3.5 µs per 64 KiB, measured in benches/).
+            // SAFETY: `data` is exactly the bytes fed to the streaming validator, which
+            // accepted all of them and holds no unfinished sequence.
+            return Ok(Event::Text(unsafe { std::str::from_utf8_unchecked(&self.data) }));
+        }
         let event = whole_message_event(message, &self.data);
         if event.is_err() {
             self.finished = true;

@@ -68,6 +68,11 @@ impl Utf8Stream {
     /// not end inside a sequence. Resets the validator for the next message.
     #[inline]
     pub fn finish(&mut self, bytes: &[u8]) -> Result<(), Utf8Error> {
+        if self.partial_len == 0 {
+            // Nothing carried over: the last piece must be valid on its own, which one call
+            // checks without looking for a cut-off sequence at its end.
+            return validate(bytes);
+        }
         self.feed(bytes)?;
         let complete = self.partial_len == 0;
         self.partial_len = 0;

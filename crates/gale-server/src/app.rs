@@ -19,15 +19,58 @@ use crate::timer::ticks;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Backend {
     /// Readiness-based loops on epoll, through `mio`.
-    #[default]
     Epoll,
+    /// Completion-based loops on io_uring: multishot accept and receive into a ring of
+    /// provided buffers, one send per connection per iteration.
+    Uring,
+    /// io_uring when this kernel allows it, else epoll (with a log line saying why).
+    #[default]
+    Auto,
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Backend::Epoll => "epoll",
+            Backend::Uring => "io_uring",
+            Backend::Auto => "auto",
         })
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "epoll" => Ok(Backend::Epoll),
+            "uring" | "io_uring" => Ok(Backend::Uring),
+            "auto" => Ok(Backend::Auto),
+            other => Err(format!("unknown backend {other:?}: expected epoll, uring or auto")),
+        }
+    }
+}
+
+impl Backend {
+    /// The backend to run: `Auto` resolved by probing io_uring once; a forced `Uring` that
+    /// the kernel cannot run is an error naming the reason.
+    pub fn resolve(self) -> io::Result<Backend> {
+        match self {
+            Backend::Epoll => Ok(Backend::Epoll),
+            Backend::Uring => match crate::backend::probe_uring() {
+                Ok(()) => Ok(Backend::Uring),
+                Err(why) => {
+                    Err(io::Error::new(io::ErrorKind::Unsupported, format!("io_uring is unavailable: {why}")))
+                }
+            },
+            Backend::Auto => match crate::backend::probe_uring() {
+                Ok(()) => Ok(Backend::Uring),
+                Err(why) => {
+                    tracing::info!("io_uring unavailable ({why}); using epoll");
+                    Ok(Backend::Epoll)
+                }
+            },
+        }
     }
 }
 
@@ -63,7 +106,7 @@ impl Default for ServerConfig {
             recv_buffer: 512 * 1024,
             shutdown_timeout: Duration::from_secs(5),
             backlog: 4096,
-            backend: Backend::Epoll,
+            backend: Backend::Auto,
         }
     }
 }
@@ -115,6 +158,12 @@ impl App {
         self
     }
 
+    /// Choose the event-loop implementation.
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.config.backend = backend;
+        self
+    }
+
     /// Add a WebSocket route. `pattern` is an exact path or a prefix ending in `*`.
     pub fn ws<H: WsHandler>(mut self, pattern: &str, behavior: Behavior, handler: H) -> Self {
         self.routes.ws.push(WsRoute {
@@ -148,7 +197,8 @@ impl App {
 
     /// Bind one listener per loop on `addr` (`SO_REUSEPORT`, so the kernel spreads accepts).
     /// With port 0, the first listener picks a free port and the others join it.
-    pub fn listen(self, addr: impl ToSocketAddrs) -> io::Result<Server> {
+    pub fn listen(mut self, addr: impl ToSocketAddrs) -> io::Result<Server> {
+        self.config.backend = self.config.backend.resolve()?;
         let addr = addr
             .to_socket_addrs()?
             .next()
@@ -163,11 +213,20 @@ impl App {
         let mut seeds = Vec::with_capacity(threads);
         let mut mailboxes = Vec::with_capacity(threads);
         for (index, listener) in listeners.into_iter().enumerate() {
-            let poll = mio::Poll::new()?;
-            let waker = mio::Waker::new(poll.registry(), crate::backend::WAKER)?;
+            let (io, waker) = match self.config.backend {
+                Backend::Uring => {
+                    let fd = crate::backend::eventfd()?;
+                    (LoopIo::Uring(fd.clone()), Waker::EventFd(fd))
+                }
+                _ => {
+                    let poll = mio::Poll::new()?;
+                    let waker = mio::Waker::new(poll.registry(), crate::backend::WAKER)?;
+                    (LoopIo::Epoll(poll), Waker::Mio(waker))
+                }
+            };
             let (tx, rx) = crossbeam_channel::unbounded();
             mailboxes.push(Mailbox { tx, waker });
-            seeds.push(LoopSeed { index, poll, listener, rx });
+            seeds.push(LoopSeed { index, io, listener, rx });
         }
         let stats = (0..threads).map(|_| LoopStats::default()).collect();
         let handle = ServerHandle {
@@ -190,9 +249,32 @@ pub(crate) struct Shared {
 /// Everything one loop thread starts from.
 pub(crate) struct LoopSeed {
     pub(crate) index: usize,
-    pub(crate) poll: mio::Poll,
+    pub(crate) io: LoopIo,
     pub(crate) listener: std::net::TcpListener,
     pub(crate) rx: Receiver<Task>,
+}
+
+/// The backend-specific half of a loop's start: its poller, or the eventfd that wakes it.
+pub(crate) enum LoopIo {
+    Epoll(mio::Poll),
+    Uring(Arc<std::os::fd::OwnedFd>),
+    /// Moved out into the running loop.
+    Taken,
+}
+
+/// Wakes a loop from another thread.
+enum Waker {
+    Mio(mio::Waker),
+    EventFd(Arc<std::os::fd::OwnedFd>),
+}
+
+impl Waker {
+    fn wake(&self) -> io::Result<()> {
+        match self {
+            Waker::Mio(w) => w.wake(),
+            Waker::EventFd(fd) => crate::backend::signal_eventfd(fd),
+        }
+    }
 }
 
 /// Work sent to a loop from another thread.
@@ -223,7 +305,7 @@ impl LoopContext {
 
 struct Mailbox {
     tx: Sender<Task>,
-    waker: mio::Waker,
+    waker: Waker,
 }
 
 /// Counters a loop publishes for other threads.
@@ -346,24 +428,49 @@ impl Server {
         self.shared.config.backend
     }
 
-    /// Start the loops on their own threads and return at once.
+    /// Start the loops on their own threads. Returns once every loop is set up and accepting,
+    /// or with the first loop's setup error.
     pub fn spawn(self) -> io::Result<Running> {
         let cores = if self.shared.config.pin_threads { core_affinity::get_core_ids() } else { None };
         let mut threads = Vec::with_capacity(self.seeds.len());
+        let (ready_tx, ready_rx) = crossbeam_channel::unbounded::<io::Result<()>>();
+        let count = self.seeds.len();
         for seed in self.seeds {
             let shared = self.shared.clone();
             let handle = self.handle.clone();
+            let ready = ready_tx.clone();
             let core = cores.as_ref().filter(|c| !c.is_empty()).map(|c| c[seed.index % c.len()]);
             let thread =
                 std::thread::Builder::new().name(format!("gale-loop-{}", seed.index)).spawn(move || {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
-                    crate::backend::run(seed, shared, handle)
+                    match crate::backend::Loop::new(seed, shared, handle) {
+                        Ok(lp) => {
+                            let _ = ready.send(Ok(()));
+                            lp.run()
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(io::Error::new(e.kind(), e.to_string())));
+                            Err(e)
+                        }
+                    }
                 })?;
             threads.push(thread);
         }
-        Ok(Running { handle: self.handle, threads })
+        let running = Running { handle: self.handle, threads };
+        for _ in 0..count {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    running.handle.shutdown();
+                    let _ = running.join();
+                    return Err(e);
+                }
+                Err(_) => return Err(io::Error::other("an event loop thread ended during setup")),
+            }
+        }
+        Ok(running)
     }
 
     /// Run until the server is shut down.

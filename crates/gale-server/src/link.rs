@@ -74,7 +74,7 @@ impl BufPool {
         self.free.pop().unwrap_or_else(|| Vec::with_capacity(16 * 1024))
     }
 
-    fn give(&mut self, mut buf: Vec<u8>) {
+    pub(crate) fn give(&mut self, mut buf: Vec<u8>) {
         if buf.capacity() <= POOL_MAX_CAPACITY && self.free.len() < POOL_MAX_BUFFERS {
             buf.clear();
             self.free.push(buf);
@@ -100,6 +100,8 @@ pub(crate) struct Link {
     pub(crate) dirty: bool,
     /// The close frame we sent, reported to the handler when the handshake ends.
     pub(crate) sent_close: Option<Box<ClosePayload>>,
+    /// Bytes handed to the kernel in a send that has not completed (completion backends).
+    pub(crate) in_kernel: usize,
 }
 
 impl Link {
@@ -115,13 +117,41 @@ impl Link {
             broken: false,
             dirty: false,
             sent_close: None,
+            in_kernel: 0,
         }
     }
 
-    /// Bytes waiting to be written.
+    /// Bytes the kernel has not taken yet: queued here, or in a send still in flight.
     #[inline]
     pub(crate) fn buffered(&self) -> usize {
+        self.out.len() + self.in_kernel
+    }
+
+    /// Bytes queued here and not yet handed to the kernel.
+    #[inline]
+    pub(crate) fn queued(&self) -> usize {
         self.out.len()
+    }
+
+    /// Take the queued bytes to hand them to the kernel in one send (completion backends). The
+    /// buffer must come back through [`Link::sent`] once the send completes.
+    pub(crate) fn take_queued(&mut self) -> Vec<u8> {
+        let out = std::mem::take(&mut self.out);
+        self.in_kernel = out.len();
+        self.dirty = false;
+        out
+    }
+
+    /// A send of bytes taken with [`Link::take_queued`] completed; returns whether a buffer
+    /// the kernel had been slow to take is now empty (time to call `drain`).
+    pub(crate) fn sent(&mut self, pool: &mut BufPool, buf: Vec<u8>) -> bool {
+        self.in_kernel = 0;
+        pool.give(buf);
+        if self.out.is_empty() && self.blocked {
+            self.blocked = false;
+            return true;
+        }
+        false
     }
 
     /// Whether the socket should be closed now: forced, broken, or finished and flushed.
@@ -215,7 +245,8 @@ impl Link {
         if self.out.len() >= CORK_FLUSH && self.direct && !self.blocked {
             self.flush();
         }
-        if !self.out.is_empty() && self.out.len() + len > behavior.max_backpressure {
+        let held = self.buffered();
+        if held != 0 && held + len > behavior.max_backpressure {
             if behavior.backpressure_policy == BackpressurePolicy::Close {
                 self.finish = Finish::Now;
             }
@@ -240,6 +271,10 @@ impl Link {
         self.out.extend_from_slice(head);
         self.out.extend_from_slice(body);
         self.dirty = true;
+        if self.in_kernel != 0 {
+            // Completion backends: these bytes wait behind a send the kernel has not finished.
+            self.blocked = true;
+        }
         if self.blocked { SendStatus::Backpressure } else { SendStatus::Sent }
     }
 

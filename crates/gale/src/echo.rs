@@ -22,8 +22,9 @@ pub struct EchoArgs {
     /// Event loops (threads); default: one per available core.
     #[arg(long, short)]
     threads: Option<usize>,
-    /// Event-loop implementation.
-    #[arg(long, value_enum, default_value_t = BackendArg::Epoll)]
+    /// Event-loop implementation: io_uring, epoll, or auto (io_uring when the kernel allows
+    /// it, else epoll).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
     backend: BackendArg,
     /// Pin each loop thread to a core.
     #[arg(long)]
@@ -40,10 +41,25 @@ pub struct EchoArgs {
     idle_timeout: u64,
 }
 
+/// `--backend` values.
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum BackendArg {
-    /// mio over epoll.
+pub enum BackendArg {
+    /// Readiness loops on epoll (mio).
     Epoll,
+    /// Completion loops on io_uring.
+    Uring,
+    /// io_uring if available, else epoll.
+    Auto,
+}
+
+impl From<BackendArg> for Backend {
+    fn from(b: BackendArg) -> Backend {
+        match b {
+            BackendArg::Epoll => Backend::Epoll,
+            BackendArg::Uring => Backend::Uring,
+            BackendArg::Auto => Backend::Auto,
+        }
+    }
 }
 
 /// Echoes messages back as they came.
@@ -55,11 +71,12 @@ impl WsHandler for Echo {
     type Data = ();
 
     fn upgrade(&self, req: &UpgradeRequest<'_>) -> Result<Accept<()>, Reject> {
+        // Without a list, take the client's favourite; with one, ours decides the order.
         let chosen = if self.protocols.is_empty() {
-            req.protocols().next()
+            req.protocols().next().map(str::to_string)
         } else {
-            let supported: Vec<&str> = self.protocols.iter().map(String::as_str).collect();
-            req.select_protocol(&supported)
+            let offered: Vec<&str> = req.protocols().collect();
+            self.protocols.iter().find(|p| offered.contains(&p.as_str())).cloned()
         };
         Ok(match chosen {
             Some(p) => Accept::new(()).protocol(p),
@@ -74,13 +91,10 @@ impl WsHandler for Echo {
 
 /// Run the echo server until SIGINT/SIGTERM.
 pub fn run(args: EchoArgs) -> std::io::Result<()> {
-    let backend = match args.backend {
-        BackendArg::Epoll => Backend::Epoll,
-    };
     let config = ServerConfig {
         threads: args.threads.unwrap_or_else(|| ServerConfig::default().threads).max(1),
         pin_threads: args.pin,
-        backend,
+        backend: args.backend.into(),
         ..ServerConfig::default()
     };
     let behavior = Behavior {
@@ -95,12 +109,12 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         .ws("/*", behavior, Echo { protocols: args.protocols })
         .listen((args.host, args.port))?;
     server.handle().shutdown_on_signals()?;
+    let backend = server.backend();
+    let addr = server.local_addr();
+    // Announce only once every loop is set up and accepting.
+    let running = server.spawn()?;
     let mut stdout = std::io::stdout();
-    writeln!(
-        stdout,
-        "gale echo listening on ws://{} ({threads} threads, {backend} backend)",
-        server.local_addr()
-    )?;
+    writeln!(stdout, "gale echo listening on ws://{addr} ({threads} threads, {backend} backend)")?;
     stdout.flush()?;
-    server.run()
+    running.join()
 }

@@ -8,12 +8,11 @@ mod support;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::{self, Message};
 
-use support::{Gale, gale_bin};
+use support::{Gale, echo_command_with_threads};
 
 /// RLIMIT_NOFILE of the server.
 const FD_LIMIT: u64 = 64;
@@ -28,8 +27,7 @@ const CLOSED: usize = 40;
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn gale_with_fd_limit(limit: u64) -> Gale {
-    let mut cmd = Command::new(gale_bin());
-    cmd.args(["echo", "--port", "0", "--threads", "1"]);
+    let mut cmd = echo_command_with_threads(1);
     // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(move || {

@@ -47,19 +47,31 @@ impl Protocol for Plain {
     }
 }
 
-/// Nanoseconds since the first call in this process: the publisher and the subscribers share
-/// the clock because they run in the same process.
-pub fn now_ns() -> u64 {
+/// The instant the fan-out clock counts from; publisher and subscribers share it because they
+/// run in the same process.
+fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_ns() -> u64 {
+    ns_at(Instant::now())
+}
+
+/// `t` in nanoseconds since the epoch (0 for earlier instants).
+pub fn ns_at(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 /// Smallest payload: two 16-digit hex numbers.
 pub const MIN_SIZE: usize = 32;
 
-/// The payload for `seq`, published now, `size` bytes long.
-pub fn make_payload(seq: u64, size: usize) -> String {
-    let mut s = format!("{seq:016x}{:016x}", now_ns());
+/// The payload for `seq`, scheduled for publication at `at_ns`, `size` bytes long. Stamping
+/// the scheduled time (not the send time) makes latency include any delay in sending, and
+/// puts each message in the same measurement window for publisher and subscribers.
+pub fn make_payload(seq: u64, at_ns: u64, size: usize) -> String {
+    let mut s = format!("{seq:016x}{at_ns:016x}");
     while s.len() < size {
         s.push('.');
     }
@@ -273,7 +285,7 @@ impl Driver for Publisher {
             if due > cx.now || due >= self.until {
                 break;
             }
-            let payload = make_payload(self.next_seq, self.size);
+            let payload = make_payload(self.next_seq, ns_at(due), self.size);
             self.next_seq += 1;
             let msg = self.protocol.publish_ws(&self.topic, &payload);
             io.send(&mut cx.rng, Kind::Text, msg.len(), |b| b.copy_from_slice(msg.as_bytes()));
@@ -301,7 +313,7 @@ mod tests {
 
     #[test]
     fn payload_round_trip() {
-        let p = make_payload(42, 100);
+        let p = make_payload(42, now_ns(), 100);
         assert_eq!(p.len(), 100);
         let (seq, ns) = parse_payload(p.as_bytes()).unwrap();
         assert_eq!(seq, 42);

@@ -74,13 +74,18 @@ pub(crate) struct EpollLoop {
 }
 
 impl EpollLoop {
-    pub(crate) fn new(seed: LoopSeed, shared: Arc<Shared>, handle: ServerHandle) -> io::Result<Self> {
+    pub(crate) fn new(
+        seed: LoopSeed,
+        poll: Poll,
+        shared: Arc<Shared>,
+        handle: ServerHandle,
+    ) -> io::Result<Self> {
         let mut listener = mio::net::TcpListener::from_std(seed.listener);
-        seed.poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let buf = vec![0u8; shared.config.recv_buffer.max(4096)];
         Ok(EpollLoop {
             index: seed.index,
-            poll: seed.poll,
+            poll,
             listener: Some(listener),
             rx: seed.rx,
             handle,

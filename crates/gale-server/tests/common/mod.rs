@@ -295,6 +295,12 @@ impl WsHandler for Recorder {
 // The server
 // ---------------------------------------------------------------------------------------------
 
+/// The backend under test: `GALE_BACKEND` (epoll, uring or auto), auto by default. The test
+/// command runs the suites once per backend.
+pub fn test_backend() -> gale_server::Backend {
+    std::env::var("GALE_BACKEND").map_or(gale_server::Backend::Auto, |b| b.parse().expect("GALE_BACKEND"))
+}
+
 /// A server running in this process on a free loopback port.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -304,7 +310,7 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(app: App) -> TestServer {
-        let server = app.listen("127.0.0.1:0").expect("bind a loopback port");
+        let server = app.backend(test_backend()).listen("127.0.0.1:0").expect("bind a loopback port");
         let addr = server.local_addr();
         let handle = server.handle();
         let running = server.spawn().expect("start the event loops");

@@ -9,11 +9,10 @@
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
-use std::process::Command;
 use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
-use crate::support::{Gale, gale_bin};
+use crate::support::{Gale, echo_command};
 
 /// Address of the shared `gale echo --threads 2`, started on first use.
 pub fn echo_addr() -> SocketAddr {
@@ -26,8 +25,7 @@ fn start_shared_echo() -> SocketAddr {
     std::thread::Builder::new()
         .name("shared-gale-echo".into())
         .spawn(move || {
-            let mut cmd = Command::new(gale_bin());
-            cmd.args(["echo", "--port", "0", "--threads", "2"]);
+            let mut cmd = echo_command();
             // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
             unsafe {
                 cmd.pre_exec(|| {

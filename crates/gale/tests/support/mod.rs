@@ -15,7 +15,25 @@ use std::time::{Duration, Instant};
 pub struct Gale {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The line the server printed with its address.
+    pub banner: String,
     stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// `gale echo --port 0 --threads 2` on the backend under test (`GALE_BACKEND`: epoll, uring
+/// or auto; auto when unset). The test command runs the suites once per backend.
+pub fn echo_command() -> Command {
+    echo_command_with_threads(2)
+}
+
+/// `gale echo --port 0 --threads N` on the backend under test.
+pub fn echo_command_with_threads(threads: usize) -> Command {
+    let mut cmd = Command::new(gale_bin());
+    cmd.args(["echo", "--port", "0", "--threads", &threads.to_string()]);
+    if let Ok(backend) = std::env::var("GALE_BACKEND") {
+        cmd.args(["--backend", &backend]);
+    }
+    cmd
 }
 
 /// Path of the `gale` binary built for these tests.
@@ -26,15 +44,17 @@ pub fn gale_bin() -> &'static str {
 impl Gale {
     /// `gale echo --port 0` with extra arguments.
     pub fn echo(extra: &[&str]) -> Gale {
-        let mut args = vec!["echo", "--port", "0", "--threads", "2"];
-        args.extend_from_slice(extra);
-        Gale::start(Command::new(gale_bin()).args(&args))
+        let mut cmd = echo_command();
+        cmd.args(extra);
+        Gale::start(&mut cmd)
     }
 
     /// Start a prepared command that prints `... listening on ws://ADDR ...` on stdout.
     pub fn start(cmd: &mut Command) -> Gale {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "warn");
+        }
         let mut child = cmd
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -47,7 +67,7 @@ impl Gale {
             while let Some(Ok(line)) = lines.next() {
                 if let Some(rest) = line.split("ws://").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
-                    let _ = tx.send(addr);
+                    let _ = tx.send((addr, line.clone()));
                 }
             }
         });
@@ -57,14 +77,14 @@ impl Gale {
             let _ = stderr.read_to_string(&mut s);
             s
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(addr) => addr.parse().expect("address printed by gale"),
+        let (addr, banner) = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok((addr, line)) => (addr.parse().expect("address printed by gale"), line),
             Err(_) => {
                 let _ = child.kill();
                 panic!("gale did not print its address: {}", stderr.join().unwrap_or_default());
             }
         };
-        Gale { child, addr, stderr: Some(stderr) }
+        Gale { child, addr, banner, stderr: Some(stderr) }
     }
 
     /// `ws://ADDR` + path.

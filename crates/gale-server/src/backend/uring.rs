@@ -1,0 +1,685 @@
+//! The completion backend: one io_uring instance per loop.
+//!
+//! - Accepting: one multishot accept on the loop's listener.
+//! - Receiving: one multishot receive per connection, into the loop's ring of provided buffers
+//!   ([`BufRing`]); the bytes are handed to the connection in place and the buffer goes back
+//!   to the ring at once, so no connection holds a receive buffer.
+//! - Sending: at the end of each batch of completions, every connection with queued bytes gets
+//!   one send of all of them; bytes queued while a send is in flight wait for its completion.
+//! - Waking: a read on the loop's eventfd, which other threads signal.
+//! - Timers: the wait for completions carries the timer wheel's timeout.
+//! - Submission is batched: SQEs pile up during a batch and go to the kernel with the wait.
+//!
+//! Ownership rules (no use-after-free):
+//! - A send's buffer is moved out of the connection into its [`Entry`] and stays there until
+//!   the send's last completion; only then does it return to the pool.
+//! - A provided buffer is the kernel's until a completion names it, ours until recycled.
+//! - A closing connection cancels its operations and keeps its slab slot and its descriptor
+//!   until every operation it had in flight has completed; only then is the descriptor closed,
+//!   so a reused descriptor number can never receive a stale operation. Completions carry the
+//!   slot's generation as well, and stale ones are ignored.
+//! - On exit the loop cancels everything and waits for the completions before freeing memory
+//!   the kernel may still write to.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use slab::Slab;
+
+use super::bufring::BufRing;
+use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
+use crate::conn::{Conn, ConnCx};
+use crate::link::{BufPool, Link};
+use crate::timer::TimerWheel;
+
+/// Submission queue size; the completion queue is twice as large.
+const RING_ENTRIES: u32 = 4096;
+/// Provided receive buffers per loop, and their size (8 MiB of address space, touched only
+/// as far as data arrives).
+const RECV_BUFFERS: u16 = 512;
+const RECV_BUFFER_SIZE: usize = 16 * 1024;
+/// Buffer group of the receive ring.
+const BGID: u16 = 1;
+
+/// How long accepting pauses after running out of descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// What a completion is for: the top byte of its user data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Accept = 1,
+    Recv = 2,
+    Send = 3,
+    Wake = 4,
+    Cancel = 5,
+}
+
+/// User data: op (8 bits) | generation (24 bits) | slab key (32 bits).
+fn user_data(op: Op, gen_: u32, key: usize) -> u64 {
+    ((op as u64) << 56) | (((gen_ & 0xFF_FFFF) as u64) << 32) | (key as u64 & 0xFFFF_FFFF)
+}
+
+fn decode_user_data(ud: u64) -> (u8, u32, usize) {
+    ((ud >> 56) as u8, ((ud >> 32) & 0xFF_FFFF) as u32, (ud & 0xFFFF_FFFF) as usize)
+}
+
+/// Whether this kernel can run the backend; the reason if not. Probed once per process.
+///
+/// The probe runs on a thread of its own: tearing down an io_uring instance queues work for
+/// the thread that created it, which interrupts that thread's next blocking system call with
+/// `EINTR` when the call has a timeout. The caller's thread must not pay for our probe.
+pub(crate) fn probe() -> Result<(), String> {
+    static RESULT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    RESULT
+        .get_or_init(|| {
+            std::thread::Builder::new()
+                .name("gale-uring-probe".into())
+                .spawn(probe_now)
+                .map_err(|e| format!("cannot start the probe: {e}"))?
+                .join()
+                .unwrap_or_else(|_| Err("the probe panicked".into()))
+        })
+        .clone()
+}
+
+fn probe_now() -> Result<(), String> {
+    if let Ok(v) = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+        && v.trim() == "2"
+    {
+        return Err("disabled by /proc/sys/kernel/io_uring_disabled".into());
+    }
+    let ring = build_ring(8).map_err(|e| format!("cannot create a ring: {e}"))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe).map_err(|e| format!("cannot probe opcodes: {e}"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+        (opcode::Read::CODE, "read"),
+        (opcode::AsyncCancel2::CODE, "async cancel"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("the kernel lacks the {name} opcode"));
+        }
+    }
+    if !ring.params().is_feature_ext_arg() {
+        return Err("the kernel lacks IORING_FEAT_EXT_ARG (wait with timeout)".into());
+    }
+    let bufs = BufRing::new(2, 64, 7).map_err(|e| e.to_string())?;
+    bufs.register(&ring.submitter()).map_err(|e| format!("provided buffer rings unsupported: {e}"))?;
+    let _ = ring.submitter().unregister_buf_ring(7);
+    Ok(())
+}
+
+/// A ring with the flags that suit one thread owning it: a single submitter, and completion
+/// work deferred to when we wait (no interrupts of the loop thread).
+fn build_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_cqsize(entries * 2)
+        .build(entries)
+        .or_else(|_| IoUring::builder().setup_coop_taskrun().setup_cqsize(entries * 2).build(entries))
+        .or_else(|_| IoUring::new(entries))
+}
+
+/// A connection and the operations it has in flight.
+struct Entry {
+    conn: Conn,
+    generation: u32,
+    fd: RawFd,
+    /// A multishot receive is armed.
+    recv_armed: bool,
+    /// The buffer of the send in flight, and how much of it the kernel took.
+    sending: Option<(Vec<u8>, usize)>,
+    /// Operations whose last completion has not arrived (receive, send, cancel).
+    ops: u32,
+    /// Torn down: waiting for `ops` to reach zero before freeing the slot.
+    closing: bool,
+    /// Queued for a send at the end of the batch.
+    dirty: bool,
+}
+
+/// The entry a completion is for, if the slot still holds the same connection.
+fn entry(conns: &mut Slab<Entry>, key: usize, generation: u32) -> Option<&mut Entry> {
+    conns.get_mut(key).filter(|e| e.generation & 0xFF_FFFF == generation)
+}
+
+/// What the connections borrow from their loop.
+struct Env {
+    shared: Arc<Shared>,
+    pool: BufPool,
+    wheel: TimerWheel,
+}
+
+impl Env {
+    fn cx(&mut self) -> ConnCx<'_> {
+        ConnCx {
+            routes: &self.shared.routes,
+            config: &self.shared.config,
+            handshake_ticks: self.shared.handshake_ticks,
+            pool: &mut self.pool,
+            now: self.wheel.now(),
+        }
+    }
+}
+
+pub(crate) struct UringLoop {
+    index: usize,
+    ring: IoUring,
+    bufs: BufRing,
+    listener: Option<std::net::TcpListener>,
+    eventfd: Arc<OwnedFd>,
+    /// Where the eventfd read lands; boxed so its address is stable while the read is in flight.
+    wake_buf: Box<[u8; 8]>,
+    rx: Receiver<Task>,
+    handle: ServerHandle,
+    conns: Slab<Entry>,
+    env: Env,
+    next_generation: u32,
+    accept_armed: bool,
+    accept_paused_until: Option<Instant>,
+    out_of_descriptors: bool,
+    dirty: Vec<usize>,
+    due: Vec<(u32, u32)>,
+    completions: Vec<(u64, i32, u32)>,
+    shutdown_deadline: Option<Instant>,
+}
+
+impl UringLoop {
+    pub(crate) fn new(
+        seed: LoopSeed,
+        eventfd: Arc<OwnedFd>,
+        shared: Arc<Shared>,
+        handle: ServerHandle,
+    ) -> io::Result<Self> {
+        let ring = build_ring(RING_ENTRIES)?;
+        let bufs = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE, BGID)?;
+        bufs.register(&ring.submitter())?;
+        let mut lp = UringLoop {
+            index: seed.index,
+            ring,
+            bufs,
+            listener: Some(seed.listener),
+            eventfd,
+            wake_buf: Box::new([0; 8]),
+            rx: seed.rx,
+            handle,
+            conns: Slab::new(),
+            env: Env { shared, pool: BufPool::default(), wheel: TimerWheel::new() },
+            next_generation: 1,
+            accept_armed: false,
+            accept_paused_until: None,
+            out_of_descriptors: false,
+            dirty: Vec::new(),
+            due: Vec::new(),
+            completions: Vec::with_capacity(1024),
+            shutdown_deadline: None,
+        };
+        lp.arm_accept();
+        lp.arm_wake();
+        Ok(lp)
+    }
+
+    /// Queue an SQE, submitting first if the queue is full.
+    fn push(&mut self, sqe: squeue::Entry) {
+        loop {
+            // SAFETY: every SQE we build points only at memory that outlives its operation:
+            // send buffers held in the connection's entry until the last completion, the
+            // boxed eventfd buffer, and the registered buffer ring (see the module docs).
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                tracing::warn!(error = %e, "io_uring submit failed");
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        let Some(listener) = &self.listener else { return };
+        let fd = listener.as_raw_fd();
+        let sqe = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(user_data(Op::Accept, 0, 0));
+        self.push(sqe);
+        self.accept_armed = true;
+    }
+
+    fn arm_wake(&mut self) {
+        let sqe = opcode::Read::new(types::Fd(self.eventfd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(user_data(Op::Wake, 0, 0));
+        self.push(sqe);
+    }
+
+    fn arm_recv(&mut self, key: usize) {
+        let e = &mut self.conns[key];
+        if e.recv_armed || e.closing || e.conn.read_closed {
+            return;
+        }
+        e.recv_armed = true;
+        e.ops += 1;
+        let sqe = opcode::RecvMulti::new(types::Fd(e.fd), BGID).build().user_data(user_data(
+            Op::Recv,
+            e.generation,
+            key,
+        ));
+        self.push(sqe);
+    }
+
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        loop {
+            self.wait()?;
+            let mut due = std::mem::take(&mut self.due);
+            self.env.wheel.advance(&mut due);
+            let mut completions = std::mem::take(&mut self.completions);
+            completions.clear();
+            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+            for &(ud, res, flags) in &completions {
+                self.on_completion(ud, res, flags);
+            }
+            self.completions = completions;
+            for &(key, tick) in &due {
+                self.on_timer(key as usize, tick);
+            }
+            due.clear();
+            self.due = due;
+            self.send_dirty();
+            if !self.accept_armed
+                && self.listener.is_some()
+                && self.accept_paused_until.is_none_or(|t| Instant::now() >= t)
+            {
+                self.accept_paused_until = None;
+                self.arm_accept();
+            }
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.conns.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let keys: Vec<usize> =
+                        self.conns.iter().filter(|(_, e)| !e.closing).map(|(k, _)| k).collect();
+                    for key in keys {
+                        self.teardown(key);
+                    }
+                    break;
+                }
+            }
+        }
+        self.drain_before_exit();
+        Ok(())
+    }
+
+    /// Submit queued SQEs and wait for at least one completion, or the next timer.
+    fn wait(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        let mut timeout = self.env.wheel.timeout();
+        for at in [self.accept_paused_until.filter(|_| !self.accept_armed), self.shutdown_deadline]
+            .into_iter()
+            .flatten()
+        {
+            let d = at.saturating_duration_since(now);
+            timeout = Some(timeout.map_or(d, |t| t.min(d)));
+        }
+        let result = match timeout {
+            Some(t) => {
+                let ts = types::Timespec::new().sec(t.as_secs()).nsec(t.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+            None => self.ring.submit_and_wait(1),
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn on_completion(&mut self, ud: u64, res: i32, flags: u32) {
+        let (op, generation, key) = decode_user_data(ud);
+        match op {
+            x if x == Op::Accept as u8 => self.on_accept(res, flags),
+            x if x == Op::Wake as u8 => {
+                self.run_tasks();
+                self.arm_wake();
+            }
+            x if x == Op::Recv as u8 => self.on_recv(key, generation, res, flags),
+            x if x == Op::Send as u8 => self.on_send(key, generation, res),
+            x if x == Op::Cancel as u8 => self.op_done(key, generation),
+            _ => {}
+        }
+    }
+
+    /// One of a connection's operations finished for good.
+    fn op_done(&mut self, key: usize, generation: u32) {
+        let Some(e) = entry(&mut self.conns, key, generation) else { return };
+        e.ops = e.ops.saturating_sub(1);
+        if e.closing && e.ops == 0 {
+            self.free(key);
+        }
+    }
+
+    fn on_accept(&mut self, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            let errno = -res;
+            if matches!(errno, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+                if !self.out_of_descriptors {
+                    tracing::warn!(errno, "out of descriptors: accepting paused until one frees up");
+                    self.out_of_descriptors = true;
+                }
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+            } else if errno != libc::ECANCELED && errno != libc::ECONNABORTED && errno != libc::EINTR {
+                tracing::warn!(errno, "accept failed");
+                self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+            }
+            return;
+        }
+        if self.out_of_descriptors {
+            tracing::info!("accepting again");
+            self.out_of_descriptors = false;
+        }
+        // SAFETY: a successful accept completion hands us a new descriptor nobody else owns.
+        let stream = unsafe { TcpStream::from_raw_fd(res) };
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let Ok(remote) = stream.peer_addr() else { return };
+        let fd = stream.as_raw_fd();
+        // The socket is non-blocking: io_uring operations still wait for readiness (it arms a
+        // poll on EAGAIN), and the connection may write directly while no send is in flight.
+        let link = Link::new(stream, remote);
+        let now = self.env.wheel.now();
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let key = self.conns.insert(Entry {
+            conn: Conn::new(link, now),
+            generation,
+            fd,
+            recv_armed: false,
+            sending: None,
+            ops: 0,
+            closing: false,
+            dirty: false,
+        });
+        self.arm_recv(key);
+        let e = &mut self.conns[key];
+        let cx = self.env.cx();
+        if let Some(deadline) = e.conn.deadline(&cx) {
+            e.conn.timer_at = self.env.wheel.schedule(key as u32, deadline);
+        }
+        self.update_stats();
+    }
+
+    fn on_recv(&mut self, key: usize, generation: u32, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let bid = cqueue::buffer_select(flags);
+        let Some(e) = entry(&mut self.conns, key, generation) else {
+            if let Some(bid) = bid {
+                self.bufs.recycle(bid);
+            }
+            return;
+        };
+        if !more {
+            e.recv_armed = false;
+            e.ops = e.ops.saturating_sub(1);
+        }
+        if e.closing {
+            if let Some(bid) = bid {
+                self.bufs.recycle(bid);
+            }
+            if e.ops == 0 {
+                self.free(key);
+            }
+            return;
+        }
+        if res > 0 {
+            let Some(bid) = bid else { return };
+            let data = self.bufs.get(bid, res as usize);
+            e.conn.on_data(data, &mut self.env.cx());
+            self.bufs.recycle(bid);
+        } else if res == 0 {
+            e.conn.on_eof(&mut self.env.cx());
+        } else if -res == libc::ENOBUFS {
+            // The buffer ring ran dry for a moment: receive again (below).
+        } else if -res != libc::ECANCELED {
+            e.conn.link.broken = true;
+            e.conn.on_eof(&mut self.env.cx());
+        }
+        self.settle(key);
+        if !more && self.conns.contains(key) {
+            self.arm_recv(key);
+        }
+    }
+
+    fn on_send(&mut self, key: usize, generation: u32, res: i32) {
+        let Some(e) = entry(&mut self.conns, key, generation) else { return };
+        e.ops = e.ops.saturating_sub(1);
+        let Some((buf, mut done)) = e.sending.take() else { return };
+        if res < 0 {
+            e.conn.link.in_kernel = 0;
+            self.env.pool.give(buf);
+            if !e.closing {
+                e.conn.link.broken = true;
+                e.conn.on_eof(&mut self.env.cx());
+            }
+        } else {
+            done += res as usize;
+            if done < buf.len() && !e.closing {
+                // The kernel took part of it: send the rest before anything queued after it.
+                e.conn.link.in_kernel = buf.len() - done;
+                e.conn.link.blocked = true;
+                let sqe = opcode::Send::new(types::Fd(e.fd), buf[done..].as_ptr(), (buf.len() - done) as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(user_data(Op::Send, e.generation, key));
+                e.sending = Some((buf, done));
+                e.ops += 1;
+                self.push(sqe);
+                return;
+            }
+            e.conn.link.direct = true;
+            if e.conn.link.sent(&mut self.env.pool, buf) && !e.closing {
+                e.conn.drained(&mut self.env.cx());
+            }
+        }
+        if e.closing {
+            if e.ops == 0 {
+                self.free(key);
+            }
+            return;
+        }
+        self.settle(key);
+    }
+
+    /// After a connection handled something: queue it for a send, close it if it is done,
+    /// keep its timer no later than its deadline.
+    fn settle(&mut self, key: usize) {
+        let Some(e) = self.conns.get_mut(key) else { return };
+        if e.closing {
+            return;
+        }
+        if e.conn.link.queued() > 0 && !e.dirty {
+            e.dirty = true;
+            self.dirty.push(key);
+        }
+        e.conn.after_flush(self.env.wheel.now());
+        if e.conn.should_close() {
+            self.teardown(key);
+            return;
+        }
+        let cx = self.env.cx();
+        if let Some(deadline) = e.conn.deadline(&cx)
+            && (e.conn.timer_at == 0 || deadline < e.conn.timer_at)
+        {
+            e.conn.timer_at = self.env.wheel.schedule(key as u32, deadline);
+        }
+    }
+
+    /// One send per connection with queued bytes and none in flight.
+    fn send_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(e) = self.conns.get_mut(key) else { continue };
+            e.dirty = false;
+            if e.closing || e.sending.is_some() || e.conn.link.queued() == 0 {
+                continue;
+            }
+            let buf = e.conn.link.take_queued();
+            e.conn.link.direct = false;
+            let sqe = opcode::Send::new(types::Fd(e.fd), buf.as_ptr(), buf.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(user_data(Op::Send, e.generation, key));
+            e.sending = Some((buf, 0));
+            e.ops += 1;
+            self.push(sqe);
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn on_timer(&mut self, key: usize, tick: u32) {
+        let Some(e) = self.conns.get_mut(key) else { return };
+        if e.closing || e.conn.timer_at != tick {
+            return;
+        }
+        e.conn.timer_at = 0;
+        e.conn.on_timer(&mut self.env.cx());
+        self.settle(key);
+    }
+
+    /// The connection is done: deliver `close`, cancel its operations, free it once they end.
+    fn teardown(&mut self, key: usize) {
+        let e = &mut self.conns[key];
+        if e.closing {
+            return;
+        }
+        e.closing = true;
+        e.conn.on_teardown(&mut self.env.cx());
+        e.conn.link.discard(&mut self.env.pool);
+        if e.ops == 0 {
+            self.free(key);
+            return;
+        }
+        let generation = e.generation;
+        let fd = e.fd;
+        e.ops += 1;
+        let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+            .build()
+            .user_data(user_data(Op::Cancel, generation, key));
+        self.push(sqe);
+    }
+
+    /// Every operation of a closing connection has completed: close the descriptor.
+    fn free(&mut self, key: usize) {
+        let mut e = self.conns.remove(key);
+        if let Some((buf, _)) = e.sending.take() {
+            self.env.pool.give(buf);
+        }
+        // Dropping the stream closes the descriptor.
+        drop(e);
+        self.update_stats();
+        // A descriptor was freed: accepting may work again.
+        if self.accept_paused_until.is_some() {
+            self.accept_paused_until = Some(Instant::now());
+        }
+    }
+
+    fn update_stats(&self) {
+        self.handle
+            .stats(self.index)
+            .connections
+            .store(self.conns.len(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn run_tasks(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(Task::Shutdown) => self.begin_shutdown(),
+                Ok(Task::Run(f)) => {
+                    let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
+                    f(&mut cx);
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        self.shutdown_deadline = Some(Instant::now() + self.env.shared.config.shutdown_timeout);
+        if let Some(listener) = self.listener.take() {
+            // The multishot accept holds the listener: cancel it, then close the socket.
+            let sqe =
+                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(listener.as_raw_fd())).all())
+                    .build()
+                    .user_data(user_data(Op::Cancel, 0, usize::MAX & 0xFFFF_FFFF));
+            self.push(sqe);
+            let _ = self.ring.submit();
+            drop(listener);
+        }
+        let keys: Vec<usize> = self.conns.iter().filter(|(_, e)| !e.closing).map(|(k, _)| k).collect();
+        for key in keys {
+            self.conns[key].conn.on_shutdown(&mut self.env.cx());
+            self.settle(key);
+        }
+    }
+
+    /// Cancel whatever is still in flight and wait for it, so that no operation outlives the
+    /// memory it points at.
+    fn drain_before_exit(&mut self) {
+        let keys: Vec<usize> = self.conns.iter().filter(|(_, e)| !e.closing).map(|(k, _)| k).collect();
+        for key in keys {
+            self.teardown(key);
+        }
+        let give_up = Instant::now() + Duration::from_secs(2);
+        while !self.conns.is_empty() && Instant::now() < give_up {
+            let ts = types::Timespec::new().nsec(50_000_000);
+            let _ = self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts));
+            let batch: Vec<(u64, i32, u32)> =
+                self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+            for (ud, res, flags) in batch {
+                let (op, generation, key) = decode_user_data(ud);
+                match op {
+                    x if x == Op::Recv as u8 => self.on_recv(key, generation, res, flags),
+                    x if x == Op::Send as u8 => self.on_send(key, generation, res),
+                    x if x == Op::Cancel as u8 => self.op_done(key, generation),
+                    _ => {}
+                }
+            }
+        }
+        if !self.conns.is_empty() {
+            // Operations that would not complete: keep their memory alive rather than risk the
+            // kernel writing into freed buffers; the process is on its way out.
+            tracing::warn!(left = self.conns.len(), "io_uring operations still in flight at exit");
+            std::mem::forget(std::mem::take(&mut self.conns));
+        }
+    }
+}
+
+impl Drop for UringLoop {
+    fn drop(&mut self) {
+        // The kernel stops using the buffer ring when the io_uring instance goes; unregister
+        // first so the memory is not referenced while `bufs` is dropped after `ring`.
+        let _ = self.ring.submitter().unregister_buf_ring(BGID);
+    }
+}

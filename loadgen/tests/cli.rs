@@ -1,0 +1,53 @@
+//! The command line: help for every scenario, and bad arguments refused with a message that
+//! names the problem (the scenarios themselves are exercised against real servers by
+//! tests/loadgen/test_scenarios.py).
+
+use std::process::{Command, Output};
+
+fn loadgen(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gale-loadgen")).args(args).output().expect("run gale-loadgen")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn every_scenario_has_help() {
+    for scenario in ["connect", "echo", "fanout", "compare"] {
+        let o = loadgen(&[scenario, "--help"]);
+        assert!(o.status.success(), "{scenario} --help");
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("--json"), "{scenario} help lists --json");
+    }
+}
+
+#[test]
+fn bad_arguments_are_named() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["echo", "--url", "http://127.0.0.1:1/"], "ws://"),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--connections", "0"], "--connections"),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--pipeline", "0"], "--pipeline"),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--duration", "0"], "--duration"),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--rate", "0"], "--rate"),
+        (&["echo", "--url", "ws://192.0.2.1:1/", "--source-ips", "2"], "--source-ips"),
+        (&["connect", "--url", "ws://127.0.0.1:1/", "--procs", "0"], "--procs"),
+        (&["fanout", "--url", "ws://127.0.0.1:1/", "--size", "8"], "--size"),
+        (&["compare", "--server", "nocommand"], "NAME=COMMAND"),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--connections", "many"], "--connections"),
+    ];
+    for (args, named) in cases {
+        let o = loadgen(args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        assert!(stderr(&o).contains(named), "{args:?}: stderr should name {named}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn unreachable_server_is_reported_with_its_cause() {
+    // Port 1 on loopback: nothing listens there.
+    let o = loadgen(&["echo", "--url", "ws://127.0.0.1:1/", "-c", "3", "-d", "0.5", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("cannot reach ws://127.0.0.1:1/") && e.contains("refused"), "{e}");
+}

@@ -1,0 +1,475 @@
+"""`gale-loadgen` scenarios run end to end, checked through their JSON reports and exit status.
+
+Covers: echo against `gale echo` (text and binary, pipeline 1 and 8, the zero mask, open loop
+at a fixed rate, the server's CPU and memory); echo against a corrupting server (wrong echoes
+fail the run) and against a port nobody listens on; argument errors; connect (counts, handshake
+latency, server memory per connection, worker processes over several source addresses, pings,
+upgrades rejected with HTTP 404); fanout through a broadcast server; compare of two servers with
+its JSON, Markdown and SVG outputs; Ctrl-C (a partial report); and that `--json -` prints a
+report a script can parse.
+
+The servers other than gale are in servers.py next to this file.
+
+Run: python3 tests/loadgen/test_scenarios.py
+     (GALE_BIN and LOADGEN_BIN override target/debug/gale and target/debug/gale-loadgen)
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "python"))
+from gale_process import REPO_ROOT, START_TIMEOUT, STOP_TIMEOUT, GaleEcho, gale_bin  # noqa: E402
+
+LOG_DIR = REPO_ROOT / "target" / "test-output" / "loadgen"
+# Every scenario here lasts a few seconds; the bound is generous because the machine is shared.
+RUN_TIMEOUT = 120.0
+
+gale: GaleEcho
+
+
+def setUpModule():
+    global gale
+    gale = GaleEcho("loadgen")
+
+
+def tearDownModule():
+    gale.stop()
+
+
+def loadgen_bin() -> Path:
+    path = Path(os.environ.get("LOADGEN_BIN", "target/debug/gale-loadgen"))
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it does not exit; only ever this process, by its PID."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_loadgen(*args) -> subprocess.Popen:
+    """Start gale-loadgen in the background, capturing its output."""
+    command = [str(loadgen_bin()), *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a started gale-loadgen to exit; its exit status and output."""
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        stop_process(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def loadgen(*args) -> subprocess.CompletedProcess:
+    """Run gale-loadgen to the end."""
+    return finish(start_loadgen(*args))
+
+
+def report_of(result: subprocess.CompletedProcess) -> dict:
+    """The JSON report that `--json -` printed on stdout (after the readable summary)."""
+    start = re.search(r"^\{$", result.stdout, re.MULTILINE)
+    if start is None:
+        raise AssertionError(
+            f"no JSON report on stdout (exit {result.returncode})\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}"
+        )
+    return json.loads(result.stdout[start.start() :])
+
+
+def read_line(stream, timeout: float) -> str:
+    """One line from `stream`, or "" if none comes within `timeout` seconds."""
+    result = {}
+    reader = threading.Thread(target=lambda: result.update(line=stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result.get("line", b"").decode("utf-8", "replace").strip()
+
+
+class PythonServer:
+    """A server of servers.py (`kind`: broadcast or corrupt-echo); `url` is its ws:// base."""
+
+    def __init__(self, kind: str):
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOG_DIR / f"{kind}.log"
+        command = [sys.executable, str(HERE / "servers.py"), kind]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
+        line = read_line(self.proc.stdout, START_TIMEOUT)
+        match = re.fullmatch(rf"{kind} listening on (ws://127\.0\.0\.1:\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"{kind} did not report its address (got {line!r}); see {self.log_path}")
+        self.url = match.group(1)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+        self.proc.stdout.close()
+
+
+def refused_url() -> tuple[str, socket.socket]:
+    """A ws:// URL on a port that is bound but not listening (connects are refused), and the
+    socket holding the port, to close when done."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    return f"ws://127.0.0.1:{holder.getsockname()[1]}", holder
+
+
+def client_addresses(port: int) -> Counter:
+    """Local addresses of the established TCP connections to 127.0.0.1:port, counted (read
+    from /proc/net/tcp, whose addresses are little-endian hex `IP:PORT`)."""
+
+    def address(field):
+        ip, port_hex = field.split(":")
+        return socket.inet_ntoa(bytes.fromhex(ip)[::-1]), int(port_hex, 16)
+
+    established = "01"
+    seen = Counter()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, remote, state = line.split()[1:4]
+        if state == established and address(remote) == ("127.0.0.1", port):
+            seen[address(local)[0]] += 1
+    return seen
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class ScenarioTest(unittest.TestCase):
+    """Running scenarios and checking what every report must satisfy."""
+
+    def scenario(self, *args, status=0) -> dict:
+        """Run a scenario with `--json -`, check its exit status, return its report."""
+        result = loadgen(*args, "--json", "-")
+        self.assertEqual(result.returncode, status, f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return report_of(result)
+
+    def failing(self, *args, status=1) -> subprocess.CompletedProcess:
+        """Run gale-loadgen expecting it to fail with `status`; return the result."""
+        result = loadgen(*args)
+        self.assertEqual(result.returncode, status, f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    def assert_latency(self, latency: dict, count: int) -> None:
+        self.assertEqual(latency["count"], count)
+        self.assertGreater(latency["p50"], 0)
+        ordered = [latency[k] for k in ("p50", "p90", "p99", "p999", "max")]
+        self.assertEqual(ordered, sorted(ordered), f"percentiles out of order: {latency}")
+
+    def assert_clean_echo(self, report: dict, connections: int) -> None:
+        """Every connection took part, messages flowed, and every echo matched."""
+        self.assertEqual(report["scenario"], "echo")
+        self.assertEqual((report["connections"], report["failed"], report["lost"]), (connections, 0, {}))
+        self.assertGreater(report["messages"], 0)
+        self.assertGreater(report["messages_per_sec"], 0)
+        self.assertEqual(report["mismatches"], 0, report["first_mismatch"])
+        self.assertIsNone(report["first_mismatch"])
+        self.assertFalse(report["interrupted"])
+        self.assert_latency(report["latency_us"], report["messages"])
+
+
+class EchoAgainstGale(ScenarioTest):
+    def echo(self, *args, connections=50) -> dict:
+        report = self.scenario(
+            "echo", "--url", gale.url, "-c", connections, "-d", 1.5, "--warmup", 0.3, *args
+        )
+        self.assert_clean_echo(report, connections)
+        return report
+
+    def test_text_pipeline_1_and_8(self):
+        for pipeline in (1, 8):
+            with self.subTest(pipeline=pipeline):
+                report = self.echo("-s", 20, "-p", pipeline)
+                self.assertEqual((report["kind"], report["size"], report["pipeline"]), ("text", 20, pipeline))
+                self.assertIsNone(report["server"])
+
+    def test_server_cost_with_server_pid(self):
+        report = self.echo("--server-pid", gale.proc.pid)
+        server = report["server"]
+        self.assertEqual(server["pid"], gale.proc.pid)
+        self.assertGreaterEqual(server["cpu_s"], 0)
+        self.assertGreaterEqual(server["cpu_ms_per_1k_msgs"], 0)
+        self.assertGreater(server["rss_bytes"], 0)
+
+    def test_binary_1_kib(self):
+        report = self.echo("--binary", "-s", 1024)
+        self.assertEqual((report["kind"], report["size"]), ("binary", 1024))
+        self.assertAlmostEqual(report["bytes_per_sec"], report["messages_per_sec"] * 1024, delta=1)
+
+    def test_zero_mask(self):
+        self.assertEqual(self.echo("--mask", "zero")["mask"], "zero")
+
+    def test_open_loop_keeps_the_rate(self):
+        report = self.echo("--rate", 2000)
+        self.assertEqual((report["pipeline"], report["rate"]), (0, 2000))
+        self.assertAlmostEqual(report["messages_per_sec"], 2000, delta=600)
+
+
+class EchoFailures(ScenarioTest):
+    @classmethod
+    def setUpClass(cls):
+        cls.corrupt = PythonServer("corrupt-echo")
+        cls.addClassCleanup(cls.corrupt.stop)
+
+    def test_wrong_echoes_fail_the_run(self):
+        for args in ([], ["--binary"]):
+            with self.subTest(args=args):
+                report = self.scenario(
+                    "echo", "--url", self.corrupt.url, "-c", 5, "-d", 1, "--warmup", 0.2, *args, status=1
+                )
+                self.assertGreater(report["mismatches"], 0)
+                # The server corrupts the 10th message of each connection first.
+                expected = "echo of message 9: payload differs (20 bytes back)"
+                self.assertEqual(report["first_mismatch"], expected)
+
+    def test_wrong_echoes_are_named_on_stderr(self):
+        result = self.failing("echo", "--url", self.corrupt.url, "-c", 2, "-d", 0.5, "--warmup", 0)
+        self.assertRegex(result.stderr, r"\d+ echoes did not match what was sent")
+
+    def test_unreachable_server(self):
+        url, holder = refused_url()
+        with holder:
+            result = self.failing("echo", "--url", url, "-c", 5, "-d", 1)
+        self.assertIn(f"cannot reach {url}", result.stderr)
+        self.assertIn("refused", result.stderr)
+
+    def test_bad_arguments_name_the_problem(self):
+        cases = [
+            (["--url", "http://x"], "URL must start with ws://"),
+            (["--url", gale.url, "--connections", "0"], "--connections"),
+            (["--url", "ws://192.0.2.1:80/", "--source-ips", "2", "--timeout", "2"], "--source-ips"),
+            (["--url", gale.url, "--connections", "many"], "--connections"),
+            (["--connections", "5"], "--url"),
+        ]
+        for args, named in cases:
+            with self.subTest(args=args):
+                result = loadgen("echo", "-d", 1, *args)
+                self.assertIn(result.returncode, (1, 2), result.stderr)
+                self.assertIn(named, result.stderr)
+                self.assertEqual(result.stdout, "")
+
+
+class Connect(ScenarioTest):
+    def connect(self, url, *args, connections=300, hold=1) -> dict:
+        report = self.scenario("connect", "--url", url, "-c", connections, "--hold", hold, *args)
+        self.assertEqual(report["scenario"], "connect")
+        self.assertEqual((report["requested"], report["connected"]), (connections, connections))
+        self.assertEqual((report["failed"], report["failures"]), (0, {}))
+        self.assertEqual((report["open_after_hold"], report["lost"]), (connections, {}))
+        self.assertGreater(report["connect_per_sec"], 0)
+        self.assert_latency(report["handshake_latency_us"], connections)
+        self.assertGreaterEqual(report["hold_s"], hold * 0.9)
+        return report
+
+    def test_counts_and_memory_per_connection(self):
+        # A fresh server: memory freed by earlier tests' connections would hide the growth.
+        server = GaleEcho("loadgen-connect")
+        self.addCleanup(server.stop)
+        report = self.connect(server.url, "--server-pid", server.proc.pid)
+        self.assertGreater(report["server_rss_after"], 0)
+        per_conn = report["server_rss_bytes_per_conn"]
+        self.assertIsNotNone(per_conn)
+        self.assertGreater(per_conn, 0)
+        # 300 connections is a small sample: per-loop memory that fills in as connections
+        # arrive (io_uring's receive buffers, slab growth) weighs a few KiB on each. The
+        # per-connection budget itself is measured over 15,000 connections (docs/BENCHMARKS.md).
+        self.assertLess(per_conn, 16384)
+
+    def test_worker_processes_over_two_source_addresses(self):
+        port = int(gale.url.rsplit(":", 1)[1])
+        args = ["--url", gale.url, "-c", 300, "--hold", 2, "--procs", 2, "--source-ips", 2, "--json", "-"]
+        proc = start_loadgen("connect", *args)
+        self.addCleanup(stop_process, proc)
+        # While the connections are held, see where they come from.
+        seen = Counter()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while proc.poll() is None and sum(seen.values()) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            seen = client_addresses(port)
+        result = finish(proc)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(seen, Counter({"127.0.0.1": 150, "127.0.0.2": 150}))
+        report = report_of(result)
+        self.assertEqual((report["connected"], report["failed"]), (300, 0))
+        self.assertEqual((report["procs"], report["source_ips"]), (2, 2))
+        self.assertEqual(report["open_after_hold"], 300)
+        self.assert_latency(report["handshake_latency_us"], 300)
+
+    def test_pings_while_holding(self):
+        report = self.connect(gale.url, "--ping", 0.3, connections=50)
+        self.assertGreater(report["pongs"], 0)
+        self.assertLessEqual(report["pongs"], report["pings"])
+
+
+class RejectedUpgrades(ScenarioTest):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = PythonServer("broadcast")
+        cls.addClassCleanup(cls.server.stop)
+
+    def assert_all_rejected(self, report: dict, connections: int) -> None:
+        self.assertEqual((report["connected"], report["failed"]), (0, connections))
+        self.assertEqual(report["failures"], {"http_404": connections})
+
+    def test_rejection_is_named_on_stderr(self):
+        result = self.failing("connect", "--url", f"{self.server.url}/nowhere", "-c", 20, "--hold", 0.5)
+        self.assertIn("http_404 ×20", result.stderr)
+
+    def test_rejections_are_counted_by_status(self):
+        report = self.scenario(
+            "connect", "--url", f"{self.server.url}/nowhere", "-c", 20, "--hold", 0.5, status=1
+        )
+        self.assert_all_rejected(report, 20)
+
+    def test_rejections_are_counted_by_status_over_worker_processes(self):
+        report = self.scenario(
+            "connect", "--url", f"{self.server.url}/nowhere", "-c", 20, "--hold", 0.5, "--procs", 2, status=1
+        )
+        self.assert_all_rejected(report, 20)
+
+
+class Fanout(ScenarioTest):
+    @classmethod
+    def setUpClass(cls):
+        cls.server = PythonServer("broadcast")
+        cls.addClassCleanup(cls.server.stop)
+
+    def fanout(self, *args) -> dict:
+        report = self.scenario(
+            "fanout", "--url", f"{self.server.url}/sub", "--publish-url", f"{self.server.url}/pub",
+            "-c", 50, "--rate", 200, "-d", 1.5, *args,
+        )
+        self.assertEqual((report["subscribers"], report["failed"], report["open_at_end"]), (50, 0, 50))
+        self.assertAlmostEqual(report["published"], 300, delta=30)
+        self.assertEqual(report["expected"], report["published"] * 50)
+        self.assertEqual(report["delivered"], report["expected"])
+        self.assertEqual((report["lost"], report["duplicated"], report["out_of_order"]), (0, 0, 0))
+        self.assert_latency(report["latency_us"], report["delivered"])
+        return report
+
+    def test_every_subscriber_gets_every_message(self):
+        self.fanout()
+
+    def test_every_subscriber_gets_every_message_without_warmup(self):
+        # Every message published is then inside the measurement window.
+        self.fanout("--warmup", 0)
+
+
+class Compare(ScenarioTest):
+    SERVERS = ("gale1", "gale2")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(prefix="loadgen-compare-")
+        cls.addClassCleanup(cls.dir.cleanup)
+        out = Path(cls.dir.name)
+        cls.json_path, cls.md_path, cls.plot_dir = out / "out.json", out / "out.md", out / "plots"
+        servers = []
+        for threads, name in enumerate(cls.SERVERS, start=1):
+            servers += ["--server", f"{name}={gale_bin()} echo --port {{port}} --threads {threads}"]
+        cls.result = loadgen(
+            "compare", *servers, "-c", 20, "-s", "20,100", "-p", 1, "--rounds", 2, "-d", 1,
+            "--warmup", 0.3, "--json", cls.json_path, "--md", cls.md_path, "--plot", cls.plot_dir,
+        )
+
+    def setUp(self):
+        self.assertEqual(self.result.returncode, 0, self.result.stderr)
+        self.report = json.loads(self.json_path.read_text())
+
+    def test_one_summary_per_server_and_case(self):
+        cases = self.report["cases"]
+        self.assertEqual([(c["size"], c["connections"]) for c, _ in cases], [(20, 20), (100, 20)])
+        for _, summaries in cases:
+            self.assertEqual([s["server"] for s in summaries], list(self.SERVERS))
+            self.assertEqual(summaries[0]["rate_ratio"], 1.0)
+            for s in summaries:
+                self.assertEqual((s["rounds"], s["errors"]), (2, []))
+                self.assertGreater(s["rate"], 0)
+
+    def test_every_run_is_recorded_without_error(self):
+        runs = self.report["runs"]
+        self.assertEqual(len(runs), 8)
+        for run in runs:
+            self.assertIsNone(run["error"])
+            self.assert_clean_echo(run["echo"], 20)
+            self.assertIsNotNone(run["echo"]["server"])
+
+    def test_servers_are_stopped(self):
+        pids = {run["echo"]["server"]["pid"] for run in self.report["runs"]}
+        self.assertEqual(len(pids), 8, "every run starts its own server")
+        self.assertEqual([p for p in pids if process_exists(p)], [])
+
+    def test_markdown_names_both_servers(self):
+        markdown = self.md_path.read_text()
+        for name in self.SERVERS:
+            self.assertIn(f"| {name} |", markdown)
+        self.assertIn(markdown.strip(), self.result.stdout)
+
+    def test_plots_are_svg(self):
+        names = ["throughput.svg", "cpu.svg", "latency-1.svg", "latency-2.svg"]
+        self.assertEqual(sorted(p.name for p in self.plot_dir.iterdir()), sorted(names))
+        for name in names:
+            text = (self.plot_dir / name).read_text()
+            self.assertTrue(text.startswith(("<svg", "<?xml")), f"{name}: {text[:80]!r}")
+            self.assertTrue(text.rstrip().endswith("</svg>"), name)
+
+
+class Interrupt(ScenarioTest):
+    def test_ctrl_c_gives_a_partial_report(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = Path(tmp) / "echo.json"
+            args = ["--url", gale.url, "-c", 20, "-d", 30, "--warmup", 0.2, "--json", json_path]
+            proc = start_loadgen("echo", *args)
+            self.addCleanup(stop_process, proc)
+            time.sleep(1.5)
+            os.kill(proc.pid, signal.SIGINT)
+            interrupted_at = time.monotonic()
+            result = finish(proc)
+            self.assertLess(time.monotonic() - interrupted_at, 5.0, "took too long to stop")
+            # The shell's convention for a run stopped by SIGINT, not a crash or death by the signal.
+            self.assertEqual(result.returncode, 130, result.stderr)
+            self.assertIn("(interrupted: partial results)", result.stdout)
+            report = json.loads(json_path.read_text())
+        self.assertTrue(report["interrupted"])
+        self.assertGreater(report["messages"], 0)
+        self.assertEqual(report["mismatches"], 0)
+        self.assertLess(report["duration_s"], 10)
+
+
+class JsonOutput(ScenarioTest):
+    def test_json_on_stdout_is_only_the_report(self):
+        # `--json -` is for scripts: `gale-loadgen echo ... --json - | jq .messages_per_sec`.
+        result = loadgen("echo", "--url", gale.url, "-c", 5, "-d", 0.5, "--warmup", 0, "--json", "-")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        try:
+            report = json.loads(result.stdout)
+        except json.JSONDecodeError as e:
+            self.fail(f"stdout is not one JSON document ({e}):\n{result.stdout}")
+        self.assertEqual(report["scenario"], "echo")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
