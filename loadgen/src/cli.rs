@@ -35,9 +35,10 @@ pub enum Command {
 /// Options every scenario takes.
 #[derive(Args, Debug, Clone)]
 pub struct Common {
-    /// Server URL: ws://host:port/path (or tcp://host:port for a raw TCP echo).
-    #[arg(long)]
-    pub url: String,
+    /// Server URL: ws://host:port/path (or tcp://host:port for a raw TCP echo). Repeat to
+    /// spread the connections over several servers, in turn.
+    #[arg(long, required = true)]
+    pub url: Vec<String>,
     /// Connections to open.
     #[arg(long, short = 'c', default_value_t = 100)]
     pub connections: usize,
@@ -56,12 +57,16 @@ pub struct Common {
     /// Extra request header, "Name: value" (repeat for several).
     #[arg(long = "header", value_name = "NAME: VALUE")]
     pub headers: Vec<String>,
-    /// PID of the server: report its CPU time per message and its memory.
+    /// PID of the server: report its CPU time per message and its memory (repeat for several
+    /// servers: their figures are added up).
     #[arg(long, value_name = "PID")]
-    pub server_pid: Option<u32>,
+    pub server_pid: Vec<u32>,
     /// Give up on a connect + handshake after this many seconds.
     #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
     pub timeout: f64,
+    /// Offer permessage-deflate (RFC 7692); the report then gives the compression ratio.
+    #[arg(long)]
+    pub deflate: bool,
     /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N (loopback servers only),
     /// to go past one address's ~28,000 ephemeral ports.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -86,6 +91,10 @@ pub struct EchoArgs {
     /// Send binary messages instead of UTF-8 text.
     #[arg(long)]
     pub binary: bool,
+    /// `chat`: realistic danmaku/chat messages instead of fixed-size ones — short JSON objects
+    /// with repeating keys and Chinese text, 120-250 bytes (`--size` is then ignored).
+    #[arg(long, value_enum, default_value_t = PayloadArg::Fixed)]
+    pub payload: PayloadArg,
     /// Masking keys: fresh random keys (default), or the all-zero key (lets a server that
     /// checks for it skip the unmasking work; uWebSockets' load_test uses it in its deflate
     /// mode, and the fixed key 01 02 03 04 otherwise).
@@ -95,6 +104,15 @@ pub struct EchoArgs {
     /// the server does (latency then includes queueing: no coordinated omission).
     #[arg(long, value_name = "MSG_PER_SEC")]
     pub rate: Option<f64>,
+}
+
+/// Echo payloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PayloadArg {
+    /// `--size` bytes of UTF-8 text (or binary), numbered.
+    Fixed,
+    /// Chat/danmaku JSON messages.
+    Chat,
 }
 
 /// Masking keys.
@@ -231,5 +249,12 @@ impl Command {
             Command::Fanout(a) => a.common.json.as_ref(),
             Command::Compare(a) => a.json.as_ref(),
         }
+    }
+}
+
+impl Common {
+    /// The URLs as one label for reports.
+    pub fn url_label(&self) -> String {
+        self.url.join(" ")
     }
 }

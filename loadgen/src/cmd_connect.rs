@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 use crate::cli::ConnectArgs;
 use crate::common::{run_config, write_json};
 use crate::engine::{ConnectStats, latency_histogram};
-use crate::procstat;
 use crate::report::{Buckets, ConnectReport, Latency, print_connect};
-use crate::run::Run;
+use crate::run::{Run, sample_all};
 use crate::scenario::connect::Hold;
 
 /// Run `connect` and print/write its report.
@@ -43,7 +42,7 @@ pub fn run(args: &ConnectArgs, print: bool) -> Result<ConnectReport, String> {
         let causes: Vec<String> = report.failures.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
         return Err(format!(
             "cannot reach {}: 0 of {} connections opened: {}",
-            args.common.url,
+            args.common.url_label(),
             report.requested,
             causes.join(", ")
         ));
@@ -70,7 +69,7 @@ fn base_report(args: &ConnectArgs, stats: &ConnectStats) -> ConnectReport {
     let connect_s = stats.elapsed.as_secs_f64();
     ConnectReport {
         scenario: "connect".into(),
-        url: args.common.url.clone(),
+        url: args.common.url_label(),
         requested: args.common.connections as u64,
         connected: stats.connected,
         failed: stats.failed(),
@@ -108,8 +107,8 @@ fn hold_and_finish(
 }
 
 fn single(args: &ConnectArgs, hold: Duration) -> Result<ConnectReport, String> {
-    let pid = args.common.server_pid.map(|p| p.to_string());
-    let before = pid.as_deref().and_then(procstat::sample);
+    let pids = &args.common.server_pid;
+    let before = sample_all(pids);
     let (run, stats) = connect_here(args, 0)?;
     let mut report = base_report(args, &stats);
     if stats.connected == 0 {
@@ -120,7 +119,7 @@ fn single(args: &ConnectArgs, hold: Duration) -> Result<ConnectReport, String> {
     }
     // Let the server settle (its last accepts and handshakes) before reading its memory.
     std::thread::sleep(Duration::from_millis(300));
-    let after = pid.as_deref().and_then(procstat::sample);
+    let after = sample_all(pids);
     set_rss(&mut report, before.map(|s| s.rss), after.map(|s| s.rss));
     hold_and_finish(run, &mut report, |run| {
         let from = Instant::now();
@@ -165,10 +164,11 @@ fn emit_line(report: &ConnectReport) -> Result<(), String> {
 /// Arguments for worker `index` of `procs`.
 fn worker_args(args: &ConnectArgs, index: usize, share: usize) -> Vec<String> {
     let c = &args.common;
-    let mut a = vec![
-        "connect".into(),
-        "--url".into(),
-        c.url.clone(),
+    let mut a: Vec<String> = vec!["connect".into()];
+    for u in &c.url {
+        a.extend(["--url".into(), u.clone()]);
+    }
+    a.extend([
         "--connections".into(),
         share.to_string(),
         "--threads".into(),
@@ -179,7 +179,7 @@ fn worker_args(args: &ConnectArgs, index: usize, share: usize) -> Vec<String> {
         c.source_ips.to_string(),
         "--worker".into(),
         format!("{index}/{}", args.procs),
-    ];
+    ]);
     for p in &c.protocols {
         a.extend(["--subprotocol".into(), p.clone()]);
     }
@@ -202,8 +202,8 @@ struct Worker {
 
 fn parent(args: &ConnectArgs, hold: Duration) -> Result<ConnectReport, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
-    let pid = args.common.server_pid.map(|p| p.to_string());
-    let before = pid.as_deref().and_then(procstat::sample);
+    let pids = &args.common.server_pid;
+    let before = sample_all(pids);
     let total = args.common.connections;
     let mut workers = Vec::new();
     for i in 0..args.procs {
@@ -225,7 +225,7 @@ fn parent(args: &ConnectArgs, hold: Duration) -> Result<ConnectReport, String> {
     }
     let connect_s = start.elapsed().as_secs_f64();
     std::thread::sleep(Duration::from_millis(300));
-    let after = pid.as_deref().and_then(procstat::sample);
+    let after = sample_all(pids);
     let held_from = Instant::now();
     if ready.iter().any(|r| r.connected > 0) {
         std::thread::sleep(hold);
@@ -256,7 +256,7 @@ fn merge_reports(
     let mut hist = latency_histogram();
     let mut out = ConnectReport {
         scenario: "connect".into(),
-        url: args.common.url.clone(),
+        url: args.common.url_label(),
         requested: args.common.connections as u64,
         procs: args.procs,
         source_ips: args.common.source_ips as usize,

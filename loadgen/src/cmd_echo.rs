@@ -3,10 +3,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::cli::{EchoArgs, MaskArg};
+use crate::cli::{EchoArgs, MaskArg, PayloadArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::payload::{Kind, Payloads};
-use crate::report::{EchoReport, Latency, LoadgenCost, ServerCost, print_echo};
+use crate::report::{EchoReport, Latency, LoadgenCost, ServerCost, WireReport, print_echo};
 use crate::rng::Rng;
 use crate::run::{Run, Samples};
 use crate::scenario::echo::{Echo, EchoStats, Pacing};
@@ -33,21 +33,25 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     };
     let (cfg, target) = run_config(c, args.mask == MaskArg::Random, (args.size as u64 + 1024).max(1 << 20))?;
     let raw = target.scheme == Scheme::Tcp;
+    let chat = args.payload == PayloadArg::Chat;
+    if chat && raw {
+        return Err("--payload chat needs a WebSocket server (its messages vary in size)".into());
+    }
     let kind = if args.binary || raw { Kind::Binary } else { Kind::Text };
     let payloads = Payloads::new(kind, args.size, &mut Rng::seeded(7));
     let mut run =
-        Run::start(&cfg, |_| Echo::new(payloads.clone(), pacing, raw)).map_err(|e| e.to_string())?;
+        Run::start(&cfg, |_| Echo::new(payloads.clone(), chat, pacing, raw)).map_err(|e| e.to_string())?;
     let connect = run.wait_connected()?;
     if connect.connected == 0 {
         let _ = run.finish();
-        return Err(unreachable(&c.url, &connect));
+        return Err(unreachable(&c.url_label(), &connect));
     }
     let from = Instant::now() + Duration::from_secs_f64(args.warmup);
     let until = from + Duration::from_secs_f64(c.duration);
     let mut samples = Samples::default();
-    let pid = c.server_pid;
-    let end = run.measure(from, until, "echo", || samples.start(pid));
-    samples.end(pid);
+    let pids = &c.server_pid;
+    let end = run.measure(from, until, "echo", || samples.start(pids));
+    samples.end(pids);
     let interrupted = run.interrupted();
     let results = run.finish()?;
     let mut stats: Option<EchoStats> = None;
@@ -67,7 +71,7 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     }
     let stats = stats.ok_or("no results")?;
     let window = end.saturating_duration_since(from).as_secs_f64().max(1e-9);
-    let server = pid.and_then(|pid| {
+    let server = pids.first().copied().and_then(|pid| {
         let cpu = samples.server_cpu()?;
         Some(ServerCost {
             pid,
@@ -80,11 +84,13 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     let self_cpu = samples.self_cpu();
     let report = EchoReport {
         scenario: "echo".into(),
-        url: c.url.clone(),
+        url: c.url_label(),
         connections: connect.connected,
         failed: connect.failed(),
         size: args.size,
-        kind: if kind == Kind::Text { "text".into() } else { "binary".into() },
+        kind: if kind == Kind::Text || chat { "text".into() } else { "binary".into() },
+        payload: if chat { "chat".into() } else { "fixed".into() },
+        compression: c.deflate.then(|| WireReport::of(results.iter().map(|r| r.wire))),
         pipeline: if args.rate.is_some() { 0 } else { args.pipeline },
         rate: args.rate,
         mask: if args.mask == MaskArg::Random { "random".into() } else { "zero".into() },

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::cli::{FanoutArgs, ProtocolArg};
 use crate::common::{run_config, unreachable, write_json};
-use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, print_fanout};
+use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, WireReport, print_fanout};
 use crate::run::{Run, Samples};
 use crate::scenario::fanout::{
     FanoutStats, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at,
@@ -40,13 +40,13 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let connect = subs.wait_connected()?;
     if connect.connected == 0 {
         let _ = subs.finish();
-        return Err(unreachable(&c.url, &connect));
+        return Err(unreachable(&c.url_label(), &connect));
     }
-    let publish_url = args.publish_url.clone().unwrap_or_else(|| c.url.clone());
+    let publish_url = args.publish_url.clone().unwrap_or_else(|| c.url[0].clone());
     let from = Instant::now() + Duration::from_secs_f64(args.warmup.max(0.0));
     let until = from + Duration::from_secs_f64(c.duration);
     let mut samples = Samples::default();
-    let pid = c.server_pid;
+    let pids = &c.server_pid;
     let (published, publish_errors) = if publish_url.starts_with("http://") {
         subs.go(from, until + drain);
         let per = args.rate;
@@ -55,12 +55,12 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
         let url = publish_url.clone();
         let publisher =
             std::thread::spawn(move || http_publisher(&url, proto, &topic, size, per, from, until));
-        subs.wait(from, until + drain, "fan-out", || samples.start(pid));
-        samples.end(pid);
+        subs.wait(from, until + drain, "fan-out", || samples.start(pids));
+        samples.end(pids);
         publisher.join().map_err(|_| "the HTTP publisher panicked")??
     } else {
         let mut pub_common = c.clone();
-        pub_common.url = publish_url.clone();
+        pub_common.url = vec![publish_url.clone()];
         pub_common.connections = args.publishers;
         pub_common.threads = 1;
         pub_common.source_ips = 1;
@@ -78,8 +78,8 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
         subs.go(from, until + drain);
         // Publishers start at once (the warm-up) but count only what is due inside the window.
         pubs.go(from, until);
-        subs.wait(from, until + drain, "fan-out", || samples.start(pid));
-        samples.end(pid);
+        subs.wait(from, until + drain, "fan-out", || samples.start(pids));
+        samples.end(pids);
         let results = pubs.finish()?;
         (results.iter().map(|r| r.driver.published).sum(), 0)
     };
@@ -97,7 +97,7 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let stats = stats.ok_or("no results")?;
     let window = until.saturating_duration_since(from).as_secs_f64();
     let expected = published * connect.connected;
-    let server = pid.and_then(|pid| {
+    let server = pids.first().copied().and_then(|pid| {
         let cpu = samples.server_cpu()?;
         Some(ServerCost {
             pid,
@@ -110,7 +110,7 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let self_cpu = samples.self_cpu();
     let report = FanoutReport {
         scenario: "fanout".into(),
-        url: c.url.clone(),
+        url: c.url_label(),
         publish_url,
         protocol: format!("{:?}", args.protocol).to_lowercase(),
         topic: args.topic.clone(),
@@ -129,6 +129,7 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
         duplicated: stats.duplicated,
         out_of_order: stats.out_of_order,
         latency_us: Latency::of(&stats.latency_us),
+        compression: c.deflate.then(|| WireReport::of(results.iter().map(|r| r.wire))),
         server,
         loadgen: LoadgenCost {
             threads,

@@ -10,7 +10,11 @@ use crate::target::{Scheme, Target};
 
 /// Validate the common options and build the run configuration.
 pub fn run_config(c: &Common, random_masks: bool, max_message: u64) -> Result<(RunConfig, Target), String> {
-    let target = Target::parse(&c.url)?;
+    let targets = c.url.iter().map(|u| Target::parse(u)).collect::<Result<Vec<_>, _>>()?;
+    let target = targets.first().cloned().ok_or("give the server's --url")?;
+    if targets.iter().any(|t| t.scheme != target.scheme) {
+        return Err("every --url must use the same scheme (all ws:// or all tcp://)".into());
+    }
     if c.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
@@ -26,7 +30,7 @@ pub fn run_config(c: &Common, random_masks: bool, max_message: u64) -> Result<(R
     if c.source_ips == 0 {
         return Err("--source-ips must be at least 1".into());
     }
-    if c.source_ips > 1 && !target.addr.ip().is_loopback() {
+    if c.source_ips > 1 && targets.iter().any(|t| !t.addr.ip().is_loopback()) {
         return Err("--source-ips spreads over 127.0.0.x and needs a loopback server".into());
     }
     let sources = if c.source_ips > 1 {
@@ -42,16 +46,20 @@ pub fn run_config(c: &Common, random_masks: bool, max_message: u64) -> Result<(R
             _ => Err(format!("--header {h:?}: expected \"Name: value\"")),
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let connect = ConnectOptions {
-        addr: target.addr,
-        host: target.authority.clone(),
-        path: target.path.clone(),
-        protocols: c.protocols.clone(),
-        headers,
-        raw: target.scheme == Scheme::Tcp,
-        random_masks,
-        max_message,
-    };
+    let connect = targets
+        .iter()
+        .map(|t| ConnectOptions {
+            addr: t.addr,
+            host: t.authority.clone(),
+            path: t.path.clone(),
+            protocols: c.protocols.clone(),
+            headers: headers.clone(),
+            raw: t.scheme == Scheme::Tcp,
+            random_masks,
+            max_message,
+            deflate: c.deflate,
+        })
+        .collect();
     let cfg = RunConfig {
         connect,
         threads: c.threads,

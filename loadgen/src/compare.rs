@@ -155,16 +155,17 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
         }
     };
     let common = Common {
-        url: server.url.clone(),
+        url: vec![server.url.clone()],
         connections: case.connections,
         duration: args.duration,
         json: None,
         threads: args.threads,
         protocols: Vec::new(),
         headers: Vec::new(),
-        server_pid: Some(server.pid()),
+        server_pid: vec![server.pid()],
         timeout: 10.0,
         source_ips: 1,
+        deflate: false,
     };
     if args.scenario == "connect" {
         let a =
@@ -180,6 +181,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             pipeline: case.pipeline,
             warmup: args.warmup,
             binary: args.binary,
+            payload: crate::cli::PayloadArg::Fixed,
             mask: args.mask,
             rate: None,
         };

@@ -11,6 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::payload::Kind;
 use crate::rng::Rng;
+use crate::zip::{ClientDeflate, count_sent};
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,22 +85,53 @@ pub struct Io {
     random_masks: bool,
     /// Open, or closing: no more data frames.
     pub(crate) open: bool,
+    /// permessage-deflate, when the server accepted it.
+    pub(crate) deflate: Option<Box<ClientDeflate>>,
 }
 
 impl Io {
-    /// Queue a data message of `len` bytes whose payload `fill` writes, masked.
+    /// Queue a data message of `len` bytes whose payload `fill` writes, masked (and
+    /// compressed when permessage-deflate was negotiated).
     #[inline]
     pub fn send(&mut self, rng: &mut Rng, kind: Kind, len: usize, fill: impl FnOnce(&mut [u8])) {
         let opcode = if kind == Kind::Text { OpCode::Text } else { OpCode::Binary };
-        self.frame(rng, opcode, len, fill);
+        let Some(z) = self.deflate.as_mut() else {
+            count_sent(len, len);
+            self.frame(rng, opcode, len, fill);
+            return;
+        };
+        z.plain.clear();
+        z.plain.resize(len, 0);
+        fill(&mut z.plain);
+        z.compress();
+        let packed = std::mem::take(&mut z.packed);
+        count_sent(len, packed.len());
+        self.frame_with(rng, opcode, true, packed.len(), |b| b.copy_from_slice(&packed));
+        if let Some(z) = self.deflate.as_mut() {
+            z.packed = packed;
+        }
     }
 
     /// Queue a control or data frame.
     #[inline]
     pub fn frame(&mut self, rng: &mut Rng, opcode: OpCode, len: usize, fill: impl FnOnce(&mut [u8])) {
+        self.frame_with(rng, opcode, false, len, fill);
+    }
+
+    /// Queue a frame, with RSV1 (compressed) if asked.
+    #[inline]
+    fn frame_with(
+        &mut self,
+        rng: &mut Rng,
+        opcode: OpCode,
+        compressed: bool,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) {
         let key = if self.random_masks { rng.mask() } else { [0; 4] };
         let mut header = [0u8; gale_frame::MAX_HEADER_LEN];
-        let n = write_header(&mut header, FrameSpec::client(opcode, key), len);
+        let spec = FrameSpec { compressed, ..FrameSpec::client(opcode, key) };
+        let n = write_header(&mut header, spec, len);
         self.out.extend_from_slice(&header[..n]);
         let start = self.out.len();
         self.out.resize(start + len, 0);
@@ -181,6 +213,27 @@ pub struct ConnectOptions {
     pub random_masks: bool,
     /// Largest message accepted from the server.
     pub max_message: u64,
+    /// Offer permessage-deflate.
+    pub deflate: bool,
+}
+
+/// Set `IP_BIND_ADDRESS_NO_PORT`: binding to a source address then leaves the port to be
+/// chosen at connect time, unique per (source, destination) pair, instead of reserving one at
+/// bind time from the address's single range (which also stalls once the range is crowded,
+/// e.g. with sockets in TIME_WAIT from an earlier run).
+fn bind_address_no_port(socket: &Socket) {
+    let one: libc::c_int = 1;
+    // SAFETY: the descriptor is a live socket owned by `socket`; the option value is a c_int
+    // that lives for the call, and its size is passed with it.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 impl Conn {
@@ -191,7 +244,7 @@ impl Conn {
         socket.set_nonblocking(true).map_err(|e| Failure::from_io(&e))?;
         socket.set_tcp_nodelay(true).map_err(|e| Failure::from_io(&e))?;
         if let Some(ip) = source {
-            // Each source address has its own range of ephemeral ports.
+            bind_address_no_port(&socket);
             socket.bind(&SocketAddr::new(ip, 0).into()).map_err(|e| Failure::from_io(&e))?;
         }
         match socket.connect(&opts.addr.into()) {
@@ -201,7 +254,14 @@ impl Conn {
         }
         let stream = mio::net::TcpStream::from_std(socket.into());
         Ok(Conn {
-            io: Io { stream, out: Vec::new(), sent: 0, random_masks: opts.random_masks, open: false },
+            io: Io {
+                stream,
+                out: Vec::new(),
+                sent: 0,
+                random_masks: opts.random_masks,
+                open: false,
+                deflate: None,
+            },
             state: State::Connecting,
             handshake: ClientHandshake::new(),
             head: Vec::new(),
@@ -230,7 +290,11 @@ impl Conn {
             return Ok(true);
         }
         let protocols: Vec<&str> = opts.protocols.iter().map(String::as_str).collect();
-        let headers: Vec<(&str, &str)> = opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut headers: Vec<(&str, &str)> =
+            opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        if opts.deflate {
+            headers.push(("Sec-WebSocket-Extensions", crate::zip::OFFER));
+        }
         self.handshake.write_request(&mut self.io.out, &opts.host, &opts.path, &protocols, &headers);
         self.state = State::Handshaking;
         self.io.flush().map_err(|e| Failure::from_io(&e))?;
@@ -253,9 +317,16 @@ impl Conn {
             (&self.head, already)
         };
         match self.handshake.parse_response(buf, &offered) {
-            Ok(Some((_, head_len))) => {
+            Ok(Some((response, head_len))) => {
                 self.state = State::Open;
                 self.io.open = true;
+                if opts.deflate
+                    && let Some(z) = response.extensions.as_deref().and_then(ClientDeflate::from_response)
+                {
+                    self.io.deflate = Some(Box::new(z));
+                    let cfg = *self.decoder.config();
+                    self.decoder.set_config(gale_frame::DecoderConfig { allow_rsv1: true, ..cfg });
+                }
                 self.head = Vec::new();
                 Ok(Some((head_len - already).min(data.len())))
             }

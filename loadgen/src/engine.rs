@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gale_frame::{Event, OpCode};
+use gale_frame::{DataKind, Event, OpCode};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -21,6 +21,7 @@ use slab::Slab;
 use crate::conn::{Conn, ConnectOptions, Failure, Io, State};
 use crate::payload::Kind;
 use crate::rng::Rng;
+use crate::zip::count_received;
 
 /// What a scenario does with its connections.
 pub trait Driver {
@@ -77,8 +78,8 @@ pub struct Progress {
 /// How the connect phase goes.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
-    /// Connection options.
-    pub connect: ConnectOptions,
+    /// Connection options, per server; connections go to them in turn.
+    pub connect: Vec<ConnectOptions>,
     /// Connections this thread opens.
     pub connections: usize,
     /// Connections per second for this thread (`None`: as fast as possible).
@@ -156,6 +157,8 @@ struct Entry<S> {
     conn: Conn,
     state: S,
     started: bool,
+    /// Which server (index into the connect options).
+    target: usize,
 }
 
 /// One thread's event loop.
@@ -175,6 +178,8 @@ pub struct Engine<D: Driver> {
     pending: usize,
     /// Readiness of the last poll, reused between polls.
     ready: Vec<(usize, bool, bool)>,
+    /// Where compressed messages are inflated, reused.
+    inflated: Vec<u8>,
 }
 
 impl<D: Driver> Engine<D> {
@@ -193,6 +198,7 @@ impl<D: Driver> Engine<D> {
             next_source: cfg.index,
             pending: 0,
             ready: Vec::new(),
+            inflated: Vec::new(),
             cfg,
         })
     }
@@ -251,6 +257,7 @@ impl<D: Driver> Engine<D> {
     }
 
     fn start_connect(&mut self) {
+        let target = (self.connect.attempted as usize + self.cfg.index) % self.cfg.connect.len();
         self.connect.attempted += 1;
         let source = if self.cfg.sources.is_empty() {
             None
@@ -258,7 +265,7 @@ impl<D: Driver> Engine<D> {
             self.next_source += 1;
             Some(self.cfg.sources[self.next_source % self.cfg.sources.len()])
         };
-        match Conn::connect(&self.cfg.connect, source) {
+        match Conn::connect(&self.cfg.connect[target], source) {
             Ok(conn) => {
                 let entry = self.conns.vacant_entry();
                 let key = entry.key();
@@ -272,7 +279,7 @@ impl<D: Driver> Engine<D> {
                     self.cx.progress.failed.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                entry.insert(Entry { conn, state: D::State::default(), started: false });
+                entry.insert(Entry { conn, state: D::State::default(), started: false, target });
                 self.pending += 1;
             }
             Err(f) => {
@@ -404,7 +411,7 @@ impl<D: Driver> Engine<D> {
     fn on_writable(&mut self, key: usize, connecting: bool) {
         let e = &mut self.conns[key];
         if e.conn.state == State::Connecting {
-            match e.conn.on_connected(&self.cfg.connect) {
+            match e.conn.on_connected(&self.cfg.connect[e.target]) {
                 Ok(true) => self.opened(key, connecting),
                 Ok(false) => {}
                 Err(f) => self.fail_pending(key, f),
@@ -450,7 +457,7 @@ impl<D: Driver> Engine<D> {
             };
             let mut start = 0;
             if e.conn.state == State::Handshaking {
-                match e.conn.on_handshake_bytes(&self.buf[..n], &self.cfg.connect) {
+                match e.conn.on_handshake_bytes(&self.buf[..n], &self.cfg.connect[e.target]) {
                     Ok(Some(offset)) => {
                         start = offset;
                         self.opened(key, connecting);
@@ -485,7 +492,7 @@ impl<D: Driver> Engine<D> {
             return Ok(());
         }
         let data = &mut self.buf[start..end];
-        if self.cfg.connect.raw {
+        if self.cfg.connect[e.target].raw {
             if e.started && !data.is_empty() {
                 self.driver.on_message(&mut e.conn.io, &mut e.state, Kind::Binary, data, &mut self.cx);
             }
@@ -500,14 +507,36 @@ impl<D: Driver> Engine<D> {
             let io = &mut e.conn.io;
             match event {
                 Event::Text(t) if e.started => {
+                    count_received(t.len(), t.len());
                     self.driver.on_message(io, &mut e.state, Kind::Text, t.as_bytes(), &mut self.cx)
                 }
                 Event::Binary(b) if e.started => {
+                    count_received(b.len(), b.len());
                     self.driver.on_message(io, &mut e.state, Kind::Binary, b, &mut self.cx)
                 }
                 Event::Text(_) | Event::Binary(_) => {}
-                Event::Compressed { .. } => {
-                    return Err(Failure::Protocol("unexpected compressed message".into()));
+                Event::Compressed { kind, payload } => {
+                    let Some(z) = io.deflate.as_mut() else {
+                        return Err(Failure::Protocol(
+                            "compressed message without permessage-deflate".into(),
+                        ));
+                    };
+                    let mut plain = std::mem::take(&mut self.inflated);
+                    z.inflate(payload, &mut plain, self.cfg.connect[e.target].max_message as usize)
+                        .map_err(|err| Failure::Protocol(format!("cannot inflate a message: {err:?}")))?;
+                    count_received(plain.len(), payload.len());
+                    let kind = if kind == DataKind::Text {
+                        if std::str::from_utf8(&plain).is_err() {
+                            return Err(Failure::Protocol("compressed text message is not UTF-8".into()));
+                        }
+                        Kind::Text
+                    } else {
+                        Kind::Binary
+                    };
+                    if e.started {
+                        self.driver.on_message(io, &mut e.state, kind, &plain, &mut self.cx);
+                    }
+                    self.inflated = plain;
                 }
                 Event::Ping(p) => {
                     let p = p.to_vec();

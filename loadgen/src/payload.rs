@@ -87,6 +87,45 @@ impl Payloads {
     }
 }
 
+/// Names, phrases and colours chat messages are drawn from.
+const NAMES: [&str; 8] = ["小明", "阿花", "主播的猫", "吃瓜群众", "路人甲", "Kevin", "さくら", "弹幕君"];
+const PHRASES: [&str; 12] = [
+    "哈哈哈哈哈",
+    "主播好厉害！",
+    "666666",
+    "前方高能预警",
+    "这波操作可以",
+    "awsl",
+    "太好笑了吧",
+    "下次一定",
+    "打卡打卡",
+    "学到了，谢谢分享",
+    "这个BGM叫什么？",
+    "已三连 👍",
+];
+const COLORS: [&str; 4] = ["#ffffff", "#ffcc00", "#ff6699", "#66ccff"];
+
+/// The chat/danmaku message numbered `seq`: a JSON object with repeating keys and Chinese text,
+/// 120 to 250 bytes, always the same for the same `seq` (so echoes can be checked).
+pub fn chat_message(seq: u64) -> String {
+    let mut r = Rng::from_seed(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66);
+    let mut pick = |n: usize| (r.next_u64() % n as u64) as usize;
+    let uid = 10_000 + pick(90_000);
+    let name = NAMES[pick(NAMES.len())];
+    let level = 1 + pick(40);
+    let color = COLORS[pick(COLORS.len())];
+    let room = 1000 + pick(8);
+    let phrases = 1 + pick(3);
+    let mut text = String::new();
+    for _ in 0..phrases {
+        text.push_str(PHRASES[pick(PHRASES.len())]);
+    }
+    format!(
+        r#"{{"type":"danmaku","room":"live-{room}","seq":{seq},"user":{{"id":{uid},"name":"{name}","level":{level}}},"color":"{color}","text":"{text}","ts":{}}}"#,
+        1_732_500_000_000u64 + seq * 37
+    )
+}
+
 /// The low `out.len()` hex digits of `v`, most significant first.
 #[inline]
 fn write_hex(mut v: u64, out: &mut [u8]) {
@@ -117,6 +156,17 @@ mod tests {
                 assert!(!p.verify(0xabd, &buf));
             }
         }
+    }
+
+    #[test]
+    fn chat_messages_are_stable_json_of_realistic_size() {
+        for seq in [0u64, 1, 2, 99, 123_456] {
+            let m = chat_message(seq);
+            assert_eq!(m, chat_message(seq));
+            assert!((100..300).contains(&m.len()), "{} bytes: {m}", m.len());
+            assert!(m.starts_with('{') && m.ends_with('}') && m.contains("\"text\":\""));
+        }
+        assert_ne!(chat_message(1), chat_message(2));
     }
 
     #[test]

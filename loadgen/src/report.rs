@@ -85,6 +85,40 @@ pub struct LoadgenCost {
     pub utilisation: f64,
 }
 
+/// How much permessage-deflate saved, when `--deflate` was given.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WireReport {
+    /// Payload bytes of the messages sent (whole run).
+    pub sent_payload_bytes: u64,
+    /// Their bytes on the wire, frame headers excluded.
+    pub sent_wire_bytes: u64,
+    /// Payload bytes received, after inflating.
+    pub received_payload_bytes: u64,
+    /// Their bytes on the wire.
+    pub received_wire_bytes: u64,
+    /// Wire / payload for what the server sent (1.0: no saving).
+    pub received_ratio: f64,
+    /// Wire / payload for what we sent.
+    pub sent_ratio: f64,
+}
+
+impl WireReport {
+    /// The figures of all threads.
+    pub fn of(parts: impl Iterator<Item = crate::zip::WireBytes>) -> WireReport {
+        let mut r = WireReport::default();
+        for w in parts {
+            r.sent_payload_bytes += w.sent_payload;
+            r.sent_wire_bytes += w.sent_wire;
+            r.received_payload_bytes += w.received_payload;
+            r.received_wire_bytes += w.received_wire;
+        }
+        let ratio = |wire: u64, payload: u64| if payload == 0 { 1.0 } else { wire as f64 / payload as f64 };
+        r.received_ratio = ratio(r.received_wire_bytes, r.received_payload_bytes);
+        r.sent_ratio = ratio(r.sent_wire_bytes, r.sent_payload_bytes);
+        r
+    }
+}
+
 /// Report of `echo`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EchoReport {
@@ -100,6 +134,10 @@ pub struct EchoReport {
     pub size: usize,
     /// "text" or "binary".
     pub kind: String,
+    /// "fixed" (`size` bytes) or "chat" (JSON chat messages).
+    pub payload: String,
+    /// Compression, when `--deflate` was given.
+    pub compression: Option<WireReport>,
     /// Closed-loop pipeline depth, or 0 for open loop.
     pub pipeline: usize,
     /// Open-loop target rate, messages per second.
@@ -246,6 +284,8 @@ pub struct FanoutReport {
     pub out_of_order: u64,
     /// Publish-to-delivery latency.
     pub latency_us: Latency,
+    /// Compression of the deliveries, when `--deflate` was given.
+    pub compression: Option<WireReport>,
     /// Server cost, when `--server-pid` was given (per 1,000 deliveries).
     pub server: Option<ServerCost>,
     /// Load generator cost.
@@ -283,6 +323,12 @@ pub fn print_fanout(r: &FanoutReport) {
     );
     let l = &r.latency_us;
     say!("  end-to-end µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
+    if let Some(w) = &r.compression {
+        say!(
+            "  permessage-deflate: deliveries took {:.1}% of their payload size on the wire",
+            w.received_ratio * 100.0
+        );
+    }
     if let Some(s) = &r.server {
         say!(
             "  server pid {}: {:.2} CPU s, {} ms CPU per 1k deliveries, RSS {}",
@@ -339,6 +385,13 @@ pub fn print_echo(r: &EchoReport) {
         l.max,
         l.mean
     );
+    if let Some(w) = &r.compression {
+        say!(
+            "  permessage-deflate: server→client {:.1}% of payload size on the wire, client→server {:.1}%",
+            w.received_ratio * 100.0,
+            w.sent_ratio * 100.0
+        );
+    }
     if let Some(s) = &r.server {
         say!(
             "  server pid {}: {:.2} CPU s, {} ms CPU per 1k messages, RSS {}",

@@ -14,6 +14,11 @@ impl Rng {
         Rng(t ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
+    /// A generator with a given seed (reproducible sequences).
+    pub fn from_seed(seed: u64) -> Self {
+        Rng(seed)
+    }
+
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {

@@ -22,8 +22,8 @@ use crate::procstat::{self, Sample};
 /// Settings shared by all scenarios.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    /// How to connect.
-    pub connect: ConnectOptions,
+    /// How to connect, per server (connections go to them in turn).
+    pub connect: Vec<ConnectOptions>,
     /// Client threads.
     pub threads: usize,
     /// Connections in total (for this process).
@@ -48,6 +48,8 @@ pub struct ThreadResult<D> {
     pub lost: BTreeMap<String, u64>,
     /// Connections open at the end.
     pub open: usize,
+    /// Bytes before and after compression.
+    pub wire: crate::zip::WireBytes,
 }
 
 enum Msg<D> {
@@ -250,15 +252,16 @@ fn thread_main<D: Driver + Send + 'static>(
     engine.close_all();
     let lost = std::mem::take(&mut engine.lost);
     let driver = engine.into_driver();
-    let _ = tx.send(Msg::Done(Box::new(ThreadResult { driver, lost, open })));
+    let wire = crate::zip::wire_bytes();
+    let _ = tx.send(Msg::Done(Box::new(ThreadResult { driver, lost, open, wire })));
 }
 
-/// Samples of the server and of this process at the start and end of a window.
-#[derive(Clone, Copy, Debug, Default)]
+/// Samples of the servers and of this process at the start and end of a window.
+#[derive(Clone, Debug, Default)]
 pub struct Samples {
-    /// Server at the start.
+    /// Servers at the start (summed).
     pub server_from: Option<Sample>,
-    /// Server at the end.
+    /// Servers at the end (summed).
     pub server_until: Option<Sample>,
     /// This process at the start.
     pub self_from: Option<Sample>,
@@ -266,20 +269,31 @@ pub struct Samples {
     pub self_until: Option<Sample>,
 }
 
+/// The sum of the samples of `pids`; `None` if there are none or one cannot be read.
+pub fn sample_all(pids: &[u32]) -> Option<Sample> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(Sample::default(), |acc, p| {
+        let s = procstat::sample(&p.to_string())?;
+        Some(Sample { cpu: acc.cpu + s.cpu, rss: acc.rss + s.rss })
+    })
+}
+
 impl Samples {
     /// Take the start samples.
-    pub fn start(&mut self, server_pid: Option<u32>) {
-        self.server_from = server_pid.and_then(|p| procstat::sample(&p.to_string()));
+    pub fn start(&mut self, server_pids: &[u32]) {
+        self.server_from = sample_all(server_pids);
         self.self_from = procstat::sample("self");
     }
 
     /// Take the end samples.
-    pub fn end(&mut self, server_pid: Option<u32>) {
-        self.server_until = server_pid.and_then(|p| procstat::sample(&p.to_string()));
+    pub fn end(&mut self, server_pids: &[u32]) {
+        self.server_until = sample_all(server_pids);
         self.self_until = procstat::sample("self");
     }
 
-    /// CPU seconds the server used in the window.
+    /// CPU seconds the servers used in the window.
     pub fn server_cpu(&self) -> Option<f64> {
         Some((self.server_until?.cpu.saturating_sub(self.server_from?.cpu)).as_secs_f64())
     }

@@ -261,6 +261,57 @@ class MaxPayloadTest(AsyncTest):
         await self.assert_closed_1009([random_bytes(600), random_bytes(600)])
 
 
+class CompressionTest(AsyncTest):
+    """permessage-deflate as the websockets client offers it, against each server mode."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.shared = server
+        cls.dedicated = GaleEcho("python-dedicated", "--compression", "dedicated")
+        cls.off = GaleEcho("python-no-compression", "--compression", "off")
+        cls.small = GaleEcho("python-bomb", "--max-payload", "65536")
+
+    @classmethod
+    def tearDownClass(cls):
+        for s in (cls.dedicated, cls.off, cls.small):
+            s.stop()
+
+    async def negotiated(self, url):
+        async with asyncio.timeout(TIMEOUT), open_ws(url) as ws:
+            extensions = ws.response.headers.get("Sec-WebSocket-Extensions")
+            messages = [f'{{"user":"u{i}","text":"弹幕 {i} 哈哈哈哈 666","room":"lobby"}}' for i in range(50)]
+            for m in messages:
+                await ws.send(m)
+            for m in messages:
+                self.assertEqual(await ws.recv(), m)
+            return extensions
+
+    async def test_default_server_negotiates_shared_compression(self):
+        ext = await self.negotiated(self.shared.url)
+        self.assertEqual(ext, "permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+
+    async def test_dedicated_compression_keeps_context(self):
+        self.assertEqual(await self.negotiated(self.dedicated.url), "permessage-deflate")
+
+    async def test_no_compression_when_off(self):
+        self.assertIsNone(await self.negotiated(self.off.url))
+
+    async def test_client_without_compression(self):
+        async with asyncio.timeout(TIMEOUT), open_ws(self.shared.url, compression=None) as ws:
+            self.assertIsNone(ws.response.headers.get("Sec-WebSocket-Extensions"))
+            await ws.send("plain")
+            self.assertEqual(await ws.recv(), "plain")
+
+    async def test_compressed_bomb_closes_1009(self):
+        # 1 MiB of one letter compresses to about 1 KiB; the server allows 64 KiB inflated.
+        async with asyncio.timeout(TIMEOUT), open_ws(self.small.url) as ws:
+            await ws.send("a" * (1 << 20))
+            with self.assertRaises(ConnectionClosed) as closed:
+                await ws.recv()
+            self.assertIsNotNone(closed.exception.rcvd, "server sent no close frame")
+            self.assertEqual(closed.exception.rcvd.code, 1009)
+
+
 class IdleTimeoutTest(AsyncTest):
     """`--idle-timeout 1`: a silent connection is closed with 1001 (going away)."""
 

@@ -362,7 +362,7 @@ impl Decoder {
             if self.message.is_some() {
                 return Err(ProtocolError::protocol("new data frame inside a fragmented message"));
             }
-            self.check_size(h.payload_len)?;
+            self.check_size(h.payload_len, rsv1)?;
             self.utf8.reset();
             self.message = Some(MessageState { kind, compressed: rsv1, announced: h.payload_len });
         } else if h.opcode == OpCode::Continuation {
@@ -371,7 +371,8 @@ impl Decoder {
             };
             let announced = message.announced.saturating_add(h.payload_len);
             message.announced = announced;
-            self.check_size(announced)?;
+            let compressed = message.compressed;
+            self.check_size(announced, compressed)?;
         }
         self.frame = Some(FrameState {
             opcode: h.opcode,
@@ -383,8 +384,14 @@ impl Decoder {
         Ok(())
     }
 
-    fn check_size(&self, total: u64) -> Result<(), ProtocolError> {
-        if total > self.config.max_message_size {
+    /// The size limit applies to payload bytes on the wire. A compressed message's limit is
+    /// raised by deflate's worst-case expansion (stored blocks: a few bytes per 16 KiB, plus a
+    /// little), so that a message within the limit once inflated is never refused for the
+    /// framing of incompressible data; its inflated size is checked while inflating.
+    fn check_size(&self, total: u64, compressed: bool) -> Result<(), ProtocolError> {
+        let max = self.config.max_message_size;
+        let limit = if compressed { max.saturating_add(max / 1024 + 64) } else { max };
+        if total > limit {
             Err(ProtocolError::too_big("message larger than the configured maximum"))
         } else {
             Ok(())

@@ -27,6 +27,7 @@
 
 pub mod close;
 pub mod decode;
+pub mod deflate;
 pub mod encode;
 pub mod handshake;
 pub mod header;

@@ -302,3 +302,17 @@ fn sixty_four_bit_length_with_top_bit_is_1002() {
     let bytes = [0x82, 0x80 | 127, 0x80, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4];
     assert_eq!(error_code(&mut Decoder::new(DecoderConfig::server(u64::MAX)), &bytes), 1002);
 }
+
+#[test]
+fn compressed_messages_may_exceed_the_limit_by_deflate_overhead_only() {
+    let cfg = DecoderConfig { allow_rsv1: true, ..DecoderConfig::server(1024) };
+    let compressed = |len: usize| {
+        let mut bytes = cframe(OpCode::Binary, true, &vec![0u8; len]);
+        bytes[0] |= RSV1;
+        bytes
+    };
+    assert_eq!(feed_all(&mut Decoder::new(cfg), &compressed(1024 + 65)).1, None);
+    assert_eq!(error_code(&mut Decoder::new(cfg), &compressed(1024 + 66)), 1009);
+    // Uncompressed messages keep the exact limit.
+    assert_eq!(error_code(&mut Decoder::new(cfg), &cframe(OpCode::Binary, true, &[0; 1025])), 1009);
+}

@@ -12,6 +12,23 @@ pub enum BackpressurePolicy {
     Close,
 }
 
+/// permessage-deflate (RFC 7692) for a route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    /// Never negotiated.
+    Disabled,
+    /// No context takeover either way: one compressor and one decompressor per loop serve
+    /// every connection, which holds no compression state. The cheapest in memory.
+    Shared,
+    /// Context takeover: each connection gets its own compressor and decompressor (created at
+    /// first use) with this window (9..=15 bits; 2^bits bytes), for better ratios on similar
+    /// messages.
+    Dedicated {
+        /// Window size in bits.
+        window_bits: u8,
+    },
+}
+
 /// How a connection idle for [`Behavior::idle_timeout`] is closed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdleClose {
@@ -43,6 +60,11 @@ pub struct Behavior {
     pub backpressure_policy: BackpressurePolicy,
     /// After sending a close frame, how long to wait for the client's before dropping TCP.
     pub close_timeout: Duration,
+    /// permessage-deflate.
+    pub compression: Compression,
+    /// Messages shorter than this are sent uncompressed even when compression is on (they
+    /// would not shrink enough to pay for it).
+    pub compress_min_size: usize,
 }
 
 impl Default for Behavior {
@@ -56,6 +78,8 @@ impl Default for Behavior {
             max_backpressure: 1 << 20,
             backpressure_policy: BackpressurePolicy::Drop,
             close_timeout: Duration::from_secs(5),
+            compression: Compression::Disabled,
+            compress_min_size: 64,
         }
     }
 }

@@ -5,17 +5,19 @@
 //! through the frame decoder in place and events go to the route's handler. Both backends
 //! drive this same code; they only move bytes and report readiness, timer expiry and EOF.
 
+use gale_frame::deflate::{InflateError, negotiate};
 use gale_frame::handshake::{
-    AcceptOptions, Request, is_upgrade_request, parse_request, validate_upgrade, write_accept_response,
-    write_error_response,
+    AcceptOptions, Request, extension_offers, is_upgrade_request, parse_request, validate_upgrade,
+    write_accept_response, write_error_response,
 };
-use gale_frame::{CloseCode, ClosePayload, Decoder, DecoderConfig, Event, OpCode};
+use gale_frame::{CloseCode, ClosePayload, DataKind, Decoder, DecoderConfig, Event, OpCode, ProtocolError};
 
 use crate::app::ServerConfig;
+use crate::compress::{self, ConnCompression};
 use crate::handler::{HttpRequest, HttpResponse, Message, UpgradeRequest};
-use crate::link::{BufPool, CloseState, Finish, Link};
+use crate::link::{CloseState, Finish, Link, Scratch};
 use crate::routes::{HttpMatch, Routes, WsRoute};
-use crate::websocket::{AnyData, Callback};
+use crate::websocket::{Callback, Session};
 
 /// An HTTP client whose responses pile up past this is not reading them: drop it.
 const HTTP_OUT_LIMIT: usize = 4 << 20;
@@ -26,7 +28,7 @@ pub(crate) struct ConnCx<'a> {
     pub(crate) config: &'a ServerConfig,
     /// The handshake timeout in ticks.
     pub(crate) handshake_ticks: u32,
-    pub(crate) pool: &'a mut BufPool,
+    pub(crate) pool: &'a mut Scratch,
     /// The current tick of the loop's timer wheel.
     pub(crate) now: u32,
 }
@@ -69,7 +71,7 @@ struct WsPhase {
 /// borrows the decoder.
 struct WsApp {
     route: u16,
-    data: AnyData,
+    session: Session,
     /// Tick an automatic ping went out, 0 when none is outstanding.
     ping_at: u32,
     /// Tick the close handshake began, 0 while open.
@@ -285,7 +287,7 @@ impl Conn {
             && !ws.app.reported
         {
             let route = &cx.routes.ws[ws.app.route as usize];
-            route.handler.call(&mut self.link, &mut ws.app.data, cx.pool, &route.behavior, cb);
+            route.handler.call(&mut self.link, &mut ws.app.session, cx.pool, &route.behavior, cb);
         }
     }
 
@@ -461,12 +463,33 @@ impl Conn {
                 return false;
             }
         };
+        // permessage-deflate: the first acceptable offer, or none.
+        let deflate = match compress::server_config(route.behavior.compression) {
+            None => None,
+            Some(cfg) => match extension_offers(req) {
+                Ok(offers) => negotiate(&offers, &cfg),
+                Err(e) => {
+                    self.http_error(cx, e.status, e.reason, e.headers);
+                    return false;
+                }
+            },
+        };
+        let extensions = deflate.map(|d| d.response());
         let accept = upgrade.accept_key();
-        let options = AcceptOptions { protocol: protocol.as_deref(), ..Default::default() };
+        let options = AcceptOptions {
+            protocol: protocol.as_deref(),
+            extensions: extensions.as_deref(),
+            ..Default::default()
+        };
         self.link.push_with(cx.pool, |out| write_accept_response(out, &accept, &options));
+        let decoder = DecoderConfig {
+            allow_rsv1: deflate.is_some(),
+            ..DecoderConfig::server(route.behavior.max_payload as u64)
+        };
+        let session = Session { data, compression: ConnCompression::new(deflate) };
         self.phase = Phase::Ws(WsPhase {
-            decoder: Decoder::new(DecoderConfig::server(route.behavior.max_payload as u64)),
-            app: WsApp { route: route_index as u16, data, ping_at: 0, close_since: 0, reported: false },
+            decoder: Decoder::new(decoder),
+            app: WsApp { route: route_index as u16, session, ping_at: 0, close_since: 0, reported: false },
         });
         self.call(cx, Callback::Open);
         true
@@ -495,8 +518,8 @@ impl Conn {
             let open = self.link.close == CloseState::Open;
             let link = &mut self.link;
             let app = &mut ws.app;
-            let call = |app: &mut WsApp, link: &mut Link, pool: &mut BufPool, cb: Callback<'_>| {
-                route.handler.call(link, &mut app.data, pool, &route.behavior, cb)
+            let call = |app: &mut WsApp, link: &mut Link, pool: &mut Scratch, cb: Callback<'_>| {
+                route.handler.call(link, &mut app.session, pool, &route.behavior, cb)
             };
             match event {
                 Event::Text(text) if open => call(app, link, cx.pool, Callback::Message(Message::Text(text))),
@@ -504,16 +527,49 @@ impl Conn {
                     call(app, link, cx.pool, Callback::Message(Message::Binary(bytes)))
                 }
                 Event::Text(_) | Event::Binary(_) => {}
-                Event::Compressed { .. } => {
-                    // RSV1 is refused by the decoder unless an extension was negotiated.
-                    link.queue_close(
-                        cx.pool,
-                        ClosePayload::new(CloseCode::PROTOCOL_ERROR, "unexpected RSV1"),
-                        CloseState::Closed,
+                Event::Compressed { kind, payload } => {
+                    if !open {
+                        continue;
+                    }
+                    let mut out = std::mem::take(&mut cx.pool.codecs.inflated);
+                    let result = app.session.compression.inflate(
+                        &mut cx.pool.codecs,
+                        payload,
+                        &mut out,
+                        route.behavior.max_payload,
                     );
-                    link.finish = Finish::AfterFlush;
-                    report_close(app, link, route, cx.pool, CloseCode::PROTOCOL_ERROR, "unexpected RSV1");
-                    break;
+                    let failure = match (result, kind) {
+                        (Err(InflateError::TooBig), _) => Some(ProtocolError {
+                            code: CloseCode::MESSAGE_TOO_BIG,
+                            reason: "message too big once inflated",
+                        }),
+                        (Err(InflateError::Corrupt), _) => Some(ProtocolError {
+                            code: CloseCode::INVALID_PAYLOAD,
+                            reason: "invalid compressed data",
+                        }),
+                        (Ok(()), DataKind::Text) => match simdutf8::basic::from_utf8(&out) {
+                            Ok(text) => {
+                                call(app, link, cx.pool, Callback::Message(Message::Text(text)));
+                                None
+                            }
+                            Err(_) => Some(ProtocolError {
+                                code: CloseCode::INVALID_PAYLOAD,
+                                reason: "invalid UTF-8 in text message",
+                            }),
+                        },
+                        (Ok(()), DataKind::Binary) => {
+                            call(app, link, cx.pool, Callback::Message(Message::Binary(&out)));
+                            None
+                        }
+                    };
+                    cx.pool.codecs.inflated = out;
+                    cx.pool.codecs.trim();
+                    if let Some(e) = failure {
+                        link.queue_close(cx.pool, ClosePayload::new(e.code, e.reason), CloseState::Closed);
+                        link.finish = Finish::AfterFlush;
+                        report_close(app, link, route, cx.pool, e.code, e.reason);
+                        break;
+                    }
                 }
                 Event::Ping(payload) => {
                     if open {
@@ -567,7 +623,7 @@ fn report_close(
     app: &mut WsApp,
     link: &mut Link,
     route: &WsRoute,
-    pool: &mut BufPool,
+    pool: &mut Scratch,
     code: CloseCode,
     reason: &str,
 ) {
@@ -576,7 +632,7 @@ fn report_close(
     }
     app.reported = true;
     link.close = CloseState::Closed;
-    route.handler.call(link, &mut app.data, pool, &route.behavior, Callback::Close(code, reason));
+    route.handler.call(link, &mut app.session, pool, &route.behavior, Callback::Close(code, reason));
 }
 
 #[cfg(test)]

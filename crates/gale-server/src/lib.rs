@@ -11,6 +11,7 @@
 mod app;
 mod backend;
 mod behavior;
+mod compress;
 mod conn;
 mod handler;
 mod link;
@@ -20,7 +21,7 @@ mod timer;
 mod websocket;
 
 pub use app::{App, Backend, LoopContext, LoopGone, Running, Server, ServerConfig, ServerHandle};
-pub use behavior::{BackpressurePolicy, Behavior, IdleClose};
+pub use behavior::{BackpressurePolicy, Behavior, Compression, IdleClose};
 pub use gale_frame::CloseCode;
 pub use handler::{
     Accept, HttpHandler, HttpRequest, HttpResponse, Message, Reject, UpgradeRequest, WsHandler,

@@ -7,6 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use gale_frame::{CloseCode, ClosePayload, FrameSpec, MAX_HEADER_LEN, OpCode, write_header};
 
 use crate::behavior::{BackpressurePolicy, Behavior};
+use crate::compress::SharedCodecs;
 
 /// Output buffers are flushed early once this many unsent bytes accumulate while the kernel is
 /// taking everything: a handler that sends a lot in one go does not build a large buffer.
@@ -63,13 +64,15 @@ pub(crate) enum Finish {
     Now,
 }
 
-/// A loop's pool of output buffers: connections borrow one while they have bytes to send.
+/// What a loop lends its connections: a pool of output buffers (a connection borrows one while
+/// it has bytes to send) and the compression state shared between connections.
 #[derive(Default)]
-pub(crate) struct BufPool {
+pub(crate) struct Scratch {
     free: Vec<Vec<u8>>,
+    pub(crate) codecs: SharedCodecs,
 }
 
-impl BufPool {
+impl Scratch {
     fn take(&mut self) -> Vec<u8> {
         self.free.pop().unwrap_or_else(|| Vec::with_capacity(16 * 1024))
     }
@@ -144,7 +147,7 @@ impl Link {
 
     /// A send of bytes taken with [`Link::take_queued`] completed; returns whether a buffer
     /// the kernel had been slow to take is now empty (time to call `drain`).
-    pub(crate) fn sent(&mut self, pool: &mut BufPool, buf: Vec<u8>) -> bool {
+    pub(crate) fn sent(&mut self, pool: &mut Scratch, buf: Vec<u8>) -> bool {
         self.in_kernel = 0;
         pool.give(buf);
         if self.out.is_empty() && self.blocked {
@@ -171,14 +174,14 @@ impl Link {
     }
 
     /// Append raw bytes produced by `fill` into the output buffer.
-    pub(crate) fn push_with(&mut self, pool: &mut BufPool, fill: impl FnOnce(&mut Vec<u8>)) {
+    pub(crate) fn push_with(&mut self, pool: &mut Scratch, fill: impl FnOnce(&mut Vec<u8>)) {
         self.ensure_buf(pool);
         fill(&mut self.out);
         self.dirty = true;
     }
 
     #[inline]
-    fn ensure_buf(&mut self, pool: &mut BufPool) {
+    fn ensure_buf(&mut self, pool: &mut Scratch) {
         if self.out.capacity() == 0 {
             self.out = pool.take();
         }
@@ -186,7 +189,7 @@ impl Link {
 
     /// Queue a control frame (pong, ping, close). Control frames ignore the backpressure
     /// limit: they are at most 127 bytes and the protocol needs them.
-    pub(crate) fn queue_control(&mut self, pool: &mut BufPool, opcode: OpCode, payload: &[u8]) {
+    pub(crate) fn queue_control(&mut self, pool: &mut Scratch, opcode: OpCode, payload: &[u8]) {
         let mut header = [0u8; MAX_HEADER_LEN];
         let n = write_header(&mut header, FrameSpec::server(opcode), payload.len());
         self.ensure_buf(pool);
@@ -197,7 +200,7 @@ impl Link {
 
     /// Queue a close frame and move to `next` (Closing when we start the handshake, Closed when
     /// we answer the peer's close).
-    pub(crate) fn queue_close(&mut self, pool: &mut BufPool, payload: ClosePayload, next: CloseState) {
+    pub(crate) fn queue_close(&mut self, pool: &mut Scratch, payload: ClosePayload, next: CloseState) {
         if self.close != CloseState::Open {
             return;
         }
@@ -208,23 +211,48 @@ impl Link {
         }
     }
 
-    /// Queue a data frame, enforcing the backpressure limit.
+    /// Queue a data frame (with RSV1 when `compressed`), enforcing the backpressure limit.
     pub(crate) fn send_frame(
         &mut self,
-        pool: &mut BufPool,
+        pool: &mut Scratch,
         behavior: &Behavior,
         opcode: OpCode,
+        compressed: bool,
         payload: &[u8],
     ) -> SendStatus {
         let mut header = [0u8; MAX_HEADER_LEN];
-        let n = write_header(&mut header, FrameSpec::server(opcode), payload.len());
+        let spec = FrameSpec { compressed, ..FrameSpec::server(opcode) };
+        let n = write_header(&mut header, spec, payload.len());
         self.send_parts(pool, behavior, &header[..n], payload)
+    }
+
+    /// The status of a message [`can_accept`](Link::can_accept) turned down, applying the
+    /// backpressure policy as a refused send would.
+    pub(crate) fn refuse(&mut self, behavior: &Behavior) -> SendStatus {
+        if self.close != CloseState::Open || self.finish != Finish::No || self.broken {
+            return SendStatus::Closed;
+        }
+        if behavior.backpressure_policy == BackpressurePolicy::Close {
+            self.finish = Finish::Now;
+        }
+        SendStatus::Dropped
+    }
+
+    /// Whether a message of `len` bytes would be accepted now (open, and within the
+    /// backpressure limit). Compression with context takeover checks this first: a compressed
+    /// message that is then refused would leave the peer's decompressor out of step.
+    pub(crate) fn can_accept(&self, behavior: &Behavior, len: usize) -> bool {
+        let held = self.buffered();
+        self.close == CloseState::Open
+            && self.finish == Finish::No
+            && !self.broken
+            && (held == 0 || held + len <= behavior.max_backpressure)
     }
 
     /// Queue bytes that are already a complete frame (a shared, pre-encoded message).
     pub(crate) fn send_encoded(
         &mut self,
-        pool: &mut BufPool,
+        pool: &mut Scratch,
         behavior: &Behavior,
         frame: &[u8],
     ) -> SendStatus {
@@ -233,7 +261,7 @@ impl Link {
 
     fn send_parts(
         &mut self,
-        pool: &mut BufPool,
+        pool: &mut Scratch,
         behavior: &Behavior,
         head: &[u8],
         body: &[u8],
@@ -344,14 +372,14 @@ impl Link {
     }
 
     /// Give the output buffer back to the pool if it is empty.
-    pub(crate) fn recycle(&mut self, pool: &mut BufPool) {
+    pub(crate) fn recycle(&mut self, pool: &mut Scratch) {
         if self.out.is_empty() && self.out.capacity() != 0 {
             pool.give(std::mem::take(&mut self.out));
         }
     }
 
     /// Forget queued bytes and free the buffer (the connection is going away).
-    pub(crate) fn discard(&mut self, pool: &mut BufPool) {
+    pub(crate) fn discard(&mut self, pool: &mut Scratch) {
         self.out.clear();
         self.recycle(pool);
     }

@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 use gale_frame::{CloseCode, ClosePayload, OpCode, SharedFrame};
 
 use crate::behavior::Behavior;
+use crate::compress::ConnCompression;
 use crate::handler::{Message, Reject, UpgradeRequest, WsHandler};
-use crate::link::{BufPool, CloseState, Finish, Link, SendStatus};
+use crate::link::{CloseState, Finish, Link, Scratch, SendStatus};
 
 /// A WebSocket connection, as seen from inside a handler call.
 ///
@@ -17,27 +18,54 @@ use crate::link::{BufPool, CloseState, Finish, Link, SendStatus};
 pub struct WebSocket<'a, D> {
     pub(crate) link: &'a mut Link,
     pub(crate) data: &'a mut D,
-    pub(crate) pool: &'a mut BufPool,
+    pub(crate) compression: &'a mut ConnCompression,
+    pub(crate) pool: &'a mut Scratch,
     pub(crate) behavior: &'a Behavior,
 }
 
 impl<D> WebSocket<'_, D> {
-    /// Send a text message.
+    /// Send a text message (compressed when permessage-deflate was negotiated and the message
+    /// is at least [`Behavior::compress_min_size`] bytes).
     pub fn send_text(&mut self, text: &str) -> SendStatus {
-        self.link.send_frame(self.pool, self.behavior, OpCode::Text, text.as_bytes())
+        self.send_data(OpCode::Text, text.as_bytes(), true)
     }
 
-    /// Send a binary message.
+    /// Send a binary message (compressed like [`send_text`](Self::send_text)).
     pub fn send_binary(&mut self, data: &[u8]) -> SendStatus {
-        self.link.send_frame(self.pool, self.behavior, OpCode::Binary, data)
+        self.send_data(OpCode::Binary, data, true)
     }
 
     /// Send a message of the same kind as `msg` (handy for echoing).
     pub fn send(&mut self, msg: Message<'_>) -> SendStatus {
+        self.send_with(msg, true)
+    }
+
+    /// Send a message; `compress: false` sends it uncompressed whatever was negotiated (for
+    /// payloads that are already compressed, such as images).
+    pub fn send_with(&mut self, msg: Message<'_>, compress: bool) -> SendStatus {
         match msg {
-            Message::Text(t) => self.send_text(t),
-            Message::Binary(b) => self.send_binary(b),
+            Message::Text(t) => self.send_data(OpCode::Text, t.as_bytes(), compress),
+            Message::Binary(b) => self.send_data(OpCode::Binary, b, compress),
         }
+    }
+
+    fn send_data(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
+        let compress =
+            compress && self.compression.is_on() && payload.len() >= self.behavior.compress_min_size;
+        if !compress {
+            return self.link.send_frame(self.pool, self.behavior, opcode, false, payload);
+        }
+        // Deflate can grow incompressible data by a few bytes per block: check the limit with
+        // that bound before compressing, so the compressor's context never includes a message
+        // the peer will not get.
+        if !self.link.can_accept(self.behavior, payload.len() + payload.len() / 1000 + 64) {
+            return self.link.refuse(self.behavior);
+        }
+        let mut out = std::mem::take(&mut self.pool.codecs.compressed);
+        self.compression.compress(&mut self.pool.codecs, payload, &mut out);
+        let status = self.link.send_frame(self.pool, self.behavior, opcode, true, &out);
+        self.pool.codecs.compressed = out;
+        status
     }
 
     /// Send a frame encoded once for many receivers.
@@ -105,14 +133,21 @@ pub(crate) enum Callback<'a> {
 /// Per-connection data of any route, boxed. A zero-sized data type costs no allocation.
 pub(crate) type AnyData = Box<dyn Any + Send>;
 
+/// What a handler call needs of a connection besides its link: the application's data and the
+/// connection's compression state.
+pub(crate) struct Session {
+    pub(crate) data: AnyData,
+    pub(crate) compression: ConnCompression,
+}
+
 /// A [`WsHandler`] with its data type erased.
 pub(crate) trait ErasedHandler: Send + Sync {
     fn upgrade(&self, req: &UpgradeRequest<'_>) -> Result<(AnyData, Option<String>), Reject>;
     fn call(
         &self,
         link: &mut Link,
-        data: &mut AnyData,
-        pool: &mut BufPool,
+        session: &mut Session,
+        pool: &mut Scratch,
         behavior: &Behavior,
         cb: Callback<'_>,
     );
@@ -127,17 +162,18 @@ impl<H: WsHandler> ErasedHandler for H {
     fn call(
         &self,
         link: &mut Link,
-        data: &mut AnyData,
-        pool: &mut BufPool,
+        session: &mut Session,
+        pool: &mut Scratch,
         behavior: &Behavior,
         cb: Callback<'_>,
     ) {
+        let Session { data, compression } = session;
         let Some(data) = data.downcast_mut::<H::Data>() else {
             // The data was created by this handler's own `upgrade`; a mismatch cannot happen.
             debug_assert!(false, "per-connection data of the wrong type");
             return;
         };
-        let mut ws = WebSocket { link, data, pool, behavior };
+        let mut ws = WebSocket { link, data, compression, pool, behavior };
         match cb {
             Callback::Open => self.open(&mut ws),
             Callback::Message(m) => self.message(&mut ws, m),

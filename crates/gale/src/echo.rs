@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use gale_server::{
-    Accept, App, Backend, Behavior, HttpRequest, HttpResponse, Message, Reject, ServerConfig, UpgradeRequest,
-    WebSocket, WsHandler,
+    Accept, App, Backend, Behavior, Compression, HttpRequest, HttpResponse, Message, Reject, ServerConfig,
+    UpgradeRequest, WebSocket, WsHandler,
 };
 
 /// Options of `gale echo`.
@@ -36,9 +36,30 @@ pub struct EchoArgs {
     /// Largest message accepted, in bytes (1009 above it).
     #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
     max_payload: usize,
+    /// permessage-deflate: off, shared (no context takeover; one compressor per loop), or
+    /// dedicated (context takeover; a compressor per connection).
+    #[arg(long, value_enum, default_value_t = CompressionArg::Shared)]
+    compression: CompressionArg,
+    /// Window of dedicated compressors, in bits (9..=15).
+    #[arg(long, default_value_t = 15, value_name = "BITS", value_parser = clap::value_parser!(u8).range(9..=15))]
+    compression_window: u8,
+    /// Messages shorter than this are sent uncompressed.
+    #[arg(long, default_value_t = 64, value_name = "BYTES")]
+    compress_min_size: usize,
     /// Close connections idle for this many seconds (0: never).
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     idle_timeout: u64,
+}
+
+/// `--compression` values.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CompressionArg {
+    /// No permessage-deflate.
+    Off,
+    /// No context takeover: the cheapest in memory.
+    Shared,
+    /// Context takeover with a compressor per connection.
+    Dedicated,
 }
 
 /// `--backend` values.
@@ -99,6 +120,12 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
     };
     let behavior = Behavior {
         max_payload: args.max_payload,
+        compression: match args.compression {
+            CompressionArg::Off => Compression::Disabled,
+            CompressionArg::Shared => Compression::Shared,
+            CompressionArg::Dedicated => Compression::Dedicated { window_bits: args.compression_window },
+        },
+        compress_min_size: args.compress_min_size,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         ..Behavior::default()
     };

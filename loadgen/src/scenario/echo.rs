@@ -10,7 +10,7 @@ use hdrhistogram::Histogram;
 
 use crate::conn::{Failure, Io};
 use crate::engine::{Cx, Driver, latency_histogram};
-use crate::payload::{Kind, Payloads};
+use crate::payload::{Kind, Payloads, chat_message};
 
 /// How messages are paced.
 #[derive(Clone, Copy, Debug)]
@@ -66,6 +66,8 @@ pub struct EchoConn {
 /// The echo driver of one thread.
 pub struct Echo {
     payloads: Payloads,
+    /// Send chat messages ([`chat_message`]) instead of the fixed-size payloads.
+    chat: bool,
     pacing: Pacing,
     raw: bool,
     /// Echoes received in `[from, until)` are measured.
@@ -81,10 +83,11 @@ pub struct Echo {
 
 impl Echo {
     /// An echo driver; the window is set by the caller once connections are up.
-    pub fn new(payloads: Payloads, pacing: Pacing, raw: bool) -> Self {
+    pub fn new(payloads: Payloads, chat: bool, pacing: Pacing, raw: bool) -> Self {
         let now = Instant::now();
         Echo {
             payloads,
+            chat,
             pacing,
             raw,
             from: now,
@@ -100,7 +103,10 @@ impl Echo {
         st.next_seq += 1;
         st.inflight.push_back((seq, at));
         let payloads = &self.payloads;
-        if self.raw {
+        if self.chat {
+            let msg = chat_message(seq);
+            io.send(&mut cx.rng, Kind::Text, msg.len(), |b| b.copy_from_slice(msg.as_bytes()));
+        } else if self.raw {
             io.send_raw(payloads.size(), |b| payloads.write(seq, b));
         } else {
             io.send(&mut cx.rng, payloads.kind(), payloads.size(), |b| payloads.write(seq, b));
@@ -114,7 +120,12 @@ impl Echo {
             self.mismatch("an echo arrived for a message never sent".into());
             return;
         };
-        if !ok_kind || !self.payloads.verify(seq, payload) {
+        let same = if self.chat {
+            payload == chat_message(seq).as_bytes()
+        } else {
+            self.payloads.verify(seq, payload)
+        };
+        if !ok_kind || !same {
             let what = if ok_kind { "payload differs" } else { "message type differs" };
             self.mismatch(format!("echo of message {seq}: {what} ({} bytes back)", payload.len()));
         } else if cx.now >= self.from && cx.now < self.until {
@@ -158,7 +169,7 @@ impl Driver for Echo {
     fn on_message(&mut self, io: &mut Io, st: &mut EchoConn, kind: Kind, payload: &[u8], cx: &mut Cx) {
         cx.progress.messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if !self.raw {
-            let ok_kind = kind == self.payloads.kind();
+            let ok_kind = kind == if self.chat { Kind::Text } else { self.payloads.kind() };
             self.received(io, st, ok_kind, payload, cx);
             return;
         }

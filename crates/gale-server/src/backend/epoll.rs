@@ -16,7 +16,7 @@ use slab::Slab;
 
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx};
-use crate::link::{BufPool, Link};
+use crate::link::{Link, Scratch};
 use crate::timer::TimerWheel;
 
 use super::WAKER;
@@ -37,7 +37,7 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// What the connections borrow from their loop.
 struct Env {
     shared: Arc<Shared>,
-    pool: BufPool,
+    pool: Scratch,
     wheel: TimerWheel,
 }
 
@@ -91,7 +91,7 @@ impl EpollLoop {
             handle,
             conns: Slab::new(),
             buf,
-            env: Env { shared, pool: BufPool::default(), wheel: TimerWheel::new() },
+            env: Env { shared, pool: Scratch::default(), wheel: TimerWheel::new() },
             accept_pending: true,
             accept_paused_until: None,
             out_of_descriptors: false,

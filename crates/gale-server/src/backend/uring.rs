@@ -34,7 +34,7 @@ use slab::Slab;
 use super::bufring::BufRing;
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx};
-use crate::link::{BufPool, Link};
+use crate::link::{Link, Scratch};
 use crate::timer::TimerWheel;
 
 /// Submission queue size; the completion queue is twice as large.
@@ -154,7 +154,7 @@ fn entry(conns: &mut Slab<Entry>, key: usize, generation: u32) -> Option<&mut En
 /// What the connections borrow from their loop.
 struct Env {
     shared: Arc<Shared>,
-    pool: BufPool,
+    pool: Scratch,
     wheel: TimerWheel,
 }
 
@@ -212,7 +212,7 @@ impl UringLoop {
             rx: seed.rx,
             handle,
             conns: Slab::new(),
-            env: Env { shared, pool: BufPool::default(), wheel: TimerWheel::new() },
+            env: Env { shared, pool: Scratch::default(), wheel: TimerWheel::new() },
             next_generation: 1,
             accept_armed: false,
             accept_paused_until: None,

@@ -17,15 +17,18 @@ use crate::support::{Gale, echo_command};
 /// Address of the shared `gale echo --threads 2`, started on first use.
 pub fn echo_addr() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
-    *ADDR.get_or_init(start_shared_echo)
+    *ADDR.get_or_init(|| start_shared(&[]))
 }
 
-fn start_shared_echo() -> SocketAddr {
+/// Start a `gale echo` with `extra` arguments that lives until the test binary exits; callers
+/// keep its address in a `OnceLock` to share it.
+pub fn start_shared(extra: &'static [&'static str]) -> SocketAddr {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name("shared-gale-echo".into())
         .spawn(move || {
             let mut cmd = echo_command();
+            cmd.args(extra);
             // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
             unsafe {
                 cmd.pre_exec(|| {
