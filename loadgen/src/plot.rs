@@ -41,6 +41,16 @@ fn short(case: &crate::compare::Case, scenario: &str) -> String {
     }
 }
 
+/// 1234567 -> "1.2M", 0.25 -> "0.25": axis labels that fit.
+fn short_number(v: f64) -> String {
+    match v.abs() {
+        a if a >= 1e6 => format!("{:.1}M", v / 1e6),
+        a if a >= 1e3 => format!("{:.0}k", v / 1e3),
+        a if a >= 10.0 => format!("{v:.0}"),
+        _ => format!("{v:.2}"),
+    }
+}
+
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Grouped bars: one group per case, one bar per server.
@@ -75,6 +85,7 @@ fn bars(
                 String::new()
             }
         })
+        .y_label_formatter(&|v| short_number(*v))
         .y_desc(what)
         .draw()?;
     let bar = 0.8 / n_servers as f64;

@@ -88,6 +88,11 @@ pub struct ServerConfig {
     pub max_body: usize,
     /// Size of each loop's receive buffer.
     pub recv_buffer: usize,
+    /// io_uring: provided receive buffers per loop (a power of two, at most 32768) ...
+    pub uring_buffers: u16,
+    /// ... and their size. They are allocated untouched and become resident as data lands in
+    /// them; a receive completes with at most one buffer.
+    pub uring_buffer_size: usize,
     /// On shutdown, how long to wait for clients to answer the close before dropping them.
     pub shutdown_timeout: Duration,
     /// Listen backlog.
@@ -104,6 +109,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_body: 1 << 20,
             recv_buffer: 512 * 1024,
+            uring_buffers: 512,
+            uring_buffer_size: 16 * 1024,
             shutdown_timeout: Duration::from_secs(5),
             backlog: 4096,
             backend: Backend::Auto,

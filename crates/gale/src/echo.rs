@@ -46,6 +46,12 @@ pub struct EchoArgs {
     /// Messages shorter than this are sent uncompressed.
     #[arg(long, default_value_t = 64, value_name = "BYTES")]
     compress_min_size: usize,
+    /// io_uring: provided receive buffers per loop (a power of two).
+    #[arg(long, default_value_t = 512, value_name = "N", hide_short_help = true)]
+    uring_buffers: u16,
+    /// io_uring: size of each provided receive buffer.
+    #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES", hide_short_help = true)]
+    uring_buffer_size: usize,
     /// Close connections idle for this many seconds (0: never).
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     idle_timeout: u64,
@@ -116,6 +122,8 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         threads: args.threads.unwrap_or_else(|| ServerConfig::default().threads).max(1),
         pin_threads: args.pin,
         backend: args.backend.into(),
+        uring_buffers: args.uring_buffers,
+        uring_buffer_size: args.uring_buffer_size,
         ..ServerConfig::default()
     };
     let behavior = Behavior {

@@ -39,10 +39,6 @@ use crate::timer::TimerWheel;
 
 /// Submission queue size; the completion queue is twice as large.
 const RING_ENTRIES: u32 = 4096;
-/// Provided receive buffers per loop, and their size (8 MiB of address space, touched only
-/// as far as data arrives).
-const RECV_BUFFERS: u16 = 512;
-const RECV_BUFFER_SIZE: usize = 16 * 1024;
 /// Buffer group of the receive ring.
 const BGID: u16 = 1;
 
@@ -200,7 +196,7 @@ impl UringLoop {
         handle: ServerHandle,
     ) -> io::Result<Self> {
         let ring = build_ring(RING_ENTRIES)?;
-        let bufs = BufRing::new(RECV_BUFFERS, RECV_BUFFER_SIZE, BGID)?;
+        let bufs = BufRing::new(shared.config.uring_buffers, shared.config.uring_buffer_size, BGID)?;
         bufs.register(&ring.submitter())?;
         let mut lp = UringLoop {
             index: seed.index,
