@@ -156,9 +156,20 @@ pub struct CompareArgs {
     /// line the server prints, or is ws://127.0.0.1:{port}/.
     #[arg(long = "server", value_name = "NAME=COMMAND", required = true)]
     pub servers: Vec<String>,
-    /// Scenario: echo or connect.
+    /// Scenario: echo, connect or fanout.
     #[arg(long, default_value = "echo")]
     pub scenario: String,
+    /// Publishes per second to try (comma-separated, fanout).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    pub rate: Vec<usize>,
+    /// The fan-out protocol of a server, as NAME=plain or NAME=gale (repeat; default plain:
+    /// subscribers on /sub, a WebSocket publisher on /pub; gale: `gale serve`, subscribers on
+    /// /ws, HTTP publishing with the API key).
+    #[arg(long = "server-protocol", value_name = "NAME=PROTOCOL")]
+    pub server_protocols: Vec<String>,
+    /// API key for HTTP publishing (fanout with the gale protocol).
+    #[arg(long, value_name = "KEY", env = "GALE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Path to connect to.
     #[arg(long, default_value = "/")]
     pub path: String,
@@ -189,6 +200,12 @@ pub struct CompareArgs {
     /// Masking keys.
     #[arg(long, value_enum, default_value_t = MaskArg::Random)]
     pub mask: MaskArg,
+    /// Offer permessage-deflate; the tables then give the compression ratio.
+    #[arg(long)]
+    pub deflate: bool,
+    /// Echo payloads: fixed-size numbered ones, or chat/danmaku JSON messages.
+    #[arg(long, value_enum, default_value_t = PayloadArg::Fixed)]
+    pub payload: PayloadArg,
     /// Write the full results as JSON (`-` for stdout).
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -225,6 +242,10 @@ pub struct FanoutArgs {
     /// Publisher connections (WebSocket publishing).
     #[arg(long, default_value_t = 1)]
     pub publishers: usize,
+    /// API key for HTTP publishing, sent as `Authorization: Bearer KEY` (default: the
+    /// GALE_API_KEY environment variable).
+    #[arg(long, value_name = "KEY", env = "GALE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Seconds of publishing before the measurement.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
     pub warmup: f64,
@@ -238,6 +259,9 @@ pub struct FanoutArgs {
 pub enum ProtocolArg {
     /// Subscribers receive every message sent to the server; the publisher sends the payload.
     Plain,
+    /// `gale serve`'s JSON protocol: subscribe commands, enveloped deliveries, and HTTP
+    /// publishing to /api/publish/{topic}.
+    Gale,
 }
 
 impl Command {

@@ -10,13 +10,14 @@ use crate::common::{run_config, unreachable, write_json};
 use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, WireReport, print_fanout};
 use crate::run::{Run, Samples};
 use crate::scenario::fanout::{
-    FanoutStats, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at,
+    FanoutStats, Gale, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at,
 };
 
 /// The protocol adapter for `--protocol`.
 fn protocol(p: ProtocolArg) -> &'static dyn Protocol {
     match p {
         ProtocolArg::Plain => &Plain,
+        ProtocolArg::Gale => &Gale,
     }
 }
 
@@ -53,8 +54,10 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
         let topic = args.topic.clone();
         let size = args.size;
         let url = publish_url.clone();
-        let publisher =
-            std::thread::spawn(move || http_publisher(&url, proto, &topic, size, per, from, until));
+        let key = args.api_key.clone();
+        let publisher = std::thread::spawn(move || {
+            http_publisher(&url, key.as_deref(), proto, &topic, size, per, from, until)
+        });
         subs.wait(from, until + drain, "fan-out", || samples.start(pids));
         samples.end(pids);
         publisher.join().map_err(|_| "the HTTP publisher panicked")??
@@ -145,10 +148,15 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     Ok(report)
 }
 
-/// Publish over HTTP POST at `rate`, one keep-alive connection; returns (published in the
-/// window, failed requests).
+/// Publish over HTTP POST at `rate` on one keep-alive connection, open loop: requests go out
+/// on schedule, pipelined, whatever the server's response time (a publisher that waited for
+/// each response would slow down exactly when the server is busiest, and hide it). A reader
+/// thread matches the in-order responses to the requests. Returns (published in the window
+/// with a 2xx answer, failed requests).
+#[allow(clippy::too_many_arguments)]
 fn http_publisher(
     url: &str,
+    api_key: Option<&str>,
     proto: &'static dyn Protocol,
     topic: &str,
     size: usize,
@@ -158,63 +166,101 @@ fn http_publisher(
 ) -> Result<(u64, u64), String> {
     let rest = url.strip_prefix("http://").ok_or("publish URL must be http://")?;
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() { "/".to_string() } else { path.replace("{topic}", topic) };
+    let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
+    let path = path.replace("{topic}", topic);
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let mut conn: Option<(TcpStream, BufReader<TcpStream>)> = None;
-    let (mut seq, mut published, mut errors) = (0u64, 0u64, 0u64);
+    let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let (mut published, mut errors) = (0u64, 0u64);
+    let mut seq = 0u64;
     let mut due = Instant::now();
+    // One connection at a time; a broken one is replaced and its unanswered requests count
+    // as failed.
     while due < until {
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let payload = make_payload(seq, ns_at(due), size);
-        seq += 1;
-        let Some((extra, body)) = proto.publish_http(topic, &payload) else {
-            return Err("this protocol has no HTTP publish API".into());
+        let stream = match TcpStream::connect(authority) {
+            Ok(s) => s,
+            Err(_) => {
+                errors += 1;
+                due += interval;
+                std::thread::sleep(interval.min(Duration::from_millis(100)));
+                continue;
+            }
         };
-        let target = format!("{path}{extra}");
-        let ok = post(&mut conn, authority, &target, &body).unwrap_or(false);
-        if !ok {
-            errors += 1;
-            conn = None;
-        } else if due >= from {
-            published += 1;
+        let _ = stream.set_nodelay(true);
+        let reader_stream = stream.try_clone().map_err(|e| e.to_string())?;
+        let (tx, rx) = std::sync::mpsc::channel::<bool>();
+        let reader = std::thread::spawn(move || read_responses(reader_stream, rx));
+        let mut writer = stream;
+        let mut broken = false;
+        while due < until {
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            let payload = make_payload(seq, ns_at(due), size);
+            seq += 1;
+            let Some((extra, body)) = proto.publish_http(topic, &payload) else {
+                return Err("this protocol has no HTTP publish API".into());
+            };
+            let head = format!(
+                "POST {path}{extra} HTTP/1.1\r\nHost: {authority}\r\n{auth}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            );
+            let sent = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(&body));
+            due += interval;
+            if sent.is_err() {
+                errors += 1;
+                broken = true;
+                break;
+            }
+            let _ = tx.send(due - interval >= from);
         }
-        due += interval;
+        drop(tx);
+        // No more requests: the server answers what it has, then sees our EOF.
+        let _ = writer.shutdown(std::net::Shutdown::Write);
+        let (ok, failed) = reader.join().map_err(|_| "the HTTP response reader panicked")?;
+        published += ok;
+        errors += failed;
+        if !broken {
+            break;
+        }
     }
     Ok((published, errors))
 }
 
-/// One POST on the keep-alive connection (opened if needed); whether it got a 2xx.
-fn post(
-    conn: &mut Option<(TcpStream, BufReader<TcpStream>)>,
-    authority: &str,
-    target: &str,
-    body: &[u8],
-) -> std::io::Result<bool> {
-    if conn.is_none() {
-        let s = TcpStream::connect(authority)?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let r = BufReader::new(s.try_clone()?);
-        *conn = Some((s, r));
+/// Read the responses to the requests announced on `requests` (true: inside the window), in
+/// order; returns (2xx answers inside the window, requests without a 2xx answer).
+fn read_responses(stream: TcpStream, requests: std::sync::mpsc::Receiver<bool>) -> (u64, u64) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(stream);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for in_window in requests.iter() {
+        match read_response(&mut reader) {
+            Ok(status) if (200..300).contains(&status) => ok += u64::from(in_window),
+            Ok(_) => failed += 1,
+            Err(_) => {
+                // The connection is gone: this request and every later one went unanswered.
+                failed += 1 + requests.iter().count() as u64;
+                break;
+            }
+        }
     }
-    let (stream, reader) = conn.as_mut().expect("connected above");
-    let head = format!(
-        "POST {target} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
+    (ok, failed)
+}
+
+/// One response's status; its body is read and dropped.
+fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
     let mut line = String::new();
-    reader.read_line(&mut line)?;
+    if reader.read_line(&mut line)? == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let mut length = 0usize;
     loop {
         let mut h = String::new();
-        reader.read_line(&mut h)?;
-        if h == "\r\n" || h.is_empty() {
+        if reader.read_line(&mut h)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if h == "\r\n" {
             break;
         }
         if let Some((k, v)) = h.split_once(':')
@@ -225,5 +271,5 @@ fn post(
     }
     let mut skip = vec![0u8; length];
     std::io::Read::read_exact(reader, &mut skip)?;
-    Ok((200..300).contains(&status))
+    Ok(status)
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cli::{Common, CompareArgs, ConnectArgs, EchoArgs};
-use crate::report::{ConnectReport, EchoReport, group, human_bytes};
+use crate::cli::{Common, CompareArgs, ConnectArgs, EchoArgs, FanoutArgs, ProtocolArg};
+use crate::report::{ConnectReport, EchoReport, FanoutReport, group, human_bytes};
 use crate::servers::{RunningServer, ServerSpec};
 
 /// One scenario setting of a comparison.
@@ -20,6 +20,8 @@ pub struct Case {
     pub size: usize,
     /// Pipeline depth (echo).
     pub pipeline: usize,
+    /// Publishes per second (fanout).
+    pub rate: usize,
 }
 
 impl Case {
@@ -27,6 +29,10 @@ impl Case {
     pub fn title(&self, scenario: &str) -> String {
         match scenario {
             "connect" => format!("connect {} connections", self.connections),
+            "fanout" => format!(
+                "fanout to {} subscribers, {} B, {} publishes/s",
+                self.connections, self.size, self.rate
+            ),
             _ => format!("echo {} conn, {} B, pipeline {}", self.connections, self.size, self.pipeline),
         }
     }
@@ -53,6 +59,8 @@ pub struct Summary {
     pub memory: Option<f64>,
     /// Median load-generator CPU utilisation.
     pub loadgen_utilisation: f64,
+    /// Median bytes on the wire per payload byte the server sent (`--deflate`).
+    pub wire_ratio: Option<f64>,
     /// Errors seen in any round (wrong echoes, failed connections, start failures).
     pub errors: Vec<String>,
 }
@@ -87,6 +95,8 @@ pub struct RunRecord {
     pub echo: Option<EchoReport>,
     /// Connect report, if the scenario was connect and it ran.
     pub connect: Option<ConnectReport>,
+    /// Fan-out report, if the scenario was fanout and it ran.
+    pub fanout: Option<FanoutReport>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
 }
@@ -100,14 +110,28 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport, String> {
     if args.rounds == 0 {
         return Err("--rounds must be at least 1".into());
     }
-    if !matches!(args.scenario.as_str(), "echo" | "connect") {
-        return Err(format!("--scenario {}: expected echo or connect", args.scenario));
+    if !matches!(args.scenario.as_str(), "echo" | "connect" | "fanout") {
+        return Err(format!("--scenario {}: expected echo, connect or fanout", args.scenario));
     }
+    let fanout = args.scenario == "fanout";
+    if fanout && args.size.iter().any(|&s| s < crate::scenario::fanout::MIN_SIZE) {
+        return Err(format!(
+            "fanout payloads carry a sequence number and a timestamp: -s must be at least {}",
+            crate::scenario::fanout::MIN_SIZE
+        ));
+    }
+    for spec in &specs {
+        server_protocol(args, &spec.name)?;
+    }
+    let (pipelines, rates) =
+        if fanout { (vec![1], args.rate.clone()) } else { (args.pipeline.clone(), vec![0]) };
     let mut cases = Vec::new();
     for &connections in &args.connections {
         for &size in &args.size {
-            for &pipeline in &args.pipeline {
-                cases.push(Case { connections, size, pipeline });
+            for &pipeline in &pipelines {
+                for &rate in &rates {
+                    cases.push(Case { connections, size, pipeline, rate });
+                }
             }
         }
     }
@@ -145,8 +169,15 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport, String> {
 }
 
 fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> RunRecord {
-    let mut record =
-        RunRecord { server: spec.name.clone(), case, round, echo: None, connect: None, error: None };
+    let mut record = RunRecord {
+        server: spec.name.clone(),
+        case,
+        round,
+        echo: None,
+        connect: None,
+        fanout: None,
+        error: None,
+    };
     let server = match RunningServer::start(spec, &args.path) {
         Ok(s) => s,
         Err(e) => {
@@ -165,9 +196,42 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
         server_pid: vec![server.pid()],
         timeout: 10.0,
         source_ips: 1,
-        deflate: false,
+        deflate: args.deflate,
     };
-    if args.scenario == "connect" {
+    if args.scenario == "fanout" {
+        let protocol = server_protocol(args, &spec.name).unwrap_or(ProtocolArg::Plain);
+        // ws://host:port, whatever path the server printed.
+        let base = server.url.splitn(4, '/').take(3).collect::<Vec<_>>().join("/");
+        // The gateway's default configuration lets anonymous clients subscribe to chat:*.
+        let (sub, publish, topic) = match protocol {
+            ProtocolArg::Plain => (format!("{base}/sub"), format!("{base}/pub"), "bench"),
+            ProtocolArg::Gale => (format!("{base}/ws"), base.replacen("ws://", "http://", 1), "chat:bench"),
+        };
+        let a = FanoutArgs {
+            common: Common { url: vec![sub], ..common },
+            publish_url: Some(publish),
+            protocol,
+            topic: topic.into(),
+            rate: case.rate as f64,
+            size: case.size,
+            publishers: 1,
+            api_key: args.api_key.clone(),
+            warmup: args.warmup,
+            drain: 1.0,
+        };
+        match crate::cmd_fanout::run(&a, false) {
+            Ok(r) => {
+                if r.lost + r.duplicated + r.out_of_order + r.publish_errors > 0 {
+                    record.error = Some(format!(
+                        "{} lost, {} duplicated, {} out of order, {} publish errors",
+                        r.lost, r.duplicated, r.out_of_order, r.publish_errors
+                    ));
+                }
+                record.fanout = Some(r);
+            }
+            Err(e) => record.error = Some(e),
+        }
+    } else if args.scenario == "connect" {
         let a =
             ConnectArgs { common, hold: Some(args.duration), rate: None, ping: None, procs: 1, worker: None };
         match crate::cmd_connect::run(&a, false) {
@@ -181,7 +245,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             pipeline: case.pipeline,
             warmup: args.warmup,
             binary: args.binary,
-            payload: crate::cli::PayloadArg::Fixed,
+            payload: args.payload,
             mask: args.mask,
             rate: None,
         };
@@ -205,6 +269,23 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
     record
 }
 
+/// The fan-out protocol `--server-protocol` gives server `name` (plain by default).
+fn server_protocol(args: &CompareArgs, name: &str) -> Result<ProtocolArg, String> {
+    for entry in &args.server_protocols {
+        let (n, p) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("--server-protocol {entry:?}: expected NAME=plain or NAME=gale"))?;
+        if n == name {
+            return match p {
+                "plain" => Ok(ProtocolArg::Plain),
+                "gale" => Ok(ProtocolArg::Gale),
+                other => Err(format!("--server-protocol {n}={other}: expected plain or gale")),
+            };
+        }
+    }
+    Ok(ProtocolArg::Plain)
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -220,7 +301,27 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
         let mine: Vec<&RunRecord> =
             runs.iter().filter(|r| r.server == spec.name && r.case == *case).collect();
         let errors: Vec<String> = mine.iter().filter_map(|r| r.error.clone()).collect();
-        let s = if scenario == "connect" {
+        let s = if scenario == "fanout" {
+            let reps: Vec<&FanoutReport> = mine.iter().filter_map(|r| r.fanout.as_ref()).collect();
+            Summary {
+                server: spec.name.clone(),
+                rounds: reps.len(),
+                rate: median(reps.iter().map(|r| r.deliveries_per_sec).collect()).unwrap_or(0.0),
+                rate_ratio: 1.0,
+                latency_us: latency_medians(reps.iter().map(|r| &r.latency_us)),
+                cpu_ms_per_1k: median(
+                    reps.iter().filter_map(|r| r.server.as_ref()?.cpu_ms_per_1k_msgs).collect(),
+                ),
+                cpu_ratio: None,
+                memory: median(
+                    reps.iter().filter_map(|r| r.server.as_ref().map(|s| s.rss_bytes as f64)).collect(),
+                ),
+                loadgen_utilisation: median(reps.iter().map(|r| r.loadgen.utilisation).collect())
+                    .unwrap_or(0.0),
+                wire_ratio: None,
+                errors,
+            }
+        } else if scenario == "connect" {
             let reps: Vec<&ConnectReport> = mine.iter().filter_map(|r| r.connect.as_ref()).collect();
             Summary {
                 server: spec.name.clone(),
@@ -232,6 +333,7 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
                 cpu_ratio: None,
                 memory: median(reps.iter().filter_map(|r| r.server_rss_bytes_per_conn).collect()),
                 loadgen_utilisation: 0.0,
+                wire_ratio: None,
                 errors,
             }
         } else {
@@ -251,6 +353,9 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
                 ),
                 loadgen_utilisation: median(reps.iter().map(|r| r.loadgen.utilisation).collect())
                     .unwrap_or(0.0),
+                wire_ratio: median(
+                    reps.iter().filter_map(|r| r.compression.as_ref().map(|c| c.received_ratio)).collect(),
+                ),
                 errors,
             }
         };
@@ -278,7 +383,11 @@ fn latency_medians<'a>(l: impl Iterator<Item = &'a crate::report::Latency> + Clo
 /// The comparison as a Markdown document (also what the terminal shows).
 pub fn markdown(r: &CompareReport) -> String {
     let mut s = String::new();
-    let unit = if r.scenario == "connect" { "conn/s" } else { "msg/s" };
+    let unit = match r.scenario.as_str() {
+        "connect" => "conn/s",
+        "fanout" => "deliveries/s",
+        _ => "msg/s",
+    };
     for (case, sums) in &r.cases {
         s.push_str(&format!(
             "### {} — median of {} rounds, {} s each\n\n",
@@ -300,8 +409,11 @@ pub fn markdown(r: &CompareReport) -> String {
                 ));
             }
         } else {
+            let wire = r.cases.iter().any(|(_, s)| s.iter().any(|x| x.wire_ratio.is_some()));
             s.push_str(&format!(
-                "| server | {unit} | × first | p50 µs | p99 µs | p99.9 µs | server CPU ms / 1k msg | × first | server RSS | loadgen CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+                "| server | {unit} | × first | p50 µs | p99 µs | p99.9 µs | server CPU ms / 1k msg | × first | server RSS | loadgen CPU |{}\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}\n",
+                if wire { " wire / payload |" } else { "" },
+                if wire { "---:|" } else { "" }
             ));
             for x in sums {
                 s.push_str(&format!(
@@ -317,6 +429,13 @@ pub fn markdown(r: &CompareReport) -> String {
                     x.memory.map_or("-".into(), human_bytes),
                     x.loadgen_utilisation * 100.0
                 ));
+                if wire {
+                    s.pop();
+                    s.push_str(&format!(
+                        " {} |\n",
+                        x.wire_ratio.map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
+                    ));
+                }
             }
             let mut by_cpu: Vec<&Summary> = sums.iter().filter(|x| x.cpu_ms_per_1k.is_some()).collect();
             by_cpu.sort_by(|a, b| {

@@ -21,7 +21,11 @@ const COLORS: [RGBColor; 8] = [
 /// Write `throughput.svg`, `cpu.svg` (echo) and `latency-N.svg` into `dir`.
 pub fn write_plots(r: &CompareReport, dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let unit = if r.scenario == "connect" { "connections/s" } else { "messages/s" };
+    let unit = match r.scenario.as_str() {
+        "connect" => "connections/s",
+        "fanout" => "deliveries/s",
+        _ => "messages/s",
+    };
     bars(r, &dir.join("throughput.svg"), unit, |s| Some(s.rate)).map_err(|e| format!("plot: {e}"))?;
     if r.scenario == "echo" {
         bars(r, &dir.join("cpu.svg"), "server CPU ms per 1,000 messages", |s| s.cpu_ms_per_1k)
@@ -36,6 +40,8 @@ pub fn write_plots(r: &CompareReport, dir: &Path) -> Result<(), String> {
 fn short(case: &crate::compare::Case, scenario: &str) -> String {
     if scenario == "connect" {
         format!("{} conns", case.connections)
+    } else if scenario == "fanout" {
+        format!("{} subs {}/s", case.connections, case.rate)
     } else {
         format!("{}c {}B p{}", case.connections, case.size, case.pipeline)
     }

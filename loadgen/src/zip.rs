@@ -83,8 +83,9 @@ impl ClientDeflate {
         })
     }
 
-    /// Compress `plain` into `packed`.
+    /// Compress `plain` into `packed` (replacing what it held).
     pub fn compress(&mut self) {
+        self.packed.clear();
         self.deflater.compress(&self.plain, &mut self.packed);
     }
 

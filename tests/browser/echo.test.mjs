@@ -75,6 +75,9 @@ describe('gale echo with headless Chromium', () => {
         [gale.url, texts, binary.toString('base64')],
       );
       assert.equal(result.protocol, 'chat');
+      // Chromium offers permessage-deflate; gale echo's default answers without context
+      // takeover either way, and every echo below went through compression.
+      assert.equal(result.extensions, 'permessage-deflate; server_no_context_takeover; client_no_context_takeover');
       assert.deepEqual(result.echoedTexts, texts);
       assert.equal(result.binaryIsArrayBuffer, true);
       assert.ok(Buffer.from(result.echoedBinary, 'base64').equals(binary), '100 KiB binary echo differs');

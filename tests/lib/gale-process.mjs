@@ -1,4 +1,4 @@
-// Start and stop a `gale echo` process for the Node and browser client suites.
+// Start and stop a `gale echo` or `gale serve` process for the Node and browser client suites.
 //
 // The binary comes from $GALE_BIN (default: target/debug/gale under the repo root). It
 // listens on --port 0, so the real address is read from the one line it prints on stdout.
@@ -17,7 +17,7 @@ export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', 
 // Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
 const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 30_000;
-const READY_LINE = /^gale echo listening on (ws:\/\/(\S+):(\d+)) \(/;
+const READY_LINE = /^gale (?:echo|serve) listening on (ws:\/\/([^\s/]+):(\d+))\S* \(/;
 
 export function galeBin() {
   const bin = process.env.GALE_BIN || 'target/debug/gale';
@@ -40,15 +40,16 @@ export async function onceWithin(emitter, event, ms, what = event) {
  * { url, httpUrl, pid, terminate(), exited, stop() } once the address line is printed.
  * `logDir` receives the server's stderr (tracing logs), for investigating failures.
  */
-export async function startGale(name, logDir, extraArgs = []) {
+export async function startGale(name, logDir, extraArgs = [], { command = ['echo', '--port', '0'], env = {} } = {}) {
   const dir = join(REPO_ROOT, 'target', 'test-output', logDir);
   mkdirSync(dir, { recursive: true });
   const log = createWriteStream(join(dir, `gale-${name}.log`));
   // GALE_BACKEND (epoll, uring or auto) picks the backend; the test command runs each suite
   // once per backend.
   const backend = process.env.GALE_BACKEND ? ['--backend', process.env.GALE_BACKEND] : [];
-  const child = spawn(galeBin(), ['echo', '--port', '0', '--threads', '2', ...backend, ...extraArgs], {
+  const child = spawn(galeBin(), [...command, '--threads', '2', ...backend, ...extraArgs], {
     cwd: REPO_ROOT,
+    env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   child.stderr.pipe(log);
@@ -58,7 +59,7 @@ export async function startGale(name, logDir, extraArgs = []) {
   let line;
   try {
     [line] = await Promise.race([
-      onceWithin(lines, 'line', START_TIMEOUT_MS, 'the gale echo address line'),
+      onceWithin(lines, 'line', START_TIMEOUT_MS, 'the gale address line'),
       once(child, 'error').then(([err]) => Promise.reject(err)),
       exited.then(({ code }) => Promise.reject(new Error(`gale exited early with ${code}`))),
     ]);
@@ -69,7 +70,7 @@ export async function startGale(name, logDir, extraArgs = []) {
   const match = READY_LINE.exec(line);
   if (!match) {
     child.kill('SIGKILL');
-    throw new Error(`unexpected first line from gale echo: ${JSON.stringify(line)}`);
+    throw new Error(`unexpected first line from gale: ${JSON.stringify(line)}`);
   }
   const [, url, host, port] = match;
 
@@ -86,4 +87,9 @@ export async function startGale(name, logDir, extraArgs = []) {
     return result;
   };
   return { url, httpUrl: `http://${host}:${port}`, pid: child.pid, terminate, exited, stop };
+}
+
+/** Start `gale serve` (the gateway) on a free loopback port; same result as {@link startGale}. */
+export function startGaleServe(name, logDir, extraArgs = [], env = {}) {
+  return startGale(name, logDir, extraArgs, { command: ['serve', '--listen', '127.0.0.1:0'], env });
 }

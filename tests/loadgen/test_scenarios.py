@@ -222,6 +222,33 @@ class EchoAgainstGale(ScenarioTest):
     def test_zero_mask(self):
         self.assertEqual(self.echo("--mask", "zero")["mask"], "zero")
 
+    def test_chat_payloads_compressed_with_permessage_deflate(self):
+        # The default gale echo compresses without context takeover and only from 1 KiB: chat
+        # messages of ~200 bytes come back uncompressed, while the load generator compresses
+        # what it sends; every echo still matches.
+        report = self.echo("--deflate", "--payload", "chat")
+        self.assertEqual(report["payload"], "chat")
+        wire = report["compression"]
+        self.assertGreater(wire["received_payload_bytes"], 0)
+        self.assertEqual(wire["received_ratio"], 1.0)
+        self.assertLess(wire["sent_ratio"], 1.0)
+
+    def test_chat_payloads_with_context_takeover_shrink_both_ways(self):
+        server = GaleEcho("loadgen-dedicated", "--compression", "dedicated")
+        try:
+            report = self.scenario(
+                "echo", "--url", server.url, "-c", 20, "-d", 1, "--warmup", 0.2, "--deflate", "--payload", "chat"
+            )
+        finally:
+            server.stop()
+        self.assert_clean_echo(report, 20)
+        wire = report["compression"]
+        self.assertLess(wire["received_ratio"], 0.5)
+        self.assertLess(wire["sent_ratio"], 0.5)
+
+    def test_without_deflate_nothing_is_compressed(self):
+        self.assertIsNone(self.echo("--payload", "chat")["compression"])
+
     def test_open_loop_keeps_the_rate(self):
         report = self.echo("--rate", 2000)
         self.assertEqual((report["pipeline"], report["rate"]), (0, 2000))
@@ -376,6 +403,79 @@ class Fanout(ScenarioTest):
     def test_every_subscriber_gets_every_message_without_warmup(self):
         # Every message published is then inside the measurement window.
         self.fanout("--warmup", 0)
+
+
+class FanoutAgainstGateway(ScenarioTest):
+    """`--protocol gale` against `gale serve`: JSON subscribe commands, enveloped deliveries,
+    HTTP publishing with the API key."""
+
+    @classmethod
+    def setUpClass(cls):
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        cls.log = open(LOG_DIR / "gale-serve.log", "wb")
+        cls.addClassCleanup(cls.log.close)
+        cls.proc = subprocess.Popen(
+            [str(gale_bin()), "serve", "--listen", "127.0.0.1:0", "--threads", "2", "--api-key", "k"],
+            stdout=subprocess.PIPE, stderr=cls.log,
+        )
+        cls.addClassCleanup(lambda: (stop_process(cls.proc), cls.proc.stdout.close()))
+        line = read_line(cls.proc.stdout, START_TIMEOUT)
+        match = re.match(r"gale serve listening on ws://(127\.0\.0\.1:\d+)/ws ", line)
+        if not match:
+            raise RuntimeError(f"gale serve did not report its address (got {line!r})")
+        cls.addr = match.group(1)
+
+    def test_every_subscriber_gets_every_message_published_over_http(self):
+        report = self.scenario(
+            "fanout", "--protocol", "gale", "--url", f"ws://{self.addr}/ws", "--publish-url",
+            f"http://{self.addr}", "--api-key", "k", "--topic", "chat:lg", "-c", 40, "--rate", 100,
+            "-d", 1.5, "--server-pid", self.proc.pid,
+        )
+        self.assertEqual((report["subscribers"], report["failed"], report["publish_errors"]), (40, 0, 0))
+        self.assertAlmostEqual(report["published"], 150, delta=20)
+        self.assertEqual(report["delivered"], report["published"] * 40)
+        self.assertEqual((report["lost"], report["duplicated"], report["out_of_order"]), (0, 0, 0))
+        self.assertIsNotNone(report["server"])
+
+    def test_a_wrong_api_key_is_counted_as_publish_errors(self):
+        result = loadgen(
+            "fanout", "--protocol", "gale", "--url", f"ws://{self.addr}/ws", "--publish-url",
+            f"http://{self.addr}", "--api-key", "wrong", "--topic", "chat:lg2", "-c", 5, "--rate", 50,
+            "-d", 0.5, "--warmup", 0, "--json", "-",
+        )
+        report = report_of(result)
+        self.assertGreater(report["publish_errors"], 0)
+        self.assertEqual(report["delivered"], 0)
+
+
+class CompareFanout(ScenarioTest):
+    def test_fanout_servers_side_by_side(self):
+        example = gale_bin().parent / "examples" / "broadcast"
+        with tempfile.TemporaryDirectory(prefix="loadgen-fanout-") as tmp:
+            json_path = Path(tmp) / "out.json"
+            result = loadgen(
+                "compare", "--scenario", "fanout",
+                "--server", f"gale={example} --port {{port}} --threads 2",
+                "--server", f"serve={gale_bin()} serve --listen 127.0.0.1:{{port}} --threads 2 --api-key k",
+                "--server-protocol", "serve=gale", "--api-key", "k",
+                "-c", 20, "-s", 64, "--rate", 50, "--rounds", 1, "-d", 1, "--warmup", 0.3,
+                "--json", json_path,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            report = json.loads(json_path.read_text())
+        (case, summaries), = report["cases"]
+        self.assertEqual((case["connections"], case["rate"]), (20, 50))
+        self.assertEqual([s["server"] for s in summaries], ["gale", "serve"])
+        for s in summaries:
+            self.assertEqual(s["errors"], [])
+            self.assertAlmostEqual(s["rate"], 20 * 50, delta=150)
+        self.assertIn("deliveries/s", result.stdout)
+
+    def test_unknown_protocol_is_named(self):
+        result = self.failing(
+            "compare", "--scenario", "fanout", "-s", 64, "--server", "a=true", "--server-protocol", "a=mqtt", status=1
+        )
+        self.assertIn("mqtt", result.stderr)
 
 
 class Compare(ScenarioTest):

@@ -1,4 +1,4 @@
-"""Start and stop a `gale echo` process for the Python client suite.
+"""Start and stop a `gale echo` or `gale serve` process for the Python client suites.
 
 The binary comes from $GALE_BIN (default: target/debug/gale under the repo root).
 It listens on --port 0, so the real address is read from the one line it prints on
@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = REPO_ROOT / "target" / "test-output" / "python"
-READY_LINE = re.compile(r"^gale echo listening on (ws://(\S+):(\d+)) \(")
+READY_LINE = re.compile(r"^gale (?:echo|serve) listening on (ws://([^\s/]+):(\d+))\S* \(")
 
 # Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
 START_TIMEOUT = 60.0
@@ -37,14 +37,18 @@ def backend_args():
 class GaleEcho:
     """One `gale echo` process; `url` is its ws:// base, `http_url` the same as http://."""
 
-    def __init__(self, name: str, *extra_args: str):
+    COMMAND = ["echo", "--port", "0"]
+
+    def __init__(self, name: str, *extra_args: str, env=None):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         # stderr (tracing logs) goes to a file so a failure can be investigated afterwards
         # without cluttering the test output.
         self.log_path = LOG_DIR / f"gale-{name}.log"
-        args = [str(gale_bin()), "echo", "--port", "0", "--threads", "2", *backend_args(), *extra_args]
+        args = [str(gale_bin()), *self.COMMAND, "--threads", "2", *backend_args(), *extra_args]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT)
+            self.proc = subprocess.Popen(
+                args, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, env={**os.environ, **(env or {})}
+            )
         self.url, self.host, self.port = self._read_address()
         self.http_url = f"http://{self.host}:{self.port}"
 
@@ -59,7 +63,7 @@ class GaleEcho:
         match = READY_LINE.match(line)
         if not match:
             self.kill()
-            raise RuntimeError(f"gale echo did not report its address (got {line!r}); see {self.log_path}")
+            raise RuntimeError(f"gale {self.COMMAND[0]} did not report its address (got {line!r}); see {self.log_path}")
         return match.group(1), match.group(2), int(match.group(3))
 
     def terminate(self) -> None:
@@ -84,3 +88,9 @@ class GaleEcho:
             self.kill()
         finally:
             self.proc.stdout.close()
+
+
+class GaleServe(GaleEcho):
+    """One `gale serve` process (the gateway) on a free port; `url` is its ws:// base."""
+
+    COMMAND = ["serve", "--listen", "127.0.0.1:0"]

@@ -6,7 +6,11 @@
 //! must decline such an offer) and the next offer is considered; when none fits, the
 //! connection goes on without compression, which every client must accept.
 //!
-//! Window sizes: the zlib implementation behind `flate2` cannot compress with a 256-byte
+//! Compression runs on `zlib-rs` (the Rust zlib that `flate2` also uses as a backend), called
+//! directly because its configuration exposes zlib's `memLevel`, which decides most of a
+//! compressor's memory and of the cost of resetting it between messages; `flate2` does not.
+//!
+//! Window sizes: zlib cannot compress with a 256-byte
 //! window (`windowBits` 8; zlib itself silently uses 9), so an offer that limits the server to
 //! `server_max_window_bits=8` is declined rather than answered with a window the client did
 //! not allow. Decompression always uses a 32 KiB window, which reads any smaller one, so any
@@ -15,8 +19,6 @@
 //! A message is compressed with a sync flush and sent without the trailing `00 00 ff ff`;
 //! on receipt the tail is put back before inflating. The inflated size counts against the
 //! message size limit while inflating, so a small "bomb" stops as soon as it would exceed it.
-
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use crate::handshake::ExtensionOffer;
 
@@ -152,36 +154,59 @@ fn window_bits(v: &str) -> Option<u8> {
     v.parse::<u8>().ok().filter(|b| (8..=15).contains(b))
 }
 
+/// zlib's `memLevel`: how much memory the compressor's hash table and output buffer use
+/// (1..=9; zlib's default is 8). Each step down halves both: at 8 a compressor holds about
+/// 256 KiB with a 15-bit window, at 1 about 72 KiB — and a per-message reset clears less.
+pub const DEFAULT_MEM_LEVEL: u8 = 8;
+
 /// Compresses messages for one sender (a connection, or a loop with no context takeover).
 pub struct Deflater {
-    raw: Compress,
+    raw: zlib_rs::Deflate,
     takeover: bool,
 }
 
 impl Deflater {
-    /// A compressor with this window and level; without `takeover` every message starts
-    /// afresh.
+    /// A compressor with this window and level and zlib's default memory level; without
+    /// `takeover` every message starts afresh.
     pub fn new(window_bits: u8, level: u32, takeover: bool) -> Self {
+        Self::with_memory(window_bits, level, DEFAULT_MEM_LEVEL, takeover)
+    }
+
+    /// A compressor with an explicit memory level (see [`DEFAULT_MEM_LEVEL`]).
+    pub fn with_memory(window_bits: u8, level: u32, mem_level: u8, takeover: bool) -> Self {
         let bits = window_bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS);
-        Deflater { raw: Compress::new_with_window_bits(Compression::new(level), false, bits), takeover }
+        let config = zlib_rs::DeflateConfig {
+            level: level.min(9) as i32,
+            method: zlib_rs::Method::Deflated,
+            // Negative: raw DEFLATE, no zlib header.
+            window_bits: -i32::from(bits),
+            mem_level: i32::from(mem_level.clamp(1, 9)),
+            strategy: zlib_rs::Strategy::Default,
+        };
+        Deflater { raw: zlib_rs::Deflate::new_with_config(config), takeover }
     }
 
     /// Append `input` compressed, without the `00 00 ff ff` tail, to `out`.
     pub fn compress(&mut self, input: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
         out.reserve(input.len() / 2 + 64);
-        let before_in = self.raw.total_in();
+        let mut rest = input;
         loop {
             if out.capacity() - out.len() < 64 {
                 out.reserve(out.capacity().max(64));
             }
-            let consumed = (self.raw.total_in() - before_in) as usize;
+            let (in_before, out_before) = (self.raw.total_in(), self.raw.total_out());
             // A sync flush of what is left. It only fails on a broken stream state, which a
             // compressor of ours never reaches.
-            let _ = self.raw.compress_vec(&input[consumed..], out, FlushCompress::Sync);
-            let all_in = (self.raw.total_in() - before_in) as usize == input.len();
+            let _ =
+                self.raw.compress_uninit(rest, out.spare_capacity_mut(), zlib_rs::DeflateFlush::SyncFlush);
+            let written = (self.raw.total_out() - out_before) as usize;
+            // SAFETY: the compressor initialised exactly `written` bytes at the start of the
+            // spare capacity it was given (its output counter advanced by that much).
+            unsafe { out.set_len(out.len() + written) };
+            rest = &rest[(self.raw.total_in() - in_before) as usize..];
             // The flush is complete once it no longer fills the space it was given.
-            if all_in && out.len() < out.capacity() {
+            if rest.is_empty() && out.len() < out.capacity() {
                 break;
             }
         }
@@ -206,14 +231,24 @@ pub enum InflateError {
 /// Decompresses messages from one sender (a connection, or a loop whose clients do not take
 /// over context).
 pub struct Inflater {
-    raw: Decompress,
+    raw: zlib_rs::Inflate,
     takeover: bool,
 }
 
 impl Inflater {
-    /// A decompressor; without `takeover` it is reset after every message.
+    /// A decompressor with a 32 KiB window (it reads any sender's); without `takeover` it is
+    /// reset after every message.
     pub fn new(takeover: bool) -> Self {
-        Inflater { raw: Decompress::new_with_window_bits(false, MAX_WINDOW_BITS), takeover }
+        Self::with_window(takeover, MAX_WINDOW_BITS)
+    }
+
+    /// A decompressor for a sender known to use at most a `window_bits` window (its memory is
+    /// about 7 KiB plus the window).
+    pub fn with_window(takeover: bool, window_bits: u8) -> Self {
+        Inflater {
+            raw: zlib_rs::Inflate::new(false, window_bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS)),
+            takeover,
+        }
     }
 
     /// Inflate one message (`input` without its tail) into `out`, failing as soon as the
@@ -230,26 +265,28 @@ impl Inflater {
     fn inflate_part(&mut self, mut input: &[u8], out: &mut Vec<u8>, max: usize) -> Result<(), InflateError> {
         loop {
             if out.len() == out.capacity() {
-                if out.len() >= max.saturating_add(1) {
+                if out.len() > max {
                     return Err(InflateError::TooBig);
                 }
                 let grow = out.capacity().clamp(256, 1 << 20);
                 out.reserve(grow.min(max + 1 - out.len()).max(1));
             }
-            let before_in = self.raw.total_in();
-            let before_out = self.raw.total_out();
+            let (in_before, out_before) = (self.raw.total_in(), self.raw.total_out());
             let status = self
                 .raw
-                .decompress_vec(input, out, FlushDecompress::Sync)
+                .decompress_uninit(input, out.spare_capacity_mut(), zlib_rs::InflateFlush::SyncFlush)
                 .map_err(|_| InflateError::Corrupt)?;
+            let produced = (self.raw.total_out() - out_before) as usize;
+            // SAFETY: the decompressor initialised exactly `produced` bytes at the start of the
+            // spare capacity it was given (its output counter advanced by that much).
+            unsafe { out.set_len(out.len() + produced) };
             if out.len() > max {
                 return Err(InflateError::TooBig);
             }
-            let used = (self.raw.total_in() - before_in) as usize;
+            let used = (self.raw.total_in() - in_before) as usize;
             input = &input[used..];
-            let produced = self.raw.total_out() - before_out;
             match status {
-                Status::StreamEnd => {
+                zlib_rs::Status::StreamEnd => {
                     // A final block: legal, but the next message starts a new stream.
                     if !input.is_empty() {
                         return Err(InflateError::Corrupt);

@@ -3,7 +3,7 @@
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::behavior::Behavior;
 use crate::handler::{HttpHandler, WsHandler};
 use crate::listener::bind_reuseport;
+use crate::pubsub::{ConnId, Published, Registry};
 use crate::routes::{HttpRoute, Pattern, RouteTicks, Routes, WsRoute};
 use crate::timer::ticks;
 
@@ -232,12 +233,18 @@ impl App {
                 }
             };
             let (tx, rx) = crossbeam_channel::unbounded();
-            mailboxes.push(Mailbox { tx, waker });
+            mailboxes.push(Mailbox { tx, waker, woken: AtomicBool::new(false) });
             seeds.push(LoopSeed { index, io, listener, rx });
         }
         let stats = (0..threads).map(|_| LoopStats::default()).collect();
         let handle = ServerHandle {
-            inner: Arc::new(HandleInner { mailboxes, shutting_down: AtomicBool::new(false), stats }),
+            inner: Arc::new(HandleInner {
+                mailboxes,
+                shutting_down: AtomicBool::new(false),
+                stats,
+                registry: Arc::new(Registry::new(threads)),
+                publishes: AtomicU64::new(0),
+            }),
         };
         let handshake_ticks = ticks(self.config.handshake_timeout);
         let shared = Arc::new(Shared { routes: self.routes, config: self.config, handshake_ticks });
@@ -290,6 +297,8 @@ pub(crate) enum Task {
     Shutdown,
     /// Run a closure on the loop.
     Run(Box<dyn FnOnce(&mut LoopContext) + Send>),
+    /// Deliver a published message to the loop's subscribers.
+    Publish(Arc<Published>),
 }
 
 /// What a closure posted to a loop can see of it.
@@ -313,18 +322,67 @@ impl LoopContext {
 struct Mailbox {
     tx: Sender<Task>,
     waker: Waker,
+    /// A wake is on its way and the loop has not started reading its mailbox: senders need
+    /// not wake it again (one eventfd write per batch of tasks, not per task).
+    woken: AtomicBool,
+}
+
+impl Mailbox {
+    fn post(&self, task: Task) -> Result<(), LoopGone> {
+        self.tx.send(task).map_err(|_| LoopGone)?;
+        if !self.woken.swap(true, Ordering::SeqCst) {
+            self.waker.wake().map_err(|_| LoopGone)?;
+        }
+        Ok(())
+    }
 }
 
 /// Counters a loop publishes for other threads.
 #[derive(Default)]
 pub(crate) struct LoopStats {
     pub(crate) connections: AtomicUsize,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+}
+
+impl LoopStats {
+    /// Copy a loop's counters (called by the loop itself, once per iteration).
+    pub(crate) fn store(&self, connections: usize, c: &crate::link::Counters) {
+        self.connections.store(connections, Ordering::Relaxed);
+        self.messages_in.store(c.messages_in, Ordering::Relaxed);
+        self.bytes_in.store(c.bytes_in, Ordering::Relaxed);
+        self.messages_out.store(c.messages_out, Ordering::Relaxed);
+        self.bytes_out.store(c.bytes_out, Ordering::Relaxed);
+        self.dropped.store(c.dropped, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of one loop's counters (totals since start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoopSnapshot {
+    /// Connections open now (HTTP and WebSocket).
+    pub connections: usize,
+    /// WebSocket data messages received.
+    pub messages_in: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// WebSocket data messages queued for sending (published ones included).
+    pub messages_out: u64,
+    /// Bytes of those messages, framed.
+    pub bytes_out: u64,
+    /// Messages refused because a connection was past its `max_backpressure`.
+    pub dropped: u64,
 }
 
 struct HandleInner {
     mailboxes: Vec<Mailbox>,
     shutting_down: AtomicBool,
     stats: Vec<LoopStats>,
+    registry: Arc<Registry>,
+    publishes: AtomicU64,
 }
 
 /// Controls a server from any thread: shut it down, run work on its loops.
@@ -360,6 +418,82 @@ impl ServerHandle {
         &self.inner.stats[index]
     }
 
+    /// The counters of loop `index` (modulo the number of loops).
+    pub fn loop_stats(&self, index: usize) -> LoopSnapshot {
+        let s = &self.inner.stats[index % self.inner.stats.len()];
+        LoopSnapshot {
+            connections: s.connections.load(Ordering::Relaxed),
+            messages_in: s.messages_in.load(Ordering::Relaxed),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            messages_out: s.messages_out.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+            dropped: s.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn registry(&self) -> Arc<Registry> {
+        self.inner.registry.clone()
+    }
+
+    /// The loop has started reading its mailbox: the next task needs a new wake.
+    pub(crate) fn awake(&self, index: usize) {
+        self.inner.mailboxes[index].woken.store(false, Ordering::SeqCst);
+    }
+
+    /// Publish a text message to `topic` from any thread. Returns the number of loops it was
+    /// handed to (0: nobody is subscribed). Subscribers get it in the order of the calls made
+    /// by one thread; calls racing on several threads should be ordered by the caller (the
+    /// gateway holds a per-topic lock).
+    pub fn publish_text(&self, topic: &str, text: &str) -> usize {
+        self.publish(topic, gale_frame::OpCode::Text, text.as_bytes(), true, None)
+    }
+
+    /// Publish a binary message to `topic` from any thread (see [`publish_text`](Self::publish_text)).
+    pub fn publish_binary(&self, topic: &str, data: &[u8]) -> usize {
+        self.publish(topic, gale_frame::OpCode::Binary, data, true, None)
+    }
+
+    /// Publish with every option: the opcode (text or binary), whether subscribers that
+    /// negotiated compression may get it compressed, and a connection not to deliver to.
+    pub fn publish(
+        &self,
+        topic: &str,
+        opcode: gale_frame::OpCode,
+        payload: &[u8],
+        compress: bool,
+        exclude: Option<ConnId>,
+    ) -> usize {
+        self.inner.publishes.fetch_add(1, Ordering::Relaxed);
+        let mut msg: Option<Arc<Published>> = None;
+        let mut loops = 0;
+        self.inner.registry.route(topic, |serial, index| {
+            let m = msg.get_or_insert_with(|| {
+                let mut p = Published::new(Arc::from(topic), opcode, payload, compress, exclude);
+                p.serial = serial;
+                Arc::new(p)
+            });
+            if self.inner.mailboxes[index].post(Task::Publish(m.clone())).is_ok() {
+                loops += 1;
+            }
+        });
+        loops
+    }
+
+    /// Subscribers of `topic` over all loops.
+    pub fn num_subscribers(&self, topic: &str) -> usize {
+        self.inner.registry.subscribers(topic)
+    }
+
+    /// Topics with at least one subscriber.
+    pub fn num_topics(&self) -> usize {
+        self.inner.registry.topic_count()
+    }
+
+    /// Publishes so far (including those nobody was subscribed to).
+    pub fn publishes(&self) -> u64 {
+        self.inner.publishes.load(Ordering::Relaxed)
+    }
+
     /// Graceful shutdown: stop accepting, send close 1001 to every WebSocket, finish HTTP
     /// responses, and let the loops exit once their connections are gone (or after
     /// [`ServerConfig::shutdown_timeout`]).
@@ -368,8 +502,7 @@ impl ServerHandle {
             return;
         }
         for m in &self.inner.mailboxes {
-            let _ = m.tx.send(Task::Shutdown);
-            let _ = m.waker.wake();
+            let _ = m.post(Task::Shutdown);
         }
     }
 
@@ -384,9 +517,7 @@ impl ServerHandle {
         index: usize,
         f: impl FnOnce(&mut LoopContext) + Send + 'static,
     ) -> Result<(), LoopGone> {
-        let m = &self.inner.mailboxes[index % self.inner.mailboxes.len()];
-        m.tx.send(Task::Run(Box::new(f))).map_err(|_| LoopGone)?;
-        m.waker.wake().map_err(|_| LoopGone)
+        self.inner.mailboxes[index % self.inner.mailboxes.len()].post(Task::Run(Box::new(f)))
     }
 
     /// Shut down gracefully on the first SIGINT or SIGTERM; exit at once on a second one.

@@ -63,8 +63,20 @@ pub struct Behavior {
     /// permessage-deflate.
     pub compression: Compression,
     /// Messages shorter than this are sent uncompressed even when compression is on (they
-    /// would not shrink enough to pay for it).
-    pub compress_min_size: usize,
+    /// would not shrink enough to pay for it). `None`: 1 KiB with [`Compression::Shared`]
+    /// (without context, short messages barely shrink while every message pays for a fresh
+    /// compressor state), 64 bytes with [`Compression::Dedicated`].
+    pub compress_min_size: Option<usize>,
+}
+
+impl Behavior {
+    /// The smallest message that is compressed (see [`Behavior::compress_min_size`]).
+    pub fn compress_threshold(&self) -> usize {
+        self.compress_min_size.unwrap_or(match self.compression {
+            Compression::Shared => 1024,
+            _ => 64,
+        })
+    }
 }
 
 impl Default for Behavior {
@@ -79,7 +91,7 @@ impl Default for Behavior {
             backpressure_policy: BackpressurePolicy::Drop,
             close_timeout: Duration::from_secs(5),
             compression: Compression::Disabled,
-            compress_min_size: 64,
+            compress_min_size: None,
         }
     }
 }

@@ -13,8 +13,19 @@ use gale_frame::deflate::{
 
 use crate::behavior::Compression;
 
-/// zlib compression level: fast, and most of the gain on short chat-like messages.
-const LEVEL: u32 = 3;
+/// zlib compression level: the fastest, which keeps most of the gain on short chat-like
+/// messages (it uses fixed Huffman codes instead of building a tree for every message).
+const LEVEL: u32 = 1;
+
+/// zlib memory level of the shared compressors: the smallest hash table, which is cleared
+/// before every message.
+const SHARED_MEM_LEVEL: u8 = 1;
+
+/// zlib memory level for a dedicated compressor with a `window_bits` window: the hash table
+/// scaled to the window (zlib's own default of 8 goes with 15 bits).
+fn dedicated_mem_level(window_bits: u8) -> u8 {
+    (window_bits.saturating_sub(8)).clamp(1, 8)
+}
 
 /// Compression state one loop shares between its connections.
 #[derive(Default)]
@@ -30,6 +41,15 @@ pub(crate) struct SharedCodecs {
 }
 
 impl SharedCodecs {
+    /// Compress `payload` on its own (no context) with a `window_bits` window into `out`.
+    pub(crate) fn deflate_without_context(&mut self, window_bits: u8, payload: &[u8], out: &mut Vec<u8>) {
+        let bits = window_bits.clamp(MIN_WINDOW_BITS, MAX_WINDOW_BITS);
+        out.clear();
+        self.deflaters[(bits - MIN_WINDOW_BITS) as usize]
+            .get_or_insert_with(|| Deflater::with_memory(bits, LEVEL, SHARED_MEM_LEVEL, false))
+            .compress(payload, out);
+    }
+
     /// Free scratch buffers that a large message made large.
     pub(crate) fn trim(&mut self) {
         const KEEP: usize = 256 * 1024;
@@ -62,6 +82,18 @@ pub(crate) fn server_config(mode: Compression) -> Option<DeflateConfig> {
     }
 }
 
+/// How the messages a connection receives are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SendMode {
+    /// Not at all.
+    Plain,
+    /// Each message on its own with this window: one compressed frame serves every such
+    /// connection.
+    WithoutContext(u8),
+    /// With the connection's own compressor, which keeps context between messages.
+    OwnContext,
+}
+
 /// A connection's compression: what was negotiated, and its own codecs when it keeps context.
 #[derive(Default)]
 pub(crate) struct ConnCompression {
@@ -81,18 +113,27 @@ impl ConnCompression {
         self.params.is_some()
     }
 
+    /// How messages to this connection are compressed.
+    pub(crate) fn mode(&self) -> SendMode {
+        match self.params {
+            None => SendMode::Plain,
+            Some(p) if p.server_no_context_takeover => SendMode::WithoutContext(p.server_max_window_bits),
+            Some(_) => SendMode::OwnContext,
+        }
+    }
+
     /// Compress `payload` for this connection into `out` (cleared first).
     pub(crate) fn compress(&mut self, shared: &mut SharedCodecs, payload: &[u8], out: &mut Vec<u8>) {
         let Some(p) = self.params else { return };
         out.clear();
         if p.server_no_context_takeover {
-            let slot = (p.server_max_window_bits - MIN_WINDOW_BITS) as usize;
-            shared.deflaters[slot]
-                .get_or_insert_with(|| Deflater::new(p.server_max_window_bits, LEVEL, false))
-                .compress(payload, out);
+            shared.deflate_without_context(p.server_max_window_bits, payload, out);
         } else {
             self.deflater
-                .get_or_insert_with(|| Box::new(Deflater::new(p.server_max_window_bits, LEVEL, true)))
+                .get_or_insert_with(|| {
+                    let bits = p.server_max_window_bits;
+                    Box::new(Deflater::with_memory(bits, LEVEL, dedicated_mem_level(bits), true))
+                })
                 .compress(payload, out);
         }
     }
@@ -109,7 +150,10 @@ impl ConnCompression {
         if p.client_no_context_takeover {
             shared.inflater.get_or_insert_with(|| Inflater::new(false)).inflate(payload, out, max)
         } else {
-            self.inflater.get_or_insert_with(|| Box::new(Inflater::new(true))).inflate(payload, out, max)
+            let bits = p.client_max_window_bits.unwrap_or(MAX_WINDOW_BITS);
+            self.inflater
+                .get_or_insert_with(|| Box::new(Inflater::with_window(true, bits)))
+                .inflate(payload, out, max)
         }
     }
 }

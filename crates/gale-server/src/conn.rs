@@ -13,9 +13,11 @@ use gale_frame::handshake::{
 use gale_frame::{CloseCode, ClosePayload, DataKind, Decoder, DecoderConfig, Event, OpCode, ProtocolError};
 
 use crate::app::ServerConfig;
+use crate::compress::SendMode;
 use crate::compress::{self, ConnCompression};
 use crate::handler::{HttpRequest, HttpResponse, Message, UpgradeRequest};
 use crate::link::{CloseState, Finish, Link, Scratch};
+use crate::pubsub::Published;
 use crate::routes::{HttpMatch, Routes, WsRoute};
 use crate::websocket::{Callback, Session};
 
@@ -119,6 +121,7 @@ impl Conn {
             return;
         }
         self.last_seen = cx.now;
+        cx.pool.counters.bytes_in += data.len() as u64;
         match &mut self.phase {
             Phase::Http(_) => self.http_data(data, cx),
             Phase::Ws(ws) => {
@@ -182,6 +185,41 @@ impl Conn {
             self.link.finish = Finish::Now;
         }
         self.report_close_if_ending(cx, true);
+    }
+
+    /// Queue a published message for this connection (if it is an open WebSocket and not the
+    /// publisher that excluded itself): the shared frame, the shared compressed frame, or a
+    /// frame compressed with the connection's own context.
+    pub(crate) fn deliver(&mut self, msg: &Published, cx: &mut ConnCx<'_>) {
+        let Phase::Ws(ws) = &mut self.phase else { return };
+        if ws.app.reported || msg.exclude == Some(self.link.id) {
+            return;
+        }
+        let route = &cx.routes.ws[ws.app.route as usize];
+        let behavior = &route.behavior;
+        let compress = msg.compress && msg.payload().len() >= behavior.compress_threshold();
+        match ws.app.session.compression.mode() {
+            SendMode::WithoutContext(bits) if compress => {
+                let pool = &mut *cx.pool;
+                let frame = msg.deflated(bits, &mut pool.codecs);
+                self.link.send_encoded(pool, behavior, frame);
+            }
+            SendMode::OwnContext if compress => {
+                let Session { data, compression } = &mut ws.app.session;
+                let mut ws = crate::websocket::WebSocket {
+                    link: &mut self.link,
+                    data,
+                    compression,
+                    pool: cx.pool,
+                    behavior,
+                };
+                ws.send_raw(msg.opcode(), msg.payload());
+            }
+            _ => {
+                self.link.send_encoded(cx.pool, behavior, msg.frame());
+            }
+        }
+        self.after_callbacks(cx);
     }
 
     /// The tick at which this connection next needs attention, if any.
@@ -516,6 +554,9 @@ impl Conn {
             pos += used;
             let Some(event) = event else { break };
             let open = self.link.close == CloseState::Open;
+            if matches!(event, Event::Text(_) | Event::Binary(_) | Event::Compressed { .. }) {
+                cx.pool.counters.messages_in += 1;
+            }
             let link = &mut self.link;
             let app = &mut ws.app;
             let call = |app: &mut WsApp, link: &mut Link, pool: &mut Scratch, cb: Callback<'_>| {
@@ -633,6 +674,7 @@ fn report_close(
     app.reported = true;
     link.close = CloseState::Closed;
     route.handler.call(link, &mut app.session, pool, &route.behavior, Callback::Close(code, reason));
+    pool.topics.unsubscribe_all(link.key);
 }
 
 #[cfg(test)]

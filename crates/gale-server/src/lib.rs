@@ -4,7 +4,10 @@
 //! receive buffer and a pool of send buffers. Connections run through a sans-IO state machine
 //! (HTTP requests, the upgrade, then RFC 6455 frames via `gale-frame`), driven by a backend
 //! that only moves bytes. Applications describe routes with [`App`]: WebSocket behaviours
-//! ([`WsHandler`]) and plain HTTP handlers ([`HttpHandler`]).
+//! ([`WsHandler`]) and plain HTTP handlers ([`HttpHandler`]). Connections subscribe to topics
+//! ([`WebSocket::subscribe`]); a message published to a topic from any thread
+//! ([`ServerHandle::publish_text`], [`WebSocket::publish`]) is framed once and written by each
+//! loop to its local subscribers.
 
 #![warn(missing_docs)]
 
@@ -16,15 +19,19 @@ mod conn;
 mod handler;
 mod link;
 mod listener;
+mod pubsub;
 mod routes;
 mod timer;
 mod websocket;
 
-pub use app::{App, Backend, LoopContext, LoopGone, Running, Server, ServerConfig, ServerHandle};
+pub use app::{
+    App, Backend, LoopContext, LoopGone, LoopSnapshot, Running, Server, ServerConfig, ServerHandle,
+};
 pub use behavior::{BackpressurePolicy, Behavior, Compression, IdleClose};
 pub use gale_frame::CloseCode;
 pub use handler::{
     Accept, HttpHandler, HttpRequest, HttpResponse, Message, Reject, UpgradeRequest, WsHandler,
 };
 pub use link::SendStatus;
+pub use pubsub::ConnId;
 pub use websocket::WebSocket;

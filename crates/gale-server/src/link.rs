@@ -6,8 +6,10 @@ use std::net::{SocketAddr, TcpStream};
 
 use gale_frame::{CloseCode, ClosePayload, FrameSpec, MAX_HEADER_LEN, OpCode, write_header};
 
+use crate::app::ServerHandle;
 use crate::behavior::{BackpressurePolicy, Behavior};
 use crate::compress::SharedCodecs;
+use crate::pubsub::{ConnId, LoopTopics};
 
 /// Output buffers are flushed early once this many unsent bytes accumulate while the kernel is
 /// taking everything: a handler that sends a lot in one go does not build a large buffer.
@@ -64,17 +66,57 @@ pub(crate) enum Finish {
     Now,
 }
 
+/// A loop's traffic counters, copied to [`crate::app::LoopStats`] once per iteration.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) messages_in: u64,
+    pub(crate) bytes_in: u64,
+    pub(crate) messages_out: u64,
+    pub(crate) bytes_out: u64,
+    /// Messages refused because a connection was past `max_backpressure`.
+    pub(crate) dropped: u64,
+}
+
 /// What a loop lends its connections: a pool of output buffers (a connection borrows one while
-/// it has bytes to send) and the compression state shared between connections.
-#[derive(Default)]
+/// it has bytes to send), the compression state shared between connections, the loop's topic
+/// table and counters, and the server's handle (to publish).
 pub(crate) struct Scratch {
     free: Vec<Vec<u8>>,
     pub(crate) codecs: SharedCodecs,
+    pub(crate) topics: LoopTopics,
+    pub(crate) counters: Counters,
+    pub(crate) handle: ServerHandle,
+    index: usize,
+    next_serial: u64,
 }
 
 impl Scratch {
-    fn take(&mut self) -> Vec<u8> {
-        self.free.pop().unwrap_or_else(|| Vec::with_capacity(16 * 1024))
+    pub(crate) fn new(handle: ServerHandle, index: usize) -> Self {
+        Scratch {
+            free: Vec::new(),
+            codecs: SharedCodecs::default(),
+            topics: LoopTopics::new(handle.registry(), index),
+            counters: Counters::default(),
+            handle,
+            index,
+            next_serial: 0,
+        }
+    }
+
+    /// A new connection's id.
+    pub(crate) fn next_id(&mut self) -> ConnId {
+        self.next_serial += 1;
+        ConnId::new(self.index, self.next_serial)
+    }
+
+    /// A buffer for at least `need` bytes: a pooled one, else a new one sized to the need.
+    /// (A fan-out touches thousands of connections at once; giving each a fresh 16 KiB
+    /// buffer for a 100-byte message made the allocator map and unmap pages every publish.)
+    fn take(&mut self, need: usize) -> Vec<u8> {
+        match self.free.pop() {
+            Some(buf) => buf,
+            None => Vec::with_capacity(need.max(256).next_power_of_two()),
+        }
     }
 
     pub(crate) fn give(&mut self, mut buf: Vec<u8>) {
@@ -88,6 +130,10 @@ impl Scratch {
 /// The sending half of a connection.
 pub(crate) struct Link {
     pub(crate) stream: TcpStream,
+    /// The connection's id, for excluding it from its own publishes.
+    pub(crate) id: ConnId,
+    /// Its key in the loop's connection table.
+    pub(crate) key: u32,
     /// Bytes not yet handed to the kernel. Holds a pooled buffer only while non-empty.
     out: Vec<u8>,
     pub(crate) remote: SocketAddr,
@@ -108,9 +154,11 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(stream: TcpStream, remote: SocketAddr) -> Self {
+    pub(crate) fn new(stream: TcpStream, remote: SocketAddr, key: usize, id: ConnId) -> Self {
         Link {
             stream,
+            id,
+            key: key as u32,
             out: Vec::new(),
             remote,
             close: CloseState::Open,
@@ -175,15 +223,15 @@ impl Link {
 
     /// Append raw bytes produced by `fill` into the output buffer.
     pub(crate) fn push_with(&mut self, pool: &mut Scratch, fill: impl FnOnce(&mut Vec<u8>)) {
-        self.ensure_buf(pool);
+        self.ensure_buf(pool, 1024);
         fill(&mut self.out);
         self.dirty = true;
     }
 
     #[inline]
-    fn ensure_buf(&mut self, pool: &mut Scratch) {
+    fn ensure_buf(&mut self, pool: &mut Scratch, need: usize) {
         if self.out.capacity() == 0 {
-            self.out = pool.take();
+            self.out = pool.take(need);
         }
     }
 
@@ -192,7 +240,7 @@ impl Link {
     pub(crate) fn queue_control(&mut self, pool: &mut Scratch, opcode: OpCode, payload: &[u8]) {
         let mut header = [0u8; MAX_HEADER_LEN];
         let n = write_header(&mut header, FrameSpec::server(opcode), payload.len());
-        self.ensure_buf(pool);
+        self.ensure_buf(pool, n + payload.len());
         self.out.extend_from_slice(&header[..n]);
         self.out.extend_from_slice(payload);
         self.dirty = true;
@@ -228,10 +276,11 @@ impl Link {
 
     /// The status of a message [`can_accept`](Link::can_accept) turned down, applying the
     /// backpressure policy as a refused send would.
-    pub(crate) fn refuse(&mut self, behavior: &Behavior) -> SendStatus {
+    pub(crate) fn refuse(&mut self, pool: &mut Scratch, behavior: &Behavior) -> SendStatus {
         if self.close != CloseState::Open || self.finish != Finish::No || self.broken {
             return SendStatus::Closed;
         }
+        pool.counters.dropped += 1;
         if behavior.backpressure_policy == BackpressurePolicy::Close {
             self.finish = Finish::Now;
         }
@@ -278,13 +327,16 @@ impl Link {
             if behavior.backpressure_policy == BackpressurePolicy::Close {
                 self.finish = Finish::Now;
             }
+            pool.counters.dropped += 1;
             return SendStatus::Dropped;
         }
+        pool.counters.messages_out += 1;
+        pool.counters.bytes_out += len as u64;
         if self.out.is_empty() && self.direct && !self.blocked && body.len() >= DIRECT_WRITE_MIN {
             // Large payload: write it from the caller's slice, copy only what the kernel refuses.
             let written = self.write_vectored(head, body);
             if written < len {
-                self.ensure_buf(pool);
+                self.ensure_buf(pool, len - written);
                 if written < head.len() {
                     self.out.extend_from_slice(&head[written..]);
                     self.out.extend_from_slice(body);
@@ -295,7 +347,7 @@ impl Link {
             }
             return if self.blocked { SendStatus::Backpressure } else { SendStatus::Sent };
         }
-        self.ensure_buf(pool);
+        self.ensure_buf(pool, len);
         self.out.extend_from_slice(head);
         self.out.extend_from_slice(body);
         self.dirty = true;

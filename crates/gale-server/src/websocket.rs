@@ -10,6 +10,7 @@ use crate::behavior::Behavior;
 use crate::compress::ConnCompression;
 use crate::handler::{Message, Reject, UpgradeRequest, WsHandler};
 use crate::link::{CloseState, Finish, Link, Scratch, SendStatus};
+use crate::pubsub::ConnId;
 
 /// A WebSocket connection, as seen from inside a handler call.
 ///
@@ -25,7 +26,7 @@ pub struct WebSocket<'a, D> {
 
 impl<D> WebSocket<'_, D> {
     /// Send a text message (compressed when permessage-deflate was negotiated and the message
-    /// is at least [`Behavior::compress_min_size`] bytes).
+    /// is at least [`Behavior::compress_threshold`] bytes).
     pub fn send_text(&mut self, text: &str) -> SendStatus {
         self.send_data(OpCode::Text, text.as_bytes(), true)
     }
@@ -49,9 +50,15 @@ impl<D> WebSocket<'_, D> {
         }
     }
 
+    /// Send a data frame compressed as negotiated (publish to a connection with its own
+    /// compression context).
+    pub(crate) fn send_raw(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
+        self.send_data(opcode, payload, true)
+    }
+
     fn send_data(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
         let compress =
-            compress && self.compression.is_on() && payload.len() >= self.behavior.compress_min_size;
+            compress && self.compression.is_on() && payload.len() >= self.behavior.compress_threshold();
         if !compress {
             return self.link.send_frame(self.pool, self.behavior, opcode, false, payload);
         }
@@ -59,7 +66,7 @@ impl<D> WebSocket<'_, D> {
         // that bound before compressing, so the compressor's context never includes a message
         // the peer will not get.
         if !self.link.can_accept(self.behavior, payload.len() + payload.len() / 1000 + 64) {
-            return self.link.refuse(self.behavior);
+            return self.link.refuse(self.pool, self.behavior);
         }
         let mut out = std::mem::take(&mut self.pool.codecs.compressed);
         self.compression.compress(&mut self.pool.codecs, payload, &mut out);
@@ -117,6 +124,54 @@ impl<D> WebSocket<'_, D> {
     /// The route's settings.
     pub fn behavior(&self) -> &Behavior {
         self.behavior
+    }
+
+    /// This connection's id (for [`ServerHandle::publish`](crate::ServerHandle::publish)'s
+    /// `exclude`).
+    pub fn id(&self) -> ConnId {
+        self.link.id
+    }
+
+    /// Subscribe to `topic`: from now on, every message published to it reaches this
+    /// connection (and none published before this call). Returns false if it already was
+    /// subscribed. Subscriptions end with the connection.
+    pub fn subscribe(&mut self, topic: &str) -> bool {
+        if self.link.close != CloseState::Open {
+            return false;
+        }
+        self.pool.topics.subscribe(topic, self.link.key)
+    }
+
+    /// Unsubscribe from `topic`; returns whether it was subscribed.
+    pub fn unsubscribe(&mut self, topic: &str) -> bool {
+        self.pool.topics.unsubscribe(topic, self.link.key)
+    }
+
+    /// Whether this connection is subscribed to `topic`.
+    pub fn is_subscribed(&self, topic: &str) -> bool {
+        self.pool.topics.of(self.link.key).iter().any(|t| &**t == topic)
+    }
+
+    /// The topics this connection is subscribed to.
+    pub fn topics(&self) -> impl Iterator<Item = &str> {
+        self.pool.topics.of(self.link.key).iter().map(|t| &**t)
+    }
+
+    /// Publish `msg` to every subscriber of `topic` on every loop, this connection included
+    /// unless `exclude_self`. Delivery happens after this handler returns, in the order of the
+    /// calls. Returns the number of loops it went to (0: no subscribers).
+    pub fn publish(&mut self, topic: &str, msg: Message<'_>, exclude_self: bool) -> usize {
+        let (opcode, payload) = match msg {
+            Message::Text(t) => (OpCode::Text, t.as_bytes()),
+            Message::Binary(b) => (OpCode::Binary, b),
+        };
+        let exclude = exclude_self.then_some(self.link.id);
+        self.pool.handle.publish(topic, opcode, payload, true, exclude)
+    }
+
+    /// The handle of the server this connection belongs to.
+    pub fn server(&self) -> &crate::ServerHandle {
+        &self.pool.handle
     }
 }
 

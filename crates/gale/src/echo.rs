@@ -43,9 +43,10 @@ pub struct EchoArgs {
     /// Window of dedicated compressors, in bits (9..=15).
     #[arg(long, default_value_t = 15, value_name = "BITS", value_parser = clap::value_parser!(u8).range(9..=15))]
     compression_window: u8,
-    /// Messages shorter than this are sent uncompressed.
-    #[arg(long, default_value_t = 64, value_name = "BYTES")]
-    compress_min_size: usize,
+    /// Messages shorter than this are sent uncompressed (default: 1024 with shared
+    /// compression, 64 with dedicated).
+    #[arg(long, value_name = "BYTES")]
+    compress_min_size: Option<usize>,
     /// io_uring: provided receive buffers per loop (a power of two).
     #[arg(long, default_value_t = 512, value_name = "N", hide_short_help = true)]
     uring_buffers: u16,

@@ -1,7 +1,8 @@
-//! The `gale` command: `gale echo` (the standard testee for conformance suites and
-//! benchmarks).
+//! The `gale` command: `gale serve` (the push gateway, the default) and `gale echo` (the
+//! standard testee for conformance suites and benchmarks).
 
 mod echo;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -11,12 +12,15 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "gale", version, about, long_about = None)]
 struct Cli {
+    /// What to run; `serve` when left out.
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// The push gateway: topics over WebSocket, an HTTP publish API, and a demo page.
+    Serve(serve::ServeArgs),
     /// Echo every text and binary message, on any path.
     Echo(echo::EchoArgs),
 }
@@ -29,7 +33,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
+    let result = match cli.command.unwrap_or_else(|| Command::Serve(serve::ServeArgs::default())) {
+        Command::Serve(args) => serve::run(args),
         Command::Echo(args) => echo::run(args),
     };
     match result {

@@ -23,8 +23,12 @@ fn server(mode: &'static str) -> SocketAddr {
     static SHARED: OnceLock<SocketAddr> = OnceLock::new();
     static DEDICATED: OnceLock<SocketAddr> = OnceLock::new();
     static OFF: OnceLock<SocketAddr> = OnceLock::new();
+    static SHARED_DEFAULT: OnceLock<SocketAddr> = OnceLock::new();
     let (cell, args): (_, &'static [&'static str]) = match mode {
-        "shared" => (&SHARED, &["--compression", "shared", "--max-payload", "1048576"]),
+        "shared" => {
+            (&SHARED, &["--compression", "shared", "--compress-min-size", "64", "--max-payload", "1048576"])
+        }
+        "shared-default" => (&SHARED_DEFAULT, &["--compression", "shared", "--max-payload", "1048576"]),
         "dedicated" => (&DEDICATED, &["--compression", "dedicated", "--max-payload", "1048576"]),
         _ => (&OFF, &["--compression", "off", "--max-payload", "1048576"]),
     };
@@ -122,6 +126,19 @@ fn shared_mode_echoes_compressed_messages() {
     let big = vec![7u8; 100_000];
     c.send(&raw_frame(FIN | BINARY, &big));
     assert_eq!(read_echo(&mut c, &mut inf), (true, big));
+}
+
+#[test]
+fn shared_mode_leaves_messages_under_1_kib_uncompressed_by_default() {
+    let (mut c, _) = connect(server("shared-default"), "permessage-deflate");
+    let mut d = Deflater::new(15, 6, false);
+    let mut inf = Inflater::new(false);
+    let msg = chat(1);
+    c.send(&raw_frame(FIN | RSV1 | TEXT, &compress(&mut d, msg.as_bytes())));
+    assert_eq!(read_echo(&mut c, &mut inf), (false, msg.clone().into_bytes()));
+    let long = msg.repeat(10);
+    c.send(&raw_frame(FIN | RSV1 | TEXT, &compress(&mut d, long.as_bytes())));
+    assert_eq!(read_echo(&mut c, &mut inf), (true, long.into_bytes()));
 }
 
 #[test]

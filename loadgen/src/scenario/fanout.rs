@@ -21,8 +21,13 @@ pub trait Protocol: Send + Sync {
     fn subscribe(&self, topic: &str) -> Option<String>;
     /// The WebSocket message that publishes `payload`.
     fn publish_ws(&self, topic: &str, payload: &str) -> String;
-    /// The HTTP request path and body that publish `payload`, if the server has an HTTP API.
+    /// What to append to the publish URL's path, and the body, to publish `payload` over
+    /// HTTP, if the server has an HTTP API.
     fn publish_http(&self, topic: &str, payload: &str) -> Option<(String, Vec<u8>)>;
+    /// The publish path when the publish URL gives none (`{topic}` is replaced).
+    fn default_http_path(&self) -> &'static str {
+        "/"
+    }
     /// The published payload inside a message a subscriber received, or `None` for other
     /// messages (replies to commands, heartbeats).
     fn delivery<'a>(&self, msg: &'a [u8]) -> Option<&'a [u8]>;
@@ -45,6 +50,40 @@ impl Protocol for Plain {
     fn delivery<'a>(&self, msg: &'a [u8]) -> Option<&'a [u8]> {
         Some(msg)
     }
+}
+
+/// Gale's gateway protocol (`gale serve`, see docs/GATEWAY.md): subscribers send
+/// `{"op":"subscribe","topic":…}` and receive `{"topic":…,"epoch":…,"seq":…,"data":"PAYLOAD"}`;
+/// publishers send `{"op":"publish",…,"data":"PAYLOAD"}` over WebSocket, or POST the payload
+/// to `/api/publish/{topic}`.
+pub struct Gale;
+
+impl Protocol for Gale {
+    fn subscribe(&self, topic: &str) -> Option<String> {
+        Some(format!("{{\"op\":\"subscribe\",\"topic\":{}}}", json_string(topic)))
+    }
+    fn publish_ws(&self, topic: &str, payload: &str) -> String {
+        // Payloads are hex digits and dots: nothing to escape.
+        format!("{{\"op\":\"publish\",\"topic\":{},\"data\":\"{payload}\"}}", json_string(topic))
+    }
+    fn publish_http(&self, _topic: &str, payload: &str) -> Option<(String, Vec<u8>)> {
+        Some((String::new(), payload.as_bytes().to_vec()))
+    }
+    fn default_http_path(&self) -> &'static str {
+        "/api/publish/{topic}"
+    }
+    fn delivery<'a>(&self, msg: &'a [u8]) -> Option<&'a [u8]> {
+        // A delivery carries "seq" before "data"; replies to commands carry "ok" or "error".
+        const KEY: &[u8] = b",\"data\":\"";
+        let at = msg.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+        let rest = &msg[at..];
+        let end = rest.iter().position(|&b| b == b'"')?;
+        Some(&rest[..end])
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 /// The instant the fan-out clock counts from; publisher and subscribers share it because they
@@ -310,6 +349,16 @@ impl Driver for Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gale_protocol_finds_payloads_in_deliveries_only() {
+        let p = make_payload(7, 1, 40);
+        let d = format!("{{\"topic\":\"bench\",\"epoch\":\"ab\",\"seq\":3,\"data\":\"{p}\"}}");
+        assert_eq!(Gale.delivery(d.as_bytes()), Some(p.as_bytes()));
+        assert_eq!(Gale.delivery(br#"{"id":1,"ok":true,"op":"subscribe","topic":"bench","seq":0}"#), None);
+        let cmd: serde_json::Value = serde_json::from_str(&Gale.publish_ws("t\"x", &p)).unwrap();
+        assert_eq!((cmd["topic"].as_str(), cmd["data"].as_str()), (Some("t\"x"), Some(p.as_str())));
+    }
 
     #[test]
     fn payload_round_trip() {

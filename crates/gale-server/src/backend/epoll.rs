@@ -71,6 +71,10 @@ pub(crate) struct EpollLoop {
     read_pending: Vec<usize>,
     due: Vec<(u32, u32)>,
     shutdown_deadline: Option<Instant>,
+    /// Subscribers a published message goes to (reused).
+    recipients: Vec<u32>,
+    /// Connections that got published messages since the last flush.
+    touched: Vec<usize>,
 }
 
 impl EpollLoop {
@@ -88,16 +92,18 @@ impl EpollLoop {
             poll,
             listener: Some(listener),
             rx: seed.rx,
-            handle,
+            handle: handle.clone(),
             conns: Slab::new(),
             buf,
-            env: Env { shared, pool: Scratch::default(), wheel: TimerWheel::new() },
+            env: Env { shared, pool: Scratch::new(handle.clone(), seed.index), wheel: TimerWheel::new() },
             accept_pending: true,
             accept_paused_until: None,
             out_of_descriptors: false,
             read_pending: Vec::new(),
             due: Vec::new(),
             shutdown_deadline: None,
+            recipients: Vec::new(),
+            touched: Vec::new(),
         })
     }
 
@@ -136,6 +142,9 @@ impl EpollLoop {
             due.clear();
             self.due = due;
             self.accept();
+            // Tasks posted by this loop's own handlers (publishes) go out in this iteration.
+            self.run_tasks();
+            self.handle.stats(self.index).store(self.conns.len(), &self.env.pool.counters);
             if let Some(deadline) = self.shutdown_deadline {
                 if self.conns.is_empty() {
                     return Ok(());
@@ -221,7 +230,8 @@ impl EpollLoop {
     /// timer is due no later than its deadline.
     fn settle(&mut self, key: usize) {
         let conn = &mut self.conns[key];
-        if conn.link.dirty && conn.link.flush() {
+        // A blocked connection is flushed by its writable event.
+        if conn.link.dirty && !conn.link.blocked && conn.link.flush() {
             conn.drained(&mut self.env.cx());
         }
         conn.after_flush(self.env.wheel.now());
@@ -255,10 +265,6 @@ impl EpollLoop {
         conn.link.discard(&mut self.env.pool);
         // Dropping the stream closes the descriptor, which also removes it from epoll.
         drop(conn);
-        self.handle
-            .stats(self.index)
-            .connections
-            .store(self.conns.len(), std::sync::atomic::Ordering::Relaxed);
         // A descriptor was freed: accepting may work again.
         self.accept_paused_until = None;
     }
@@ -295,7 +301,8 @@ impl EpollLoop {
                         continue;
                     }
                     let now = self.env.wheel.now();
-                    let conn = entry.insert(Conn::new(Link::new(stream, remote), now));
+                    let id = self.env.pool.next_id();
+                    let conn = entry.insert(Conn::new(Link::new(stream, remote, key, id), now));
                     let cx = self.env.cx();
                     if let Some(deadline) = conn.deadline(&cx) {
                         conn.timer_at = self.env.wheel.schedule(key as u32, deadline);
@@ -322,13 +329,10 @@ impl EpollLoop {
                 }
             }
         }
-        self.handle
-            .stats(self.index)
-            .connections
-            .store(self.conns.len(), std::sync::atomic::Ordering::Relaxed);
     }
 
     fn run_tasks(&mut self) {
+        self.handle.awake(self.index);
         loop {
             match self.rx.try_recv() {
                 Ok(Task::Shutdown) => self.begin_shutdown(),
@@ -336,9 +340,31 @@ impl EpollLoop {
                     let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
                     f(&mut cx);
                 }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+                Ok(Task::Publish(msg)) => self.deliver(&msg),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        // One write per subscriber for everything published since the last one.
+        for key in std::mem::take(&mut self.touched) {
+            if self.conns.contains(key) {
+                self.settle(key);
+            }
+        }
+    }
+
+    /// Queue a published message for the local subscribers of its topic.
+    fn deliver(&mut self, msg: &crate::pubsub::Published) {
+        let mut keys = std::mem::take(&mut self.recipients);
+        self.env.pool.topics.recipients(msg, &mut keys);
+        for &key in &keys {
+            let Some(conn) = self.conns.get_mut(key as usize) else { continue };
+            let was_dirty = conn.link.dirty;
+            conn.deliver(msg, &mut self.env.cx());
+            if (!was_dirty && conn.link.dirty) || conn.link.finishing() {
+                self.touched.push(key as usize);
+            }
+        }
+        self.recipients = keys;
     }
 
     fn begin_shutdown(&mut self) {

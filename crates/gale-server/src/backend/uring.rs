@@ -186,6 +186,8 @@ pub(crate) struct UringLoop {
     due: Vec<(u32, u32)>,
     completions: Vec<(u64, i32, u32)>,
     shutdown_deadline: Option<Instant>,
+    /// Subscribers a published message goes to (reused).
+    recipients: Vec<u32>,
 }
 
 impl UringLoop {
@@ -206,9 +208,9 @@ impl UringLoop {
             eventfd,
             wake_buf: Box::new([0; 8]),
             rx: seed.rx,
-            handle,
+            handle: handle.clone(),
             conns: Slab::new(),
-            env: Env { shared, pool: Scratch::default(), wheel: TimerWheel::new() },
+            env: Env { shared, pool: Scratch::new(handle.clone(), seed.index), wheel: TimerWheel::new() },
             next_generation: 1,
             accept_armed: false,
             accept_paused_until: None,
@@ -217,6 +219,7 @@ impl UringLoop {
             due: Vec::new(),
             completions: Vec::with_capacity(1024),
             shutdown_deadline: None,
+            recipients: Vec::new(),
         };
         lp.arm_accept();
         lp.arm_wake();
@@ -289,7 +292,10 @@ impl UringLoop {
             }
             due.clear();
             self.due = due;
+            // Tasks posted by this loop's own handlers (publishes) go out in this iteration.
+            self.run_tasks();
             self.send_dirty();
+            self.handle.stats(self.index).store(self.conns.len(), &self.env.pool.counters);
             if !self.accept_armed
                 && self.listener.is_some()
                 && self.accept_paused_until.is_none_or(|t| Instant::now() >= t)
@@ -397,7 +403,8 @@ impl UringLoop {
         let fd = stream.as_raw_fd();
         // The socket is non-blocking: io_uring operations still wait for readiness (it arms a
         // poll on EAGAIN), and the connection may write directly while no send is in flight.
-        let link = Link::new(stream, remote);
+        let id = self.env.pool.next_id();
+        let link = Link::new(stream, remote, self.conns.vacant_entry().key(), id);
         let now = self.env.wheel.now();
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
@@ -599,13 +606,11 @@ impl UringLoop {
     }
 
     fn update_stats(&self) {
-        self.handle
-            .stats(self.index)
-            .connections
-            .store(self.conns.len(), std::sync::atomic::Ordering::Relaxed);
+        self.handle.stats(self.index).store(self.conns.len(), &self.env.pool.counters);
     }
 
     fn run_tasks(&mut self) {
+        self.handle.awake(self.index);
         loop {
             match self.rx.try_recv() {
                 Ok(Task::Shutdown) => self.begin_shutdown(),
@@ -613,9 +618,26 @@ impl UringLoop {
                     let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
                     f(&mut cx);
                 }
+                Ok(Task::Publish(msg)) => self.deliver(&msg),
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
             }
         }
+    }
+
+    /// Queue a published message for the local subscribers of its topic; the sends go out
+    /// with the other dirty connections at the end of the iteration.
+    fn deliver(&mut self, msg: &crate::pubsub::Published) {
+        let mut keys = std::mem::take(&mut self.recipients);
+        self.env.pool.topics.recipients(msg, &mut keys);
+        for &key in &keys {
+            let Some(e) = self.conns.get_mut(key as usize) else { continue };
+            if e.closing {
+                continue;
+            }
+            e.conn.deliver(msg, &mut self.env.cx());
+            self.settle(key as usize);
+        }
+        self.recipients = keys;
     }
 
     fn begin_shutdown(&mut self) {

@@ -1,0 +1,174 @@
+//! Publish/subscribe through the App API: subscriptions on several loops, publishes from other
+//! threads and from handlers, excluding the sender, clean-up on close, and slow subscribers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, Recv, TestServer, wait_until};
+use gale_server::{
+    Accept, App, BackpressurePolicy, Behavior, Message, Reject, UpgradeRequest, WebSocket, WsHandler,
+};
+
+/// Messages are commands: `sub T`, `unsub T`, `is T` (answers `yes`/`no`), `pub T text` and
+/// `pubx T text` (publish, excluding the sender).
+struct Commands;
+
+impl WsHandler for Commands {
+    type Data = ();
+
+    fn upgrade(&self, _req: &UpgradeRequest<'_>) -> Result<Accept<()>, Reject> {
+        Ok(Accept::new(()))
+    }
+
+    fn message(&self, ws: &mut WebSocket<'_, ()>, msg: Message<'_>) {
+        let Message::Text(text) = msg else { return };
+        let mut parts = text.splitn(3, ' ');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some("sub"), Some(t), None) => {
+                let fresh = ws.subscribe(t);
+                ws.send_text(if fresh { "subscribed" } else { "already" });
+            }
+            (Some("unsub"), Some(t), None) => {
+                let was = ws.unsubscribe(t);
+                ws.send_text(if was { "unsubscribed" } else { "not subscribed" });
+            }
+            (Some("is"), Some(t), None) => {
+                ws.send_text(if ws.is_subscribed(t) { "yes" } else { "no" });
+            }
+            (Some("pub"), Some(t), Some(body)) => {
+                ws.publish(t, Message::Text(body), false);
+            }
+            (Some("pubx"), Some(t), Some(body)) => {
+                ws.publish(t, Message::Text(body), true);
+            }
+            _ => {
+                ws.send_text("?");
+            }
+        }
+    }
+}
+
+fn start(threads: usize, behavior: Behavior) -> TestServer {
+    TestServer::start(App::new().threads(threads).ws("/ps", behavior, Commands))
+}
+
+fn subscribe(server: &TestServer, topic: &str) -> Client {
+    let mut c = server.connect("/ps");
+    c.send_text(&format!("sub {topic}"));
+    assert_eq!(c.expect_text(), "subscribed");
+    c
+}
+
+#[test]
+fn publish_from_another_thread_reaches_every_subscriber_on_every_loop_in_order() {
+    let server = start(2, Behavior::default());
+    // Enough connections that both loops hold some (the kernel spreads accepts).
+    let mut subs: Vec<Client> = (0..16).map(|_| subscribe(&server, "news")).collect();
+    let mut other = subscribe(&server, "sport");
+    assert_eq!(server.handle.num_subscribers("news"), 16);
+    assert_eq!(server.handle.num_subscribers("sport"), 1);
+    assert_eq!(server.handle.num_subscribers("nothing"), 0);
+    let per_loop: Vec<usize> = (0..2).map(|i| server.handle.loop_stats(i).connections).collect();
+    assert!(per_loop.iter().all(|&n| n > 0), "connections on both loops: {per_loop:?}");
+
+    let handle = server.handle.clone();
+    let publisher = std::thread::spawn(move || {
+        for i in 0..200 {
+            assert!(handle.publish_text("news", &format!("n{i}")) > 0);
+        }
+    });
+    publisher.join().unwrap();
+    for c in &mut subs {
+        for i in 0..200 {
+            assert_eq!(c.expect_text(), format!("n{i}"));
+        }
+    }
+    // A topic's messages never reach subscribers of another.
+    assert!(matches!(other.recv(Duration::from_millis(200)), Recv::Timeout));
+    assert_eq!(server.handle.publish_text("nobody", "x"), 0, "no loop gets a topic without subscribers");
+    let out: u64 = (0..2).map(|i| server.handle.loop_stats(i).messages_out).sum();
+    assert!(out >= 16 * 200, "messages out counted: {out}");
+    drop((subs, other));
+    server.stop();
+}
+
+#[test]
+fn subscriptions_are_per_connection_and_end_with_it() {
+    let server = start(2, Behavior::default());
+    let mut a = subscribe(&server, "room");
+    a.send_text("sub room");
+    assert_eq!(a.expect_text(), "already");
+    a.send_text("is room");
+    assert_eq!(a.expect_text(), "yes");
+    a.send_text("is hall");
+    assert_eq!(a.expect_text(), "no");
+    let b = subscribe(&server, "room");
+    assert_eq!(server.handle.num_subscribers("room"), 2);
+    a.send_text("unsub room");
+    assert_eq!(a.expect_text(), "unsubscribed");
+    a.send_text("unsub room");
+    assert_eq!(a.expect_text(), "not subscribed");
+    assert_eq!(server.handle.num_subscribers("room"), 1);
+    server.handle.publish_text("room", "hello");
+    assert!(matches!(a.recv(Duration::from_millis(200)), Recv::Timeout), "unsubscribed");
+    // Dropping the TCP connection ends its subscriptions.
+    drop(b);
+    wait_until("the closed subscriber is gone", || server.handle.num_subscribers("room") == 0);
+    assert_eq!(server.handle.num_topics(), 0);
+    drop(a);
+    server.stop();
+}
+
+#[test]
+fn handlers_publish_with_or_without_the_sender() {
+    let server = start(2, Behavior::default());
+    let mut a = subscribe(&server, "chat");
+    let mut b = subscribe(&server, "chat");
+    a.send_text("pub chat one");
+    assert_eq!(a.expect_text(), "one");
+    assert_eq!(b.expect_text(), "one");
+    a.send_text("pubx chat two");
+    assert_eq!(b.expect_text(), "two");
+    a.send_text("is chat");
+    assert_eq!(a.expect_text(), "yes", "the sender did not get its own message back");
+    // A publisher need not subscribe.
+    let mut c = server.connect("/ps");
+    c.send_text("pub chat three");
+    assert_eq!(a.expect_text(), "three");
+    assert_eq!(b.expect_text(), "three");
+    drop((a, b, c));
+    server.stop();
+}
+
+#[test]
+fn a_slow_subscriber_is_cut_off_without_slowing_the_others() {
+    let behavior = Behavior {
+        max_backpressure: 256 * 1024,
+        backpressure_policy: BackpressurePolicy::Close,
+        ..Behavior::default()
+    };
+    let server = start(1, behavior);
+    let mut fast = subscribe(&server, "feed");
+    let slow = subscribe(&server, "feed");
+    slow.stream().set_nonblocking(false).unwrap();
+    // `slow` never reads: the kernel buffers fill, then its backlog reaches the limit.
+    let body = "x".repeat(16 * 1024);
+    let started = Instant::now();
+    let mut received = 0usize;
+    for i in 0..400 {
+        server.handle.publish_text("feed", &format!("{i:04}{body}"));
+        // The fast subscriber keeps up.
+        while received <= i {
+            let text = fast.expect_text();
+            assert_eq!(&text[..4], format!("{received:04}"));
+            received += 1;
+        }
+    }
+    assert!(started.elapsed() < Duration::from_secs(20));
+    wait_until("the slow subscriber is dropped", || server.handle.num_subscribers("feed") == 1);
+    let dropped = server.handle.loop_stats(0).dropped;
+    assert!(dropped >= 1, "the refused message is counted");
+    drop((fast, slow));
+    server.stop();
+}

@@ -1,0 +1,253 @@
+//! The gateway's HTTP endpoints: the publish API for backends, topic info, health, metrics,
+//! and the demo page.
+
+use std::fmt::Write;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use gale_server::{HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::auth::key_matches;
+use super::gateway::Gateway;
+use super::protocol::{Payload, check_topic};
+use super::topics::PublishError;
+
+/// The demo page, embedded.
+pub const DEMO_PAGE: &str = include_str!("demo.html");
+
+fn json_error(status: u16, reason: &str) -> HttpResponse {
+    HttpResponse::json(
+        status,
+        serde_json::json!({ "error": { "code": status, "reason": reason } }).to_string(),
+    )
+}
+
+/// `None` when the request carries the API key; else the response that refuses it.
+fn check_key(g: &Gateway, req: &HttpRequest<'_>) -> Option<HttpResponse> {
+    let Some(expected) = g.settings.api_key.as_deref() else {
+        return Some(json_error(
+            403,
+            "the HTTP API is disabled: no API key is configured (set auth.api_key or GALE_API_KEY)",
+        ));
+    };
+    let given = req.header("authorization").and_then(|h| {
+        let (scheme, key) = h.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    });
+    match given {
+        Some(key) if key_matches(key, expected) => None,
+        Some(_) => Some(json_error(401, "wrong API key").header("WWW-Authenticate", "Bearer")),
+        None => Some(
+            json_error(401, "missing API key: send Authorization: Bearer KEY")
+                .header("WWW-Authenticate", "Bearer"),
+        ),
+    }
+}
+
+/// The topic named by the rest of the path after `prefix`, percent-decoded and checked.
+fn topic_from_path(path: &str, prefix: &str) -> Result<String, HttpResponse> {
+    let raw = path.strip_prefix(prefix).unwrap_or_default();
+    let topic = percent_decode(raw).ok_or_else(|| json_error(400, "bad percent-encoding in the topic"))?;
+    check_topic(&topic).map_err(|e| json_error(e.code, &e.reason))?;
+    Ok(topic)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn publish_failed(e: PublishError) -> HttpResponse {
+    match e {
+        PublishError::TooManyTopics => json_error(503, "the gateway holds its maximum number of topics"),
+    }
+}
+
+/// `POST /api/publish/{topic}`: the body is the payload.
+pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    if let Some(refused) = check_key(g, req) {
+        return refused;
+    }
+    let topic = match topic_from_path(req.path(), "/api/publish/") {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let payload = match Payload::from_body(req.header("content-type"), req.body()) {
+        Ok(p) => p,
+        Err(why) => return json_error(400, &why),
+    };
+    match g.publish(&topic, &payload) {
+        Ok(pos) => {
+            g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+            let subscribers = g.handle.get().map_or(0, |h| h.num_subscribers(&topic));
+            HttpResponse::json(
+                200,
+                serde_json::json!({"topic": topic, "epoch": pos.epoch, "seq": pos.seq, "subscribers": subscribers})
+                    .to_string(),
+            )
+        }
+        Err(e) => publish_failed(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Broadcast<'a> {
+    topics: Vec<String>,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// `POST /api/broadcast`: `{"topics": [...], "data": <JSON>}`.
+pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    if let Some(refused) = check_key(g, req) {
+        return refused;
+    }
+    let body: Broadcast<'_> = match std::str::from_utf8(req.body()).map_err(|e| e.to_string()).and_then(|t| {
+        serde_json::from_str(t).map_err(|e| format!("body must be {{\"topics\": [...], \"data\": ...}}: {e}"))
+    }) {
+        Ok(b) => b,
+        Err(why) => return json_error(400, &why),
+    };
+    if body.topics.is_empty() || body.topics.len() > 1000 {
+        return json_error(400, "topics must list 1 to 1000 topics");
+    }
+    for t in &body.topics {
+        if let Err(e) = check_topic(t) {
+            return json_error(e.code, &format!("{t:?}: {}", e.reason));
+        }
+    }
+    let mut results = Vec::with_capacity(body.topics.len());
+    for t in &body.topics {
+        match g.publish(t, &Payload::Json(body.data.get())) {
+            Ok(pos) => {
+                g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+                results.push(serde_json::json!({"topic": t, "epoch": pos.epoch, "seq": pos.seq}));
+            }
+            Err(e) => return publish_failed(e),
+        }
+    }
+    HttpResponse::json(200, serde_json::json!({ "results": results }).to_string())
+}
+
+/// `GET /api/topics/{topic}`.
+pub fn topic_info(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    if let Some(refused) = check_key(g, req) {
+        return refused;
+    }
+    let topic = match topic_from_path(req.path(), "/api/topics/") {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let subscribers = g.handle.get().map_or(0, |h| h.num_subscribers(&topic));
+    let pos = g.topics.position(&topic);
+    HttpResponse::json(
+        200,
+        serde_json::json!({
+            "topic": topic,
+            "subscribers": subscribers,
+            "seq": pos.as_ref().map_or(0, |p| p.seq),
+            "epoch": pos.map(|p| p.epoch),
+        })
+        .to_string(),
+    )
+}
+
+/// `GET /healthz`.
+pub fn health(g: &Arc<Gateway>) -> HttpResponse {
+    let (connections, loops) = g.handle.get().map_or((0, 0), |h| (h.connections(), h.loops()));
+    HttpResponse::json(
+        200,
+        serde_json::json!({"status": "ok", "connections": connections, "loops": loops, "topics": g.topics.len()})
+            .to_string(),
+    )
+}
+
+/// A per-loop metric: name, type, help, and how to read it from a loop's counters.
+type PerLoopMetric = (&'static str, &'static str, &'static str, fn(&gale_server::LoopSnapshot) -> u64);
+
+/// `GET /metrics`, in the Prometheus text format.
+pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
+    let mut out = String::with_capacity(4096);
+    if let Some(h) = g.handle.get() {
+        let snaps: Vec<_> = (0..h.loops()).map(|i| h.loop_stats(i)).collect();
+        let per_loop: [PerLoopMetric; 6] = [
+            ("gale_connections", "gauge", "Open connections.", |s| s.connections as u64),
+            ("gale_messages_received_total", "counter", "WebSocket messages received.", |s| s.messages_in),
+            ("gale_messages_sent_total", "counter", "WebSocket messages sent, deliveries included.", |s| {
+                s.messages_out
+            }),
+            ("gale_bytes_received_total", "counter", "Bytes received.", |s| s.bytes_in),
+            ("gale_bytes_sent_total", "counter", "Bytes of WebSocket messages sent.", |s| s.bytes_out),
+            ("gale_backpressure_drops_total", "counter", "Messages refused to slow clients.", |s| s.dropped),
+        ];
+        for (name, kind, help, get) in per_loop {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, s) in snaps.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{loop=\"{i}\"}} {}", get(s));
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gale_topics_subscribed Topics with at least one subscriber.\n# TYPE gale_topics_subscribed gauge\ngale_topics_subscribed {}",
+            h.num_topics()
+        );
+    }
+    let s = &g.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let _ = writeln!(
+        out,
+        "# HELP gale_topics Topics with state (sequence numbers, history).\n# TYPE gale_topics gauge\ngale_topics {}",
+        g.topics.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_publishes_total Messages published.\n# TYPE gale_publishes_total counter\ngale_publishes_total{{source=\"http\"}} {}\ngale_publishes_total{{source=\"client\"}} {}",
+        load(&s.http_publishes),
+        load(&s.client_publishes)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_recoveries_total Subscriptions with a position to recover from.\n# TYPE gale_recoveries_total counter\ngale_recoveries_total{{result=\"recovered\"}} {}\ngale_recoveries_total{{result=\"impossible\"}} {}",
+        load(&s.recovered),
+        load(&s.not_recovered)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_command_errors_total Client commands answered with an error.\n# TYPE gale_command_errors_total counter\ngale_command_errors_total {}",
+        load(&s.command_errors)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_rejected_upgrades_total WebSocket upgrades refused (origin, token).\n# TYPE gale_rejected_upgrades_total counter\ngale_rejected_upgrades_total {}",
+        load(&s.rejected_upgrades)
+    );
+    HttpResponse::new(200, "text/plain; version=0.0.4; charset=utf-8", out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("chat%3Alobby").as_deref(), Some("chat:lobby"));
+        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decode("bad%4"), None);
+        assert_eq!(percent_decode("bad%zz"), None);
+    }
+}

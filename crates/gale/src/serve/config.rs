@@ -1,0 +1,347 @@
+//! The gateway's configuration: an embedded default, a TOML file merged over it, then
+//! command-line flags; checked before anything starts, with errors that name the key.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::auth::Pattern;
+
+/// The embedded default configuration (also the documented example).
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener and loops.
+    pub server: ServerSection,
+    /// The client WebSocket endpoint.
+    pub websocket: WebSocketSection,
+    /// Tokens, the API key, origins.
+    pub auth: AuthSection,
+    /// Rate and size limits.
+    pub limits: LimitsSection,
+    /// Per-topic history for recovery.
+    pub history: HistorySection,
+    /// What anonymous clients may do, by topic pattern.
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Listen address.
+    pub listen: String,
+    /// Event loops; 0 = one per core.
+    pub threads: usize,
+    /// `auto`, `epoll` or `uring`.
+    pub backend: String,
+}
+
+/// `[websocket]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSection {
+    /// Path clients connect to.
+    pub path: String,
+    /// Largest client message, bytes.
+    pub max_payload: usize,
+    /// Seconds; 0 = never.
+    pub idle_timeout: u64,
+    /// Seconds; 0 = no pings.
+    pub ping_interval: u64,
+    /// Bytes queued for a slow client.
+    pub max_backpressure: usize,
+    /// `drop` or `close`.
+    pub backpressure: String,
+    /// `off`, `shared` or `dedicated`.
+    pub compression: String,
+    /// Topics per connection.
+    pub max_subscriptions: usize,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// HS256 secret; empty = no tokens.
+    pub jwt_secret: String,
+    /// HTTP API key; empty = API off.
+    pub api_key: String,
+    /// Allowed `Origin` values; empty = same origin; `*` = any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// `[limits]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Client publishes per second.
+    pub client_publish_rate: f64,
+    /// Publishes a client may save up.
+    pub client_publish_burst: u32,
+    /// Topics with state.
+    pub max_topics: usize,
+}
+
+/// `[history]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySection {
+    /// Messages kept per topic.
+    pub size: usize,
+    /// Seconds they are kept; 0 = no limit.
+    pub ttl: u64,
+}
+
+/// `[[namespaces]]`: anonymous rights on topics matching a pattern.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    /// Topic pattern, `*` matching any run of characters.
+    pub pattern: String,
+    /// Anonymous clients may subscribe.
+    #[serde(default)]
+    pub subscribe: bool,
+    /// Anonymous clients may publish.
+    #[serde(default)]
+    pub publish: bool,
+}
+
+/// Overrides from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--threads`.
+    pub threads: Option<usize>,
+    /// `--backend`.
+    pub backend: Option<String>,
+    /// `--api-key`.
+    pub api_key: Option<String>,
+    /// `--jwt-secret`.
+    pub jwt_secret: Option<String>,
+    /// `--compression`.
+    pub compression: Option<String>,
+    /// `--history-size`.
+    pub history_size: Option<usize>,
+}
+
+/// The configuration, checked and in the types the gateway runs with.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Event loops.
+    pub threads: usize,
+    /// Event-loop implementation.
+    pub backend: gale_server::Backend,
+    /// Path of the WebSocket endpoint.
+    pub ws_path: String,
+    /// The WebSocket route's behaviour.
+    pub behavior: gale_server::Behavior,
+    /// Topics per connection.
+    pub max_subscriptions: usize,
+    /// HS256 secret, if tokens are accepted.
+    pub jwt_secret: Option<Vec<u8>>,
+    /// HTTP API key, if the API is on.
+    pub api_key: Option<String>,
+    /// Allowed origins; empty = same origin.
+    pub allowed_origins: Vec<String>,
+    /// Client publishes per second and burst.
+    pub publish_rate: f64,
+    /// Burst of client publishes.
+    pub publish_burst: u32,
+    /// Topics with state.
+    pub max_topics: usize,
+    /// Messages kept per topic.
+    pub history_size: usize,
+    /// How long they are kept.
+    pub history_ttl: Option<Duration>,
+    /// Anonymous rights.
+    pub namespaces: Vec<(Pattern, bool, bool)>,
+}
+
+/// Read the configuration: the embedded default, `file` over it, `env_api_key` (the
+/// `GALE_API_KEY` variable) and `overrides` over that.
+pub fn load(
+    file: Option<(&str, &str)>,
+    env_api_key: Option<String>,
+    overrides: &Overrides,
+) -> Result<Settings, String> {
+    let mut table: toml::Table =
+        toml::from_str(DEFAULT_TOML).map_err(|e| format!("embedded default configuration: {e}"))?;
+    if let Some((name, text)) = file {
+        let user: toml::Table = toml::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+        merge(&mut table, user);
+    }
+    let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let path = e.path().to_string();
+        let source = file.map_or("configuration", |(name, _)| name);
+        format!("{source}: key `{path}`: {}", e.into_inner())
+    })?;
+    settings(config, env_api_key, overrides)
+}
+
+/// Put `over`'s keys into `base`, merging tables key by key (arrays are replaced).
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Settings, String> {
+    let listen_text = o.listen.clone().unwrap_or(c.server.listen);
+    let listen: SocketAddr = listen_text
+        .parse()
+        .map_err(|_| format!("server.listen: {listen_text:?} is not an address like 127.0.0.1:9001"))?;
+    let threads = match o.threads.unwrap_or(c.server.threads) {
+        0 => gale_server::ServerConfig::default().threads,
+        n if n > 1024 => return Err(format!("server.threads: {n} is more than 1024")),
+        n => n,
+    };
+    let backend_text = o.backend.clone().unwrap_or(c.server.backend);
+    let backend: gale_server::Backend =
+        backend_text.parse().map_err(|e: String| format!("server.backend: {e}"))?;
+    let ws = c.websocket;
+    if !ws.path.starts_with('/') {
+        return Err(format!("websocket.path: {:?} must start with '/'", ws.path));
+    }
+    if ws.max_payload < 125 {
+        return Err(format!("websocket.max_payload: {} is below the 125-byte minimum", ws.max_payload));
+    }
+    if ws.max_backpressure < 1024 {
+        return Err(format!("websocket.max_backpressure: {} is below 1024 bytes", ws.max_backpressure));
+    }
+    let policy = match ws.backpressure.as_str() {
+        "drop" => gale_server::BackpressurePolicy::Drop,
+        "close" => gale_server::BackpressurePolicy::Close,
+        other => return Err(format!("websocket.backpressure: {other:?} is not \"drop\" or \"close\"")),
+    };
+    let compression_text = o.compression.clone().unwrap_or(ws.compression);
+    let compression = match compression_text.as_str() {
+        "off" => gale_server::Compression::Disabled,
+        "shared" => gale_server::Compression::Shared,
+        "dedicated" => gale_server::Compression::Dedicated { window_bits: 15 },
+        other => {
+            return Err(format!(
+                "websocket.compression: {other:?} is not \"off\", \"shared\" or \"dedicated\""
+            ));
+        }
+    };
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let behavior = gale_server::Behavior {
+        max_payload: ws.max_payload,
+        idle_timeout: secs(ws.idle_timeout),
+        ping_interval: secs(ws.ping_interval),
+        max_backpressure: ws.max_backpressure,
+        backpressure_policy: policy,
+        compression,
+        ..gale_server::Behavior::default()
+    };
+    if ws.max_subscriptions == 0 {
+        return Err("websocket.max_subscriptions: must be at least 1".into());
+    }
+    let limits = c.limits;
+    if !(limits.client_publish_rate >= 0.0 && limits.client_publish_rate.is_finite()) {
+        return Err(format!(
+            "limits.client_publish_rate: {} is not a rate of zero or more per second",
+            limits.client_publish_rate
+        ));
+    }
+    if limits.max_topics == 0 {
+        return Err("limits.max_topics: must be at least 1".into());
+    }
+    let nonempty = |s: String| (!s.is_empty()).then_some(s);
+    let api_key = o.api_key.clone().or(env_api_key).or(nonempty(c.auth.api_key)).and_then(nonempty);
+    let jwt_secret = o.jwt_secret.clone().or(nonempty(c.auth.jwt_secret)).and_then(nonempty);
+    let mut namespaces = Vec::new();
+    for (i, ns) in c.namespaces.into_iter().enumerate() {
+        let pattern = Pattern::parse(&ns.pattern).map_err(|e| format!("namespaces[{i}].pattern: {e}"))?;
+        namespaces.push((pattern, ns.subscribe, ns.publish));
+    }
+    for (i, origin) in c.auth.allowed_origins.iter().enumerate() {
+        if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            return Err(format!(
+                "auth.allowed_origins[{i}]: {origin:?} is not \"*\" or an origin like https://example.com"
+            ));
+        }
+    }
+    Ok(Settings {
+        listen,
+        threads,
+        backend,
+        ws_path: ws.path,
+        behavior,
+        max_subscriptions: ws.max_subscriptions,
+        jwt_secret: jwt_secret.map(String::into_bytes),
+        api_key,
+        allowed_origins: c
+            .auth
+            .allowed_origins
+            .into_iter()
+            .map(|o| o.trim_end_matches('/').to_string())
+            .collect(),
+        publish_rate: limits.client_publish_rate,
+        publish_burst: limits.client_publish_burst.max(1),
+        max_topics: limits.max_topics,
+        history_size: o.history_size.unwrap_or(c.history.size),
+        history_ttl: secs(c.history.ttl),
+        namespaces,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let s = load(None, None, &Overrides::default()).unwrap();
+        assert_eq!(s.listen.port(), 9001);
+        assert_eq!(s.ws_path, "/ws");
+        assert!(s.api_key.is_none());
+        assert_eq!(s.history_size, 100);
+        assert_eq!(s.namespaces.len(), 2);
+    }
+
+    #[test]
+    fn a_file_overrides_some_keys_and_flags_override_the_file() {
+        let file = "[server]\nlisten = \"127.0.0.1:7000\"\n[history]\nsize = 5\n";
+        let o = Overrides { threads: Some(3), ..Overrides::default() };
+        let s = load(Some(("g.toml", file)), Some("k".into()), &o).unwrap();
+        assert_eq!(s.listen.port(), 7000);
+        assert_eq!(s.history_size, 5);
+        assert_eq!(s.history_ttl, Some(Duration::from_secs(300)), "untouched keys keep the default");
+        assert_eq!(s.threads, 3);
+        assert_eq!(s.api_key.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        let err = |text: &str| load(Some(("g.toml", text)), None, &Overrides::default()).unwrap_err();
+        let e = err("[websocket]\nmax_paylod = 10\n");
+        assert!(e.contains("websocket") && e.contains("max_paylod"), "{e}");
+        let e = err("[websocket]\nmax_payload = \"big\"\n");
+        assert!(e.contains("websocket.max_payload"), "{e}");
+        let e = err("[server]\nlisten = \"nowhere\"\n");
+        assert!(e.contains("server.listen"), "{e}");
+        let e = err("[websocket]\ncompression = \"zip\"\n");
+        assert!(e.contains("websocket.compression"), "{e}");
+        let e = err("[[namespaces]]\npattern = \"\"\n");
+        assert!(e.contains("namespaces[0].pattern"), "{e}");
+        let e = err("[server\n");
+        assert!(e.contains("g.toml"), "{e}");
+        let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");
+        assert!(e.contains("auth.allowed_origins[0]"), "{e}");
+    }
+}

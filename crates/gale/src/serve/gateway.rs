@@ -1,0 +1,235 @@
+//! The gateway's shared state and its WebSocket endpoint: authentication at the upgrade, then
+//! JSON commands (subscribe with recovery, unsubscribe, publish, ping).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use gale_server::{Accept, Message, Reject, ServerHandle, UpgradeRequest, WebSocket, WsHandler};
+
+use super::auth::{Rights, origin_allowed, verify_token};
+use super::config::Settings;
+use super::protocol::{Command, CommandError, Payload, Reply, check_topic, error_reply, parse_command};
+use super::topics::{Position, PublishError, Recovery, Topics};
+
+/// Counters the gateway adds to the server's own in `/metrics`.
+#[derive(Default)]
+pub struct GatewayStats {
+    /// Publishes through the HTTP API.
+    pub http_publishes: AtomicU64,
+    /// Publishes by clients.
+    pub client_publishes: AtomicU64,
+    /// Subscriptions with `since` that got what they missed.
+    pub recovered: AtomicU64,
+    /// Subscriptions with `since` that could not be recovered.
+    pub not_recovered: AtomicU64,
+    /// Commands answered with an error.
+    pub command_errors: AtomicU64,
+    /// Upgrades refused (origin, token).
+    pub rejected_upgrades: AtomicU64,
+}
+
+/// Everything the endpoints share.
+pub struct Gateway {
+    /// The configuration.
+    pub settings: Settings,
+    /// Topic state and history.
+    pub topics: Topics,
+    /// Rights of clients without a token.
+    pub anonymous: Arc<Rights>,
+    /// The running server (set once it is bound).
+    pub handle: OnceLock<ServerHandle>,
+    /// Counters.
+    pub stats: GatewayStats,
+}
+
+impl Gateway {
+    /// The gateway for these settings.
+    pub fn new(settings: Settings) -> Arc<Gateway> {
+        let topics = Topics::new(settings.history_size, settings.history_ttl, settings.max_topics);
+        let anonymous = Arc::new(Rights::anonymous(&settings.namespaces));
+        Arc::new(Gateway {
+            settings,
+            topics,
+            anonymous,
+            handle: OnceLock::new(),
+            stats: GatewayStats::default(),
+        })
+    }
+
+    /// Publish `payload` to `topic` (numbered, kept in history, delivered everywhere).
+    pub fn publish(&self, topic: &str, payload: &Payload<'_>) -> Result<Position, PublishError> {
+        let handle = self.handle.get();
+        self.topics.publish(topic, payload, |delivery| {
+            if let Some(h) = handle {
+                h.publish_text(topic, delivery);
+            }
+        })
+    }
+}
+
+/// A client's state.
+pub struct Client {
+    rights: Arc<Rights>,
+    /// Publish tokens left, refilled at the configured rate.
+    tokens: f32,
+    refilled: Instant,
+}
+
+/// The `/ws` endpoint.
+pub struct Endpoint(pub Arc<Gateway>);
+
+impl WsHandler for Endpoint {
+    type Data = Client;
+
+    fn upgrade(&self, req: &UpgradeRequest<'_>) -> Result<Accept<Client>, Reject> {
+        let g = &self.0;
+        let refuse = |status, reason: String| {
+            g.stats.rejected_upgrades.fetch_add(1, Ordering::Relaxed);
+            Err(Reject::new(status, reason))
+        };
+        if !origin_allowed(req.origin(), req.header("host"), &g.settings.allowed_origins) {
+            return refuse(403, format!("origin {} is not allowed", req.origin().unwrap_or_default()));
+        }
+        let rights = match req.query_param("token") {
+            None | Some("") => g.anonymous.clone(),
+            Some(token) => match verify_token(token, g.settings.jwt_secret.as_deref(), &g.anonymous) {
+                Ok(r) => Arc::new(r),
+                Err(why) => return refuse(401, why),
+            },
+        };
+        let burst = g.settings.publish_burst as f32;
+        Ok(Accept::new(Client { rights, tokens: burst, refilled: Instant::now() }))
+    }
+
+    fn message(&self, ws: &mut WebSocket<'_, Client>, msg: Message<'_>) {
+        let Message::Text(text) = msg else {
+            self.0.stats.command_errors.fetch_add(1, Ordering::Relaxed);
+            ws.send_text(&error_reply(None, &CommandError::new(400, "commands are JSON text messages")));
+            return;
+        };
+        let cmd = match parse_command(text) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                self.0.stats.command_errors.fetch_add(1, Ordering::Relaxed);
+                ws.send_text(&error_reply(None, &e));
+                return;
+            }
+        };
+        if let Err(e) = self.command(ws, &cmd) {
+            self.0.stats.command_errors.fetch_add(1, Ordering::Relaxed);
+            ws.send_text(&error_reply(cmd.id, &e));
+        }
+    }
+}
+
+impl Endpoint {
+    fn command(&self, ws: &mut WebSocket<'_, Client>, cmd: &Command<'_>) -> Result<(), CommandError> {
+        let g = &self.0;
+        let topic = || -> Result<&str, CommandError> {
+            let t = cmd
+                .topic
+                .as_deref()
+                .ok_or_else(|| CommandError::new(400, format!("{} needs a topic", cmd.op)))?;
+            check_topic(t)?;
+            Ok(t)
+        };
+        match cmd.op.as_str() {
+            "ping" => {
+                ws.send_text(&Reply::ok(cmd.id, "ping").finish());
+            }
+            "subscribe" => {
+                let topic = topic()?;
+                if !ws.data().rights.may_subscribe(topic) {
+                    return Err(CommandError::new(403, format!("not allowed to subscribe to {topic}")));
+                }
+                if ws.is_subscribed(topic) {
+                    return Err(CommandError::new(409, format!("already subscribed to {topic}")));
+                }
+                if ws.topics().count() >= g.settings.max_subscriptions {
+                    return Err(CommandError::new(
+                        413,
+                        format!("at most {} subscriptions per connection", g.settings.max_subscriptions),
+                    ));
+                }
+                let since = cmd.since.as_ref().map(|s| Position { epoch: s.epoch.clone(), seq: s.seq });
+                let (pos, recovery) = g
+                    .topics
+                    .subscribe(topic, since.as_ref(), || {
+                        ws.subscribe(topic);
+                    })
+                    .map_err(|_| CommandError::new(503, "the gateway holds its maximum number of topics"))?;
+                let reply = Reply::ok(cmd.id, "subscribe")
+                    .str("topic", topic)
+                    .str("epoch", &pos.epoch)
+                    .raw("seq", pos.seq);
+                match recovery {
+                    Recovery::NotAsked => {
+                        ws.send_text(&reply.finish());
+                    }
+                    Recovery::Recovered(missed) => {
+                        g.stats.recovered.fetch_add(1, Ordering::Relaxed);
+                        ws.send_text(&reply.raw("recovered", true).raw("missed", missed.len()).finish());
+                        for d in &missed {
+                            ws.send_text(d);
+                        }
+                    }
+                    Recovery::Impossible(why) => {
+                        g.stats.not_recovered.fetch_add(1, Ordering::Relaxed);
+                        ws.send_text(&reply.raw("recovered", false).str("reason", why).finish());
+                    }
+                }
+            }
+            "unsubscribe" => {
+                let topic = topic()?;
+                if !ws.unsubscribe(topic) {
+                    return Err(CommandError::new(404, format!("not subscribed to {topic}")));
+                }
+                ws.send_text(&Reply::ok(cmd.id, "unsubscribe").str("topic", topic).finish());
+            }
+            "publish" => {
+                let topic = topic()?;
+                if !ws.data().rights.may_publish(topic) {
+                    return Err(CommandError::new(403, format!("not allowed to publish to {topic}")));
+                }
+                let data = cmd.data.ok_or_else(|| CommandError::new(400, "publish needs data"))?;
+                self.take_token(ws.data())?;
+                let pos = g
+                    .publish(topic, &Payload::Json(data.get()))
+                    .map_err(|_| CommandError::new(503, "the gateway holds its maximum number of topics"))?;
+                g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
+                ws.send_text(
+                    &Reply::ok(cmd.id, "publish")
+                        .str("topic", topic)
+                        .str("epoch", &pos.epoch)
+                        .raw("seq", pos.seq)
+                        .finish(),
+                );
+            }
+            other => {
+                return Err(CommandError::new(
+                    400,
+                    format!("unknown op {other:?}: expected subscribe, unsubscribe, publish or ping"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Spend one publish token (token bucket at `client_publish_rate`).
+    fn take_token(&self, c: &mut Client) -> Result<(), CommandError> {
+        let s = &self.0.settings;
+        let now = Instant::now();
+        let refill = now.duration_since(c.refilled).as_secs_f32() * s.publish_rate as f32;
+        c.tokens = (c.tokens + refill).min(s.publish_burst as f32);
+        c.refilled = now;
+        if c.tokens < 1.0 {
+            return Err(CommandError::new(
+                429,
+                format!("publish rate limit: {} per second, bursts of {}", s.publish_rate, s.publish_burst),
+            ));
+        }
+        c.tokens -= 1.0;
+        Ok(())
+    }
+}

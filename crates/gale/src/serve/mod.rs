@@ -1,0 +1,131 @@
+//! `gale serve`: the push gateway. Clients subscribe to topics over WebSocket and get every
+//! message published to them, numbered, with recovery of what they missed; backends publish
+//! over HTTP. See `docs/GATEWAY.md`.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod gateway;
+pub mod protocol;
+pub mod topics;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use gale_server::{App, HttpRequest, ServerConfig};
+
+use config::Overrides;
+use gateway::{Endpoint, Gateway};
+
+/// Options of `gale serve`; flags override the configuration file.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file (keys it leaves out keep the embedded defaults; see
+    /// `gale serve --print-config`).
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Address to listen on, e.g. 0.0.0.0:9001 (`server.listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Event loops; 0 = one per core (`server.threads`).
+    #[arg(long, short)]
+    threads: Option<usize>,
+    /// auto, epoll or uring (`server.backend`).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Key of the HTTP publish API (`auth.api_key`; also GALE_API_KEY).
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// HS256 secret of connection tokens (`auth.jwt_secret`).
+    #[arg(long, value_name = "SECRET")]
+    jwt_secret: Option<String>,
+    /// off, shared or dedicated (`websocket.compression`).
+    #[arg(long)]
+    compression: Option<String>,
+    /// Messages kept per topic for recovery (`history.size`).
+    #[arg(long, value_name = "N")]
+    history_size: Option<usize>,
+}
+
+/// Run the gateway until SIGINT/SIGTERM.
+pub fn run(args: ServeArgs) -> io::Result<()> {
+    if args.print_config {
+        print!("{}", config::DEFAULT_TOML);
+        return Ok(());
+    }
+    let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
+            Some((path.display().to_string(), text))
+        }
+        None => None,
+    };
+    let overrides = Overrides {
+        listen: args.listen,
+        threads: args.threads,
+        backend: args.backend,
+        api_key: args.api_key,
+        jwt_secret: args.jwt_secret,
+        compression: args.compression,
+        history_size: args.history_size,
+    };
+    let env_key = std::env::var("GALE_API_KEY").ok().filter(|k| !k.is_empty());
+    let settings = config::load(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), env_key, &overrides)
+        .map_err(invalid)?;
+    let gateway = Gateway::new(settings);
+    let s = &gateway.settings;
+    let server_config = ServerConfig { threads: s.threads, backend: s.backend, ..ServerConfig::default() };
+    let g = |f: fn(&Arc<Gateway>, &HttpRequest<'_>) -> gale_server::HttpResponse| {
+        let gateway = gateway.clone();
+        move |req: &HttpRequest<'_>| f(&gateway, req)
+    };
+    let server = App::new()
+        .config(server_config)
+        .ws(&s.ws_path, s.behavior.clone(), Endpoint(gateway.clone()))
+        .get("/", |_req: &HttpRequest<'_>| gale_server::HttpResponse::html(200, api::DEMO_PAGE))
+        .get("/healthz", g(|g, _| api::health(g)))
+        .get("/metrics", g(|g, _| api::metrics(g)))
+        .post("/api/publish/*", g(api::publish))
+        .post("/api/broadcast", g(api::broadcast))
+        .get("/api/topics/*", g(api::topic_info))
+        .listen(s.listen)?;
+    let handle = server.handle();
+    let _ = gateway.handle.set(handle.clone());
+    handle.shutdown_on_signals()?;
+    if s.api_key.is_none() {
+        tracing::info!("no API key configured: the HTTP publish API answers 403");
+    }
+    spawn_sweeper(gateway.clone());
+    let (addr, backend, threads) = (server.local_addr(), server.backend(), s.threads);
+    let running = server.spawn()?;
+    let mut stdout = io::stdout();
+    writeln!(
+        stdout,
+        "gale serve listening on ws://{addr}{} ({threads} threads, {backend} backend); demo page: http://{addr}/",
+        s.ws_path
+    )?;
+    stdout.flush()?;
+    running.join()
+}
+
+/// Forget idle topics every 10 seconds.
+fn spawn_sweeper(gateway: Arc<Gateway>) {
+    let _ = std::thread::Builder::new().name("gale-sweeper".into()).spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_secs(10));
+            let Some(h) = gateway.handle.get() else { continue };
+            if h.is_shutting_down() {
+                return;
+            }
+            gateway.topics.sweep(|t| h.num_subscribers(t));
+        }
+    });
+}

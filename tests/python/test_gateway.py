@@ -1,0 +1,360 @@
+"""`gale serve` (the push gateway) seen by the Python `websockets` client and plain HTTP.
+
+Covers the JSON protocol (subscribe, unsubscribe, publish, ping, every error), the HTTP
+publish API and its API key, topic info, /healthz and /metrics, JWT connection tokens
+(valid, expired, forged), the origin allowlist, anonymous namespaces, the client publish
+rate limit, ordering of concurrent publishes, and recovery: a subscriber whose connection
+dies mid-stream reconnects with `since` and gets exactly what it missed.
+
+Run: python3 tests/python/test_gateway.py   (GALE_BIN overrides target/debug/gale)
+"""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gale_process import GaleServe
+
+TIMEOUT = 30.0
+API_KEY = "test-key-123"
+SECRET = "jwt-secret-for-tests"
+
+server: GaleServe
+
+
+def setUpModule():
+    global server
+    server = GaleServe("gateway", "--jwt-secret", SECRET, env={"GALE_API_KEY": API_KEY})
+
+
+def tearDownModule():
+    server.stop()
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_token(claims: dict, secret: str = SECRET) -> str:
+    """An HS256 JWT, built with the standard library."""
+    head = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64url(json.dumps(claims).encode())
+    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64url(sig)}"
+
+
+def http(method, path, body=None, key=API_KEY, content_type=None, base=None):
+    """(status, body text) of an HTTP request to the gateway."""
+    req = urllib.request.Request((base or server.http_url) + path, data=body, method=method)
+    if key is not None:
+        req.add_header("Authorization", f"Bearer {key}")
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def publish(topic, data, content_type="application/json"):
+    body = json.dumps(data).encode() if content_type == "application/json" else data
+    status, text = http("POST", f"/api/publish/{topic}", body, content_type=content_type)
+    assert status == 200, (status, text)
+    return json.loads(text)
+
+
+class Client:
+    """A gateway client: numbered commands, replies matched by id, deliveries queued."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 1
+        self.deliveries = []
+
+    @classmethod
+    async def open(cls, query="", **kwargs):
+        options = dict(open_timeout=TIMEOUT, close_timeout=5, ping_interval=None, max_size=None)
+        options.update(kwargs)
+        ws = await connect(server.url + "/ws" + query, **options)
+        return cls(ws)
+
+    async def recv(self):
+        return json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+
+    async def command(self, op, **fields):
+        cid = self.next_id
+        self.next_id += 1
+        await self.ws.send(json.dumps({"id": cid, "op": op, **fields}))
+        while True:
+            msg = await self.recv()
+            if msg.get("id") == cid:
+                return msg
+            self.deliveries.append(msg)
+
+    async def delivery(self):
+        if self.deliveries:
+            return self.deliveries.pop(0)
+        while True:
+            msg = await self.recv()
+            if "seq" in msg and "ok" not in msg:
+                return msg
+
+    async def close(self):
+        await self.ws.close()
+
+
+class AsyncTest(unittest.IsolatedAsyncioTestCase):
+    async def asyncSetUp(self):
+        self.clients = []
+
+    async def client(self, query="", **kwargs):
+        c = await Client.open(query, **kwargs)
+        self.clients.append(c)
+        return c
+
+    async def asyncTearDown(self):
+        for c in self.clients:
+            await c.close()
+
+
+class ProtocolTest(AsyncTest):
+    async def test_subscribe_and_receive_http_publishes_of_every_kind(self):
+        c = await self.client()
+        reply = await c.command("subscribe", topic="chat:kinds")
+        self.assertTrue(reply["ok"])
+        self.assertEqual(reply["seq"], 0)
+        epoch = reply["epoch"]
+        r = await asyncio.to_thread(publish, "chat:kinds", {"text": "弹幕 🚀", "n": 1})
+        self.assertEqual((r["seq"], r["epoch"], r["subscribers"]), (1, epoch, 1))
+        d = await c.delivery()
+        self.assertEqual(d, {"topic": "chat:kinds", "epoch": epoch, "seq": 1, "data": {"text": "弹幕 🚀", "n": 1}})
+        await asyncio.to_thread(publish, "chat:kinds", "plain text".encode(), "text/plain")
+        self.assertEqual((await c.delivery())["data"], "plain text")
+        await asyncio.to_thread(publish, "chat:kinds", bytes([0, 1, 254, 255]), "application/octet-stream")
+        d = await c.delivery()
+        self.assertEqual(base64.b64decode(d["binary"]), bytes([0, 1, 254, 255]))
+        self.assertEqual(d["seq"], 3)
+
+    async def test_clients_publish_to_each_other(self):
+        a = await self.client()
+        b = await self.client()
+        for c in (a, b):
+            self.assertTrue((await c.command("subscribe", topic="chat:pair"))["ok"])
+        r = await a.command("publish", topic="chat:pair", data={"text": "hi"})
+        self.assertTrue(r["ok"])
+        self.assertEqual(r["seq"], 1)
+        for c in (a, b):
+            d = await c.delivery()
+            self.assertEqual((d["seq"], d["data"]), (1, {"text": "hi"}))
+
+    async def test_unsubscribe_and_errors(self):
+        c = await self.client()
+        self.assertTrue((await c.command("ping"))["ok"])
+        self.assertTrue((await c.command("subscribe", topic="chat:u"))["ok"])
+        self.assertEqual((await c.command("subscribe", topic="chat:u"))["error"]["code"], 409)
+        self.assertTrue((await c.command("unsubscribe", topic="chat:u"))["ok"])
+        self.assertEqual((await c.command("unsubscribe", topic="chat:u"))["error"]["code"], 404)
+        await asyncio.to_thread(publish, "chat:u", {"x": 1})
+        cases = [
+            ({"op": "subscribe"}, 400),
+            ({"op": "subscribe", "topic": "bad topic"}, 400),
+            ({"op": "subscribe", "topic": "x" * 300}, 400),
+            ({"op": "fly"}, 400),
+            ({"op": "publish", "topic": "chat:u"}, 400),
+            ({"op": "subscribe", "topic": "private:1"}, 403),
+            ({"op": "publish", "topic": "news:today", "data": 1}, 403),
+        ]
+        for fields, code in cases:
+            reply = await c.command(**fields)
+            self.assertEqual(reply["error"]["code"], code, (fields, reply))
+            self.assertTrue(reply["error"]["reason"])
+        # Not JSON, not an object, binary: an error without an id, and the connection lives on.
+        for bad in ["{nope", "[1,2]", b"\x00\x01"]:
+            await c.ws.send(bad)
+            self.assertEqual((await c.recv())["error"]["code"], 400)
+        self.assertTrue((await c.command("ping"))["ok"])
+        # The unsubscribed topic's message never arrived.
+        self.assertEqual(c.deliveries, [])
+
+    async def test_client_publishes_are_rate_limited(self):
+        c = await self.client()
+        codes = []
+        for i in range(40):
+            r = await c.command("publish", topic="chat:flood", data=i)
+            codes.append(200 if r.get("ok") else r["error"]["code"])
+        self.assertIn(429, codes)
+        self.assertGreaterEqual(codes.count(200), 20, "the burst of 20 goes through")
+
+    async def test_concurrent_publishers_are_delivered_in_sequence_order(self):
+        subs = [await self.client() for _ in range(6)]
+        for s in subs:
+            await s.command("subscribe", topic="chat:race")
+
+        def publisher(tag):
+            for i in range(100):
+                publish("chat:race", {"from": tag, "i": i})
+
+        threads = [threading.Thread(target=publisher, args=(t,)) for t in range(3)]
+        await asyncio.to_thread(lambda: [t.start() for t in threads] and [t.join() for t in threads])
+        for s in subs:
+            seqs = [(await s.delivery())["seq"] for _ in range(300)]
+            self.assertEqual(seqs, list(range(1, 301)))
+
+
+class AuthTest(AsyncTest):
+    async def test_tokens_grant_topics_and_bad_tokens_are_refused(self):
+        exp = int(time.time()) + 60
+        token = make_token({"sub": "ann", "exp": exp, "subscribe": ["private:ann"], "publish": ["news:*"]})
+        c = await self.client(f"?token={token}")
+        self.assertTrue((await c.command("subscribe", topic="private:ann"))["ok"])
+        self.assertEqual((await c.command("subscribe", topic="private:bob"))["error"]["code"], 403)
+        self.assertTrue((await c.command("publish", topic="news:today", data="x"))["ok"])
+        for bad, reason in [
+            (make_token({"sub": "ann", "exp": int(time.time()) - 5}), "expired"),
+            (make_token({"sub": "ann", "exp": exp}, secret="wrong"), "signature"),
+            ("not.a.token", "malformed"),
+        ]:
+            with self.assertRaises(InvalidStatus) as caught:
+                await Client.open(f"?token={bad}")
+            response = caught.exception.response
+            self.assertEqual(response.status_code, 401)
+            self.assertIn(reason, response.body.decode())
+
+    async def test_origins_outside_the_allowlist_are_refused(self):
+        with self.assertRaises(InvalidStatus) as caught:
+            await Client.open(origin="http://evil.example")
+        self.assertEqual(caught.exception.response.status_code, 403)
+        # The gateway's own origin is allowed.
+        c = await self.client(origin=f"http://127.0.0.1:{server.port}")
+        self.assertTrue((await c.command("ping"))["ok"])
+
+
+class RecoveryTest(AsyncTest):
+    async def test_a_subscriber_that_loses_its_connection_misses_nothing(self):
+        topic = "chat:recover"
+        total = 400
+        done = threading.Event()
+
+        def publisher():
+            for i in range(total):
+                publish(topic, {"i": i})
+                time.sleep(0.002)
+            done.set()
+
+        c = await Client.open()
+        first = await c.command("subscribe", topic=topic)
+        position = {"epoch": first["epoch"], "seq": first["seq"]}
+        seen = []
+        task = asyncio.get_running_loop().run_in_executor(None, publisher)
+        drops = 0
+        while len(seen) < total:
+            d = await c.delivery()
+            self.assertEqual(d["seq"], position["seq"] + 1, "no gap, no duplicate, in order")
+            position["seq"] = d["seq"]
+            seen.append(d["data"]["i"])
+            if len(seen) in (50, 150, 300):
+                # Kill the connection mid-stream (no close handshake), stay away a moment,
+                # then come back with the last position.
+                c.ws.transport.abort()
+                drops += 1
+                await asyncio.sleep(0.1)
+                c = await Client.open()
+                reply = await c.command("subscribe", topic=topic, since=position)
+                self.assertTrue(reply["recovered"], reply)
+        await task
+        self.assertTrue(done.is_set())
+        self.assertEqual(seen, list(range(total)))
+        self.assertEqual(drops, 3)
+        await c.close()
+        status, text = await asyncio.to_thread(http, "GET", "/metrics")
+        self.assertIn('gale_recoveries_total{result="recovered"}', text)
+
+    async def test_recovery_is_refused_when_impossible(self):
+        topic = "chat:gap"
+        for i in range(105):
+            await asyncio.to_thread(publish, topic, i)
+        c = await self.client()
+        reply = await c.command("subscribe", topic=topic, since={"epoch": "0000", "seq": 3})
+        self.assertIs(reply["recovered"], False)
+        self.assertIn("epoch", reply["reason"])
+        epoch = reply["epoch"]
+        await c.command("unsubscribe", topic=topic)
+        reply = await c.command("subscribe", topic=topic, since={"epoch": epoch, "seq": 1})
+        self.assertIs(reply["recovered"], False)
+        self.assertIn("history", reply["reason"])
+        await c.command("unsubscribe", topic=topic)
+        reply = await c.command("subscribe", topic=topic, since={"epoch": epoch, "seq": 100})
+        self.assertIs(reply["recovered"], True)
+        self.assertEqual(reply["missed"], 5)
+        self.assertEqual([(await c.delivery())["data"] for _ in range(5)], [100, 101, 102, 103, 104])
+
+
+class HttpApiTest(unittest.TestCase):
+    def test_api_key_is_required(self):
+        self.assertEqual(http("POST", "/api/publish/chat:k", b"{}", key=None)[0], 401)
+        self.assertEqual(http("POST", "/api/publish/chat:k", b"{}", key="wrong")[0], 401)
+        status, text = http("POST", "/api/publish/chat:k", b"{", content_type="application/json")
+        self.assertEqual(status, 400)
+        self.assertIn("JSON", text)
+        self.assertEqual(http("POST", "/api/publish/bad%20topic", b"x")[0], 400)
+
+    def test_broadcast_topic_info_health_and_metrics(self):
+        body = json.dumps({"topics": ["news:a", "news:b"], "data": {"score": "2-1"}}).encode()
+        status, text = http("POST", "/api/broadcast", body, content_type="application/json")
+        self.assertEqual(status, 200, text)
+        results = json.loads(text)["results"]
+        self.assertEqual([r["topic"] for r in results], ["news:a", "news:b"])
+        status, text = http("GET", "/api/topics/news%3Aa")
+        info = json.loads(text)
+        self.assertEqual((status, info["topic"], info["seq"], info["subscribers"]), (200, "news:a", 1, 0))
+        status, text = http("GET", "/healthz", key=None)
+        self.assertEqual((status, json.loads(text)["status"]), (200, "ok"))
+        status, text = http("GET", "/metrics", key=None)
+        self.assertEqual(status, 200)
+        for name in ['gale_connections{loop="0"}', "gale_messages_sent_total", "gale_bytes_received_total",
+                     "gale_backpressure_drops_total", 'gale_publishes_total{source="http"}', "gale_topics"]:
+            self.assertIn(name, text)
+        status, text = http("GET", "/", key=None)
+        self.assertEqual(status, 200)
+        self.assertIn("<title>Gale", text)
+
+    def test_without_a_key_the_api_answers_403_and_says_why(self):
+        other = GaleServe("gateway-nokey", env={"GALE_API_KEY": ""})
+        try:
+            status, text = http("POST", "/api/publish/chat:x", b"hi", base=other.http_url)
+            self.assertEqual(status, 403)
+            self.assertIn("no API key", text)
+        finally:
+            other.stop()
+
+
+class ConfigTest(unittest.TestCase):
+    def test_bad_configuration_is_refused_with_the_key_named(self):
+        import subprocess
+        import tempfile
+        from gale_process import gale_bin
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write("[websocket]\nmax_payload = -1\n")
+        result = subprocess.run([str(gale_bin()), "serve", "--config", f.name], capture_output=True,
+                                text=True, timeout=TIMEOUT)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("websocket.max_payload", result.stderr)
+        result = subprocess.run([str(gale_bin()), "serve", "--config", "/nonexistent.toml"],
+                                capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertIn("cannot read /nonexistent.toml", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
