@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gale_process import GaleServe
 
@@ -196,6 +196,15 @@ class ProtocolTest(AsyncTest):
         self.assertIn(429, codes)
         self.assertGreaterEqual(codes.count(200), 20, "the burst of 20 goes through")
 
+    async def test_subscribe_commands_are_rate_limited(self):
+        c = await self.client()
+        codes = []
+        # 200 subscribes, well past the burst of 100 plus 20 per second of refill.
+        for i in range(400):
+            r = await c.command("subscribe" if i % 2 == 0 else "unsubscribe", topic="chat:churn")
+            codes.append(200 if r.get("ok") else r["error"]["code"])
+        self.assertIn(429, codes)
+
     async def test_concurrent_publishers_are_delivered_in_sequence_order(self):
         subs = [await self.client() for _ in range(6)]
         for s in subs:
@@ -230,6 +239,17 @@ class AuthTest(AsyncTest):
             response = caught.exception.response
             self.assertEqual(response.status_code, 401)
             self.assertIn(reason, response.body.decode())
+
+    async def test_a_connection_ends_when_its_token_expires(self):
+        token = make_token({"sub": "eve", "exp": int(time.time()) + 2, "subscribe": ["private:eve"]})
+        c = await self.client(f"?token={token}")
+        self.assertTrue((await c.command("subscribe", topic="private:eve"))["ok"])
+        await asyncio.sleep(3)
+        await c.ws.send(json.dumps({"op": "ping"}))
+        with self.assertRaises(ConnectionClosed):
+            await c.recv()
+        self.assertEqual(c.ws.close_code, 4001)
+        self.assertEqual(c.ws.close_reason, "token expired")
 
     async def test_origins_outside_the_allowlist_are_refused(self):
         with self.assertRaises(InvalidStatus) as caught:

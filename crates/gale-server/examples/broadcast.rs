@@ -1,7 +1,8 @@
 //! A broadcast server on Gale's pub/sub: connections to `/sub` subscribe to one topic, and
 //! every message a connection to `/pub` sends is published to it. This is the plain fan-out
 //! protocol of `gale-loadgen fanout --protocol plain`, so it runs side by side with the peers
-//! in `benches/peers` (same command line: `--port P --threads N`, one
+//! in `benches/peers` (same command line: `--port P --threads N`, and `--backend
+//! epoll|uring|auto`; one
 //! `broadcast listening on ws://…` line once it accepts connections).
 //!
 //! ```text
@@ -49,6 +50,7 @@ impl WsHandler for Publisher {
 fn main() -> std::io::Result<()> {
     let mut port = 0u16;
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut backend = gale_server::Backend::Auto;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_default();
@@ -56,6 +58,7 @@ fn main() -> std::io::Result<()> {
         match arg.as_str() {
             "--port" => port = value.parse().map_err(|_| bad())?,
             "--threads" => threads = value.parse().map_err(|_| bad())?,
+            "--backend" => backend = value.parse().map_err(|_| bad())?,
             _ => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
@@ -68,6 +71,7 @@ fn main() -> std::io::Result<()> {
     let behavior = Behavior { max_payload: 16 << 20, ..Behavior::default() };
     let server = App::new()
         .threads(threads)
+        .backend(backend)
         .ws("/sub", behavior.clone(), Subscriber)
         .ws("/pub", behavior, Publisher)
         .listen(("127.0.0.1", port))?;

@@ -330,8 +330,12 @@ struct Mailbox {
 impl Mailbox {
     fn post(&self, task: Task) -> Result<(), LoopGone> {
         self.tx.send(task).map_err(|_| LoopGone)?;
-        if !self.woken.swap(true, Ordering::SeqCst) {
-            self.waker.wake().map_err(|_| LoopGone)?;
+        if !self.woken.swap(true, Ordering::SeqCst)
+            && let Err(_e) = self.waker.wake()
+        {
+            // No wake went out: the next post must try again.
+            self.woken.store(false, Ordering::SeqCst);
+            return Err(LoopGone);
         }
         Ok(())
     }
@@ -437,7 +441,7 @@ impl ServerHandle {
 
     /// The loop has started reading its mailbox: the next task needs a new wake.
     pub(crate) fn awake(&self, index: usize) {
-        self.inner.mailboxes[index].woken.store(false, Ordering::SeqCst);
+        self.inner.mailboxes[index].woken.swap(false, Ordering::SeqCst);
     }
 
     /// Publish a text message to `topic` from any thread. Returns the number of loops it was
@@ -464,11 +468,17 @@ impl ServerHandle {
         exclude: Option<ConnId>,
     ) -> usize {
         self.inner.publishes.fetch_add(1, Ordering::Relaxed);
+        if self.inner.registry.subscribers(topic) == 0 {
+            return 0;
+        }
+        // Framed before the registry's lock is taken, so that a large message does not hold
+        // up subscriptions on other threads.
+        let mut framed = Some(Published::new(Arc::from(topic), opcode, payload, compress, exclude));
         let mut msg: Option<Arc<Published>> = None;
         let mut loops = 0;
         self.inner.registry.route(topic, |serial, index| {
             let m = msg.get_or_insert_with(|| {
-                let mut p = Published::new(Arc::from(topic), opcode, payload, compress, exclude);
+                let mut p = framed.take().expect("framed once, wrapped once");
                 p.serial = serial;
                 Arc::new(p)
             });

@@ -131,6 +131,11 @@ pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
             return json_error(e.code, &format!("{t:?}: {}", e.reason));
         }
     }
+    // All or nothing: a partial broadcast answered with an error would be published twice by
+    // a backend that retries it.
+    if !g.topics.room_for(&body.topics) {
+        return publish_failed(PublishError::TooManyTopics);
+    }
     let mut results = Vec::with_capacity(body.topics.len());
     for t in &body.topics {
         match g.publish(t, &Payload::Json(body.data.get())) {
@@ -213,6 +218,11 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         out,
         "# HELP gale_topics Topics with state (sequence numbers, history).\n# TYPE gale_topics gauge\ngale_topics {}",
         g.topics.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_history_bytes Bytes of history kept for recovery.\n# TYPE gale_history_bytes gauge\ngale_history_bytes {}",
+        g.topics.history_bytes()
     );
     let _ = writeln!(
         out,

@@ -40,6 +40,8 @@ impl Pattern {
 pub struct Rights {
     /// The token's subject; `None` for anonymous clients.
     pub user: Option<String>,
+    /// When the token expires (seconds since the Unix epoch); the connection ends then.
+    pub expires: Option<u64>,
     subscribe: Vec<Pattern>,
     publish: Vec<Pattern>,
 }
@@ -75,6 +77,8 @@ impl Rights {
 struct Claims {
     /// The user id.
     sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    exp: u64,
     /// Topic patterns the holder may subscribe to.
     #[serde(default)]
     subscribe: Vec<String>,
@@ -92,6 +96,7 @@ pub fn verify_token(token: &str, secret: Option<&[u8]>, anonymous: &Rights) -> R
     let mut validation = Validation::new(Algorithm::HS256);
     validation.set_required_spec_claims(&["exp", "sub"]);
     validation.leeway = 0;
+    validation.validate_nbf = true;
     let data = jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation)
         .map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => "token expired".to_string(),
@@ -103,6 +108,7 @@ pub fn verify_token(token: &str, secret: Option<&[u8]>, anonymous: &Rights) -> R
     let c = data.claims;
     let mut rights = anonymous.clone();
     rights.user = Some(c.sub);
+    rights.expires = Some(c.exp);
     for (list, into) in [(c.subscribe, &mut rights.subscribe), (c.publish, &mut rights.publish)] {
         for p in list {
             into.push(Pattern::parse(&p).map_err(|e| format!("token claims: {e}"))?);
@@ -177,6 +183,7 @@ mod tests {
         );
         let r = verify_token(&good, Some(secret), &anon).unwrap();
         assert_eq!(r.user.as_deref(), Some("ann"));
+        assert!(r.expires.is_some_and(|e| e.abs_diff(exp(60) as u64) <= 1));
         assert!(r.may_subscribe("vip:1") && r.may_subscribe("chat:x") && r.may_publish("chat:x"));
         assert!(!r.may_publish("vip:1"));
         assert!(!anon.may_publish("chat:x"));
@@ -185,6 +192,8 @@ mod tests {
         assert_eq!(verify_token(&expired, Some(secret), &anon).unwrap_err(), "token expired");
         let forged = token(b"other", serde_json::json!({"sub": "ann", "exp": exp(60)}));
         assert_eq!(verify_token(&forged, Some(secret), &anon).unwrap_err(), "token signature is invalid");
+        let early = token(secret, serde_json::json!({"sub": "ann", "exp": exp(60), "nbf": exp(30)}));
+        assert!(verify_token(&early, Some(secret), &anon).is_err(), "not valid before nbf");
         let no_exp = token(secret, serde_json::json!({"sub": "ann"}));
         assert!(verify_token(&no_exp, Some(secret), &anon).unwrap_err().contains("exp"));
         assert!(verify_token("garbage", Some(secret), &anon).unwrap_err().contains("malformed"));

@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::auth::Pattern;
+use super::topics::HistoryLimits;
 
 /// The embedded default configuration (also the documented example).
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -84,6 +85,10 @@ pub struct LimitsSection {
     pub client_publish_rate: f64,
     /// Publishes a client may save up.
     pub client_publish_burst: u32,
+    /// Client subscribe commands per second.
+    pub client_subscribe_rate: f64,
+    /// Subscribe commands a client may save up.
+    pub client_subscribe_burst: u32,
     /// Topics with state.
     pub max_topics: usize,
 }
@@ -96,6 +101,10 @@ pub struct HistorySection {
     pub size: usize,
     /// Seconds they are kept; 0 = no limit.
     pub ttl: u64,
+    /// Bytes kept per topic.
+    pub topic_bytes: usize,
+    /// Bytes kept over all topics.
+    pub total_bytes: usize,
 }
 
 /// `[[namespaces]]`: anonymous rights on topics matching a pattern.
@@ -156,12 +165,14 @@ pub struct Settings {
     pub publish_rate: f64,
     /// Burst of client publishes.
     pub publish_burst: u32,
+    /// Client subscribe commands per second.
+    pub subscribe_rate: f64,
+    /// Burst of client subscribe commands.
+    pub subscribe_burst: u32,
     /// Topics with state.
     pub max_topics: usize,
-    /// Messages kept per topic.
-    pub history_size: usize,
-    /// How long they are kept.
-    pub history_ttl: Option<Duration>,
+    /// History kept for recovery.
+    pub history: HistoryLimits,
     /// Anonymous rights.
     pub namespaces: Vec<(Pattern, bool, bool)>,
 }
@@ -252,10 +263,19 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         return Err("websocket.max_subscriptions: must be at least 1".into());
     }
     let limits = c.limits;
-    if !(limits.client_publish_rate >= 0.0 && limits.client_publish_rate.is_finite()) {
+    for (key, rate) in [
+        ("client_publish_rate", limits.client_publish_rate),
+        ("client_subscribe_rate", limits.client_subscribe_rate),
+    ] {
+        if !(rate >= 0.0 && rate.is_finite()) {
+            return Err(format!("limits.{key}: {rate} is not a rate of zero or more per second"));
+        }
+    }
+    let h = c.history;
+    if h.total_bytes < h.topic_bytes {
         return Err(format!(
-            "limits.client_publish_rate: {} is not a rate of zero or more per second",
-            limits.client_publish_rate
+            "history.total_bytes: {} is less than history.topic_bytes ({})",
+            h.total_bytes, h.topic_bytes
         ));
     }
     if limits.max_topics == 0 {
@@ -293,9 +313,15 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
             .collect(),
         publish_rate: limits.client_publish_rate,
         publish_burst: limits.client_publish_burst.max(1),
+        subscribe_rate: limits.client_subscribe_rate,
+        subscribe_burst: limits.client_subscribe_burst.max(1),
         max_topics: limits.max_topics,
-        history_size: o.history_size.unwrap_or(c.history.size),
-        history_ttl: secs(c.history.ttl),
+        history: HistoryLimits {
+            size: o.history_size.unwrap_or(h.size),
+            ttl: secs(h.ttl),
+            topic_bytes: h.topic_bytes,
+            total_bytes: h.total_bytes,
+        },
         namespaces,
     })
 }
@@ -310,7 +336,7 @@ mod tests {
         assert_eq!(s.listen.port(), 9001);
         assert_eq!(s.ws_path, "/ws");
         assert!(s.api_key.is_none());
-        assert_eq!(s.history_size, 100);
+        assert_eq!(s.history.size, 100);
         assert_eq!(s.namespaces.len(), 2);
     }
 
@@ -320,8 +346,8 @@ mod tests {
         let o = Overrides { threads: Some(3), ..Overrides::default() };
         let s = load(Some(("g.toml", file)), Some("k".into()), &o).unwrap();
         assert_eq!(s.listen.port(), 7000);
-        assert_eq!(s.history_size, 5);
-        assert_eq!(s.history_ttl, Some(Duration::from_secs(300)), "untouched keys keep the default");
+        assert_eq!(s.history.size, 5);
+        assert_eq!(s.history.ttl, Some(Duration::from_secs(300)), "untouched keys keep the default");
         assert_eq!(s.threads, 3);
         assert_eq!(s.api_key.as_deref(), Some("k"));
     }
@@ -341,6 +367,8 @@ mod tests {
         assert!(e.contains("namespaces[0].pattern"), "{e}");
         let e = err("[server\n");
         assert!(e.contains("g.toml"), "{e}");
+        let e = err("[history]\ntotal_bytes = 10\n");
+        assert!(e.contains("history.total_bytes"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");
         assert!(e.contains("auth.allowed_origins[0]"), "{e}");
     }

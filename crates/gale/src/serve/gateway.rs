@@ -46,7 +46,7 @@ pub struct Gateway {
 impl Gateway {
     /// The gateway for these settings.
     pub fn new(settings: Settings) -> Arc<Gateway> {
-        let topics = Topics::new(settings.history_size, settings.history_ttl, settings.max_topics);
+        let topics = Topics::new(settings.history, settings.max_topics);
         let anonymous = Arc::new(Rights::anonymous(&settings.namespaces));
         Arc::new(Gateway {
             settings,
@@ -68,12 +68,41 @@ impl Gateway {
     }
 }
 
+/// A token bucket: `rate` per second, at most `burst` saved up.
+struct Bucket {
+    tokens: f32,
+    refilled: Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32) -> Bucket {
+        Bucket { tokens: burst as f32, refilled: Instant::now() }
+    }
+
+    /// Spend one token if there is one.
+    fn take(&mut self, rate: f64, burst: u32) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.refilled).as_secs_f32() * rate as f32;
+        self.tokens = (self.tokens + refill).min(burst as f32);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 /// A client's state.
 pub struct Client {
     rights: Arc<Rights>,
-    /// Publish tokens left, refilled at the configured rate.
-    tokens: f32,
-    refilled: Instant,
+    publishes: Bucket,
+    subscribes: Bucket,
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The `/ws` endpoint.
@@ -98,11 +127,24 @@ impl WsHandler for Endpoint {
                 Err(why) => return refuse(401, why),
             },
         };
-        let burst = g.settings.publish_burst as f32;
-        Ok(Accept::new(Client { rights, tokens: burst, refilled: Instant::now() }))
+        let s = &g.settings;
+        Ok(Accept::new(Client {
+            rights,
+            publishes: Bucket::full(s.publish_burst),
+            subscribes: Bucket::full(s.subscribe_burst),
+        }))
+    }
+
+    /// Pongs answer the automatic pings: a connection whose token has expired ends here
+    /// even if it only listens.
+    fn pong(&self, ws: &mut WebSocket<'_, Client>, _payload: &[u8]) {
+        close_if_expired(ws);
     }
 
     fn message(&self, ws: &mut WebSocket<'_, Client>, msg: Message<'_>) {
+        if close_if_expired(ws) {
+            return;
+        }
         let Message::Text(text) = msg else {
             self.0.stats.command_errors.fetch_add(1, Ordering::Relaxed);
             ws.send_text(&error_reply(None, &CommandError::new(400, "commands are JSON text messages")));
@@ -121,6 +163,15 @@ impl WsHandler for Endpoint {
             ws.send_text(&error_reply(cmd.id, &e));
         }
     }
+}
+
+/// Close with 4001 if the connection's token has expired; returns whether it did.
+fn close_if_expired(ws: &mut WebSocket<'_, Client>) -> bool {
+    if ws.data().rights.expires.is_some_and(|exp| unix_now() >= exp) {
+        ws.close(gale_server::CloseCode(4001), "token expired");
+        return true;
+    }
+    false
 }
 
 impl Endpoint {
@@ -146,6 +197,16 @@ impl Endpoint {
                 if ws.is_subscribed(topic) {
                     return Err(CommandError::new(409, format!("already subscribed to {topic}")));
                 }
+                let s = &g.settings;
+                if !ws.data().subscribes.take(s.subscribe_rate, s.subscribe_burst) {
+                    return Err(CommandError::new(
+                        429,
+                        format!(
+                            "subscribe rate limit: {} per second, bursts of {}",
+                            s.subscribe_rate, s.subscribe_burst
+                        ),
+                    ));
+                }
                 if ws.topics().count() >= g.settings.max_subscriptions {
                     return Err(CommandError::new(
                         413,
@@ -153,9 +214,11 @@ impl Endpoint {
                     ));
                 }
                 let since = cmd.since.as_ref().map(|s| Position { epoch: s.epoch.clone(), seq: s.seq });
+                // A replay must fit in what the connection may queue.
+                let max_replay = ws.behavior().max_backpressure / 2;
                 let (pos, recovery) = g
                     .topics
-                    .subscribe(topic, since.as_ref(), || {
+                    .subscribe(topic, since.as_ref(), max_replay, || {
                         ws.subscribe(topic);
                     })
                     .map_err(|_| CommandError::new(503, "the gateway holds its maximum number of topics"))?;
@@ -193,7 +256,16 @@ impl Endpoint {
                     return Err(CommandError::new(403, format!("not allowed to publish to {topic}")));
                 }
                 let data = cmd.data.ok_or_else(|| CommandError::new(400, "publish needs data"))?;
-                self.take_token(ws.data())?;
+                let s = &g.settings;
+                if !ws.data().publishes.take(s.publish_rate, s.publish_burst) {
+                    return Err(CommandError::new(
+                        429,
+                        format!(
+                            "publish rate limit: {} per second, bursts of {}",
+                            s.publish_rate, s.publish_burst
+                        ),
+                    ));
+                }
                 let pos = g
                     .publish(topic, &Payload::Json(data.get()))
                     .map_err(|_| CommandError::new(503, "the gateway holds its maximum number of topics"))?;
@@ -213,23 +285,6 @@ impl Endpoint {
                 ));
             }
         }
-        Ok(())
-    }
-
-    /// Spend one publish token (token bucket at `client_publish_rate`).
-    fn take_token(&self, c: &mut Client) -> Result<(), CommandError> {
-        let s = &self.0.settings;
-        let now = Instant::now();
-        let refill = now.duration_since(c.refilled).as_secs_f32() * s.publish_rate as f32;
-        c.tokens = (c.tokens + refill).min(s.publish_burst as f32);
-        c.refilled = now;
-        if c.tokens < 1.0 {
-            return Err(CommandError::new(
-                429,
-                format!("publish rate limit: {} per second, bursts of {}", s.publish_rate, s.publish_burst),
-            ));
-        }
-        c.tokens -= 1.0;
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //! `gale_server`'s `subscribe`), so nothing is lost or delivered twice.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,9 +27,14 @@ pub struct Position {
 struct TopicState {
     epoch: String,
     seq: u64,
-    /// (seq, when, the delivery as sent) of the last messages, oldest first.
+    /// (seq, when, the delivery as sent) of the last messages, oldest first: always the
+    /// newest messages without a gap, so that recovery is exact or impossible, never partial.
     history: VecDeque<(u64, Instant, Arc<str>)>,
+    /// Bytes of `history`.
+    bytes: usize,
     last_activity: Instant,
+    /// Forgotten by a sweep: whoever locked it after that must look the topic up again.
+    removed: bool,
 }
 
 /// What a subscription with `since` found.
@@ -49,39 +55,76 @@ pub enum PublishError {
     TooManyTopics,
 }
 
+/// How much history is kept.
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryLimits {
+    /// Messages per topic.
+    pub size: usize,
+    /// Age of the oldest message kept; `None`: no limit.
+    pub ttl: Option<Duration>,
+    /// Bytes per topic.
+    pub topic_bytes: usize,
+    /// Bytes over all topics.
+    pub total_bytes: usize,
+}
+
 /// The gateway's topics.
 pub struct Topics {
     map: Mutex<HashMap<String, Arc<Mutex<TopicState>>>>,
-    history_size: usize,
-    history_ttl: Option<Duration>,
+    limits: HistoryLimits,
     max_topics: usize,
+    /// Bytes of history over all topics.
+    total: AtomicUsize,
 }
 
 impl Topics {
-    /// Topics keeping `history_size` messages for at most `history_ttl`.
-    pub fn new(history_size: usize, history_ttl: Option<Duration>, max_topics: usize) -> Self {
-        Topics { map: Mutex::default(), history_size, history_ttl, max_topics }
+    /// Topics keeping history within `limits`; at most `max_topics` of them.
+    pub fn new(limits: HistoryLimits, max_topics: usize) -> Self {
+        Topics { map: Mutex::default(), limits, max_topics, total: AtomicUsize::new(0) }
     }
 
-    fn state(&self, topic: &str, create: bool) -> Result<Option<Arc<Mutex<TopicState>>>, PublishError> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(topic) {
-            return Ok(Some(s.clone()));
+    /// Run `f` on the state of `topic` (created when `create`), under the topic's lock.
+    fn with_state<R>(
+        &self,
+        topic: &str,
+        create: bool,
+        f: impl FnOnce(&mut TopicState) -> R,
+    ) -> Result<Option<R>, PublishError> {
+        loop {
+            let state = {
+                let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+                match map.get(topic) {
+                    Some(s) => s.clone(),
+                    None if !create => return Ok(None),
+                    None if map.len() >= self.max_topics => return Err(PublishError::TooManyTopics),
+                    None => {
+                        let state = Arc::new(Mutex::new(TopicState {
+                            epoch: new_epoch(),
+                            seq: 0,
+                            history: VecDeque::new(),
+                            bytes: 0,
+                            last_activity: Instant::now(),
+                            removed: false,
+                        }));
+                        map.insert(topic.to_string(), state.clone());
+                        state
+                    }
+                }
+            };
+            let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
+            // A sweep may have forgotten the topic between the lookup and the lock: using
+            // that state would fork the topic's numbering.
+            if !s.removed {
+                return Ok(Some(f(&mut s)));
+            }
         }
-        if !create {
-            return Ok(None);
-        }
-        if map.len() >= self.max_topics {
-            return Err(PublishError::TooManyTopics);
-        }
-        let state = Arc::new(Mutex::new(TopicState {
-            epoch: new_epoch(),
-            seq: 0,
-            history: VecDeque::new(),
-            last_activity: Instant::now(),
-        }));
-        map.insert(topic.to_string(), state.clone());
-        Ok(Some(state))
+    }
+
+    /// Whether `n` more topics would fit.
+    pub fn room_for(&self, topics: &[String]) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let new = topics.iter().filter(|t| !map.contains_key(t.as_str())).count();
+        map.len() + new <= self.max_topics
     }
 
     /// Publish `payload` to `topic`: number it, keep it in the history, and hand the delivery
@@ -92,69 +135,101 @@ impl Topics {
         payload: &Payload<'_>,
         send: impl FnOnce(&str),
     ) -> Result<Position, PublishError> {
-        let state = self.state(topic, true)?.expect("created");
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        s.seq += 1;
-        let now = Instant::now();
-        s.last_activity = now;
-        let text: Arc<str> = delivery(topic, &s.epoch, s.seq, payload).into();
-        if self.history_size > 0 {
-            if s.history.len() == self.history_size {
-                s.history.pop_front();
-            }
-            let seq = s.seq;
-            s.history.push_back((seq, now, text.clone()));
+        let pos = self.with_state(topic, true, |s| {
+            s.seq += 1;
+            let now = Instant::now();
+            s.last_activity = now;
+            let text: Arc<str> = delivery(topic, &s.epoch, s.seq, payload).into();
+            self.keep(s, text.clone(), now);
+            send(&text);
+            Position { epoch: s.epoch.clone(), seq: s.seq }
+        })?;
+        Ok(pos.expect("created"))
+    }
+
+    /// Add the newest message to the history within the limits, dropping the oldest first.
+    fn keep(&self, s: &mut TopicState, text: Arc<str>, now: Instant) {
+        let l = &self.limits;
+        let len = text.len();
+        if l.size == 0 || len > l.topic_bytes {
+            self.clear(s);
+            return;
         }
-        self.expire(&mut s, now);
-        send(&text);
-        Ok(Position { epoch: s.epoch.clone(), seq: s.seq })
+        while s.history.len() >= l.size || s.bytes + len > l.topic_bytes {
+            self.pop_oldest(s);
+        }
+        self.expire(s, now);
+        // Over the global budget, this topic's own history goes first; if that is not enough
+        // the message is not kept (the history stays gap-free: recovery to before it is then
+        // impossible, and said so).
+        while self.total.load(Ordering::Relaxed) + len > l.total_bytes && !s.history.is_empty() {
+            self.pop_oldest(s);
+        }
+        if self.total.load(Ordering::Relaxed) + len > l.total_bytes {
+            return;
+        }
+        s.bytes += len;
+        self.total.fetch_add(len, Ordering::Relaxed);
+        let seq = s.seq;
+        s.history.push_back((seq, now, text));
+    }
+
+    fn pop_oldest(&self, s: &mut TopicState) {
+        if let Some((_, _, t)) = s.history.pop_front() {
+            s.bytes -= t.len();
+            self.total.fetch_sub(t.len(), Ordering::Relaxed);
+        }
+    }
+
+    fn clear(&self, s: &mut TopicState) {
+        while !s.history.is_empty() {
+            self.pop_oldest(s);
+        }
     }
 
     /// Subscribe at the current position: `go_live` runs under the topic's lock, after the
-    /// missed messages (if `since` was given) are collected. Returns the current position and
-    /// what recovery found.
+    /// missed messages (if `since` was given) are collected. Recovery that would replay more
+    /// than `max_replay` bytes is refused (one connection could not queue it). Returns the
+    /// current position and what recovery found.
     pub fn subscribe(
         &self,
         topic: &str,
         since: Option<&Position>,
+        max_replay: usize,
         go_live: impl FnOnce(),
     ) -> Result<(Position, Recovery), PublishError> {
-        let state = self.state(topic, true)?.expect("created");
-        let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        self.expire(&mut s, now);
-        s.last_activity = now;
-        let recovery = match since {
-            None => Recovery::NotAsked,
-            Some(p) if p.epoch != s.epoch => {
-                Recovery::Impossible("epoch changed: the topic's history was reset")
-            }
-            Some(p) if p.seq > s.seq => Recovery::Impossible("position is ahead of the topic"),
-            Some(p) if p.seq == s.seq => Recovery::Recovered(Vec::new()),
-            Some(p) => {
-                let oldest = s.history.front().map_or(s.seq + 1, |(seq, _, _)| *seq);
-                if oldest > p.seq + 1 {
-                    Recovery::Impossible("missed messages are no longer in the history")
-                } else {
-                    Recovery::Recovered(
-                        s.history
-                            .iter()
-                            .filter(|(seq, _, _)| *seq > p.seq)
-                            .map(|(_, _, t)| t.clone())
-                            .collect(),
-                    )
+        let found = self.with_state(topic, true, |s| {
+            let now = Instant::now();
+            self.expire(s, now);
+            s.last_activity = now;
+            let recovery = match since {
+                None => Recovery::NotAsked,
+                Some(p) if p.epoch != s.epoch => {
+                    Recovery::Impossible("epoch changed: the topic's history was reset")
                 }
-            }
-        };
-        go_live();
-        Ok((Position { epoch: s.epoch.clone(), seq: s.seq }, recovery))
+                Some(p) if p.seq > s.seq => Recovery::Impossible("position is ahead of the topic"),
+                Some(p) if p.seq == s.seq => Recovery::Recovered(Vec::new()),
+                Some(p) => {
+                    let oldest = s.history.front().map_or(s.seq + 1, |(seq, _, _)| *seq);
+                    let missed = s.history.iter().filter(|(seq, _, _)| *seq > p.seq);
+                    if oldest > p.seq + 1 {
+                        Recovery::Impossible("missed messages are no longer in the history")
+                    } else if missed.clone().map(|(_, _, t)| t.len()).sum::<usize>() > max_replay {
+                        Recovery::Impossible("missed messages are more than a connection may queue")
+                    } else {
+                        Recovery::Recovered(missed.map(|(_, _, t)| t.clone()).collect())
+                    }
+                }
+            };
+            go_live();
+            (Position { epoch: s.epoch.clone(), seq: s.seq }, recovery)
+        })?;
+        Ok(found.expect("created"))
     }
 
     /// The current position of `topic`, if it has state.
     pub fn position(&self, topic: &str) -> Option<Position> {
-        let state = self.state(topic, false).ok()??;
-        let s = state.lock().unwrap_or_else(|e| e.into_inner());
-        Some(Position { epoch: s.epoch.clone(), seq: s.seq })
+        self.with_state(topic, false, |s| Position { epoch: s.epoch.clone(), seq: s.seq }).ok()?
     }
 
     /// Topics with state.
@@ -162,24 +237,47 @@ impl Topics {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Forget topics nobody subscribes to whose history has expired (or that had no activity
-    /// for the history's lifetime, or an hour without one). `subscribers` tells how many a
-    /// topic has now.
+    /// Bytes of history kept over all topics.
+    pub fn history_bytes(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Forget topics nobody subscribes to that never had a message, or whose last activity is
+    /// older than the history's lifetime (an hour without one). `subscribers` tells how many
+    /// a topic has now. The map is locked only to list and to remove, never while topics are
+    /// examined.
     pub fn sweep(&self, subscribers: impl Fn(&str) -> usize) {
-        let idle = self.history_ttl.unwrap_or(Duration::from_secs(3600));
+        let idle = self.limits.ttl.unwrap_or(Duration::from_secs(3600));
         let now = Instant::now();
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|topic, state| {
+        let all: Vec<(String, Arc<Mutex<TopicState>>)> = {
+            let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        };
+        for (topic, state) in all {
+            if subscribers(&topic) > 0 {
+                continue;
+            }
             let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
             self.expire(&mut s, now);
-            subscribers(topic) > 0 || now.duration_since(s.last_activity) < idle
-        });
+            if s.seq > 0 && now.duration_since(s.last_activity) < idle {
+                continue;
+            }
+            // Remove it from the map under the topic's lock: anyone who finds it after this
+            // creates a new state, anyone who locked it before sees `removed` and retries.
+            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+            if subscribers(&topic) > 0 || !map.get(&topic).is_some_and(|m| Arc::ptr_eq(m, &state)) {
+                continue;
+            }
+            map.remove(&topic);
+            s.removed = true;
+            self.clear(&mut s);
+        }
     }
 
     fn expire(&self, s: &mut TopicState, now: Instant) {
-        if let Some(ttl) = self.history_ttl {
+        if let Some(ttl) = self.limits.ttl {
             while s.history.front().is_some_and(|(_, at, _)| now.duration_since(*at) > ttl) {
-                s.history.pop_front();
+                self.pop_oldest(s);
             }
         }
     }
@@ -204,9 +302,13 @@ mod tests {
         Payload::Text(s)
     }
 
+    fn limits(size: usize, ttl: Option<Duration>) -> HistoryLimits {
+        HistoryLimits { size, ttl, topic_bytes: 1 << 20, total_bytes: 1 << 30 }
+    }
+
     #[test]
     fn recovery_returns_exactly_what_was_missed_or_says_why_not() {
-        let topics = Topics::new(3, None, 10);
+        let topics = Topics::new(limits(3, None), 10);
         let mut sent = Vec::new();
         for m in ["a", "b", "c", "d"] {
             topics.publish("t", &text(m), |d| sent.push(d.to_string())).unwrap();
@@ -214,30 +316,76 @@ mod tests {
         let pos = topics.position("t").unwrap();
         assert_eq!(pos.seq, 4);
         let at = |seq| Position { epoch: pos.epoch.clone(), seq };
-        let (_, r) = topics.subscribe("t", Some(&at(2)), || {}).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&at(2)), usize::MAX, || {}).unwrap();
         assert_eq!(r, Recovery::Recovered(vec![sent[2].clone().into(), sent[3].clone().into()]));
-        let (_, r) = topics.subscribe("t", Some(&at(4)), || {}).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&at(4)), usize::MAX, || {}).unwrap();
         assert_eq!(r, Recovery::Recovered(vec![]));
-        let (_, r) = topics.subscribe("t", Some(&at(1)), || {}).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&at(1)), usize::MAX, || {}).unwrap();
         assert_eq!(r, Recovery::Recovered(sent[1..].iter().map(|s| s.clone().into()).collect()));
-        let (_, r) = topics.subscribe("t", Some(&at(0)), || {}).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&at(0)), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(why) if why.contains("no longer")));
-        let (_, r) = topics.subscribe("t", Some(&at(9)), || {}).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&at(9)), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(_)));
         let other = Position { epoch: "x".into(), seq: 1 };
-        let (_, r) = topics.subscribe("t", Some(&other), || {}).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&other), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(why) if why.contains("epoch")));
     }
 
     #[test]
+    fn a_replay_too_big_for_one_connection_is_refused() {
+        let topics = Topics::new(limits(10, None), 10);
+        for _ in 0..4 {
+            topics.publish("t", &text(&"x".repeat(100)), |_| {}).unwrap();
+        }
+        let p = topics.position("t").unwrap();
+        let since = Position { epoch: p.epoch, seq: 0 };
+        let (_, r) = topics.subscribe("t", Some(&since), 300, || {}).unwrap();
+        assert!(matches!(r, Recovery::Impossible(why) if why.contains("queue")));
+        let (_, r) = topics.subscribe("t", Some(&since), 10_000, || {}).unwrap();
+        assert!(matches!(r, Recovery::Recovered(m) if m.len() == 4));
+    }
+
+    #[test]
+    fn history_stays_within_its_byte_budgets_and_gap_free() {
+        let l = HistoryLimits { size: 100, ttl: None, topic_bytes: 1000, total_bytes: 1500 };
+        let topics = Topics::new(l, 10);
+        let body = "y".repeat(200);
+        for _ in 0..10 {
+            topics.publish("a", &text(&body), |_| {}).unwrap();
+        }
+        assert!(topics.history_bytes() <= 1000, "per-topic budget: {}", topics.history_bytes());
+        for _ in 0..10 {
+            topics.publish("b", &text(&body), |_| {}).unwrap();
+        }
+        assert!(topics.history_bytes() <= 1500, "global budget: {}", topics.history_bytes());
+        // Whatever was evicted, what is kept is the newest messages without a gap.
+        let pos = topics.position("b").unwrap();
+        let (_, r) =
+            topics.subscribe("b", Some(&Position { seq: 9, ..pos.clone() }), usize::MAX, || {}).unwrap();
+        assert!(matches!(r, Recovery::Recovered(m) if m.len() == 1));
+        let (_, r) = topics.subscribe("b", Some(&Position { seq: 0, ..pos }), usize::MAX, || {}).unwrap();
+        assert!(matches!(r, Recovery::Impossible(_)));
+    }
+
+    #[test]
     fn topics_are_bounded_and_idle_ones_are_swept() {
-        let topics = Topics::new(3, Some(Duration::ZERO), 2);
+        let topics = Topics::new(limits(3, Some(Duration::ZERO)), 3);
         topics.publish("a", &text("x"), |_| {}).unwrap();
         topics.publish("b", &text("x"), |_| {}).unwrap();
-        assert_eq!(topics.publish("c", &text("x"), |_| {}), Err(PublishError::TooManyTopics));
+        // A subscription creates state; once nobody is subscribed, a topic that never had a
+        // message goes at the next sweep.
+        topics.subscribe("c", None, usize::MAX, || {}).unwrap();
+        assert_eq!(topics.publish("d", &text("x"), |_| {}), Err(PublishError::TooManyTopics));
+        assert!(!topics.room_for(&["d".into()]));
         std::thread::sleep(Duration::from_millis(5));
         topics.sweep(|t| usize::from(t == "a"));
         assert_eq!(topics.len(), 1);
         assert!(topics.position("a").is_some());
+        assert_eq!(
+            topics.history_bytes(),
+            topics
+                .position("a")
+                .map_or(0, |_| { delivery("a", &topics.position("a").unwrap().epoch, 1, &text("x")).len() })
+        );
     }
 }
