@@ -67,6 +67,12 @@ pub struct Common {
     /// Offer permessage-deflate (RFC 7692); the report then gives the compression ratio.
     #[arg(long)]
     pub deflate: bool,
+    /// wss://: accept any server certificate (self-signed test certificates).
+    #[arg(long)]
+    pub insecure: bool,
+    /// wss://: trust the certificates in this PEM file (instead of the Mozilla roots).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N (loopback servers only),
     /// to go past one address's ~28,000 ephemeral ports.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -203,6 +209,9 @@ pub struct CompareArgs {
     /// Offer permessage-deflate; the tables then give the compression ratio.
     #[arg(long)]
     pub deflate: bool,
+    /// wss:// servers: accept any certificate (self-signed test certificates).
+    #[arg(long)]
+    pub insecure: bool,
     /// Echo payloads: fixed-size numbered ones, or chat/danmaku JSON messages.
     #[arg(long, value_enum, default_value_t = PayloadArg::Fixed)]
     pub payload: PayloadArg,

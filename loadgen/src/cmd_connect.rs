@@ -186,6 +186,12 @@ fn worker_args(args: &ConnectArgs, index: usize, share: usize) -> Vec<String> {
     for h in &c.headers {
         a.extend(["--header".into(), h.clone()]);
     }
+    if c.insecure {
+        a.push("--insecure".into());
+    }
+    if let Some(f) = &c.ca_file {
+        a.extend(["--ca-file".into(), f.display().to_string()]);
+    }
     if let Some(r) = args.rate {
         a.extend(["--rate".into(), (r / args.procs as f64).to_string()]);
     }

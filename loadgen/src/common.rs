@@ -13,8 +13,13 @@ pub fn run_config(c: &Common, random_masks: bool, max_message: u64) -> Result<(R
     let targets = c.url.iter().map(|u| Target::parse(u)).collect::<Result<Vec<_>, _>>()?;
     let target = targets.first().cloned().ok_or("give the server's --url")?;
     if targets.iter().any(|t| t.scheme != target.scheme) {
-        return Err("every --url must use the same scheme (all ws:// or all tcp://)".into());
+        return Err("every --url must use the same scheme (all ws://, all wss:// or all tcp://)".into());
     }
+    let tls = if target.scheme == Scheme::Wss {
+        Some(crate::tls::client_config(c.insecure, c.ca_file.as_deref())?)
+    } else {
+        None
+    };
     if c.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
@@ -48,18 +53,25 @@ pub fn run_config(c: &Common, random_masks: bool, max_message: u64) -> Result<(R
         .collect::<Result<Vec<_>, _>>()?;
     let connect = targets
         .iter()
-        .map(|t| ConnectOptions {
-            addr: t.addr,
-            host: t.authority.clone(),
-            path: t.path.clone(),
-            protocols: c.protocols.clone(),
-            headers: headers.clone(),
-            raw: t.scheme == Scheme::Tcp,
-            random_masks,
-            max_message,
-            deflate: c.deflate,
+        .map(|t| {
+            let tls = match &tls {
+                Some(config) => Some((config.clone(), crate::tls::server_name(&t.host)?)),
+                None => None,
+            };
+            Ok(ConnectOptions {
+                tls,
+                addr: t.addr,
+                host: t.authority.clone(),
+                path: t.path.clone(),
+                protocols: c.protocols.clone(),
+                headers: headers.clone(),
+                raw: t.scheme == Scheme::Tcp,
+                random_masks,
+                max_message,
+                deflate: c.deflate,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, String>>()?;
     let cfg = RunConfig {
         connect,
         threads: c.threads,

@@ -197,6 +197,8 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
         timeout: 10.0,
         source_ips: 1,
         deflate: args.deflate,
+        insecure: args.insecure,
+        ca_file: None,
     };
     if args.scenario == "fanout" {
         let protocol = server_protocol(args, &spec.name).unwrap_or(ProtocolArg::Plain);
@@ -205,7 +207,10 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
         // The gateway's default configuration lets anonymous clients subscribe to chat:*.
         let (sub, publish, topic) = match protocol {
             ProtocolArg::Plain => (format!("{base}/sub"), format!("{base}/pub"), "bench"),
-            ProtocolArg::Gale => (format!("{base}/ws"), base.replacen("ws://", "http://", 1), "chat:bench"),
+            ProtocolArg::Gale => {
+                let http = base.replacen("wss://", "https://", 1).replacen("ws://", "http://", 1);
+                (format!("{base}/ws"), http, "chat:bench")
+            }
         };
         let a = FanoutArgs {
             common: Common { url: vec![sub], ..common },

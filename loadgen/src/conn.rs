@@ -65,6 +65,10 @@ impl Failure {
 
     /// Classify an I/O error.
     pub fn from_io(e: &io::Error) -> Failure {
+        if e.kind() == io::ErrorKind::InvalidData {
+            // TLS refused (certificate, protocol): a failed handshake.
+            return Failure::Handshake(e.to_string());
+        }
         match e.raw_os_error() {
             Some(libc::ECONNREFUSED) => Failure::Refused,
             Some(libc::ETIMEDOUT) => Failure::Timeout,
@@ -87,6 +91,8 @@ pub struct Io {
     pub(crate) open: bool,
     /// permessage-deflate, when the server accepted it.
     pub(crate) deflate: Option<Box<ClientDeflate>>,
+    /// TLS (`wss://`): `out` holds plaintext, sealed into records on flush.
+    tls: Option<Box<rustls::ClientConnection>>,
 }
 
 impl Io {
@@ -157,13 +163,32 @@ impl Io {
         }
     }
 
-    /// Bytes queued and not yet written.
+    /// Bytes queued and not yet written (over TLS, at least 1 while records wait).
     pub fn pending(&self) -> usize {
-        self.out.len() - self.sent
+        self.out.len() - self.sent + self.tls.as_ref().map_or(0, |t| usize::from(t.wants_write()))
     }
 
     /// Write queued bytes until the kernel refuses.
     pub fn flush(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_mut() {
+            if self.sent < self.out.len() {
+                // No buffer limit: rustls takes it all (before the handshake ends, to send
+                // once it has).
+                tls.writer().write_all(&self.out[self.sent..])?;
+            }
+            self.out.clear();
+            self.sent = 0;
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            return Ok(());
+        }
         while self.sent < self.out.len() {
             match self.stream.write(&self.out[self.sent..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -215,6 +240,8 @@ pub struct ConnectOptions {
     pub max_message: u64,
     /// Offer permessage-deflate.
     pub deflate: bool,
+    /// TLS configuration and server name, for `wss://`.
+    pub tls: Option<(std::sync::Arc<rustls::ClientConfig>, rustls::pki_types::ServerName<'static>)>,
 }
 
 /// Set `IP_BIND_ADDRESS_NO_PORT`: binding to a source address then leaves the port to be
@@ -253,6 +280,15 @@ impl Conn {
             Err(e) => return Err(Failure::from_io(&e)),
         }
         let stream = mio::net::TcpStream::from_std(socket.into());
+        let tls = match &opts.tls {
+            Some((config, name)) => {
+                let mut c = rustls::ClientConnection::new(config.clone(), name.clone())
+                    .map_err(|e| Failure::Handshake(format!("TLS: {e}")))?;
+                c.set_buffer_limit(None);
+                Some(Box::new(c))
+            }
+            None => None,
+        };
         Ok(Conn {
             io: Io {
                 stream,
@@ -261,6 +297,7 @@ impl Conn {
                 random_masks: opts.random_masks,
                 open: false,
                 deflate: None,
+                tls,
             },
             state: State::Connecting,
             handshake: ClientHandshake::new(),
@@ -341,8 +378,37 @@ impl Conn {
         }
     }
 
-    /// Read into `buf`; `Ok(0)` is EOF.
+    /// Read into `buf`; `Ok(0)` is EOF. Over TLS, `buf` gets plaintext, and `WouldBlock`
+    /// means the socket is drained.
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.io.stream.read(buf)
+        if self.io.tls.is_none() {
+            return self.io.stream.read(buf);
+        }
+        loop {
+            let tls = self.io.tls.as_mut().expect("checked above");
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut self.io.stream)? == 0 {
+                return Ok(0);
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // Send the alert, then give up on the connection.
+                let _ = tls.write_tls(&mut self.io.stream);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")));
+            }
+            if tls.wants_write() {
+                // Handshake records to answer with.
+                self.io.flush()?;
+            }
+        }
+    }
+
+    /// Whether a short read may leave bytes behind (TLS buffers records: read until
+    /// `WouldBlock`).
+    pub fn reads_until_would_block(&self) -> bool {
+        self.io.tls.is_some()
     }
 }

@@ -463,7 +463,7 @@ impl<D: Driver> Engine<D> {
                         self.opened(key, connecting);
                     }
                     Ok(None) => {
-                        if n < self.buf.len() {
+                        if n < self.buf.len() && !e.conn.reads_until_would_block() {
                             return;
                         }
                         continue;
@@ -479,7 +479,8 @@ impl<D: Driver> Engine<D> {
                 return;
             }
             self.flush(key);
-            if n < self.buf.len() || !self.conns.contains(key) {
+            let Some(e) = self.conns.get(key) else { return };
+            if n < self.buf.len() && !e.conn.reads_until_would_block() {
                 return;
             }
         }

@@ -19,6 +19,7 @@ mod run;
 mod scenario;
 mod servers;
 mod target;
+mod tls;
 mod zip;
 
 use std::process::ExitCode;

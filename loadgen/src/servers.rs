@@ -56,7 +56,7 @@ impl RunningServer {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                for scheme in ["ws://", "tcp://"] {
+                for scheme in ["wss://", "ws://", "tcp://"] {
                     if let Some(rest) = line.split(scheme).nth(1) {
                         let addr =
                             rest.split(|c: char| c.is_whitespace() || c == '/').next().unwrap_or_default();

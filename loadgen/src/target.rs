@@ -7,6 +7,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 pub enum Scheme {
     /// WebSocket over TCP.
     Ws,
+    /// WebSocket over TLS.
+    Wss,
     /// Raw TCP: no handshake, no framing; the server echoes bytes (the kernel's ceiling).
     Tcp,
 }
@@ -18,6 +20,8 @@ pub struct Target {
     pub scheme: Scheme,
     /// `host:port` as written, for the `Host` header.
     pub authority: String,
+    /// The host alone (the TLS server name).
+    pub host: String,
     /// Resolved address.
     pub addr: SocketAddr,
     /// Path and query, at least `/`.
@@ -29,12 +33,14 @@ impl Target {
     pub fn parse(url: &str) -> Result<Target, String> {
         let (scheme, rest) = if let Some(r) = url.strip_prefix("ws://") {
             (Scheme::Ws, r)
+        } else if let Some(r) = url.strip_prefix("wss://") {
+            (Scheme::Wss, r)
         } else if let Some(r) = url.strip_prefix("tcp://") {
             (Scheme::Tcp, r)
-        } else if url.starts_with("wss://") {
-            return Err(format!("{url}: wss:// is not supported yet; use ws://"));
         } else {
-            return Err(format!("{url}: the URL must start with ws:// (or tcp:// for a raw TCP echo)"));
+            return Err(format!(
+                "{url}: the URL must start with ws:// or wss:// (or tcp:// for a raw TCP echo)"
+            ));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -43,17 +49,24 @@ impl Target {
         if authority.is_empty() {
             return Err(format!("{url}: no host"));
         }
-        let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
-        };
+        let has_port =
+            authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
+        let host =
+            if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
+        let default_port = if scheme == Scheme::Wss { 443 } else { 80 };
+        let with_port = if has_port { authority.to_string() } else { format!("{authority}:{default_port}") };
         let addr = with_port
             .to_socket_addrs()
             .map_err(|e| format!("{url}: cannot resolve {authority}: {e}"))?
             .next()
             .ok_or_else(|| format!("{url}: {authority} resolves to no address"))?;
-        Ok(Target { scheme, authority: authority.to_string(), addr, path: path.to_string() })
+        Ok(Target {
+            scheme,
+            authority: authority.to_string(),
+            host: host.to_string(),
+            addr,
+            path: path.to_string(),
+        })
     }
 }
 
@@ -68,7 +81,9 @@ mod tests {
         let t = Target::parse("tcp://127.0.0.1:7").unwrap();
         assert_eq!((t.scheme, t.path.as_str()), (Scheme::Tcp, "/"));
         assert!(Target::parse("http://x").unwrap_err().contains("ws://"));
-        assert!(Target::parse("wss://x").unwrap_err().contains("not supported"));
+        let t = Target::parse("wss://localhost:9443/x").unwrap();
+        assert_eq!((t.scheme, t.host.as_str(), t.addr.port()), (Scheme::Wss, "localhost", 9443));
+        assert_eq!(Target::parse("wss://127.0.0.1").unwrap().addr.port(), 443);
         assert!(Target::parse("ws://").is_err());
     }
 }

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chromium } from 'playwright-core';
 
-import { REPO_ROOT, startGaleServe } from '../lib/gale-process.mjs';
+import { REPO_ROOT, makeCertificate, startGaleServe } from '../lib/gale-process.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -85,5 +85,40 @@ describe('gale serve demo page with headless Chromium', () => {
 
     await alice.screenshot({ path: join(OUTPUT_DIR, `demo-alice-${process.env.GALE_BACKEND || 'auto'}.png`) });
     await bob.screenshot({ path: join(OUTPUT_DIR, `demo-bob-${process.env.GALE_BACKEND || 'auto'}.png`) });
+  });
+});
+
+describe('gale serve demo page over https and wss with headless Chromium', () => {
+  let browser, gale;
+  before(async () => {
+    const { cert, key } = makeCertificate(join(OUTPUT_DIR, `tls-${process.env.GALE_BACKEND || 'auto'}`));
+    gale = await startGaleServe('demo-tls', 'browser', ['--tls-cert', cert, '--tls-key', key]);
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: TIMEOUT_MS });
+  });
+  after(async () => {
+    await browser?.close();
+    await gale?.stop();
+  });
+
+  it('loads the page over https and talks over wss', TEST, async () => {
+    assert.match(gale.url, /^wss:/);
+    // The certificate is self-signed for this test: the browser context is told to accept it.
+    const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1000, height: 700 } });
+    const open = async () => {
+      const page = await context.newPage();
+      page.setDefaultTimeout(TIMEOUT_MS);
+      page.on('pageerror', (err) => console.error(`page error: ${err.message}`));
+      await page.goto(`${gale.httpUrl}/#tls`);
+      await page.waitForFunction(() => window.galeDemo?.state === 'open' && window.galeDemo.position);
+      return page;
+    };
+    const alice = await open();
+    const bob = await open();
+    assert.equal(await alice.evaluate(() => window.galeDemo.ws.url.slice(0, 6)), 'wss://');
+    await say(alice, 'over TLS 🔒');
+    await bob.waitForFunction(() => window.galeDemo.received.length === 1);
+    assert.deepEqual(await received(bob), [[1, 'over TLS 🔒']]);
+    await bob.screenshot({ path: join(OUTPUT_DIR, `demo-tls-${process.env.GALE_BACKEND || 'auto'}.png`) });
+    await context.close();
   });
 });

@@ -5,7 +5,7 @@
 // It is stopped by its own PID only: other engineers' servers on this machine are never
 // touched, and a server that ignores SIGTERM is SIGKILLed so it cannot outlive the suite.
 
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createWriteStream, mkdirSync } from 'node:fs';
 import { once } from 'node:events';
 import { dirname, isAbsolute, join, resolve } from 'node:path';
@@ -17,7 +17,7 @@ export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', 
 // Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
 const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 30_000;
-const READY_LINE = /^gale (?:echo|serve) listening on (ws:\/\/([^\s/]+):(\d+))\S* \(/;
+const READY_LINE = /^gale (?:echo|serve) listening on (wss?:\/\/([^\s/]+):(\d+))\S* \(/;
 
 export function galeBin() {
   const bin = process.env.GALE_BIN || 'target/debug/gale';
@@ -86,10 +86,25 @@ export async function startGale(name, logDir, extraArgs = [], { command = ['echo
     lines.close();
     return result;
   };
-  return { url, httpUrl: `http://${host}:${port}`, pid: child.pid, terminate, exited, stop };
+  const scheme = url.startsWith('wss://') ? 'https' : 'http';
+  return { url, httpUrl: `${scheme}://${host}:${port}`, pid: child.pid, terminate, exited, stop };
 }
 
 /** Start `gale serve` (the gateway) on a free loopback port; same result as {@link startGale}. */
 export function startGaleServe(name, logDir, extraArgs = [], env = {}) {
   return startGale(name, logDir, extraArgs, { command: ['serve', '--listen', '127.0.0.1:0'], env });
+}
+
+/** A throwaway self-signed certificate for localhost and 127.0.0.1 in `dir` (openssl). */
+export function makeCertificate(dir) {
+  mkdirSync(dir, { recursive: true });
+  const cert = join(dir, 'cert.pem');
+  const key = join(dir, 'key.pem');
+  execFileSync('openssl', [
+    'req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=localhost',
+    '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
+    '-addext', 'basicConstraints=critical,CA:FALSE',
+  ], { stdio: 'ignore' });
+  return { cert, key };
 }

@@ -30,7 +30,14 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
-from gale_process import REPO_ROOT, START_TIMEOUT, STOP_TIMEOUT, GaleEcho, gale_bin  # noqa: E402
+from gale_process import (  # noqa: E402
+    REPO_ROOT,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    GaleEcho,
+    gale_bin,
+    make_certificate,
+)
 
 LOG_DIR = REPO_ROOT / "target" / "test-output" / "loadgen"
 # Every scenario here lasts a few seconds; the bound is generous because the machine is shared.
@@ -446,6 +453,35 @@ class FanoutAgainstGateway(ScenarioTest):
         report = report_of(result)
         self.assertGreater(report["publish_errors"], 0)
         self.assertEqual(report["delivered"], 0)
+
+
+class OverTls(ScenarioTest):
+    """wss:// against `gale echo --tls-cert/--tls-key` with a throwaway certificate."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(prefix="loadgen-tls-")
+        cls.addClassCleanup(cls.dir.cleanup)
+        cls.cert, key = make_certificate(Path(cls.dir.name))
+        cls.server = GaleEcho("loadgen-tls", "--tls-cert", str(cls.cert), "--tls-key", str(key))
+        cls.addClassCleanup(cls.server.stop)
+
+    def test_echo_trusting_the_certificate(self):
+        url = self.server.url.replace("127.0.0.1", "localhost")
+        report = self.scenario(
+            "echo", "--url", url, "--ca-file", self.cert, "-c", 20, "-d", 1, "--warmup", 0.2, "-s", 2000,
+            "--deflate", "--payload", "chat",
+        )
+        self.assert_clean_echo(report, 20)
+
+    def test_connect_with_insecure(self):
+        report = self.scenario("connect", "--url", self.server.url, "--insecure", "-c", 100, "-d", 0.5)
+        self.assertEqual((report["connected"], report["failed"]), (100, 0))
+
+    def test_an_untrusted_certificate_fails_the_handshake(self):
+        result = self.failing("echo", "--url", self.server.url, "-c", 3, "-d", 0.5)
+        self.assertIn("bad_handshake", result.stderr)
+        self.assertIn("certificate", result.stderr)
 
 
 class CompareFanout(ScenarioTest):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = REPO_ROOT / "target" / "test-output" / "python"
-READY_LINE = re.compile(r"^gale (?:echo|serve) listening on (ws://([^\s/]+):(\d+))\S* \(")
+READY_LINE = re.compile(r"^gale (?:echo|serve) listening on (wss?://([^\s/]+):(\d+))\S* \(")
 
 # Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
 START_TIMEOUT = 60.0
@@ -50,7 +50,8 @@ class GaleEcho:
                 args, stdout=subprocess.PIPE, stderr=log, cwd=REPO_ROOT, env={**os.environ, **(env or {})}
             )
         self.url, self.host, self.port = self._read_address()
-        self.http_url = f"http://{self.host}:{self.port}"
+        scheme = "https" if self.url.startswith("wss://") else "http"
+        self.http_url = f"{scheme}://{self.host}:{self.port}"
 
     def _read_address(self):
         # readline() blocks, so it runs in a thread that the timeout can give up on.
@@ -94,3 +95,17 @@ class GaleServe(GaleEcho):
     """One `gale serve` process (the gateway) on a free port; `url` is its ws:// base."""
 
     COMMAND = ["serve", "--listen", "127.0.0.1:0"]
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for localhost and 127.0.0.1 (openssl), and its key."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         # A leaf, not a CA: rustls-based clients (gale-loadgen) refuse a CA as end entity.
+         "-addext", "basicConstraints=critical,CA:FALSE"],
+        check=True, capture_output=True,
+    )
+    return cert, key

@@ -3,21 +3,26 @@
 Covers text (ASCII, CJK/emoji) and binary echo across the frame-length boundaries,
 subprotocol selection, ping/pong, close code/reason echo, fragmented messages, UTF-8
 validation (1007), concurrent connections, any path, GET /healthz, --max-payload (1009),
---idle-timeout, and close 1001 on SIGTERM.
+--idle-timeout, close 1001 on SIGTERM, and wss:// with a throwaway certificate (TLS 1.2
+and 1.3, ALPN, an untrusted certificate, plain HTTP on the TLS port).
 
 Run: python3 tests/python/test_echo.py   (GALE_BIN overrides target/debug/gale)
 """
 
 import asyncio
 import random
+import ssl
+import tempfile
 import time
 import unittest
+import urllib.error
 import urllib.request
+from pathlib import Path
 
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gale_process import GaleEcho
+from gale_process import GaleEcho, make_certificate
 
 # Frame payload lengths around the 7-bit / 16-bit / 64-bit length encodings, then a large one.
 SIZES = [0, 125, 126, 65535, 65536, 1 << 20]
@@ -310,6 +315,63 @@ class CompressionTest(AsyncTest):
                 await ws.recv()
             self.assertIsNotNone(closed.exception.rcvd, "server sent no close frame")
             self.assertEqual(closed.exception.rcvd.code, 1009)
+
+
+class TlsTest(AsyncTest):
+    """`--tls-cert/--tls-key`: the same client over wss:// with a throwaway certificate."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.TemporaryDirectory(prefix="gale-tls-")
+        cls.cert, key = make_certificate(Path(cls.dir.name))
+        cls.tls = GaleEcho("python-tls", "--tls-cert", str(cls.cert), "--tls-key", str(key))
+        cls.context = ssl.create_default_context(cafile=str(cls.cert))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tls.stop()
+        cls.dir.cleanup()
+
+    async def test_echo_over_tls_with_compression(self):
+        self.assertTrue(self.tls.url.startswith("wss://"))
+        async with asyncio.timeout(TIMEOUT), open_ws(self.tls.url + "/tls", ssl=self.context) as ws:
+            for size in SIZES:
+                text = unicode_text(size)
+                await ws.send(text)
+                self.assertEqual(await ws.recv(), text)
+                data = random_bytes(size)
+                await ws.send(data)
+                self.assertEqual(await ws.recv(), data)
+            self.assertIsNotNone(ws.response.headers.get("Sec-WebSocket-Extensions"))
+            await ws.close(4000, "bye")
+            self.assertEqual(ws.close_code, 4000)
+
+    async def test_alpn_and_tls_versions(self):
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            context = ssl.create_default_context(cafile=str(self.cert))
+            context.minimum_version = context.maximum_version = version
+            context.set_alpn_protocols(["http/1.1"])
+            async with asyncio.timeout(TIMEOUT), open_ws(self.tls.url, ssl=context) as ws:
+                tls = ws.transport.get_extra_info("ssl_object")
+                self.assertEqual(tls.version(), {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version])
+                self.assertEqual(tls.selected_alpn_protocol(), "http/1.1")
+                await ws.send("versions")
+                self.assertEqual(await ws.recv(), "versions")
+
+    async def test_untrusted_certificate_is_refused_by_the_client(self):
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            async with asyncio.timeout(TIMEOUT), open_ws(self.tls.url, ssl=ssl.create_default_context()):
+                pass
+
+    def test_plain_http_on_the_tls_port_gets_400(self):
+        with self.assertRaises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{self.tls.port}/healthz", timeout=TIMEOUT)
+        self.assertEqual(caught.exception.code, 400)
+        self.assertIn(b"expects TLS", caught.exception.read())
+
+    def test_https_healthz(self):
+        with urllib.request.urlopen(f"{self.tls.http_url}/healthz", timeout=TIMEOUT, context=self.context) as r:
+            self.assertEqual((r.status, r.read()), (200, b"ok\n"))
 
 
 class IdleTimeoutTest(AsyncTest):

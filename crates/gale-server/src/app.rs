@@ -15,6 +15,7 @@ use crate::listener::bind_reuseport;
 use crate::pubsub::{ConnId, Published, Registry};
 use crate::routes::{HttpRoute, Pattern, RouteTicks, Routes, WsRoute};
 use crate::timer::ticks;
+use crate::tls::{TlsAcceptor, TlsFiles};
 
 /// Which event-loop implementation runs the server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -146,6 +147,7 @@ impl Default for ServerConfig {
 pub struct App {
     config: ServerConfig,
     routes: Routes,
+    tls: Option<TlsFiles>,
 }
 
 impl App {
@@ -169,6 +171,14 @@ impl App {
     /// Choose the event-loop implementation.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
+        self
+    }
+
+    /// Serve TLS (`wss://`, `https://`) with this certificate chain and key (PEM files, read
+    /// when the server is bound; errors name the file and the problem). TLS 1.2 and 1.3, ALPN
+    /// `http/1.1`. [`ServerHandle::reload_tls`] reads the files again.
+    pub fn tls(mut self, cert: impl Into<std::path::PathBuf>, key: impl Into<std::path::PathBuf>) -> Self {
+        self.tls = Some(TlsFiles { cert: cert.into(), key: key.into() });
         self
     }
 
@@ -206,6 +216,12 @@ impl App {
     /// Bind one listener per loop on `addr` (`SO_REUSEPORT`, so the kernel spreads accepts).
     /// With port 0, the first listener picks a free port and the others join it.
     pub fn listen(mut self, addr: impl ToSocketAddrs) -> io::Result<Server> {
+        let tls = match self.tls.take() {
+            Some(files) => Some(Arc::new(
+                TlsAcceptor::new(files).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+            )),
+            None => None,
+        };
         self.config.backend = self.config.backend.resolve()?;
         let addr = addr
             .to_socket_addrs()?
@@ -244,10 +260,11 @@ impl App {
                 stats,
                 registry: Arc::new(Registry::new(threads)),
                 publishes: AtomicU64::new(0),
+                tls: tls.clone(),
             }),
         };
         let handshake_ticks = ticks(self.config.handshake_timeout);
-        let shared = Arc::new(Shared { routes: self.routes, config: self.config, handshake_ticks });
+        let shared = Arc::new(Shared { routes: self.routes, config: self.config, handshake_ticks, tls });
         Ok(Server { shared, seeds, handle, local_addr })
     }
 }
@@ -258,6 +275,8 @@ pub(crate) struct Shared {
     pub(crate) config: ServerConfig,
     /// The handshake timeout in timer ticks.
     pub(crate) handshake_ticks: u32,
+    /// TLS, when configured.
+    pub(crate) tls: Option<Arc<TlsAcceptor>>,
 }
 
 /// Everything one loop thread starts from.
@@ -387,6 +406,7 @@ struct HandleInner {
     stats: Vec<LoopStats>,
     registry: Arc<Registry>,
     publishes: AtomicU64,
+    tls: Option<Arc<TlsAcceptor>>,
 }
 
 /// Controls a server from any thread: shut it down, run work on its loops.
@@ -514,6 +534,37 @@ impl ServerHandle {
         for m in &self.inner.mailboxes {
             let _ = m.post(Task::Shutdown);
         }
+    }
+
+    /// Read the TLS certificate and key again; new handshakes use them, open connections keep
+    /// theirs. An error (unreadable or mismatched files) leaves the current certificate in
+    /// place. `Ok(false)` when the server has no TLS.
+    pub fn reload_tls(&self) -> Result<bool, String> {
+        match &self.inner.tls {
+            Some(acceptor) => acceptor.reload().map(|()| true),
+            None => Ok(false),
+        }
+    }
+
+    /// Whether the server speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.inner.tls.is_some()
+    }
+
+    /// Reload the TLS certificate on every SIGHUP (logging the outcome).
+    pub fn reload_tls_on_sighup(&self) -> io::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+        let handle = self.clone();
+        std::thread::Builder::new().name("gale-sighup".into()).spawn(move || {
+            for _ in signals.forever() {
+                match handle.reload_tls() {
+                    Ok(true) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                    Ok(false) => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+                    Err(e) => tracing::error!("SIGHUP: TLS certificate not reloaded: {e}"),
+                }
+            }
+        })?;
+        Ok(())
     }
 
     /// Whether [`shutdown`](Self::shutdown) was called.

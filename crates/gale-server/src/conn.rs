@@ -19,6 +19,7 @@ use crate::handler::{HttpRequest, HttpResponse, Message, UpgradeRequest};
 use crate::link::{CloseState, Finish, Link, Scratch};
 use crate::pubsub::Published;
 use crate::routes::{HttpMatch, Routes, WsRoute};
+use crate::tls::Opened;
 use crate::websocket::{Callback, Session};
 
 /// An HTTP client whose responses pile up past this is not reading them: drop it.
@@ -101,17 +102,63 @@ impl Conn {
     }
 
     /// After a flush: once a finishing connection has written everything, shut down our
-    /// sending side and linger for the peer's EOF.
-    pub(crate) fn after_flush(&mut self, now: u32) {
+    /// sending side and linger for the peer's EOF. Over TLS, `close_notify` goes first (and
+    /// needs another flush): returns true when there is something new to write.
+    pub(crate) fn after_flush(&mut self, now: u32) -> bool {
         if self.link.finish == Finish::AfterFlush
             && self.link.buffered() == 0
             && !self.read_closed
             && !self.link.broken
         {
+            if let Some(tls) = &mut self.link.tls
+                && !tls.notified
+            {
+                tls.notify_close();
+                self.link.dirty = true;
+                return true;
+            }
             let _ = self.link.stream.shutdown(std::net::Shutdown::Write);
             self.link.finish = Finish::Linger;
             self.linger_since = now;
         }
+        false
+    }
+
+    /// Bytes arrived from the socket: decrypted first over TLS, then handled as plaintext.
+    pub(crate) fn on_input(&mut self, data: &mut [u8], cx: &mut ConnCx<'_>) {
+        if self.link.tls.is_none() {
+            self.on_data(data, cx);
+            return;
+        }
+        if self.link.finishing() {
+            return;
+        }
+        let Some(tls) = &mut self.link.tls else { return };
+        let mut plain = std::mem::take(&mut cx.pool.plain);
+        let (opened, filled) = tls.open(data, &mut plain);
+        if !tls.sealed.is_empty() {
+            // Handshake records or an alert to send.
+            self.link.dirty = true;
+        }
+        if let Opened::Failed = opened {
+            // Nothing more is read; the alert (or plain-HTTP answer) goes out, then TCP closes.
+            self.link.close = CloseState::Closed;
+            self.link.finish = Finish::AfterFlush;
+            if let Some(tls) = &mut self.link.tls {
+                tls.notified = true;
+            }
+        }
+        if filled > 0 {
+            self.on_data(&mut plain[..filled], cx);
+        } else if let Opened::Data = opened {
+            self.last_seen = cx.now;
+        }
+        if plain.len() > 256 * 1024 {
+            // One huge read made it large: do not keep that for every later one.
+            plain = Vec::new();
+        }
+        cx.pool.plain = plain;
+        self.after_callbacks(cx);
     }
 
     /// Bytes arrived. `data` may be modified in place (WebSocket payloads are unmasked there).

@@ -22,6 +22,7 @@ mod listener;
 mod pubsub;
 mod routes;
 mod timer;
+mod tls;
 mod websocket;
 
 pub use app::{

@@ -10,6 +10,7 @@ use crate::app::ServerHandle;
 use crate::behavior::{BackpressurePolicy, Behavior};
 use crate::compress::SharedCodecs;
 use crate::pubsub::{ConnId, LoopTopics};
+use crate::tls::{TlsSession, WriteEnd, write_some};
 
 /// Output buffers are flushed early once this many unsent bytes accumulate while the kernel is
 /// taking everything: a handler that sends a lot in one go does not build a large buffer.
@@ -86,6 +87,8 @@ pub(crate) struct Scratch {
     pub(crate) topics: LoopTopics,
     pub(crate) counters: Counters,
     pub(crate) handle: ServerHandle,
+    /// Where decrypted input goes before the connection sees it (TLS).
+    pub(crate) plain: Vec<u8>,
     index: usize,
     next_serial: u64,
 }
@@ -98,6 +101,7 @@ impl Scratch {
             topics: LoopTopics::new(handle.registry(), index),
             counters: Counters::default(),
             handle,
+            plain: Vec::new(),
             index,
             next_serial: 0,
         }
@@ -151,6 +155,8 @@ pub(crate) struct Link {
     pub(crate) sent_close: Option<Box<ClosePayload>>,
     /// Bytes handed to the kernel in a send that has not completed (completion backends).
     pub(crate) in_kernel: usize,
+    /// TLS, when the listener has it: `out` holds plaintext, sealed into records on flush.
+    pub(crate) tls: Option<Box<TlsSession>>,
 }
 
 impl Link {
@@ -169,27 +175,34 @@ impl Link {
             dirty: false,
             sent_close: None,
             in_kernel: 0,
+            tls: None,
         }
     }
 
     /// Bytes the kernel has not taken yet: queued here, or in a send still in flight.
     #[inline]
     pub(crate) fn buffered(&self) -> usize {
-        self.out.len() + self.in_kernel
+        self.queued() + self.in_kernel
     }
 
-    /// Bytes queued here and not yet handed to the kernel.
+    /// Bytes queued here and not yet handed to the kernel (plaintext, and sealed records).
     #[inline]
     pub(crate) fn queued(&self) -> usize {
-        self.out.len()
+        self.out.len() + self.tls.as_ref().map_or(0, |t| t.sealed.len())
     }
 
     /// Take the queued bytes to hand them to the kernel in one send (completion backends). The
     /// buffer must come back through [`Link::sent`] once the send completes.
     pub(crate) fn take_queued(&mut self) -> Vec<u8> {
-        let out = std::mem::take(&mut self.out);
-        self.in_kernel = out.len();
         self.dirty = false;
+        let out = match &mut self.tls {
+            Some(tls) => {
+                tls.seal(&mut self.out);
+                std::mem::take(&mut tls.sealed)
+            }
+            None => std::mem::take(&mut self.out),
+        };
+        self.in_kernel = out.len();
         out
     }
 
@@ -198,7 +211,7 @@ impl Link {
     pub(crate) fn sent(&mut self, pool: &mut Scratch, buf: Vec<u8>) -> bool {
         self.in_kernel = 0;
         pool.give(buf);
-        if self.out.is_empty() && self.blocked {
+        if self.queued() == 0 && self.blocked {
             self.blocked = false;
             return true;
         }
@@ -212,7 +225,7 @@ impl Link {
             || self.finish == Finish::Now
             || (read_closed
                 && matches!(self.finish, Finish::AfterFlush | Finish::Linger)
-                && self.out.is_empty())
+                && self.queued() == 0)
     }
 
     /// Whether the connection is on its way out (no more input is processed).
@@ -332,7 +345,12 @@ impl Link {
         }
         pool.counters.messages_out += 1;
         pool.counters.bytes_out += len as u64;
-        if self.out.is_empty() && self.direct && !self.blocked && body.len() >= DIRECT_WRITE_MIN {
+        if self.out.is_empty()
+            && self.direct
+            && !self.blocked
+            && self.tls.is_none()
+            && body.len() >= DIRECT_WRITE_MIN
+        {
             // Large payload: write it from the caller's slice, copy only what the kernel refuses.
             let written = self.write_vectored(head, body);
             if written < len {
@@ -391,36 +409,35 @@ impl Link {
     /// the kernel had refused bytes before (time to call `drain`).
     pub(crate) fn flush(&mut self) -> bool {
         self.dirty = false;
-        if self.out.is_empty() || self.broken || self.finish == Finish::Now {
+        if self.queued() == 0 || self.broken || self.finish == Finish::Now {
             return false;
         }
         let was_blocked = self.blocked;
-        let mut written = 0;
-        while written < self.out.len() {
-            match (&self.stream).write(&self.out[written..]) {
-                Ok(0) => {
-                    self.broken = true;
-                    break;
-                }
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.blocked = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.broken = true;
-                    break;
-                }
+        let buf = match &mut self.tls {
+            Some(tls) => {
+                tls.seal(&mut self.out);
+                &mut tls.sealed
+            }
+            None => &mut self.out,
+        };
+        let (written, end) = write_some(&self.stream, buf);
+        match end {
+            WriteEnd::Done => {
+                buf.clear();
+                self.blocked = false;
+                was_blocked
+            }
+            WriteEnd::Blocked => {
+                buf.drain(..written);
+                self.blocked = true;
+                false
+            }
+            WriteEnd::Broken => {
+                buf.drain(..written);
+                self.broken = true;
+                false
             }
         }
-        if written == self.out.len() {
-            self.out.clear();
-            self.blocked = false;
-            return was_blocked;
-        }
-        self.out.drain(..written);
-        false
     }
 
     /// Give the output buffer back to the pool if it is empty.
@@ -428,11 +445,20 @@ impl Link {
         if self.out.is_empty() && self.out.capacity() != 0 {
             pool.give(std::mem::take(&mut self.out));
         }
+        if let Some(tls) = &mut self.tls
+            && tls.sealed.is_empty()
+            && tls.sealed.capacity() != 0
+        {
+            pool.give(std::mem::take(&mut tls.sealed));
+        }
     }
 
     /// Forget queued bytes and free the buffer (the connection is going away).
     pub(crate) fn discard(&mut self, pool: &mut Scratch) {
         self.out.clear();
+        if let Some(tls) = &mut self.tls {
+            tls.sealed.clear();
+        }
         self.recycle(pool);
     }
 

@@ -53,6 +53,13 @@ pub struct EchoArgs {
     /// io_uring: size of each provided receive buffer.
     #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES", hide_short_help = true)]
     uring_buffer_size: usize,
+    /// Serve TLS (wss://) with this certificate chain (PEM); needs --tls-key. SIGHUP reloads
+    /// both files.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Close connections idle for this many seconds (0: never).
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     idle_timeout: u64,
@@ -139,18 +146,23 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         ..Behavior::default()
     };
     let threads = config.threads;
-    let server = App::new()
-        .config(config)
+    let mut app = App::new().config(config);
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        app = app.tls(cert, key);
+    }
+    let server = app
         .get("/healthz", |_req: &HttpRequest<'_>| HttpResponse::text(200, "ok\n"))
         .ws("/*", behavior, Echo { protocols: args.protocols })
         .listen((args.host, args.port))?;
     server.handle().shutdown_on_signals()?;
+    server.handle().reload_tls_on_sighup()?;
     let backend = server.backend();
     let addr = server.local_addr();
+    let scheme = if server.handle().is_tls() { "wss" } else { "ws" };
     // Announce only once every loop is set up and accepting.
     let running = server.spawn()?;
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "gale echo listening on ws://{addr} ({threads} threads, {backend} backend)")?;
+    writeln!(stdout, "gale echo listening on {scheme}://{addr} ({threads} threads, {backend} backend)")?;
     stdout.flush()?;
     running.join()
 }

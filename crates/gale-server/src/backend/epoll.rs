@@ -203,7 +203,7 @@ impl EpollLoop {
                     return;
                 }
                 Ok(n) => {
-                    conn.on_data(&mut self.buf[..n], &mut self.env.cx());
+                    conn.on_input(&mut self.buf[..n], &mut self.env.cx());
                     // One write per read: everything the handlers sent for these bytes.
                     if conn.link.flush() {
                         conn.drained(&mut self.env.cx());
@@ -232,6 +232,9 @@ impl EpollLoop {
         let conn = &mut self.conns[key];
         // A blocked connection is flushed by its writable event.
         if conn.link.dirty && !conn.link.blocked && conn.link.flush() {
+            conn.drained(&mut self.env.cx());
+        }
+        if conn.after_flush(self.env.wheel.now()) && conn.link.flush() {
             conn.drained(&mut self.env.cx());
         }
         conn.after_flush(self.env.wheel.now());
@@ -302,7 +305,17 @@ impl EpollLoop {
                     }
                     let now = self.env.wheel.now();
                     let id = self.env.pool.next_id();
-                    let conn = entry.insert(Conn::new(Link::new(stream, remote, key, id), now));
+                    let mut link = Link::new(stream, remote, key, id);
+                    if let Some(acceptor) = &self.env.shared.tls {
+                        match acceptor.session() {
+                            Ok(session) => link.tls = Some(Box::new(session)),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot start a TLS session");
+                                continue;
+                            }
+                        }
+                    }
+                    let conn = entry.insert(Conn::new(link, now));
                     let cx = self.env.cx();
                     if let Some(deadline) = conn.deadline(&cx) {
                         conn.timer_at = self.env.wheel.schedule(key as u32, deadline);

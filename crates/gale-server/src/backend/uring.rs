@@ -404,7 +404,16 @@ impl UringLoop {
         // The socket is non-blocking: io_uring operations still wait for readiness (it arms a
         // poll on EAGAIN), and the connection may write directly while no send is in flight.
         let id = self.env.pool.next_id();
-        let link = Link::new(stream, remote, self.conns.vacant_entry().key(), id);
+        let mut link = Link::new(stream, remote, self.conns.vacant_entry().key(), id);
+        if let Some(acceptor) = &self.env.shared.tls {
+            match acceptor.session() {
+                Ok(session) => link.tls = Some(Box::new(session)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a TLS session");
+                    return;
+                }
+            }
+        }
         let now = self.env.wheel.now();
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
@@ -452,7 +461,7 @@ impl UringLoop {
         if res > 0 {
             let Some(bid) = bid else { return };
             let data = self.bufs.get(bid, res as usize);
-            e.conn.on_data(data, &mut self.env.cx());
+            e.conn.on_input(data, &mut self.env.cx());
             self.bufs.recycle(bid);
         } else if res == 0 {
             e.conn.on_eof(&mut self.env.cx());
@@ -519,7 +528,11 @@ impl UringLoop {
             e.dirty = true;
             self.dirty.push(key);
         }
-        e.conn.after_flush(self.env.wheel.now());
+        if e.conn.after_flush(self.env.wheel.now()) && !e.dirty {
+            // close_notify to send before the shutdown.
+            e.dirty = true;
+            self.dirty.push(key);
+        }
         if e.conn.should_close() {
             self.teardown(key);
             return;

@@ -18,6 +18,8 @@ pub const DEFAULT_TOML: &str = include_str!("default.toml");
 pub struct Config {
     /// Listener and loops.
     pub server: ServerSection,
+    /// Certificate and key.
+    pub tls: TlsSection,
     /// The client WebSocket endpoint.
     pub websocket: WebSocketSection,
     /// Tokens, the API key, origins.
@@ -41,6 +43,16 @@ pub struct ServerSection {
     pub threads: usize,
     /// `auto`, `epoll` or `uring`.
     pub backend: String,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// Certificate chain (PEM); empty: no TLS.
+    pub cert: String,
+    /// Private key (PEM).
+    pub key: String,
 }
 
 /// `[websocket]`.
@@ -138,6 +150,10 @@ pub struct Overrides {
     pub compression: Option<String>,
     /// `--history-size`.
     pub history_size: Option<usize>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<String>,
+    /// `--tls-key`.
+    pub tls_key: Option<String>,
 }
 
 /// The configuration, checked and in the types the gateway runs with.
@@ -149,6 +165,8 @@ pub struct Settings {
     pub threads: usize,
     /// Event-loop implementation.
     pub backend: gale_server::Backend,
+    /// TLS certificate chain and key files, if TLS is on.
+    pub tls: Option<(String, String)>,
     /// Path of the WebSocket endpoint.
     pub ws_path: String,
     /// The WebSocket route's behaviour.
@@ -223,6 +241,14 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     let backend_text = o.backend.clone().unwrap_or(c.server.backend);
     let backend: gale_server::Backend =
         backend_text.parse().map_err(|e: String| format!("server.backend: {e}"))?;
+    let cert = o.tls_cert.clone().unwrap_or(c.tls.cert);
+    let key = o.tls_key.clone().unwrap_or(c.tls.key);
+    let tls = match (cert.is_empty(), key.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some((cert, key)),
+        (false, true) => return Err("tls.key: a certificate is given (tls.cert) but no key".into()),
+        (true, false) => return Err("tls.cert: a key is given (tls.key) but no certificate".into()),
+    };
     let ws = c.websocket;
     if !ws.path.starts_with('/') {
         return Err(format!("websocket.path: {:?} must start with '/'", ws.path));
@@ -300,6 +326,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         listen,
         threads,
         backend,
+        tls,
         ws_path: ws.path,
         behavior,
         max_subscriptions: ws.max_subscriptions,
@@ -367,6 +394,8 @@ mod tests {
         assert!(e.contains("namespaces[0].pattern"), "{e}");
         let e = err("[server\n");
         assert!(e.contains("g.toml"), "{e}");
+        let e = err("[tls]\ncert = \"c.pem\"\n");
+        assert!(e.contains("tls.key"), "{e}");
         let e = err("[history]\ntotal_bytes = 10\n");
         assert!(e.contains("history.total_bytes"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");

@@ -51,6 +51,12 @@ pub struct ServeArgs {
     /// Messages kept per topic for recovery (`history.size`).
     #[arg(long, value_name = "N")]
     history_size: Option<usize>,
+    /// TLS certificate chain, PEM (`tls.cert`); with --tls-key, serves wss:// and https://.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// TLS private key, PEM (`tls.key`).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<String>,
 }
 
 /// Run the gateway until SIGINT/SIGTERM.
@@ -76,6 +82,8 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         jwt_secret: args.jwt_secret,
         compression: args.compression,
         history_size: args.history_size,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
     };
     let env_key = std::env::var("GALE_API_KEY").ok().filter(|k| !k.is_empty());
     let settings = config::load(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), env_key, &overrides)
@@ -87,8 +95,11 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         let gateway = gateway.clone();
         move |req: &HttpRequest<'_>| f(&gateway, req)
     };
-    let server = App::new()
-        .config(server_config)
+    let mut app = App::new().config(server_config);
+    if let Some((cert, key)) = &s.tls {
+        app = app.tls(cert, key);
+    }
+    let server = app
         .ws(&s.ws_path, s.behavior.clone(), Endpoint(gateway.clone()))
         .get("/", |_req: &HttpRequest<'_>| gale_server::HttpResponse::html(200, api::DEMO_PAGE))
         .get("/healthz", g(|g, _| api::health(g)))
@@ -100,16 +111,18 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
     let handle = server.handle();
     let _ = gateway.handle.set(handle.clone());
     handle.shutdown_on_signals()?;
+    handle.reload_tls_on_sighup()?;
     if s.api_key.is_none() {
         tracing::info!("no API key configured: the HTTP publish API answers 403");
     }
     spawn_sweeper(gateway.clone());
     let (addr, backend, threads) = (server.local_addr(), server.backend(), s.threads);
+    let (ws, http) = if s.tls.is_some() { ("wss", "https") } else { ("ws", "http") };
     let running = server.spawn()?;
     let mut stdout = io::stdout();
     writeln!(
         stdout,
-        "gale serve listening on ws://{addr}{} ({threads} threads, {backend} backend); demo page: http://{addr}/",
+        "gale serve listening on {ws}://{addr}{} ({threads} threads, {backend} backend); demo page: {http}://{addr}/",
         s.ws_path
     )?;
     stdout.flush()?;

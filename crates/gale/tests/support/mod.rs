@@ -65,7 +65,7 @@ impl Gale {
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
-                if let Some(rest) = line.split("ws://").nth(1) {
+                if let Some(rest) = line.split("://").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
                     let _ = tx.send((addr, line.clone()));
                 }
