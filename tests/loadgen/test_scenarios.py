@@ -478,6 +478,30 @@ class OverTls(ScenarioTest):
         report = self.scenario("connect", "--url", self.server.url, "--insecure", "-c", 100, "-d", 0.5)
         self.assertEqual((report["connected"], report["failed"]), (100, 0))
 
+    def test_fanout_over_wss_with_https_publishing(self):
+        key = Path(self.dir.name) / "key.pem"
+        proc = subprocess.Popen(
+            [str(gale_bin()), "serve", "--listen", "127.0.0.1:0", "--threads", "2", "--api-key", "k",
+             "--tls-cert", str(self.cert), "--tls-key", str(key)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        try:
+            line = read_line(proc.stdout, START_TIMEOUT)
+            match = re.match(r"gale serve listening on wss://(127\.0\.0\.1:\d+)/ws ", line)
+            self.assertIsNotNone(match, line)
+            addr = match.group(1)
+            report = self.scenario(
+                "fanout", "--protocol", "gale", "--url", f"wss://{addr}/ws", "--publish-url", f"https://{addr}",
+                "--insecure", "--api-key", "k", "--topic", "chat:tls", "-c", 20, "--rate", 50, "-d", 1,
+            )
+        finally:
+            stop_process(proc)
+            proc.stdout.close()
+        self.assertEqual((report["subscribers"], report["failed"], report["publish_errors"]), (20, 0, 0))
+        self.assertGreater(report["published"], 30)
+        self.assertEqual(report["delivered"], report["published"] * 20)
+        self.assertEqual((report["lost"], report["duplicated"], report["out_of_order"]), (0, 0, 0))
+
     def test_an_untrusted_certificate_fails_the_handshake(self):
         result = self.failing("echo", "--url", self.server.url, "-c", 3, "-d", 0.5)
         self.assertIn("bad_handshake", result.stderr)
