@@ -19,7 +19,14 @@ const ROUNDS: usize = 40;
 
 /// Chat messages like `gale-loadgen --payload chat`.
 fn chat_messages() -> Vec<Vec<u8>> {
-    let texts = ["主播好厉害！哈哈哈哈哈 666", "来了来了", "这波操作太秀了吧", "前方高能预警", "弹幕护体", "awsl 太可爱了"];
+    let texts = [
+        "主播好厉害！哈哈哈哈哈 666",
+        "来了来了",
+        "这波操作太秀了吧",
+        "前方高能预警",
+        "弹幕护体",
+        "awsl 太可爱了",
+    ];
     let names = ["吃瓜群众", "路人甲", "小明", "momo", "夜猫子"];
     (0..MESSAGES)
         .map(|i| {
@@ -83,7 +90,16 @@ impl NgDeflater {
         // SAFETY: `s` is a fully initialised stream with allocator functions; the version and
         // size are the library's own.
         let rc = unsafe {
-            z::deflateInit2_(&mut *s, 1, 8, -bits, mem_level, 0, z::zlibVersion(), size_of::<z::z_stream>() as i32)
+            z::deflateInit2_(
+                &mut *s,
+                1,
+                8,
+                -bits,
+                mem_level,
+                0,
+                z::zlibVersion(),
+                size_of::<z::z_stream>() as i32,
+            )
         };
         assert_eq!(rc, z::Z_OK);
         NgDeflater { s, takeover }
@@ -152,14 +168,20 @@ fn fastest(rounds: &[Duration]) -> f64 {
 fn main() {
     let msgs = chat_messages();
     let payload: usize = msgs.iter().map(Vec::len).sum();
-    println!("{MESSAGES} chat messages, {:.0} bytes each on average; fastest of {ROUNDS} interleaved rounds\n", payload as f64 / MESSAGES as f64);
-    println!("| operation | zlib-rs ns/msg | zlib-ng ns/msg | zlib-ng / zlib-rs | zlib-rs bytes out | zlib-ng bytes out |");
+    println!(
+        "{MESSAGES} chat messages, {:.0} bytes each on average; fastest of {ROUNDS} interleaved rounds\n",
+        payload as f64 / MESSAGES as f64
+    );
+    println!(
+        "| operation | zlib-rs ns/msg | zlib-ng ns/msg | zlib-ng / zlib-rs | zlib-rs bytes out | zlib-ng bytes out |"
+    );
     println!("|---|---:|---:|---:|---:|---:|");
     // (label, window bits, memory level, context takeover): the server's shared and dedicated
     // compressors (crates/gale-server/src/compress.rs).
-    for (label, bits, mem, takeover) in
-        [("compress, no context takeover (shared)", 15, 1, false), ("compress, context takeover (dedicated, 15 bits)", 15, 7, true)]
-    {
+    for (label, bits, mem, takeover) in [
+        ("compress, no context takeover (shared)", 15, 1, false),
+        ("compress, context takeover (dedicated, 15 bits)", 15, 7, true),
+    ] {
         let (mut rs_t, mut ng_t) = (Vec::new(), Vec::new());
         let (mut rs_bytes, mut ng_bytes) = (0, 0);
         let mut out = Vec::new();
