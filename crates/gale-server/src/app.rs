@@ -318,7 +318,16 @@ pub(crate) enum Task {
     Run(Box<dyn FnOnce(&mut LoopContext) + Send>),
     /// Deliver a published message to the loop's subscribers.
     Publish(Arc<Published>),
+    /// Run a closure on one WebSocket connection (skipped if it has gone).
+    RunOn(ConnId, OnConn),
+    /// Subscribe one connection to a topic counted by `Registry::prepare`.
+    Subscribe(ConnId, Arc<str>, Arc<crate::pubsub::TopicGlobal>, u64),
+    /// A deferred HTTP response.
+    Respond(ConnId, crate::handler::HttpResponse),
 }
+
+/// A closure posted to a connection, with the connection's data type erased.
+pub(crate) type OnConn = Box<dyn FnOnce(&mut crate::WebSocket<'_, crate::websocket::AnyData>) + Send>;
 
 /// What a closure posted to a loop can see of it.
 pub struct LoopContext {
@@ -507,6 +516,47 @@ impl ServerHandle {
             }
         });
         loops
+    }
+
+    /// Run `f` on connection `conn`, on its loop, between two event batches, as if inside one
+    /// of its handler calls (sends are corked with the rest of the batch). Nothing happens if
+    /// the connection has closed by then or its data is not a `D`. Use it to answer a client
+    /// once work done on another thread is finished.
+    pub fn post_to<D: Send + 'static>(
+        &self,
+        conn: ConnId,
+        f: impl FnOnce(&mut crate::WebSocket<'_, D>) + Send + 'static,
+    ) -> Result<(), LoopGone> {
+        let erased: OnConn = Box::new(move |ws| {
+            if let Some(mut typed) = ws.downcast::<D>() {
+                f(&mut typed);
+            }
+        });
+        self.mailbox(conn)?.post(Task::RunOn(conn, erased))
+    }
+
+    /// Subscribe connection `conn` to `topic` from any thread. Every message published after
+    /// this returns reaches the connection (and none from before): publishes are routed to its
+    /// loop at once, and the loop adds the connection before it delivers them. Nothing happens
+    /// if the connection has closed by then.
+    pub fn subscribe(&self, conn: ConnId, topic: &str) -> Result<(), LoopGone> {
+        let mailbox = self.mailbox(conn)?;
+        let name: Arc<str> = Arc::from(topic);
+        let (global, since) = self.inner.registry.prepare(&name, conn.loop_index());
+        mailbox.post(Task::Subscribe(conn, name, global, since))
+    }
+
+    /// Deliver the answer to a deferred HTTP request.
+    pub(crate) fn respond(
+        &self,
+        conn: ConnId,
+        response: crate::handler::HttpResponse,
+    ) -> Result<(), LoopGone> {
+        self.mailbox(conn)?.post(Task::Respond(conn, response))
+    }
+
+    fn mailbox(&self, conn: ConnId) -> Result<&Mailbox, LoopGone> {
+        self.inner.mailboxes.get(conn.loop_index()).ok_or(LoopGone)
     }
 
     /// Subscribers of `topic` over all loops.

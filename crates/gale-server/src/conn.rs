@@ -63,7 +63,32 @@ enum Phase {
 /// A request head or body that arrived in pieces.
 struct HttpPhase {
     buf: Vec<u8>,
+    /// A handler deferred its answer: how to write it once it comes. Requests that follow
+    /// wait in `buf`.
+    awaiting: Option<ResponseMode>,
 }
+
+/// How a response is written: whether the connection stays open after it, and whether the
+/// body is left out (HEAD).
+#[derive(Clone, Copy, Debug)]
+struct ResponseMode {
+    keep_alive: bool,
+    head_only: bool,
+}
+
+impl ResponseMode {
+    fn of(req: &Request<'_>) -> ResponseMode {
+        let keep_alive = if req.minor_version >= 1 {
+            !req.header_has_token("connection", "close")
+        } else {
+            req.header_has_token("connection", "keep-alive")
+        };
+        ResponseMode { keep_alive, head_only: req.method == "HEAD" }
+    }
+}
+
+/// Requests piled up behind a deferred answer past this close the connection.
+const AWAITING_LIMIT: usize = 1 << 20;
 
 struct WsPhase {
     decoder: Decoder,
@@ -87,7 +112,7 @@ impl Conn {
     pub(crate) fn new(link: Link, now: u32) -> Self {
         Conn {
             link,
-            phase: Phase::Http(HttpPhase { buf: Vec::new() }),
+            phase: Phase::Http(HttpPhase { buf: Vec::new(), awaiting: None }),
             timer_at: 0,
             since: now,
             last_seen: now,
@@ -269,6 +294,30 @@ impl Conn {
         self.after_callbacks(cx);
     }
 
+    /// Run a closure posted to this connection, if it is an open WebSocket.
+    pub(crate) fn run_on(&mut self, f: crate::app::OnConn, cx: &mut ConnCx<'_>) {
+        let Phase::Ws(ws) = &mut self.phase else { return };
+        if ws.app.reported {
+            return;
+        }
+        let route = &cx.routes.ws[ws.app.route as usize];
+        let Session { data, compression } = &mut ws.app.session;
+        let mut handle = crate::websocket::WebSocket {
+            link: &mut self.link,
+            data,
+            compression,
+            pool: cx.pool,
+            behavior: &route.behavior,
+        };
+        f(&mut handle);
+        self.after_callbacks(cx);
+    }
+
+    /// Whether this is an open WebSocket (it can take subscriptions).
+    pub(crate) fn is_open_ws(&self) -> bool {
+        matches!(&self.phase, Phase::Ws(ws) if !ws.app.reported) && self.link.close == CloseState::Open
+    }
+
     /// The tick at which this connection next needs attention, if any.
     pub(crate) fn deadline(&self, cx: &ConnCx<'_>) -> Option<u32> {
         if self.link.finish == Finish::Linger {
@@ -378,6 +427,14 @@ impl Conn {
 
     fn http_data(&mut self, data: &mut [u8], cx: &mut ConnCx<'_>) {
         let Phase::Http(http) = &mut self.phase else { return };
+        if http.awaiting.is_some() {
+            // Pipelined requests wait for the deferred answer.
+            http.buf.extend_from_slice(data);
+            if http.buf.len() > AWAITING_LIMIT + cx.config.max_body {
+                self.link.finish = Finish::Now;
+            }
+            return;
+        }
         if http.buf.is_empty() {
             let used = self.http_requests(data, cx);
             if let Phase::Http(http) = &mut self.phase
@@ -404,7 +461,7 @@ impl Conn {
     /// On an upgrade, the rest of `bytes` is handed to the WebSocket phase.
     fn http_requests(&mut self, bytes: &mut [u8], cx: &mut ConnCx<'_>) -> usize {
         let mut pos = 0;
-        while pos < bytes.len() && self.link.finish == Finish::No {
+        while pos < bytes.len() && self.link.finish == Finish::No && !self.awaiting() {
             if self.link.buffered() > HTTP_OUT_LIMIT {
                 self.link.finish = Finish::Now;
                 break;
@@ -460,9 +517,23 @@ impl Conn {
                 }
                 (_, _, HttpMatch::Found(i)) => {
                     let body = &bytes[pos + head_len..pos + total];
-                    let hreq = HttpRequest { req: &req, body, remote: self.link.remote };
+                    let deferred = std::cell::Cell::new(false);
+                    let hreq = HttpRequest {
+                        req: &req,
+                        body,
+                        remote: self.link.remote,
+                        deferred: &deferred,
+                        conn: self.link.id,
+                        handle: &cx.pool.handle,
+                    };
                     let response = cx.routes.http[i].handler.handle(&hreq);
-                    self.http_respond(cx, &req, &response);
+                    if deferred.get() {
+                        if let Phase::Http(http) = &mut self.phase {
+                            http.awaiting = Some(ResponseMode::of(&req));
+                        }
+                    } else {
+                        self.http_respond(cx, &req, &response);
+                    }
                 }
                 (_, _, HttpMatch::WrongMethod(allowed)) => {
                     self.http_error(cx, 405, "method not allowed for this path", &[("Allow", &allowed)]);
@@ -488,14 +559,43 @@ impl Conn {
         pos
     }
 
+    /// Whether a deferred answer is pending.
+    fn awaiting(&self) -> bool {
+        matches!(&self.phase, Phase::Http(h) if h.awaiting.is_some())
+    }
+
+    /// The answer to a deferred request arrived: write it, then serve the requests that
+    /// waited behind it.
+    pub(crate) fn deferred_response(&mut self, response: &HttpResponse, cx: &mut ConnCx<'_>) {
+        let Phase::Http(http) = &mut self.phase else { return };
+        let Some(mode) = http.awaiting.take() else { return };
+        if self.link.finishing() {
+            return;
+        }
+        self.write_response(cx, mode, response);
+        self.since = cx.now;
+        let Phase::Http(http) = &mut self.phase else { return };
+        let mut buf = std::mem::take(&mut http.buf);
+        if !buf.is_empty() && self.link.finish == Finish::No {
+            let used = self.http_requests(&mut buf, cx);
+            if let Phase::Http(http) = &mut self.phase
+                && used < buf.len()
+                && self.link.finish == Finish::No
+            {
+                buf.drain(..used);
+                http.buf = buf;
+            }
+        }
+        self.after_callbacks(cx);
+    }
+
     /// Write an HTTP response, keeping the connection open when the request allows it.
     fn http_respond(&mut self, cx: &mut ConnCx<'_>, req: &Request<'_>, response: &HttpResponse) {
-        let keep_alive = if req.minor_version >= 1 {
-            !req.header_has_token("connection", "close")
-        } else {
-            req.header_has_token("connection", "keep-alive")
-        };
-        let head_only = req.method == "HEAD";
+        self.write_response(cx, ResponseMode::of(req), response);
+    }
+
+    fn write_response(&mut self, cx: &mut ConnCx<'_>, mode: ResponseMode, response: &HttpResponse) {
+        let ResponseMode { keep_alive, head_only } = mode;
         self.link.push_with(cx.pool, |out| {
             use std::io::Write;
             let _ = write!(

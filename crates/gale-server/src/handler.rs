@@ -158,9 +158,49 @@ pub struct HttpRequest<'a> {
     pub(crate) req: &'a Request<'a>,
     pub(crate) body: &'a [u8],
     pub(crate) remote: SocketAddr,
+    /// Set by [`HttpRequest::defer`].
+    pub(crate) deferred: &'a std::cell::Cell<bool>,
+    pub(crate) conn: crate::ConnId,
+    pub(crate) handle: &'a crate::ServerHandle,
+}
+
+/// Answers a deferred HTTP request ([`HttpRequest::defer`]) from any thread. Dropped without
+/// an answer, it answers 500 so that the client is not left waiting.
+pub struct Responder {
+    handle: crate::ServerHandle,
+    conn: crate::ConnId,
+    answered: bool,
+}
+
+impl Responder {
+    /// Send the response. The connection gets it between two event batches of its loop and
+    /// then goes on with any requests the client pipelined after this one.
+    pub fn respond(mut self, response: HttpResponse) {
+        self.answered = true;
+        let _ = self.handle.respond(self.conn, response);
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self
+                .handle
+                .respond(self.conn, HttpResponse::text(500, "the request was dropped unanswered\n"));
+        }
+    }
 }
 
 impl<'a> HttpRequest<'a> {
+    /// Answer this request later, from any thread, through the returned [`Responder`]; what
+    /// the handler returns is then ignored. The connection reads no further request until the
+    /// answer is sent (HTTP/1.1 answers in order), and closes if it does not come within the
+    /// server's handshake timeout.
+    pub fn defer(&self) -> Responder {
+        self.deferred.set(true);
+        Responder { handle: self.handle.clone(), conn: self.conn, answered: false }
+    }
+
     /// The method, e.g. `GET`.
     pub fn method(&self) -> &'a str {
         self.req.method

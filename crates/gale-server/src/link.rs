@@ -107,10 +107,10 @@ impl Scratch {
         }
     }
 
-    /// A new connection's id.
-    pub(crate) fn next_id(&mut self) -> ConnId {
+    /// The id of a new connection in slot `key`.
+    pub(crate) fn next_id(&mut self, key: usize) -> ConnId {
         self.next_serial += 1;
-        ConnId::new(self.index, self.next_serial)
+        ConnId::new(self.index, key, self.next_serial)
     }
 
     /// A buffer for at least `need` bytes: a pooled one, else a new one sized to the need.

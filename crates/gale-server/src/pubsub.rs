@@ -23,14 +23,27 @@ use gale_frame::{FrameSpec, OpCode, append_frame};
 
 use crate::compress::SharedCodecs;
 
-/// Identifies a connection within a server, for excluding the sender from a publish.
+/// Identifies a connection within a server: for excluding the sender from a publish, and for
+/// acting on the connection from another thread ([`crate::ServerHandle::post_to`]). It holds
+/// the loop, the connection's slot in it, and a serial number that tells a later connection
+/// in the same slot apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnId(pub(crate) u64);
 
 impl ConnId {
-    /// The id of connection number `serial` of loop `index`.
-    pub(crate) fn new(index: usize, serial: u64) -> Self {
-        ConnId(((index as u64) << 48) | (serial & ((1 << 48) - 1)))
+    /// The id of connection number `serial` of loop `index`, in slot `key`.
+    pub(crate) fn new(index: usize, key: usize, serial: u64) -> Self {
+        ConnId(((index as u64 & 0xFFFF) << 48) | ((key as u64 & 0xFF_FFFF) << 24) | (serial & 0xFF_FFFF))
+    }
+
+    /// The loop the connection belongs to.
+    pub(crate) fn loop_index(self) -> usize {
+        (self.0 >> 48) as usize
+    }
+
+    /// The connection's slot in its loop.
+    pub(crate) fn key(self) -> usize {
+        ((self.0 >> 24) & 0xFF_FFFF) as usize
     }
 }
 
@@ -103,6 +116,18 @@ impl Registry {
             })
         });
         f(t)
+    }
+
+    /// Count a subscriber of `topic` on loop `index` now, for a connection the loop will add
+    /// when it gets the task (see [`LoopTopics::attach`]): from here on publishes are routed to
+    /// the loop and numbered above the returned serial.
+    pub(crate) fn prepare(&self, topic: &Arc<str>, index: usize) -> (Arc<TopicGlobal>, u64) {
+        let (word, bit) = (index / 64, 1u64 << (index % 64));
+        self.with_topic(topic, |t| {
+            t.loops[word].fetch_or(bit, Ordering::SeqCst);
+            t.subscribers.fetch_add(1, Ordering::SeqCst);
+            (t.clone(), self.serial.load(Ordering::SeqCst))
+        })
     }
 
     /// Drop the entry of `topic` if nobody subscribes to it any more.
@@ -232,6 +257,36 @@ impl LoopTopics {
     pub(crate) fn unsubscribe_all(&mut self, key: u32) {
         for topic in self.by_conn.remove(&key).unwrap_or_default() {
             self.remove(&topic, key);
+        }
+    }
+
+    /// Add connection `key` to a topic counted by [`Registry::prepare`] on another thread;
+    /// returns false (and takes the count back) if it already was a subscriber.
+    pub(crate) fn attach(&mut self, name: Arc<str>, global: Arc<TopicGlobal>, key: u32, since: u64) -> bool {
+        let local = self
+            .topics
+            .entry(name.clone())
+            .or_insert_with(|| LocalTopic { global: global.clone(), subscribers: HashMap::new() });
+        if local.subscribers.contains_key(&key) {
+            self.release(&name, &global);
+            return false;
+        }
+        local.subscribers.insert(key, since);
+        self.by_conn.entry(key).or_default().push(name);
+        true
+    }
+
+    /// Take back a count made by [`Registry::prepare`] for a connection that is gone (or was
+    /// already subscribed).
+    pub(crate) fn release(&mut self, topic: &str, global: &TopicGlobal) {
+        let left = global.subscribers.fetch_sub(1, Ordering::SeqCst) - 1;
+        if self.topics.get(topic).is_none_or(|l| l.subscribers.is_empty()) {
+            let (word, bit) = (self.index / 64, 1u64 << (self.index % 64));
+            global.loops[word].fetch_and(!bit, Ordering::SeqCst);
+            self.topics.remove(topic);
+        }
+        if left == 0 {
+            self.registry.forget_if_unused(topic);
         }
     }
 

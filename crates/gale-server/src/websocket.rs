@@ -175,6 +175,20 @@ impl<D> WebSocket<'_, D> {
     }
 }
 
+impl<'a> WebSocket<'a, AnyData> {
+    /// The same connection with its data as a `D`, if it is one.
+    pub(crate) fn downcast<D: 'static>(&mut self) -> Option<WebSocket<'_, D>> {
+        let data = self.data.downcast_mut::<D>()?;
+        Some(WebSocket {
+            link: self.link,
+            data,
+            compression: self.compression,
+            pool: self.pool,
+            behavior: self.behavior,
+        })
+    }
+}
+
 /// A callback to deliver to a handler.
 pub(crate) enum Callback<'a> {
     Open,

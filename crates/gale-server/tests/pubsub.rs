@@ -172,3 +172,138 @@ fn a_slow_subscriber_is_cut_off_without_slowing_the_others() {
     drop((fast, slow));
     server.stop();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Acting on connections from other threads
+// ---------------------------------------------------------------------------------------------
+
+/// Records the id of every connection it opens; messages are ignored.
+struct Remember(std::sync::Arc<std::sync::Mutex<Vec<gale_server::ConnId>>>);
+
+impl WsHandler for Remember {
+    type Data = u32;
+
+    fn upgrade(&self, _req: &UpgradeRequest<'_>) -> Result<Accept<u32>, Reject> {
+        Ok(Accept::new(7))
+    }
+
+    fn open(&self, ws: &mut WebSocket<'_, u32>) {
+        self.0.lock().unwrap().push(ws.id());
+    }
+
+    fn message(&self, _ws: &mut WebSocket<'_, u32>, _msg: Message<'_>) {}
+}
+
+fn start_remembering() -> (TestServer, std::sync::Arc<std::sync::Mutex<Vec<gale_server::ConnId>>>) {
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let server =
+        TestServer::start(App::new().threads(2).ws("/r", Behavior::default(), Remember(ids.clone())));
+    (server, ids)
+}
+
+fn opened_id(ids: &std::sync::Mutex<Vec<gale_server::ConnId>>, n: usize) -> gale_server::ConnId {
+    wait_until("the connection opened", || ids.lock().unwrap().len() > n);
+    ids.lock().unwrap()[n]
+}
+
+#[test]
+fn post_to_runs_on_the_connection_with_its_data() {
+    let (server, ids) = start_remembering();
+    let mut c = server.connect("/r");
+    let id = opened_id(&ids, 0);
+    server
+        .handle
+        .post_to::<u32>(id, |ws| {
+            let n = *ws.data();
+            ws.send_text(&format!("data is {n}"));
+        })
+        .unwrap();
+    assert_eq!(c.expect_text(), "data is 7");
+    // The wrong data type: nothing happens.
+    server
+        .handle
+        .post_to::<String>(id, |ws| {
+            ws.send_text("never");
+        })
+        .unwrap();
+    // A closed connection: nothing happens, and its slot's next connection is not touched.
+    drop(c);
+    wait_until("closed", || server.handle.connections() == 0);
+    let mut next = server.connect("/r");
+    opened_id(&ids, 1);
+    server
+        .handle
+        .post_to::<u32>(id, |ws| {
+            ws.send_text("stale");
+        })
+        .unwrap();
+    assert!(matches!(next.recv(Duration::from_millis(300)), Recv::Timeout));
+    drop(next);
+    server.stop();
+}
+
+#[test]
+fn subscribe_from_another_thread_sees_every_later_publish() {
+    let (server, ids) = start_remembering();
+    let mut clients: Vec<Client> = (0..6).map(|_| server.connect("/r")).collect();
+    let conns: Vec<_> = (0..6).map(|i| opened_id(&ids, i)).collect();
+    for round in 0..40 {
+        let topic = format!("t{round}");
+        for &id in &conns {
+            server.handle.subscribe(id, &topic).unwrap();
+        }
+        // Published right after subscribe returned, before the loops ran their tasks.
+        server.handle.publish_text(&topic, &format!("m{round}"));
+    }
+    for c in &mut clients {
+        for round in 0..40 {
+            assert_eq!(c.expect_text(), format!("m{round}"));
+        }
+    }
+    assert_eq!(server.handle.num_subscribers("t0"), 6);
+    drop(clients);
+    wait_until("subscriptions end with the connections", || server.handle.num_subscribers("t0") == 0);
+    // Subscribing a connection that is gone takes the count back.
+    server.handle.subscribe(conns[0], "late").unwrap();
+    wait_until("the count is taken back", || server.handle.num_subscribers("late") == 0);
+    assert_eq!(server.handle.num_topics(), 0);
+    server.stop();
+}
+
+#[test]
+fn deferred_http_answers_keep_pipelined_requests_in_order() {
+    let app = App::new()
+        .threads(1)
+        .get("/slow", |req: &gale_server::HttpRequest<'_>| {
+            let responder = req.defer();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                responder.respond(gale_server::HttpResponse::text(200, "late"));
+            });
+            gale_server::HttpResponse::text(200, "ignored")
+        })
+        .get("/dropped", |req: &gale_server::HttpRequest<'_>| {
+            drop(req.defer());
+            gale_server::HttpResponse::text(200, "ignored")
+        })
+        .get("/fast", |_req: &gale_server::HttpRequest<'_>| gale_server::HttpResponse::text(200, "fast"));
+    let server = TestServer::start(app);
+    let mut stream = common::connect_tcp(server.addr);
+    use std::io::Write;
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\nGET /dropped HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let replies: Vec<_> = (0..4).map(|_| common::read_http_reply(&mut stream, &mut buf)).collect();
+    let got: Vec<(u16, String)> = replies.iter().map(|r| (r.status, r.body_text())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (200, "late".to_string()),
+            (200, "fast".to_string()),
+            (500, "the request was dropped unanswered\n".to_string()),
+            (200, "fast".to_string()),
+        ]
+    );
+    server.stop();
+}

@@ -304,7 +304,7 @@ impl EpollLoop {
                         continue;
                     }
                     let now = self.env.wheel.now();
-                    let id = self.env.pool.next_id();
+                    let id = self.env.pool.next_id(key);
                     let mut link = Link::new(stream, remote, key, id);
                     if let Some(acceptor) = &self.env.shared.tls {
                         match acceptor.session() {
@@ -354,6 +354,24 @@ impl EpollLoop {
                     f(&mut cx);
                 }
                 Ok(Task::Publish(msg)) => self.deliver(&msg),
+                Ok(Task::RunOn(id, f)) => {
+                    if let Some(key) = self.key_of(id) {
+                        self.conns[key].run_on(f, &mut self.env.cx());
+                        self.touched.push(key);
+                    }
+                }
+                Ok(Task::Respond(id, response)) => {
+                    if let Some(key) = self.key_of(id) {
+                        self.conns[key].deferred_response(&response, &mut self.env.cx());
+                        self.touched.push(key);
+                    }
+                }
+                Ok(Task::Subscribe(id, name, global, since)) => match self.key_of(id) {
+                    Some(key) if self.conns[key].is_open_ws() => {
+                        self.env.pool.topics.attach(name, global, key as u32, since);
+                    }
+                    _ => self.env.pool.topics.release(&name, &global),
+                },
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
@@ -363,6 +381,12 @@ impl EpollLoop {
                 self.settle(key);
             }
         }
+    }
+
+    /// The slot of connection `id`, if it is still there.
+    fn key_of(&self, id: crate::pubsub::ConnId) -> Option<usize> {
+        let key = id.key();
+        self.conns.get(key).filter(|c| c.link.id == id).map(|_| key)
     }
 
     /// Queue a published message for the local subscribers of its topic.

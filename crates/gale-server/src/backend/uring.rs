@@ -403,8 +403,9 @@ impl UringLoop {
         let fd = stream.as_raw_fd();
         // The socket is non-blocking: io_uring operations still wait for readiness (it arms a
         // poll on EAGAIN), and the connection may write directly while no send is in flight.
-        let id = self.env.pool.next_id();
-        let mut link = Link::new(stream, remote, self.conns.vacant_entry().key(), id);
+        let slot = self.conns.vacant_entry().key();
+        let id = self.env.pool.next_id(slot);
+        let mut link = Link::new(stream, remote, slot, id);
         if let Some(acceptor) = &self.env.shared.tls {
             match acceptor.session() {
                 Ok(session) => link.tls = Some(Box::new(session)),
@@ -632,9 +633,33 @@ impl UringLoop {
                     f(&mut cx);
                 }
                 Ok(Task::Publish(msg)) => self.deliver(&msg),
+                Ok(Task::RunOn(id, f)) => {
+                    if let Some(key) = self.key_of(id) {
+                        self.conns[key].conn.run_on(f, &mut self.env.cx());
+                        self.settle(key);
+                    }
+                }
+                Ok(Task::Respond(id, response)) => {
+                    if let Some(key) = self.key_of(id) {
+                        self.conns[key].conn.deferred_response(&response, &mut self.env.cx());
+                        self.settle(key);
+                    }
+                }
+                Ok(Task::Subscribe(id, name, global, since)) => match self.key_of(id) {
+                    Some(key) if self.conns[key].conn.is_open_ws() => {
+                        self.env.pool.topics.attach(name, global, key as u32, since);
+                    }
+                    _ => self.env.pool.topics.release(&name, &global),
+                },
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
             }
         }
+    }
+
+    /// The slot of connection `id`, if it is still there and not closing.
+    fn key_of(&self, id: crate::pubsub::ConnId) -> Option<usize> {
+        let key = id.key();
+        self.conns.get(key).filter(|e| !e.closing && e.conn.link.id == id).map(|_| key)
     }
 
     /// Queue a published message for the local subscribers of its topic; the sends go out
