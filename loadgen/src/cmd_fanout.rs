@@ -49,8 +49,8 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let mut samples = Samples::default();
     let pids = &c.server_pid;
     let (published, publish_errors) = if publish_url.starts_with("https://") {
-        subs.go(from, until + drain);
         let tls = crate::tls::client_config(c.insecure, c.ca_file.as_deref())?;
+        subs.go(from, until + drain);
         let (url, key, topic, size, rate) =
             (publish_url.clone(), args.api_key.clone(), args.topic.clone(), args.size, args.rate);
         let publisher = std::thread::spawn(move || {
@@ -279,8 +279,10 @@ fn https_publisher(
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
     let path = path.replace("{topic}", topic);
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    let has_port = authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
+    let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
     let name = crate::tls::server_name(host)?;
+    let address = if has_port { authority.to_string() } else { format!("{authority}:443") };
     let interval = Duration::from_secs_f64(1.0 / rate);
     let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     let (mut published, mut errors, mut seq) = (0u64, 0u64, 0u64);
@@ -300,7 +302,7 @@ fn https_publisher(
         };
         let attempt = (|| -> std::io::Result<u16> {
             if conn.is_none() {
-                let tcp = TcpStream::connect(authority)?;
+                let tcp = TcpStream::connect(address.as_str())?;
                 tcp.set_nodelay(true)?;
                 tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
                 let c = rustls::ClientConnection::new(tls.clone(), name.clone())
@@ -319,8 +321,8 @@ fn https_publisher(
         })();
         match attempt {
             Ok(status) if (200..300).contains(&status) => published += u64::from(in_window),
-            Ok(_) => errors += 1,
-            Err(_) => {
+            Ok(_) | Err(_) => {
+                // The server closes after an error answer: start afresh.
                 errors += 1;
                 conn = None;
             }

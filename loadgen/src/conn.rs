@@ -389,6 +389,8 @@ impl Conn {
             match tls.reader().read(buf) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // TCP closed without close_notify: an EOF, reported as over ws://.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
                 Err(e) => return Err(e),
             }
             if tls.read_tls(&mut self.io.stream)? == 0 {

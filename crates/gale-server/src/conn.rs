@@ -178,7 +178,14 @@ impl Conn {
         } else if let Opened::Data = opened {
             self.last_seen = cx.now;
         }
-        if plain.len() > 256 * 1024 {
+        if let Opened::Closed = opened {
+            // close_notify: the TLS equivalent of EOF.
+            cx.pool.plain = plain;
+            self.on_eof(cx);
+            return;
+        }
+        // Larger than a full receive buffer plus a record: one huge read made it so.
+        if plain.len() > cx.config.recv_buffer + (64 << 10) {
             // One huge read made it large: do not keep that for every later one.
             plain = Vec::new();
         }

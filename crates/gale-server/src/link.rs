@@ -193,11 +193,18 @@ impl Link {
 
     /// Take the queued bytes to hand them to the kernel in one send (completion backends). The
     /// buffer must come back through [`Link::sent`] once the send completes.
-    pub(crate) fn take_queued(&mut self) -> Vec<u8> {
+    pub(crate) fn take_queued(&mut self, pool: &mut Scratch) -> Vec<u8> {
         self.dirty = false;
         let out = match &mut self.tls {
             Some(tls) => {
+                if tls.sealed.capacity() == 0 {
+                    tls.sealed = pool.take(self.out.len() + 64);
+                }
                 tls.seal(&mut self.out);
+                // The plaintext buffer is empty now: back to the pool, not kept for life.
+                if self.out.capacity() != 0 {
+                    pool.give(std::mem::take(&mut self.out));
+                }
                 std::mem::take(&mut tls.sealed)
             }
             None => std::mem::take(&mut self.out),

@@ -128,6 +128,8 @@ pub(crate) enum Opened {
     /// The peer does not speak TLS or broke it: the alert (or the HTTP answer) is sealed,
     /// and the connection must close once it is written.
     Failed,
+    /// The peer sent `close_notify`: nothing more will come (like an EOF).
+    Closed,
 }
 
 /// The answer to plain HTTP on a TLS port: the client should use https or wss.
@@ -150,8 +152,11 @@ impl TlsSession {
             }
         }
         while !data.is_empty() {
-            if self.conn.read_tls(&mut data).is_err() {
-                return (self.fail(), filled);
+            match self.conn.read_tls(&mut data) {
+                // After the peer's close_notify rustls takes nothing more: stop, do not spin.
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => return (self.fail(), filled),
             }
             match self.conn.process_new_packets() {
                 Ok(state) => {
@@ -164,6 +169,10 @@ impl TlsSession {
                             return (self.fail(), filled);
                         }
                         filled += n;
+                    }
+                    if state.peer_has_closed() {
+                        self.seal(&mut Vec::new());
+                        return (Opened::Closed, filled);
                     }
                 }
                 Err(_) => return (self.fail(), filled),

@@ -155,7 +155,9 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         .ws("/*", behavior, Echo { protocols: args.protocols })
         .listen((args.host, args.port))?;
     server.handle().shutdown_on_signals()?;
-    server.handle().reload_tls_on_sighup()?;
+    if server.handle().is_tls() {
+        server.handle().reload_tls_on_sighup()?;
+    }
     let backend = server.backend();
     let addr = server.local_addr();
     let scheme = if server.handle().is_tls() { "wss" } else { "ws" };

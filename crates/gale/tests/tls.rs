@@ -247,3 +247,26 @@ fn sighup_reloads_the_certificate_and_keeps_open_connections() {
     WssClient::connect(&gale, client_config(&second, false), "localhost").unwrap().assert_echo("kept");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn close_notify_ends_the_connection_and_bytes_after_it_do_not_stall_the_loop() {
+    let dir = temp_dir("notify");
+    let cert = make_cert(&dir);
+    // One loop: a loop stuck on this connection would stall every other one.
+    let mut cmd = support::echo_command_with_threads(1);
+    cmd.arg("--tls-cert").arg(dir.join("cert.pem")).arg("--tls-key").arg(dir.join("key.pem"));
+    let gale = Gale::start(&mut cmd);
+    let mut c = WssClient::connect(&gale, client_config(&cert, false), "localhost").unwrap();
+    c.assert_echo("before close_notify");
+    c.tls.conn.send_close_notify();
+    while c.tls.conn.wants_write() {
+        c.tls.conn.write_tls(&mut c.tls.sock).unwrap();
+    }
+    // A stray byte after close_notify, in the same or the next read.
+    c.tls.sock.write_all(&[0x17]).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.tls.sock.read_to_end(&mut rest);
+    // The loop still serves others.
+    WssClient::connect(&gale, client_config(&cert, false), "localhost").unwrap().assert_echo("loop alive");
+    let _ = std::fs::remove_dir_all(dir);
+}

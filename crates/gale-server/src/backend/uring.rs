@@ -555,7 +555,7 @@ impl UringLoop {
             if e.closing || e.sending.is_some() || e.conn.link.queued() == 0 {
                 continue;
             }
-            let buf = e.conn.link.take_queued();
+            let buf = e.conn.link.take_queued(&mut self.env.pool);
             e.conn.link.direct = false;
             let sqe = opcode::Send::new(types::Fd(e.fd), buf.as_ptr(), buf.len() as u32)
                 .flags(libc::MSG_NOSIGNAL)

@@ -111,7 +111,9 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
     let handle = server.handle();
     let _ = gateway.handle.set(handle.clone());
     handle.shutdown_on_signals()?;
-    handle.reload_tls_on_sighup()?;
+    if handle.is_tls() {
+        handle.reload_tls_on_sighup()?;
+    }
     if s.api_key.is_none() {
         tracing::info!("no API key configured: the HTTP publish API answers 403");
     }
