@@ -279,7 +279,8 @@ fn https_publisher(
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
     let path = path.replace("{topic}", topic);
-    let has_port = authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
+    let has_port =
+        authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
     let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
     let name = crate::tls::server_name(host)?;
     let address = if has_port { authority.to_string() } else { format!("{authority}:443") };

@@ -10,8 +10,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::auth::key_matches;
+use super::broker::{BrokerRequest, PublishReply};
 use super::gateway::Gateway;
-use super::protocol::{Payload, check_topic};
+use super::protocol::{Payload, check_topic, fragment};
 use super::topics::PublishError;
 
 /// The demo page, embedded.
@@ -90,6 +91,13 @@ pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         Ok(p) => p,
         Err(why) => return json_error(400, &why),
     };
+    if let Some(b) = g.broker.get() {
+        // Cluster mode: answered once Redis has numbered it.
+        g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+        let reply = PublishReply::Http(req.defer());
+        b.send(BrokerRequest::Publish { topics: vec![topic], fragment: fragment(&payload), reply });
+        return HttpResponse::text(202, "deferred");
+    }
     match g.publish(&topic, &payload) {
         Ok(pos) => {
             g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
@@ -131,6 +139,13 @@ pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
             return json_error(e.code, &format!("{t:?}: {}", e.reason));
         }
     }
+    if let Some(b) = g.broker.get() {
+        g.stats.http_publishes.fetch_add(body.topics.len() as u64, Ordering::Relaxed);
+        let reply = PublishReply::Http(req.defer());
+        let fragment = fragment(&Payload::Json(body.data.get()));
+        b.send(BrokerRequest::Publish { topics: body.topics, fragment, reply });
+        return HttpResponse::text(202, "deferred");
+    }
     // All or nothing: a partial broadcast answered with an error would be published twice by
     // a backend that retries it.
     if !g.topics.room_for(&body.topics) {
@@ -159,6 +174,10 @@ pub fn topic_info(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         Err(r) => return r,
     };
     let subscribers = g.handle.get().map_or(0, |h| h.num_subscribers(&topic));
+    if let Some(b) = g.broker.get() {
+        b.send(BrokerRequest::TopicInfo { topic, subscribers, reply: req.defer() });
+        return HttpResponse::text(202, "deferred");
+    }
     let pos = g.topics.position(&topic);
     HttpResponse::json(
         200,
@@ -172,14 +191,20 @@ pub fn topic_info(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     )
 }
 
-/// `GET /healthz`.
+/// `GET /healthz`: 200 when the gateway works; 503 in cluster mode while Redis is
+/// unreachable (so that a load balancer sends clients elsewhere).
 pub fn health(g: &Arc<Gateway>) -> HttpResponse {
     let (connections, loops) = g.handle.get().map_or((0, 0), |h| (h.connections(), h.loops()));
-    HttpResponse::json(
-        200,
-        serde_json::json!({"status": "ok", "connections": connections, "loops": loops, "topics": g.topics.len()})
-            .to_string(),
-    )
+    let broker = g.broker.get().map(|b| b.status.up.load(Ordering::Relaxed));
+    let (status, state) = match broker {
+        Some(false) => (503, "degraded"),
+        _ => (200, "ok"),
+    };
+    let mut body = serde_json::json!({"status": state, "connections": connections, "loops": loops, "topics": g.topics.len()});
+    if let Some(up) = broker {
+        body["broker"] = serde_json::json!(if up { "up" } else { "down" });
+    }
+    HttpResponse::json(status, body.to_string())
 }
 
 /// A per-loop metric: name, type, help, and how to read it from a loop's counters.
@@ -246,6 +271,25 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         "# HELP gale_rejected_upgrades_total WebSocket upgrades refused (origin, token).\n# TYPE gale_rejected_upgrades_total counter\ngale_rejected_upgrades_total {}",
         load(&s.rejected_upgrades)
     );
+    if let Some(b) = g.broker.get() {
+        let st = &b.status;
+        let _ = writeln!(
+            out,
+            "# HELP gale_broker_up Whether the Redis broker is connected.\n# TYPE gale_broker_up gauge\ngale_broker_up {}",
+            u8::from(st.up.load(Ordering::Relaxed))
+        );
+        for (name, help, value) in [
+            ("gale_broker_reconnects_total", "Connections to Redis after the first.", &st.reconnects),
+            (
+                "gale_broker_failed_publishes_total",
+                "Publishes refused while Redis was unreachable.",
+                &st.failed_publishes,
+            ),
+            ("gale_broker_forwarded_total", "Messages forwarded from Redis to this node.", &st.forwarded),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", load(value));
+        }
+    }
     HttpResponse::new(200, "text/plain; version=0.0.4; charset=utf-8", out.into_bytes())
 }
 

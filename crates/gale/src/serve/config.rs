@@ -20,6 +20,8 @@ pub struct Config {
     pub server: ServerSection,
     /// Certificate and key.
     pub tls: TlsSection,
+    /// Other nodes.
+    pub cluster: ClusterSection,
     /// The client WebSocket endpoint.
     pub websocket: WebSocketSection,
     /// Tokens, the API key, origins.
@@ -43,6 +45,14 @@ pub struct ServerSection {
     pub threads: usize,
     /// `auto`, `epoll` or `uring`.
     pub backend: String,
+}
+
+/// `[cluster]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Redis URL; empty: single node.
+    pub broker: String,
 }
 
 /// `[tls]`.
@@ -154,6 +164,8 @@ pub struct Overrides {
     pub tls_cert: Option<String>,
     /// `--tls-key`.
     pub tls_key: Option<String>,
+    /// `--broker`.
+    pub broker: Option<String>,
 }
 
 /// The configuration, checked and in the types the gateway runs with.
@@ -167,6 +179,8 @@ pub struct Settings {
     pub backend: gale_server::Backend,
     /// TLS certificate chain and key files, if TLS is on.
     pub tls: Option<(String, String)>,
+    /// Redis URL of the cluster, if any.
+    pub broker: Option<String>,
     /// Path of the WebSocket endpoint.
     pub ws_path: String,
     /// The WebSocket route's behaviour.
@@ -249,6 +263,14 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         (false, true) => return Err("tls.key: a certificate is given (tls.cert) but no key".into()),
         (true, false) => return Err("tls.cert: a key is given (tls.key) but no certificate".into()),
     };
+    let broker = o.broker.clone().unwrap_or(c.cluster.broker);
+    let broker = if broker.is_empty() {
+        None
+    } else if broker.starts_with("redis://") {
+        Some(broker)
+    } else {
+        return Err(format!("cluster.broker: {broker:?} is not a redis://HOST:PORT URL"));
+    };
     let ws = c.websocket;
     if !ws.path.starts_with('/') {
         return Err(format!("websocket.path: {:?} must start with '/'", ws.path));
@@ -327,6 +349,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         threads,
         backend,
         tls,
+        broker,
         ws_path: ws.path,
         behavior,
         max_subscriptions: ws.max_subscriptions,
@@ -394,6 +417,8 @@ mod tests {
         assert!(e.contains("namespaces[0].pattern"), "{e}");
         let e = err("[server\n");
         assert!(e.contains("g.toml"), "{e}");
+        let e = err("[cluster]\nbroker = \"localhost:6379\"\n");
+        assert!(e.contains("cluster.broker"), "{e}");
         let e = err("[tls]\ncert = \"c.pem\"\n");
         assert!(e.contains("tls.key"), "{e}");
         let e = err("[history]\ntotal_bytes = 10\n");

@@ -8,8 +8,11 @@ use std::time::Instant;
 use gale_server::{Accept, Message, Reject, ServerHandle, UpgradeRequest, WebSocket, WsHandler};
 
 use super::auth::{Rights, origin_allowed, verify_token};
+use super::broker::{BrokerRequest, PublishReply};
 use super::config::Settings;
-use super::protocol::{Command, CommandError, Payload, Reply, check_topic, error_reply, parse_command};
+use super::protocol::{
+    Command, CommandError, Payload, Reply, check_topic, error_reply, fragment, parse_command,
+};
 use super::topics::{Position, PublishError, Recovery, Topics};
 
 /// Counters the gateway adds to the server's own in `/metrics`.
@@ -41,6 +44,8 @@ pub struct Gateway {
     pub handle: OnceLock<ServerHandle>,
     /// Counters.
     pub stats: GatewayStats,
+    /// The Redis broker, in cluster mode.
+    pub broker: OnceLock<super::broker::BrokerHandle>,
 }
 
 impl Gateway {
@@ -54,6 +59,7 @@ impl Gateway {
             anonymous,
             handle: OnceLock::new(),
             stats: GatewayStats::default(),
+            broker: OnceLock::new(),
         })
     }
 
@@ -216,6 +222,20 @@ impl Endpoint {
                 let since = cmd.since.as_ref().map(|s| Position { epoch: s.epoch.clone(), seq: s.seq });
                 // A replay must fit in what the connection may queue.
                 let max_replay = ws.behavior().max_backpressure / 2;
+                if let Some(b) = g.broker.get() {
+                    // Cluster mode: the broker answers (and subscribes) once Redis has.
+                    let request = BrokerRequest::Subscribe {
+                        conn: ws.id(),
+                        topic: topic.to_string(),
+                        since,
+                        id: cmd.id.map(|i| i.get().to_string()),
+                        max_replay,
+                    };
+                    if !b.send(request) {
+                        return Err(CommandError::new(503, "the broker is unavailable"));
+                    }
+                    return Ok(());
+                }
                 let (pos, recovery) = g
                     .topics
                     .subscribe(topic, since.as_ref(), max_replay, || {
@@ -265,6 +285,18 @@ impl Endpoint {
                             s.publish_rate, s.publish_burst
                         ),
                     ));
+                }
+                if let Some(b) = g.broker.get() {
+                    let request = BrokerRequest::Publish {
+                        topics: vec![topic.to_string()],
+                        fragment: fragment(&Payload::Json(data.get())),
+                        reply: PublishReply::Client(ws.id(), cmd.id.map(|i| i.get().to_string())),
+                    };
+                    if !b.send(request) {
+                        return Err(CommandError::new(503, "the broker is unavailable"));
+                    }
+                    g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
                 }
                 let pos = g
                     .publish(topic, &Payload::Json(data.get()))

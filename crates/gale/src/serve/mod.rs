@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod broker;
 pub mod config;
 pub mod gateway;
 pub mod protocol;
@@ -57,6 +58,10 @@ pub struct ServeArgs {
     /// TLS private key, PEM (`tls.key`).
     #[arg(long, value_name = "FILE")]
     tls_key: Option<String>,
+    /// Share topics with other gateways through this Redis (`cluster.broker`), e.g.
+    /// redis://127.0.0.1:6379.
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
 }
 
 /// Run the gateway until SIGINT/SIGTERM.
@@ -84,6 +89,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         history_size: args.history_size,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
+        broker: args.broker,
     };
     let env_key = std::env::var("GALE_API_KEY").ok().filter(|k| !k.is_empty());
     let settings = config::load(file.as_ref().map(|(n, t)| (n.as_str(), t.as_str())), env_key, &overrides)
@@ -116,6 +122,11 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
     }
     if s.api_key.is_none() {
         tracing::info!("no API key configured: the HTTP publish API answers 403");
+    }
+    if let Some(url) = &s.broker {
+        let b = broker::start(url, handle.clone(), s.history.size).map_err(invalid)?;
+        let _ = gateway.broker.set(b);
+        tracing::info!(broker = %url, "cluster mode: topics are shared through Redis");
     }
     spawn_sweeper(gateway.clone());
     let (addr, backend, threads) = (server.local_addr(), server.backend(), s.threads);

@@ -40,6 +40,31 @@ impl<'a> Payload<'a> {
     }
 }
 
+/// The payload's part of a delivery: `"data":…` or `"binary":"…"`.
+pub fn fragment(payload: &Payload<'_>) -> String {
+    let mut out = String::with_capacity(payload_len(payload) + 12);
+    push_payload(&mut out, payload);
+    out
+}
+
+fn push_payload(out: &mut String, payload: &Payload<'_>) {
+    match payload {
+        Payload::Json(raw) => {
+            out.push_str("\"data\":");
+            out.push_str(raw);
+        }
+        Payload::Text(text) => {
+            out.push_str("\"data\":");
+            push_json_string(out, text);
+        }
+        Payload::Binary(bytes) => {
+            out.push_str("\"binary\":\"");
+            base64::engine::general_purpose::STANDARD.encode_string(bytes, out);
+            out.push('"');
+        }
+    }
+}
+
 /// The delivery of a published message, as every subscriber receives it.
 pub fn delivery(topic: &str, epoch: &str, seq: u64, payload: &Payload<'_>) -> String {
     let mut out = String::with_capacity(64 + topic.len() + payload_len(payload));
@@ -49,21 +74,8 @@ pub fn delivery(topic: &str, epoch: &str, seq: u64, payload: &Payload<'_>) -> St
     out.push_str(epoch);
     out.push_str("\",\"seq\":");
     out.push_str(&seq.to_string());
-    match payload {
-        Payload::Json(raw) => {
-            out.push_str(",\"data\":");
-            out.push_str(raw);
-        }
-        Payload::Text(text) => {
-            out.push_str(",\"data\":");
-            push_json_string(&mut out, text);
-        }
-        Payload::Binary(bytes) => {
-            out.push_str(",\"binary\":\"");
-            base64::engine::general_purpose::STANDARD.encode_string(bytes, &mut out);
-            out.push('"');
-        }
-    }
+    out.push(',');
+    push_payload(&mut out, payload);
     out.push('}');
     out
 }

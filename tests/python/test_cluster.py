@@ -1,0 +1,268 @@
+"""Cluster mode: three `gale serve --broker redis://…` nodes share topics through a real Redis
+(`redis-server`, started by the tests on a free loopback port and stopped by its PID).
+
+Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
+different node than the one a client left, and the faults: Redis killed and restarted (publishes
+get 503 while it is away, /healthz and /metrics say so, nodes reconnect, and a client told its
+epoch is gone), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
+
+Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gale)
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+from websockets.asyncio.client import connect
+
+from gale_process import LOG_DIR, GaleServe
+
+TIMEOUT = 20.0
+API_KEY = "cluster-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    """A throwaway redis-server without persistence on a free port."""
+
+    def __init__(self, port=None):
+        self.port = port or free_port()
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        self.log = open(LOG_DIR / f"redis-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=self.log, stderr=self.log,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(TIMEOUT)
+        self.log.close()
+
+
+def http(node, method, path, body=None, key=API_KEY):
+    req = urllib.request.Request(node.http_url + path, data=body, method=method)
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def publish(node, topic, data):
+    status, text = http(node, "POST", f"/api/publish/{topic}", json.dumps(data).encode())
+    assert status == 200, (status, text)
+    return json.loads(text)
+
+
+class Client:
+    def __init__(self, ws):
+        self.ws, self.next_id, self.deliveries = ws, 1, []
+
+    @classmethod
+    async def open(cls, node):
+        return cls(await connect(node.url + "/ws", open_timeout=TIMEOUT, ping_interval=None))
+
+    async def recv(self):
+        return json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
+
+    async def command(self, op, **fields):
+        cid = self.next_id
+        self.next_id += 1
+        await self.ws.send(json.dumps({"id": cid, "op": op, **fields}))
+        while True:
+            msg = await self.recv()
+            if msg.get("id") == cid:
+                return msg
+            self.deliveries.append(msg)
+
+    async def delivery(self):
+        if self.deliveries:
+            return self.deliveries.pop(0)
+        while True:
+            msg = await self.recv()
+            if "seq" in msg and "ok" not in msg:
+                return msg
+
+
+class ClusterTest(unittest.IsolatedAsyncioTestCase):
+    def setUp(self):
+        self.redis = Redis()
+        env = {"GALE_API_KEY": API_KEY}
+        self.nodes = [GaleServe(f"cluster-{self._testMethodName}-{i}", "--broker", self.redis.url, env=env)
+                      for i in range(3)]
+
+    def tearDown(self):
+        # Disposable nodes: no graceful shutdown to wait for.
+        for n in self.nodes:
+            n.kill()
+            n.proc.stdout.close()
+        self.redis.stop()
+
+    async def test_a_publish_on_any_node_reaches_subscribers_on_every_node_once(self):
+        subs = [await Client.open(n) for n in self.nodes]
+        for s in subs:
+            self.assertTrue((await s.command("subscribe", topic="chat:all"))["ok"])
+        r = await asyncio.to_thread(publish, self.nodes[1], "chat:all", {"hi": 1})
+        self.assertEqual(r["seq"], 1)
+        c = await Client.open(self.nodes[2])
+        reply = await c.command("publish", topic="chat:all", data={"hi": 2})
+        self.assertEqual(reply["seq"], 2)
+        for s in subs:
+            got = [await s.delivery() for _ in range(2)]
+            self.assertEqual([(d["seq"], d["data"]) for d in got], [(1, {"hi": 1}), (2, {"hi": 2})])
+            self.assertEqual(got[0]["epoch"], r["epoch"])
+        await asyncio.sleep(0.3)
+        self.assertEqual([s.deliveries for s in subs], [[], [], []], "nothing twice")
+
+    async def test_publishers_on_several_nodes_give_one_order(self):
+        subs = [await Client.open(n) for n in self.nodes]
+        for s in subs:
+            await s.command("subscribe", topic="chat:order")
+
+        def publisher(node):
+            for i in range(60):
+                publish(node, "chat:order", i)
+
+        threads = [threading.Thread(target=publisher, args=(n,)) for n in self.nodes]
+        await asyncio.to_thread(lambda: [t.start() for t in threads] and [t.join() for t in threads])
+        orders = []
+        for s in subs:
+            got = [await s.delivery() for _ in range(180)]
+            self.assertEqual([d["seq"] for d in got], list(range(1, 181)))
+            orders.append([d["data"] for d in got])
+        self.assertEqual(orders[0], orders[1])
+        self.assertEqual(orders[1], orders[2])
+
+    async def test_recovery_on_another_node(self):
+        a = await Client.open(self.nodes[0])
+        first = await a.command("subscribe", topic="chat:move")
+        for i in range(3):
+            await asyncio.to_thread(publish, self.nodes[1], "chat:move", i)
+        seen = [await a.delivery() for _ in range(3)]
+        position = {"epoch": seen[-1]["epoch"], "seq": seen[-1]["seq"]}
+        self.assertEqual(first["seq"], 0)
+        await a.ws.close()
+        for i in range(3, 8):
+            await asyncio.to_thread(publish, self.nodes[1], "chat:move", i)
+        c = await Client.open(self.nodes[2])
+        reply = await c.command("subscribe", topic="chat:move", since=position)
+        self.assertTrue(reply["recovered"], reply)
+        self.assertEqual(reply["missed"], 5)
+        got = [await c.delivery() for _ in range(5)]
+        self.assertEqual([(d["seq"], d["data"]) for d in got], [(i + 1, i) for i in range(3, 8)])
+        await asyncio.to_thread(publish, self.nodes[0], "chat:move", 8)
+        self.assertEqual((await c.delivery())["seq"], 9)
+
+    async def test_redis_restart(self):
+        sub = await Client.open(self.nodes[0])
+        await sub.command("subscribe", topic="chat:fault")
+        r = await asyncio.to_thread(publish, self.nodes[1], "chat:fault", "before")
+        self.assertEqual((await sub.delivery())["seq"], 1)
+        port = self.redis.port
+        self.redis.stop(signal.SIGKILL)
+        # Publishes are refused with 503 and a reason, quickly; health says so.
+        start = time.monotonic()
+        status, text = await asyncio.to_thread(
+            http, self.nodes[1], "POST", "/api/publish/chat:fault", b'"during"')
+        self.assertEqual(status, 503, text)
+        self.assertIn("broker", text)
+        self.assertLess(time.monotonic() - start, 5)
+        await asyncio.sleep(0.5)
+        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/healthz", None, None)
+        self.assertEqual((status, json.loads(text)["broker"]), (503, "down"))
+        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
+        self.assertIn("gale_broker_up 0", text)
+        # Redis comes back empty (no persistence): nodes reconnect, the topic starts a new epoch.
+        self.redis = Redis(port)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            status, text = await asyncio.to_thread(
+                http, self.nodes[1], "POST", "/api/publish/chat:fault", b'"after"')
+            if status == 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        self.assertEqual(status, 200, text)
+        after = json.loads(text)
+        self.assertNotEqual(after["epoch"], r["epoch"])
+        # The node resubscribed: the live subscriber gets it (a subscriber may receive it once the
+        # node is back in Redis; wait for it).
+        d = await sub.delivery()
+        self.assertEqual((d["data"], d["epoch"]), ("after", after["epoch"]))
+        # A client recovering from the old epoch is told it cannot.
+        c = await Client.open(self.nodes[2])
+        reply = await c.command("subscribe", topic="chat:fault", since={"epoch": r["epoch"], "seq": 1})
+        self.assertIs(reply["recovered"], False)
+        self.assertIn("epoch", reply["reason"])
+        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
+        self.assertIn("gale_broker_up 1", text)
+        self.assertRegex(text, r"gale_broker_reconnects_total [1-9]")
+
+    async def test_a_stalled_redis_gives_503_and_recovers(self):
+        await asyncio.to_thread(publish, self.nodes[0], "chat:stall", 0)
+        os.kill(self.redis.proc.pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            status, text = await asyncio.to_thread(
+                http, self.nodes[0], "POST", "/api/publish/chat:stall", b"1")
+            self.assertEqual(status, 503, text)
+            self.assertLess(time.monotonic() - start, 5, "a stalled Redis is given up on quickly")
+            # The event loops are not blocked: the node answers its health check meanwhile.
+            status, _ = await asyncio.to_thread(http, self.nodes[0], "GET", "/healthz", None, None)
+            self.assertIn(status, (200, 503))
+        finally:
+            os.kill(self.redis.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            status, text = await asyncio.to_thread(http, self.nodes[0], "POST", "/api/publish/chat:stall", b"2")
+            if status == 200 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        self.assertEqual(status, 200, text)
+
+    async def test_a_killed_node_does_not_disturb_the_others(self):
+        subs = [await Client.open(n) for n in self.nodes[1:]]
+        for s in subs:
+            await s.command("subscribe", topic="chat:survive")
+        doomed = await Client.open(self.nodes[0])
+        await doomed.command("subscribe", topic="chat:survive")
+        self.nodes[0].kill()
+        r = await asyncio.to_thread(publish, self.nodes[1], "chat:survive", "still here")
+        for s in subs:
+            self.assertEqual((await s.delivery())["seq"], r["seq"])
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
