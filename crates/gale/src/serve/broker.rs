@@ -1,7 +1,9 @@
 //! Cluster mode: several gateways share topics through Redis.
 //!
-//! One broker thread per node owns two Redis connections: one for commands, one subscribed to
-//! the channels of the topics this node has local subscribers for. Event loops never wait for
+//! Two broker threads per node, each with its own Redis connection: one runs commands (publishes,
+//! pipelined; subscriptions; topic info) as soon as the event loops ask, the other is
+//! subscribed to the channels of the topics this node has local subscribers for and forwards
+//! their messages as they come. Event loops never wait for
 //! Redis: they send requests to the broker over a channel, and the broker answers through the
 //! server's mailboxes (`ServerHandle::post_to`, deferred HTTP responses).
 //!
@@ -9,7 +11,8 @@
 //! the first publish; a Redis that lost its data starts a new epoch), `gale:T:log` (a stream of
 //! the last deliveries, entry id `seq-1`, trimmed to about the history size), and the channel
 //! `gale:T`. A publish is one Lua script — number, record, publish — so every node sees every
-//! topic's messages in one order.
+//! topic's messages in one order; publishes that queue up while Redis answers go out together
+//! in one pipelined round trip.
 //!
 //! Exactly once per node: the broker forwards a message into the node's pub/sub only if its
 //! sequence number is above the last one it forwarded for the topic. A local subscription is
@@ -20,8 +23,8 @@
 //! streams, so live subscribers see no gap as long as the history covers the outage.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -73,12 +76,16 @@ pub enum BrokerRequest {
 pub struct BrokerStatus {
     /// Connected to Redis.
     pub up: AtomicBool,
-    /// Connections to Redis made after the first.
+    /// Connections to Redis made after the first (by either broker thread).
     pub reconnects: AtomicU64,
     /// Publishes refused because Redis was unreachable.
     pub failed_publishes: AtomicU64,
     /// Messages forwarded from Redis into this node.
     pub forwarded: AtomicU64,
+    /// The listening connection is up.
+    listen_up: AtomicBool,
+    /// The command connection is up.
+    command_up: AtomicBool,
 }
 
 /// The loops' side of the broker.
@@ -102,20 +109,19 @@ struct Forwarding {
     last: u64,
 }
 
-/// Start the broker thread for Redis at `url`.
+/// Start the broker threads for Redis at `url`.
 pub fn start(url: &str, handle: ServerHandle, history: usize) -> Result<BrokerHandle, String> {
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
+    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
-    let broker = Broker {
-        client,
-        handle,
-        rx,
-        status: status.clone(),
-        topics: HashMap::new(),
-        history: history.max(1),
-        script: redis::Script::new(PUBLISH_LUA),
-    };
+    let shared = Arc::new(Shared { handle, status: status.clone(), topics: Mutex::new(HashMap::new()) });
+    let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
+    std::thread::Builder::new()
+        .name("gale-broker-listen".into())
+        .spawn(move || listener.run())
+        .map_err(|e| format!("cannot start the broker thread: {e}"))?;
+    let broker = Broker { client, shared, rx, listen: ctl_tx, history: history.max(1) };
     std::thread::Builder::new()
         .name("gale-broker".into())
         .spawn(move || broker.run())
@@ -123,14 +129,175 @@ pub fn start(url: &str, handle: ServerHandle, history: usize) -> Result<BrokerHa
     Ok(BrokerHandle { tx, status })
 }
 
+/// What the two broker threads share.
+struct Shared {
+    handle: ServerHandle,
+    status: Arc<BrokerStatus>,
+    /// The topics this node listens to. Locked while a message is forwarded and while a
+    /// subscription is set up, so that the two never interleave.
+    topics: Mutex<HashMap<String, Forwarding>>,
+}
+
+impl Shared {
+    fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, Forwarding>> {
+        self.topics.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hand a delivery from Redis to this node's subscribers, once and in order.
+    fn forward(&self, topics: &mut HashMap<String, Forwarding>, topic: &str, delivery: &str) {
+        let Some((epoch, seq)) = position_of(delivery) else { return };
+        let Some(f) = topics.get_mut(topic) else { return };
+        if f.epoch != epoch {
+            // Redis lost the topic's state and started a new epoch.
+            f.epoch = epoch;
+            f.last = 0;
+        }
+        if seq > f.last {
+            f.last = seq;
+            self.handle.publish_text(topic, delivery);
+            self.status.forwarded.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Forward what the topic's stream holds beyond the last forwarded message.
+    fn catch_up(
+        &self,
+        cmd: &mut redis::Connection,
+        topics: &mut HashMap<String, Forwarding>,
+        topic: &str,
+    ) -> redis::RedisResult<()> {
+        let (_, log, _, _) = keys(topic);
+        let from = topics.get(topic).map_or(0, |f| f.last) + 1;
+        let entries: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XRANGE").arg(&log).arg(format!("{from}-1")).arg("+").query(cmd)?;
+        for (_, fields) in entries {
+            if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d") {
+                self.forward(topics, topic, &d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Record whether one thread's connection is up; the broker is up when both are.
+    fn set_up(&self, listen: bool, up: bool) {
+        let st = &self.status;
+        let (mine, other) =
+            if listen { (&st.listen_up, &st.command_up) } else { (&st.command_up, &st.listen_up) };
+        mine.store(up, Ordering::Relaxed);
+        st.up.store(up && other.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// Orders for the listening thread.
+enum Listen {
+    /// Subscribe to a topic's channel; the answer says when Redis confirmed it.
+    Subscribe(String, Sender<redis::RedisResult<()>>),
+    /// Stop listening to a topic's channel.
+    Unsubscribe(String),
+}
+
+/// The thread that owns the subscribed connection: it forwards messages as they come.
+struct Listener {
+    client: redis::Client,
+    shared: Arc<Shared>,
+    ctl: Receiver<Listen>,
+}
+
+impl Listener {
+    fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        let mut connected_once = false;
+        loop {
+            match self.connect() {
+                Ok((mut sub, mut cmd)) => {
+                    if connected_once {
+                        self.shared.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                    }
+                    connected_once = true;
+                    backoff = Duration::from_millis(100);
+                    let mut pubsub = sub.as_pubsub();
+                    let _ = pubsub.set_read_timeout(Some(POLL));
+                    match self.serve(&mut pubsub, &mut cmd) {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!("broker: Redis subscription lost: {e}"),
+                    }
+                    self.shared.set_up(true, false);
+                }
+                Err(e) => tracing::debug!("broker: cannot reach Redis: {e}"),
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until {
+                match self.ctl.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                    Ok(Listen::Subscribe(_, ack)) => {
+                        let _ = ack.send(Err(std::io::Error::other("Redis is unreachable").into()));
+                    }
+                    Ok(Listen::Unsubscribe(_)) | Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    fn connect(&self) -> redis::RedisResult<(redis::Connection, redis::Connection)> {
+        let sub = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
+        sub.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+        let cmd = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
+        cmd.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        cmd.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+        Ok((sub, cmd))
+    }
+
+    fn serve(&self, pubsub: &mut redis::PubSub<'_>, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
+        {
+            // After a reconnect: listen again, then forward what was missed meanwhile.
+            let mut topics = self.shared.topics();
+            let names: Vec<String> = topics.keys().cloned().collect();
+            for topic in &names {
+                pubsub.subscribe(keys(topic).3)?;
+                self.shared.catch_up(cmd, &mut topics, topic)?;
+            }
+        }
+        self.shared.set_up(true, true);
+        loop {
+            loop {
+                match self.ctl.try_recv() {
+                    Ok(Listen::Subscribe(topic, ack)) => {
+                        let result = pubsub.subscribe(keys(&topic).3);
+                        let failed = result.is_err();
+                        let _ = ack.send(result);
+                        if failed {
+                            return Err(std::io::Error::other("SUBSCRIBE failed").into());
+                        }
+                    }
+                    Ok(Listen::Unsubscribe(topic)) => pubsub.unsubscribe(keys(&topic).3)?,
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
+                }
+            }
+            match pubsub.get_message() {
+                Ok(msg) => {
+                    let channel = msg.get_channel_name().to_string();
+                    let payload: String = msg.get_payload()?;
+                    if let Some(topic) = channel.strip_prefix("gale:") {
+                        let mut topics = self.shared.topics();
+                        self.shared.forward(&mut topics, topic, &payload);
+                    }
+                }
+                Err(e) if e.is_timeout() => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// The thread that runs commands: publishes (pipelined), subscriptions, topic info.
 struct Broker {
     client: redis::Client,
-    handle: ServerHandle,
+    shared: Arc<Shared>,
     rx: Receiver<BrokerRequest>,
-    status: Arc<BrokerStatus>,
-    topics: HashMap<String, Forwarding>,
+    listen: Sender<Listen>,
     history: usize,
-    script: redis::Script,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -155,21 +322,19 @@ impl Broker {
         let mut connected_once = false;
         loop {
             match self.connect() {
-                Ok((mut cmd, mut sub)) => {
+                Ok(mut cmd) => {
                     if connected_once {
-                        self.status.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.shared.status.reconnects.fetch_add(1, Ordering::Relaxed);
                     }
                     connected_once = true;
                     backoff = Duration::from_millis(100);
-                    let mut pubsub = sub.as_pubsub();
-                    let _ = pubsub.set_read_timeout(Some(POLL));
-                    self.status.up.store(true, Ordering::Relaxed);
+                    self.shared.set_up(false, true);
                     tracing::info!("broker: connected to Redis");
-                    match self.serve(&mut cmd, &mut pubsub) {
+                    match self.serve(&mut cmd) {
                         Ok(()) => return,
                         Err(e) => tracing::warn!("broker: Redis connection lost: {e}"),
                     }
-                    self.status.up.store(false, Ordering::Relaxed);
+                    self.shared.set_up(false, false);
                 }
                 Err(e) => tracing::debug!("broker: cannot reach Redis: {e}"),
             }
@@ -186,87 +351,104 @@ impl Broker {
         }
     }
 
-    fn connect(&self) -> redis::RedisResult<(redis::Connection, redis::Connection)> {
-        let cmd = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let mut cmd = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
         cmd.set_read_timeout(Some(COMMAND_TIMEOUT))?;
         cmd.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        let sub = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
-        sub.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        Ok((cmd, sub))
+        redis::cmd("PING").query::<String>(&mut cmd)?;
+        Ok(cmd)
     }
 
     /// Serve while connected; `Ok` when the gateway shuts down.
-    fn serve(
-        &mut self,
-        cmd: &mut redis::Connection,
-        pubsub: &mut redis::PubSub<'_>,
-    ) -> redis::RedisResult<()> {
-        // After a reconnect: listen again, then forward what was missed meanwhile.
-        let topics: Vec<String> = self.topics.keys().cloned().collect();
-        for topic in &topics {
-            pubsub.subscribe(keys(topic).3)?;
-            self.catch_up(cmd, topic)?;
-        }
+    fn serve(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
         let mut last_check = Instant::now();
         loop {
+            let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(request) => Some(request),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            // Publishes that queued up go to Redis in one pipelined round trip.
+            let mut publishes = Vec::new();
+            let mut next = first;
             for _ in 0..256 {
-                match self.rx.try_recv() {
-                    Ok(request) => self.handle_request(cmd, pubsub, request)?,
-                    Err(crossbeam_channel::TryRecvError::Empty) => break,
-                    Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
-                }
-            }
-            match pubsub.get_message() {
-                Ok(msg) => {
-                    let channel = msg.get_channel_name().to_string();
-                    let payload: String = msg.get_payload()?;
-                    if let Some(topic) = channel.strip_prefix("gale:") {
-                        self.forward(topic, &payload);
+                match next.take() {
+                    Some(BrokerRequest::Publish { topics, fragment, reply }) => {
+                        publishes.push((topics, fragment, reply))
                     }
+                    Some(request) => {
+                        self.publish_batch(cmd, std::mem::take(&mut publishes))?;
+                        self.handle_request(cmd, request)?;
+                    }
+                    None => {}
                 }
-                Err(e) if e.is_timeout() => {}
-                Err(e) => return Err(e),
+                match self.rx.try_recv() {
+                    Ok(request) => next = Some(request),
+                    Err(_) => break,
+                }
             }
+            if let Some(request) = next {
+                self.publish_batch(cmd, std::mem::take(&mut publishes))?;
+                self.handle_request(cmd, request)?;
+            }
+            self.publish_batch(cmd, publishes)?;
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
                 redis::cmd("PING").query::<String>(cmd)?;
                 // Stop listening to topics nobody here subscribes to any more.
+                let mut topics = self.shared.topics();
                 let idle: Vec<String> =
-                    self.topics.keys().filter(|t| self.handle.num_subscribers(t) == 0).cloned().collect();
+                    topics.keys().filter(|t| self.shared.handle.num_subscribers(t) == 0).cloned().collect();
                 for topic in idle {
-                    pubsub.unsubscribe(keys(&topic).3)?;
-                    self.topics.remove(&topic);
+                    topics.remove(&topic);
+                    let _ = self.listen.send(Listen::Unsubscribe(topic));
                 }
             }
         }
     }
 
-    /// Hand a delivery from Redis to this node's subscribers, once and in order.
-    fn forward(&mut self, topic: &str, delivery: &str) {
-        let Some((epoch, seq)) = position_of(delivery) else { return };
-        let Some(f) = self.topics.get_mut(topic) else { return };
-        if f.epoch != epoch {
-            // Redis lost the topic's state and started a new epoch.
-            f.epoch = epoch;
-            f.last = 0;
+    /// Run the publish script for every topic of every request in one pipeline, then answer
+    /// each request. If Redis fails, every request of the batch gets 503.
+    fn publish_batch(
+        &mut self,
+        cmd: &mut redis::Connection,
+        batch: Vec<(Vec<String>, String, PublishReply)>,
+    ) -> redis::RedisResult<()> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        if seq > f.last {
-            f.last = seq;
-            self.handle.publish_text(topic, delivery);
-            self.status.forwarded.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Forward what the topic's stream holds beyond the last forwarded message.
-    fn catch_up(&mut self, cmd: &mut redis::Connection, topic: &str) -> redis::RedisResult<()> {
-        let (_, log, _, _) = keys(topic);
-        let from = self.topics.get(topic).map_or(0, |f| f.last) + 1;
-        let entries: Vec<(String, Vec<(String, String)>)> =
-            redis::cmd("XRANGE").arg(&log).arg(format!("{from}-1")).arg("+").query(cmd)?;
-        for (_, fields) in entries {
-            if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d") {
-                self.forward(topic, &d);
+        let mut pipe = redis::pipe();
+        for (topics, fragment, _) in &batch {
+            for topic in topics {
+                let (seq_key, log, epoch_key, channel) = keys(topic);
+                pipe.cmd("EVAL")
+                    .arg(PUBLISH_LUA)
+                    .arg(3)
+                    .arg(seq_key)
+                    .arg(log)
+                    .arg(epoch_key)
+                    .arg(serde_json::to_string(topic).unwrap_or_default())
+                    .arg(fragment)
+                    .arg(self.history)
+                    .arg(new_epoch())
+                    .arg(channel);
             }
+        }
+        let results: Vec<(u64, String)> = match pipe.query(cmd) {
+            Ok(r) => r,
+            Err(e) => {
+                for (_, _, reply) in batch {
+                    self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
+                    self.answer_publish_error(reply, &e.to_string());
+                }
+                return Err(e);
+            }
+        };
+        let mut results = results.into_iter();
+        for (topics, _, reply) in batch {
+            let mine: Vec<(String, u64, String)> =
+                topics.into_iter().zip(results.by_ref()).map(|(t, (seq, epoch))| (t, seq, epoch)).collect();
+            self.answer_published(reply, &mine);
         }
         Ok(())
     }
@@ -274,44 +456,30 @@ impl Broker {
     fn handle_request(
         &mut self,
         cmd: &mut redis::Connection,
-        pubsub: &mut redis::PubSub<'_>,
         request: BrokerRequest,
     ) -> redis::RedisResult<()> {
         match request {
             BrokerRequest::Publish { topics, fragment, reply } => {
-                let mut results = Vec::with_capacity(topics.len());
-                for topic in &topics {
-                    let (seq_key, log, epoch_key, channel) = keys(topic);
-                    let topic_json = serde_json::to_string(topic).unwrap_or_default();
-                    let result: redis::RedisResult<(u64, String)> = self
-                        .script
-                        .key(seq_key)
-                        .key(log)
-                        .key(epoch_key)
-                        .arg(topic_json)
-                        .arg(&fragment)
-                        .arg(self.history)
-                        .arg(new_epoch())
-                        .arg(channel)
-                        .invoke(cmd);
-                    match result {
-                        Ok((seq, epoch)) => results.push((topic.clone(), seq, epoch)),
-                        Err(e) => {
-                            self.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
-                            self.answer_publish_error(reply, &e.to_string());
-                            return Err(e);
-                        }
-                    }
-                }
-                self.answer_published(reply, &results);
+                self.publish_batch(cmd, vec![(topics, fragment, reply)])?;
             }
             BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
-                self.subscribe(cmd, pubsub, conn, &topic, since, id, max_replay)?;
+                if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
+                    // Every request gets an answer, even when Redis fails under it.
+                    self.reply_error(conn, id, "the broker is unavailable: Redis failed");
+                    return Err(e);
+                }
             }
             BrokerRequest::TopicInfo { topic, subscribers, reply } => {
                 let (seq_key, _, epoch_key, _) = keys(&topic);
-                let (seq, epoch): (Option<u64>, Option<String>) =
-                    redis::pipe().get(seq_key).get(epoch_key).query(cmd)?;
+                let found: redis::RedisResult<(Option<u64>, Option<String>)> =
+                    redis::pipe().get(seq_key).get(epoch_key).query(cmd);
+                let (seq, epoch) = match found {
+                    Ok(v) => v,
+                    Err(e) => {
+                        self.refuse(BrokerRequest::TopicInfo { topic, subscribers, reply });
+                        return Err(e);
+                    }
+                };
                 reply.respond(HttpResponse::json(
                     200,
                     serde_json::json!({"topic": topic, "subscribers": subscribers, "seq": seq.unwrap_or(0), "epoch": epoch})
@@ -326,40 +494,55 @@ impl Broker {
     fn subscribe(
         &mut self,
         cmd: &mut redis::Connection,
-        pubsub: &mut redis::PubSub<'_>,
         conn: ConnId,
         topic: &str,
         since: Option<Position>,
         id: Option<String>,
         max_replay: usize,
     ) -> redis::RedisResult<()> {
-        let (seq_key, log, epoch_key, channel) = keys(topic);
-        if !self.topics.contains_key(topic) {
+        let (seq_key, log, epoch_key, _) = keys(topic);
+        let listening = self.shared.topics().contains_key(topic);
+        if !listening {
             // Listen first: whatever is published from now on arrives on the channel, and
             // what came before is in the stream.
-            pubsub.subscribe(&channel)?;
+            let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+            let _ = self.listen.send(Listen::Subscribe(topic.to_string(), ack_tx));
+            match ack_rx.recv_timeout(COMMAND_TIMEOUT * 2) {
+                Ok(Ok(())) => {}
+                _ => {
+                    let reason = "the broker is unavailable: cannot subscribe in Redis";
+                    self.reply_error(conn, id, reason);
+                    return Ok(());
+                }
+            }
+        }
+        // From here until the connection is subscribed, the listener forwards nothing: what it
+        // receives meanwhile is numbered after `last` and is forwarded after the subscription.
+        let shared = self.shared.clone();
+        let mut topics = shared.topics();
+        if !topics.contains_key(topic) {
             let (seq, epoch): (Option<u64>, Option<String>) =
                 redis::pipe().get(&seq_key).get(&epoch_key).query(cmd)?;
-            self.topics.insert(
+            topics.insert(
                 topic.to_string(),
                 Forwarding { epoch: epoch.unwrap_or_default(), last: seq.unwrap_or(0) },
             );
         }
         if let Some(p) = &since
-            && self.topics.get(topic).is_some_and(|f| f.epoch != p.epoch || p.seq > f.last)
+            && topics.get(topic).is_some_and(|f| f.epoch != p.epoch || p.seq > f.last)
         {
             // The client may have seen (on another node) messages this node has not forwarded
             // yet: bring this node up to date from Redis first, then judge its position.
             let current: Option<String> = redis::cmd("GET").arg(&epoch_key).query(cmd)?;
-            if let (Some(e), Some(f)) = (current, self.topics.get_mut(topic))
+            if let (Some(e), Some(f)) = (current, topics.get_mut(topic))
                 && f.epoch != e
             {
                 f.epoch = e;
                 f.last = 0;
             }
-            self.catch_up(cmd, topic)?;
+            shared.catch_up(cmd, &mut topics, topic)?;
         }
-        let f = &self.topics[topic];
+        let f = &topics[topic];
         let (epoch, last) = (f.epoch.clone(), f.last);
         let mut replay: Vec<String> = Vec::new();
         let recovery: Option<Result<(), &'static str>> = match &since {
@@ -403,14 +586,23 @@ impl Broker {
         let text = reply.finish();
         // The answer and the replay first, then the live subscription: both go through the
         // connection's loop mailbox ahead of anything forwarded after this point.
-        let _ = self.handle.post_to::<Client>(conn, move |ws| {
+        let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
             ws.send_text(&text);
             for d in &replay {
                 ws.send_text(d);
             }
         });
-        let _ = self.handle.subscribe(conn, topic);
+        let _ = self.shared.handle.subscribe(conn, topic);
+        drop(topics);
         Ok(())
+    }
+
+    fn reply_error(&self, conn: ConnId, id: Option<String>, reason: &'static str) {
+        let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+            let raw =
+                id.as_deref().and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
+            ws.send_text(&error_reply(raw.as_deref(), &CommandError::new(503, reason)));
+        });
     }
 
     fn answer_published(&self, reply: PublishReply, results: &[(String, u64, String)]) {
@@ -418,7 +610,7 @@ impl Broker {
             PublishReply::Http(responder) => {
                 let body = if results.len() == 1 {
                     let (topic, seq, epoch) = &results[0];
-                    let subscribers = self.handle.num_subscribers(topic);
+                    let subscribers = self.shared.handle.num_subscribers(topic);
                     serde_json::json!({"topic": topic, "epoch": epoch, "seq": seq, "subscribers": subscribers})
                 } else {
                     let list: Vec<_> = results
@@ -431,7 +623,7 @@ impl Broker {
             }
             PublishReply::Client(conn, id) => {
                 let Some((topic, seq, epoch)) = results.first().cloned() else { return };
-                let _ = self.handle.post_to::<Client>(conn, move |ws| {
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
                     let raw = id
                         .as_deref()
                         .and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
@@ -457,7 +649,7 @@ impl Broker {
                 ));
             }
             PublishReply::Client(conn, id) => {
-                let _ = self.handle.post_to::<Client>(conn, move |ws| {
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
                     let raw = id
                         .as_deref()
                         .and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
@@ -472,11 +664,11 @@ impl Broker {
         let why = "Redis is unreachable";
         match request {
             BrokerRequest::Publish { reply, .. } => {
-                self.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
+                self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
                 self.answer_publish_error(reply, why);
             }
             BrokerRequest::Subscribe { conn, id, .. } => {
-                let _ = self.handle.post_to::<Client>(conn, move |ws| {
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
                     let raw = id.as_deref().and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
                     ws.send_text(&error_reply(
                         raw.as_deref(),
