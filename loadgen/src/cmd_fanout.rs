@@ -175,10 +175,8 @@ fn http_publisher(
     from: Instant,
     until: Instant,
 ) -> Result<(u64, u64), String> {
-    let rest = url.strip_prefix("http://").ok_or("publish URL must be http://")?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
-    let path = path.replace("{topic}", topic);
+    let (authority, path) = publish_target(url, "http://", proto, topic)?;
+    let authority = authority.as_str();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     let (mut published, mut errors) = (0u64, 0u64);
@@ -275,10 +273,8 @@ fn https_publisher(
     from: Instant,
     until: Instant,
 ) -> Result<(u64, u64), String> {
-    let rest = url.strip_prefix("https://").ok_or("publish URL must be https://")?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
-    let path = path.replace("{topic}", topic);
+    let (authority, path) = publish_target(url, "https://", proto, topic)?;
+    let authority = authority.as_str();
     let has_port =
         authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
     let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
@@ -330,6 +326,20 @@ fn https_publisher(
         }
     }
     Ok((published, errors))
+}
+
+/// The `host:port` and the request path of a publish URL (`{topic}` replaced; the protocol's
+/// default path when the URL has none).
+fn publish_target(
+    url: &str,
+    scheme: &str,
+    proto: &'static dyn Protocol,
+    topic: &str,
+) -> Result<(String, String), String> {
+    let rest = url.strip_prefix(scheme).ok_or_else(|| format!("publish URL must start with {scheme}"))?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
+    Ok((authority.to_string(), path.replace("{topic}", topic)))
 }
 
 /// One response's status; its body is read and dropped.

@@ -4,7 +4,8 @@
 Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
 different node than the one a client left, and the faults: Redis killed and restarted (publishes
 get 503 while it is away, /healthz and /metrics say so, nodes reconnect, and a client told its
-epoch is gone), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
+epoch is gone, and a node refusing publishes meanwhile does not grow in memory), Redis stalled
+(SIGSTOP), and a node killed with SIGKILL.
 
 Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gale)
 """
@@ -21,9 +22,8 @@ import unittest
 import urllib.error
 import urllib.request
 
-from websockets.asyncio.client import connect
-
 from gale_process import LOG_DIR, GaleServe
+from gateway_client import GatewayClient
 
 TIMEOUT = 20.0
 API_KEY = "cluster-key"
@@ -87,34 +87,33 @@ def publish(node, topic, data):
     return json.loads(text)
 
 
-class Client:
-    def __init__(self, ws):
-        self.ws, self.next_id, self.deliveries = ws, 1, []
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def publish_many(node, topic, n):
+    """Statuses of `n` publishes on one keep-alive connection."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=TIMEOUT)
+    codes = []
+    for _ in range(n):
+        conn.request("POST", f"/api/publish/{topic}", body=b'"x"',
+                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        codes.append(r.status)
+    conn.close()
+    return codes
+
+
+class Client(GatewayClient):
+    """A client of one node."""
 
     @classmethod
     async def open(cls, node):
-        return cls(await connect(node.url + "/ws", open_timeout=TIMEOUT, ping_interval=None))
-
-    async def recv(self):
-        return json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
-
-    async def command(self, op, **fields):
-        cid = self.next_id
-        self.next_id += 1
-        await self.ws.send(json.dumps({"id": cid, "op": op, **fields}))
-        while True:
-            msg = await self.recv()
-            if msg.get("id") == cid:
-                return msg
-            self.deliveries.append(msg)
-
-    async def delivery(self):
-        if self.deliveries:
-            return self.deliveries.pop(0)
-        while True:
-            msg = await self.recv()
-            if "seq" in msg and "ok" not in msg:
-                return msg
+        return await super().open(node.url + "/ws")
 
 
 class ClusterTest(unittest.IsolatedAsyncioTestCase):
@@ -203,6 +202,12 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.sleep(0.5)
         status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/healthz", None, None)
         self.assertEqual((status, json.loads(text)["broker"]), (503, "down"))
+        # Refused publishes leave nothing behind: the node's memory stays flat.
+        node = self.nodes[1]
+        before = rss_kib(node.proc.pid)
+        codes = await asyncio.to_thread(publish_many, node, "chat:fault", 3000)
+        self.assertEqual(set(codes), {503})
+        self.assertLess(rss_kib(node.proc.pid) - before, 4096, "no growth past 4 MiB over 3,000 refusals")
         status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
         self.assertIn("gale_broker_up 0", text)
         # Redis comes back empty (no persistence): nodes reconnect, the topic starts a new epoch.

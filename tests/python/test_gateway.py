@@ -20,10 +20,10 @@ import unittest
 import urllib.error
 import urllib.request
 
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gale_process import GaleServe
+from gateway_client import GatewayClient
 
 TIMEOUT = 30.0
 API_KEY = "test-key-123"
@@ -74,44 +74,12 @@ def publish(topic, data, content_type="application/json"):
     return json.loads(text)
 
 
-class Client:
-    """A gateway client: numbered commands, replies matched by id, deliveries queued."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.next_id = 1
-        self.deliveries = []
+class Client(GatewayClient):
+    """A client of the server under test."""
 
     @classmethod
     async def open(cls, query="", **kwargs):
-        options = dict(open_timeout=TIMEOUT, close_timeout=5, ping_interval=None, max_size=None)
-        options.update(kwargs)
-        ws = await connect(server.url + "/ws" + query, **options)
-        return cls(ws)
-
-    async def recv(self):
-        return json.loads(await asyncio.wait_for(self.ws.recv(), TIMEOUT))
-
-    async def command(self, op, **fields):
-        cid = self.next_id
-        self.next_id += 1
-        await self.ws.send(json.dumps({"id": cid, "op": op, **fields}))
-        while True:
-            msg = await self.recv()
-            if msg.get("id") == cid:
-                return msg
-            self.deliveries.append(msg)
-
-    async def delivery(self):
-        if self.deliveries:
-            return self.deliveries.pop(0)
-        while True:
-            msg = await self.recv()
-            if "seq" in msg and "ok" not in msg:
-                return msg
-
-    async def close(self):
-        await self.ws.close()
+        return await super().open(server.url + "/ws" + query, **kwargs)
 
 
 class AsyncTest(unittest.IsolatedAsyncioTestCase):

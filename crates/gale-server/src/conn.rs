@@ -453,14 +453,20 @@ impl Conn {
         } else {
             let mut buf = std::mem::take(&mut http.buf);
             buf.extend_from_slice(data);
-            let used = self.http_requests(&mut buf, cx);
-            if let Phase::Http(http) = &mut self.phase
-                && used < buf.len()
-                && self.link.finish == Finish::No
-            {
-                buf.drain(..used);
-                http.buf = buf;
-            }
+            self.serve_buffered(buf, cx);
+        }
+    }
+
+    /// Serve the requests in `buf` (bytes that waited in the HTTP phase) and keep what is left
+    /// of them for later.
+    fn serve_buffered(&mut self, mut buf: Vec<u8>, cx: &mut ConnCx<'_>) {
+        let used = self.http_requests(&mut buf, cx);
+        if let Phase::Http(http) = &mut self.phase
+            && used < buf.len()
+            && self.link.finish == Finish::No
+        {
+            buf.drain(..used);
+            http.buf = buf;
         }
     }
 
@@ -582,16 +588,9 @@ impl Conn {
         self.write_response(cx, mode, response);
         self.since = cx.now;
         let Phase::Http(http) = &mut self.phase else { return };
-        let mut buf = std::mem::take(&mut http.buf);
+        let buf = std::mem::take(&mut http.buf);
         if !buf.is_empty() && self.link.finish == Finish::No {
-            let used = self.http_requests(&mut buf, cx);
-            if let Phase::Http(http) = &mut self.phase
-                && used < buf.len()
-                && self.link.finish == Finish::No
-            {
-                buf.drain(..used);
-                http.buf = buf;
-            }
+            self.serve_buffered(buf, cx);
         }
         self.after_callbacks(cx);
     }
