@@ -185,6 +185,20 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         await asyncio.to_thread(publish, self.nodes[0], "chat:move", 8)
         self.assertEqual((await c.delivery())["seq"], 9)
 
+    async def test_a_subscribe_in_flight_is_not_doubled(self):
+        for i in range(3):
+            await asyncio.to_thread(publish, self.nodes[1], "chat:twice", i)
+        c = await Client.open(self.nodes[0])
+        position = {"epoch": (await asyncio.to_thread(publish, self.nodes[1], "chat:twice", 3))["epoch"], "seq": 1}
+        # Two subscribes sent back to back, before the broker answered the first.
+        for cid in (1, 2):
+            await c.ws.send(json.dumps({"id": cid, "op": "subscribe", "topic": "chat:twice", "since": position}))
+        messages = [await c.recv() for _ in range(5)]
+        replies = {m["id"]: m for m in messages if "id" in m}
+        self.assertTrue(replies[1]["recovered"], replies)
+        self.assertEqual(replies[2]["error"]["code"], 409)
+        self.assertEqual([m["seq"] for m in messages if "seq" in m and "id" not in m], [2, 3, 4])
+
     async def test_redis_restart(self):
         sub = await Client.open(self.nodes[0])
         await sub.command("subscribe", topic="chat:fault")

@@ -542,8 +542,11 @@ impl ServerHandle {
     pub fn subscribe(&self, conn: ConnId, topic: &str) -> Result<(), LoopGone> {
         let mailbox = self.mailbox(conn)?;
         let name: Arc<str> = Arc::from(topic);
-        let (global, since) = self.inner.registry.prepare(&name, conn.loop_index());
-        mailbox.post(Task::Subscribe(conn, name, global, since))
+        let mut posted = Ok(());
+        self.inner.registry.prepare(&name, conn.loop_index(), |global, since| {
+            posted = mailbox.post(Task::Subscribe(conn, name.clone(), global, since));
+        });
+        posted
     }
 
     /// Deliver the answer to a deferred HTTP request.

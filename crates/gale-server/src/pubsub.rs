@@ -53,6 +53,8 @@ pub(crate) struct TopicGlobal {
     subscribers: AtomicUsize,
     /// Bit `i` of word `i / 64`: loop `i` has subscribers.
     loops: Box<[AtomicU64]>,
+    /// Per loop: subscribers counted by [`Registry::prepare`] that the loop has not added yet.
+    pending: Box<[AtomicUsize]>,
 }
 
 /// The server-wide topic table.
@@ -61,11 +63,35 @@ pub(crate) struct Registry {
     /// Numbers publishes; see the module docs.
     serial: AtomicU64,
     loop_words: usize,
+    loops: usize,
 }
 
 impl Registry {
     pub(crate) fn new(loops: usize) -> Self {
-        Registry { topics: RwLock::default(), serial: AtomicU64::new(0), loop_words: loops.div_ceil(64) }
+        Registry {
+            topics: RwLock::default(),
+            serial: AtomicU64::new(0),
+            loop_words: loops.div_ceil(64),
+            loops,
+        }
+    }
+
+    fn new_topic(&self) -> Arc<TopicGlobal> {
+        Arc::new(TopicGlobal {
+            subscribers: AtomicUsize::new(0),
+            loops: (0..self.loop_words).map(|_| AtomicU64::new(0)).collect(),
+            pending: (0..self.loops).map(|_| AtomicUsize::new(0)).collect(),
+        })
+    }
+
+    /// Stop routing `global`'s topic to loop `index`, which has no local subscriber left,
+    /// unless a subscriber is on its way there. Under the write lock, so that no publish is
+    /// routed and no subscriber prepared while the bit changes.
+    fn leave_loop(&self, global: &TopicGlobal, index: usize) {
+        let _exclusive = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        if global.pending[index].load(Ordering::SeqCst) == 0 {
+            global.loops[index / 64].fetch_and(!(1u64 << (index % 64)), Ordering::SeqCst);
+        }
     }
 
     /// Subscribers of `topic` over all loops.
@@ -109,25 +135,23 @@ impl Registry {
             }
         }
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
-        let t = topics.entry(topic.clone()).or_insert_with(|| {
-            Arc::new(TopicGlobal {
-                subscribers: AtomicUsize::new(0),
-                loops: (0..self.loop_words).map(|_| AtomicU64::new(0)).collect(),
-            })
-        });
+        let t = topics.entry(topic.clone()).or_insert_with(|| self.new_topic());
         f(t)
     }
 
     /// Count a subscriber of `topic` on loop `index` now, for a connection the loop will add
-    /// when it gets the task (see [`LoopTopics::attach`]): from here on publishes are routed to
-    /// the loop and numbered above the returned serial.
-    pub(crate) fn prepare(&self, topic: &Arc<str>, index: usize) -> (Arc<TopicGlobal>, u64) {
+    /// when it gets the task `post` sends (see [`LoopTopics::attach`]). Under the write lock:
+    /// a publish numbered after the serial handed to `post` is routed after `post` ran, so its
+    /// task follows the subscription's in the loop's mailbox.
+    pub(crate) fn prepare(&self, topic: &Arc<str>, index: usize, post: impl FnOnce(Arc<TopicGlobal>, u64)) {
         let (word, bit) = (index / 64, 1u64 << (index % 64));
-        self.with_topic(topic, |t| {
-            t.loops[word].fetch_or(bit, Ordering::SeqCst);
-            t.subscribers.fetch_add(1, Ordering::SeqCst);
-            (t.clone(), self.serial.load(Ordering::SeqCst))
-        })
+        let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
+        let t = topics.entry(topic.clone()).or_insert_with(|| self.new_topic()).clone();
+        t.pending[index].fetch_add(1, Ordering::SeqCst);
+        t.loops[word].fetch_or(bit, Ordering::SeqCst);
+        t.subscribers.fetch_add(1, Ordering::SeqCst);
+        let since = self.serial.load(Ordering::SeqCst);
+        post(t, since);
     }
 
     /// Drop the entry of `topic` if nobody subscribes to it any more.
@@ -263,12 +287,13 @@ impl LoopTopics {
     /// Add connection `key` to a topic counted by [`Registry::prepare`] on another thread;
     /// returns false (and takes the count back) if it already was a subscriber.
     pub(crate) fn attach(&mut self, name: Arc<str>, global: Arc<TopicGlobal>, key: u32, since: u64) -> bool {
+        global.pending[self.index].fetch_sub(1, Ordering::SeqCst);
         let local = self
             .topics
             .entry(name.clone())
             .or_insert_with(|| LocalTopic { global: global.clone(), subscribers: HashMap::new() });
         if local.subscribers.contains_key(&key) {
-            self.release(&name, &global);
+            self.uncount(&name, &global);
             return false;
         }
         local.subscribers.insert(key, since);
@@ -279,10 +304,15 @@ impl LoopTopics {
     /// Take back a count made by [`Registry::prepare`] for a connection that is gone (or was
     /// already subscribed).
     pub(crate) fn release(&mut self, topic: &str, global: &TopicGlobal) {
+        global.pending[self.index].fetch_sub(1, Ordering::SeqCst);
+        self.uncount(topic, global);
+    }
+
+    /// Take one subscriber off `topic`'s count, and stop routing it here if none is left.
+    fn uncount(&mut self, topic: &str, global: &TopicGlobal) {
         let left = global.subscribers.fetch_sub(1, Ordering::SeqCst) - 1;
         if self.topics.get(topic).is_none_or(|l| l.subscribers.is_empty()) {
-            let (word, bit) = (self.index / 64, 1u64 << (self.index % 64));
-            global.loops[word].fetch_and(!bit, Ordering::SeqCst);
+            self.registry.leave_loop(global, self.index);
             self.topics.remove(topic);
         }
         if left == 0 {
@@ -330,8 +360,8 @@ impl LoopTopics {
         }
         let left = local.global.subscribers.fetch_sub(1, Ordering::SeqCst) - 1;
         if local.subscribers.is_empty() {
-            let (word, bit) = (self.index / 64, 1u64 << (self.index % 64));
-            local.global.loops[word].fetch_and(!bit, Ordering::SeqCst);
+            let global = local.global.clone();
+            self.registry.leave_loop(&global, self.index);
             self.topics.remove(topic);
             if left == 0 {
                 self.registry.forget_if_unused(topic);

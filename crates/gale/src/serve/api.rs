@@ -195,7 +195,7 @@ pub fn topic_info(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
 /// unreachable (so that a load balancer sends clients elsewhere).
 pub fn health(g: &Arc<Gateway>) -> HttpResponse {
     let (connections, loops) = g.handle.get().map_or((0, 0), |h| (h.connections(), h.loops()));
-    let broker = g.broker.get().map(|b| b.status.up.load(Ordering::Relaxed));
+    let broker = g.broker.get().map(|b| b.status.is_up());
     let (status, state) = match broker {
         Some(false) => (503, "degraded"),
         _ => (200, "ok"),
@@ -276,7 +276,7 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         let _ = writeln!(
             out,
             "# HELP gale_broker_up Whether the Redis broker is connected.\n# TYPE gale_broker_up gauge\ngale_broker_up {}",
-            u8::from(st.up.load(Ordering::Relaxed))
+            u8::from(st.is_up())
         );
         for (name, help, value) in [
             ("gale_broker_reconnects_total", "Connections to Redis after the first.", &st.reconnects),

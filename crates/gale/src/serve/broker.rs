@@ -74,8 +74,6 @@ pub enum BrokerRequest {
 /// What other threads can see of the broker.
 #[derive(Default)]
 pub struct BrokerStatus {
-    /// Connected to Redis.
-    pub up: AtomicBool,
     /// Connections to Redis made after the first (by either broker thread).
     pub reconnects: AtomicU64,
     /// Publishes refused because Redis was unreachable.
@@ -86,6 +84,13 @@ pub struct BrokerStatus {
     listen_up: AtomicBool,
     /// The command connection is up.
     command_up: AtomicBool,
+}
+
+impl BrokerStatus {
+    /// Connected to Redis: both threads' connections are up.
+    pub fn is_up(&self) -> bool {
+        self.listen_up.load(Ordering::Relaxed) && self.command_up.load(Ordering::Relaxed)
+    }
 }
 
 /// The loops' side of the broker.
@@ -166,7 +171,15 @@ impl Shared {
         topics: &mut HashMap<String, Forwarding>,
         topic: &str,
     ) -> redis::RedisResult<()> {
-        let (_, log, _, _) = keys(topic);
+        let (_, log, epoch_key, _) = keys(topic);
+        // Redis may have lost the topic meanwhile and started a new epoch: forward it from 1.
+        let current: Option<String> = redis::cmd("GET").arg(&epoch_key).query(cmd)?;
+        if let (Some(e), Some(f)) = (current, topics.get_mut(topic))
+            && f.epoch != e
+        {
+            f.epoch = e;
+            f.last = 0;
+        }
         let from = topics.get(topic).map_or(0, |f| f.last) + 1;
         let entries: Vec<(String, Vec<(String, String)>)> =
             redis::cmd("XRANGE").arg(&log).arg(format!("{from}-1")).arg("+").query(cmd)?;
@@ -178,13 +191,11 @@ impl Shared {
         Ok(())
     }
 
-    /// Record whether one thread's connection is up; the broker is up when both are.
+    /// Record whether one thread's connection is up (the broker is up when both are).
     fn set_up(&self, listen: bool, up: bool) {
         let st = &self.status;
-        let (mine, other) =
-            if listen { (&st.listen_up, &st.command_up) } else { (&st.command_up, &st.listen_up) };
-        mine.store(up, Ordering::Relaxed);
-        st.up.store(up && other.load(Ordering::Relaxed), Ordering::Relaxed);
+        let flag = if listen { &st.listen_up } else { &st.command_up };
+        flag.store(up, Ordering::Relaxed);
     }
 }
 
@@ -253,8 +264,13 @@ impl Listener {
             // After a reconnect: listen again, then forward what was missed meanwhile.
             let mut topics = self.shared.topics();
             let names: Vec<String> = topics.keys().cloned().collect();
+            if !names.is_empty() {
+                // Confirmations take a round trip: not the short poll timeout.
+                pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+                pubsub.subscribe(names.iter().map(|t| keys(t).3).collect::<Vec<_>>())?;
+                pubsub.set_read_timeout(Some(POLL))?;
+            }
             for topic in &names {
-                pubsub.subscribe(keys(topic).3)?;
                 self.shared.catch_up(cmd, &mut topics, topic)?;
             }
         }
@@ -263,14 +279,20 @@ impl Listener {
             loop {
                 match self.ctl.try_recv() {
                     Ok(Listen::Subscribe(topic, ack)) => {
+                        pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
                         let result = pubsub.subscribe(keys(&topic).3);
+                        pubsub.set_read_timeout(Some(POLL))?;
                         let failed = result.is_err();
                         let _ = ack.send(result);
                         if failed {
                             return Err(std::io::Error::other("SUBSCRIBE failed").into());
                         }
                     }
-                    Ok(Listen::Unsubscribe(topic)) => pubsub.unsubscribe(keys(&topic).3)?,
+                    Ok(Listen::Unsubscribe(topic)) => {
+                        pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+                        pubsub.unsubscribe(keys(&topic).3)?;
+                        pubsub.set_read_timeout(Some(POLL))?;
+                    }
                     Err(crossbeam_channel::TryRecvError::Empty) => break,
                     Err(crossbeam_channel::TryRecvError::Disconnected) => return Ok(()),
                 }
@@ -377,7 +399,10 @@ impl Broker {
                         publishes.push((topics, fragment, reply))
                     }
                     Some(request) => {
-                        self.publish_batch(cmd, std::mem::take(&mut publishes))?;
+                        if let Err(e) = self.publish_batch(cmd, std::mem::take(&mut publishes)) {
+                            self.refuse(request);
+                            return Err(e);
+                        }
                         self.handle_request(cmd, request)?;
                     }
                     None => {}
@@ -388,7 +413,10 @@ impl Broker {
                 }
             }
             if let Some(request) = next {
-                self.publish_batch(cmd, std::mem::take(&mut publishes))?;
+                if let Err(e) = self.publish_batch(cmd, std::mem::take(&mut publishes)) {
+                    self.refuse(request);
+                    return Err(e);
+                }
                 self.handle_request(cmd, request)?;
             }
             self.publish_batch(cmd, publishes)?;
@@ -465,7 +493,7 @@ impl Broker {
             BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
                 if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
                     // Every request gets an answer, even when Redis fails under it.
-                    self.reply_error(conn, id, "the broker is unavailable: Redis failed");
+                    self.reply_error(conn, &topic, id, "the broker is unavailable: Redis failed");
                     return Err(e);
                 }
             }
@@ -511,7 +539,7 @@ impl Broker {
                 Ok(Ok(())) => {}
                 _ => {
                     let reason = "the broker is unavailable: cannot subscribe in Redis";
-                    self.reply_error(conn, id, reason);
+                    self.reply_error(conn, topic, id, reason);
                     return Ok(());
                 }
             }
@@ -593,12 +621,18 @@ impl Broker {
             }
         });
         let _ = self.shared.handle.subscribe(conn, topic);
+        // Behind the subscription in the loop's mailbox: from then on `is_subscribed` says so.
+        let name = topic.to_string();
+        let _ =
+            self.shared.handle.post_to::<Client>(conn, move |ws| ws.data().pending.retain(|t| *t != name));
         drop(topics);
         Ok(())
     }
 
-    fn reply_error(&self, conn: ConnId, id: Option<String>, reason: &'static str) {
+    fn reply_error(&self, conn: ConnId, topic: &str, id: Option<String>, reason: &'static str) {
+        let name = topic.to_string();
         let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+            ws.data().pending.retain(|t| *t != name);
             let raw =
                 id.as_deref().and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
             ws.send_text(&error_reply(raw.as_deref(), &CommandError::new(503, reason)));
@@ -667,14 +701,8 @@ impl Broker {
                 self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
                 self.answer_publish_error(reply, why);
             }
-            BrokerRequest::Subscribe { conn, id, .. } => {
-                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    let raw = id.as_deref().and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
-                    ws.send_text(&error_reply(
-                        raw.as_deref(),
-                        &CommandError::new(503, "the broker is unavailable: Redis is unreachable"),
-                    ));
-                });
+            BrokerRequest::Subscribe { conn, topic, id, .. } => {
+                self.reply_error(conn, &topic, id, "the broker is unavailable: Redis is unreachable");
             }
             BrokerRequest::TopicInfo { reply, .. } => reply.respond(HttpResponse::json(
                 503,

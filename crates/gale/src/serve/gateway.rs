@@ -104,6 +104,8 @@ pub struct Client {
     rights: Arc<Rights>,
     publishes: Bucket,
     subscribes: Bucket,
+    /// Cluster mode: subscriptions sent to the broker and not answered yet.
+    pub(crate) pending: Vec<String>,
 }
 
 /// Seconds since the Unix epoch.
@@ -138,6 +140,7 @@ impl WsHandler for Endpoint {
             rights,
             publishes: Bucket::full(s.publish_burst),
             subscribes: Bucket::full(s.subscribe_burst),
+            pending: Vec::new(),
         }))
     }
 
@@ -200,7 +203,8 @@ impl Endpoint {
                 if !ws.data().rights.may_subscribe(topic) {
                     return Err(CommandError::new(403, format!("not allowed to subscribe to {topic}")));
                 }
-                if ws.is_subscribed(topic) {
+                // Cluster mode: a subscription the broker has not answered yet counts too.
+                if ws.is_subscribed(topic) || ws.data().pending.iter().any(|t| t == topic) {
                     return Err(CommandError::new(409, format!("already subscribed to {topic}")));
                 }
                 let s = &g.settings;
@@ -213,7 +217,7 @@ impl Endpoint {
                         ),
                     ));
                 }
-                if ws.topics().count() >= g.settings.max_subscriptions {
+                if ws.topics().count() + ws.data().pending.len() >= g.settings.max_subscriptions {
                     return Err(CommandError::new(
                         413,
                         format!("at most {} subscriptions per connection", g.settings.max_subscriptions),
@@ -234,6 +238,7 @@ impl Endpoint {
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
                     }
+                    ws.data().pending.push(topic.to_string());
                     return Ok(());
                 }
                 let (pos, recovery) = g
