@@ -24,16 +24,19 @@ trap cleanup EXIT
 RP=$(free_port)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
 REDIS=$!; PIDS+=("$REDIS")
-start_node() { # port [broker]
+# Sets LAST_PID (not echoed: a command substitution would run it in a subshell, out of reach
+# of the clean-up).
+start_node() { # port broker threads
     local extra=()
-    [ -n "${2:-}" ] && extra=(--broker "$2")
-    "$R/gale" serve --listen "127.0.0.1:$1" --threads "${3:-1}" "${extra[@]}" >/dev/null 2>&1 &
-    PIDS+=("$!"); echo "$!"
+    [ -n "$2" ] && extra=(--broker "$2")
+    "$R/gale" serve --listen "127.0.0.1:$1" --threads "$3" "${extra[@]}" >/dev/null 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
 }
 A=$(free_port); B=$(free_port); S=$(free_port)
-PA=$(start_node "$A" "redis://127.0.0.1:$RP" 1)
-PB=$(start_node "$B" "redis://127.0.0.1:$RP" 1)
-PS=$(start_node "$S" "" 2)
+start_node "$A" "redis://127.0.0.1:$RP" 1; PA=$LAST_PID
+start_node "$B" "redis://127.0.0.1:$RP" 1; PB=$LAST_PID
+start_node "$S" "" 2; PS=$LAST_PID
 sleep 1
 fanout() { # name json args...
     local name=$1; shift
