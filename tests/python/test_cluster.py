@@ -277,6 +277,25 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.sleep(0.2)
         self.assertEqual(status, 200, text)
 
+    async def test_idle_topics_expire_in_redis_with_their_history(self):
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(f'[history]\nttl = 1\n[cluster]\nbroker = "{self.redis.url}"\n')
+        node = GaleServe("cluster-ttl", "--config", f.name, env={"GALE_API_KEY": API_KEY})
+        try:
+            first = await asyncio.to_thread(publish, node, "chat:ttl", 1)
+            second = await asyncio.to_thread(publish, node, "chat:ttl", 2)
+            self.assertEqual((second["seq"], second["epoch"]), (2, first["epoch"]))
+            await asyncio.sleep(1.5)
+            third = await asyncio.to_thread(publish, node, "chat:ttl", 3)
+            # Forgotten whole: a new epoch, numbered from 1.
+            self.assertEqual(third["seq"], 1)
+            self.assertNotEqual(third["epoch"], first["epoch"])
+        finally:
+            node.kill()
+            node.proc.stdout.close()
+            os.unlink(f.name)
+
     async def test_a_killed_node_does_not_disturb_the_others(self):
         subs = [await Client.open(n) for n in self.nodes[1:]]
         for s in subs:

@@ -95,6 +95,7 @@ pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         // Cluster mode: answered once Redis has numbered it.
         g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
         let reply = PublishReply::Http(req.defer());
+        // Refused requests are answered by `send` itself.
         b.send(BrokerRequest::Publish { topics: vec![topic], fragment: fragment(&payload), reply });
         return HttpResponse::text(202, "deferred");
     }

@@ -49,6 +49,13 @@ end
 local seq = redis.call('INCR', KEYS[1])
 local d = '{"topic":' .. ARGV[1] .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[2] .. '}'
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-1', 'd', d)
+local ttl = tonumber(ARGV[6])
+if ttl > 0 then
+  -- An idle topic is forgotten whole: the next publish starts a new epoch.
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+end
 redis.call('PUBLISH', ARGV[5], d)
 return {seq, epoch}
 "#;
@@ -100,11 +107,33 @@ pub struct BrokerHandle {
     pub status: Arc<BrokerStatus>,
 }
 
+/// Requests waiting for the broker past this are refused with 503 (Redis cannot keep up).
+const QUEUE_LIMIT: usize = 100_000;
+
 impl BrokerHandle {
-    /// Send a request; false if the broker thread is gone.
+    /// Send a request; false if it was refused (the queue is full, or the broker is gone),
+    /// in which case an HTTP request in it has been answered 503.
     pub fn send(&self, request: BrokerRequest) -> bool {
-        self.tx.send(request).is_ok()
+        match self.tx.try_send(request) {
+            Ok(()) => true,
+            Err(e) => {
+                let busy = "the broker is overloaded: Redis cannot keep up; retry later";
+                match e.into_inner() {
+                    BrokerRequest::Publish { reply: PublishReply::Http(r), .. } => {
+                        r.respond(unavailable(busy))
+                    }
+                    BrokerRequest::TopicInfo { reply, .. } => reply.respond(unavailable(busy)),
+                    _ => {}
+                }
+                false
+            }
+        }
     }
+}
+
+/// A 503 answer with a reason.
+fn unavailable(reason: &str) -> HttpResponse {
+    HttpResponse::json(503, serde_json::json!({"error": {"code": 503, "reason": reason}}).to_string())
 }
 
 /// What the broker knows of a topic this node forwards.
@@ -115,9 +144,14 @@ struct Forwarding {
 }
 
 /// Start the broker threads for Redis at `url`.
-pub fn start(url: &str, handle: ServerHandle, history: usize) -> Result<BrokerHandle, String> {
+pub fn start(
+    url: &str,
+    handle: ServerHandle,
+    history: usize,
+    ttl: Option<Duration>,
+) -> Result<BrokerHandle, String> {
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
-    let (tx, rx) = crossbeam_channel::unbounded();
+    let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
     let shared = Arc::new(Shared { handle, status: status.clone(), topics: Mutex::new(HashMap::new()) });
@@ -126,7 +160,8 @@ pub fn start(url: &str, handle: ServerHandle, history: usize) -> Result<BrokerHa
         .name("gale-broker-listen".into())
         .spawn(move || listener.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
-    let broker = Broker { client, shared, rx, listen: ctl_tx, history: history.max(1) };
+    let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
+    let broker = Broker { client, shared, rx, listen: ctl_tx, history: history.max(1), ttl_ms };
     std::thread::Builder::new()
         .name("gale-broker".into())
         .spawn(move || broker.run())
@@ -320,6 +355,8 @@ struct Broker {
     rx: Receiver<BrokerRequest>,
     listen: Sender<Listen>,
     history: usize,
+    /// Keys of a topic without publishes for this long expire (0: never).
+    ttl_ms: u64,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -459,7 +496,8 @@ impl Broker {
                     .arg(fragment)
                     .arg(self.history)
                     .arg(new_epoch())
-                    .arg(channel);
+                    .arg(channel)
+                    .arg(self.ttl_ms);
             }
         }
         let results: Vec<(u64, String)> = match pipe.query(cmd) {
