@@ -214,6 +214,11 @@ impl Conn {
     /// The peer shut down its side (EOF) or the socket failed.
     pub(crate) fn on_eof(&mut self, cx: &mut ConnCx<'_>) {
         self.read_closed = true;
+        if self.awaiting() && !self.link.broken {
+            // A client may send its request and shut down its side: the deferred answer (and
+            // those of requests queued behind it) still go out, within the handshake timeout.
+            return;
+        }
         // Let a queued answer (a close reply, an HTTP response) go out before closing.
         self.link.finish =
             if self.link.buffered() > 0 && !self.link.broken { Finish::AfterFlush } else { Finish::Now };
@@ -591,6 +596,10 @@ impl Conn {
         let buf = std::mem::take(&mut http.buf);
         if !buf.is_empty() && self.link.finish == Finish::No {
             self.serve_buffered(buf, cx);
+        }
+        if self.read_closed && !self.awaiting() && self.link.finish == Finish::No {
+            // The client is done sending: close once the answers are out.
+            self.link.finish = Finish::AfterFlush;
         }
         self.after_callbacks(cx);
     }

@@ -296,6 +296,12 @@ fn deferred_http_answers_keep_pipelined_requests_in_order() {
     let mut buf = Vec::new();
     let replies: Vec<_> = (0..4).map(|_| common::read_http_reply(&mut stream, &mut buf)).collect();
     let got: Vec<(u16, String)> = replies.iter().map(|r| (r.status, r.body_text())).collect();
+    // A client that shuts down its sending side after its request still gets the answer.
+    let mut half = common::connect_tcp(server.addr);
+    half.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    half.shutdown(std::net::Shutdown::Write).unwrap();
+    let late = common::read_http_reply(&mut half, &mut Vec::new());
+    assert_eq!((late.status, late.body_text()), (200, "late".to_string()));
     assert_eq!(
         got,
         vec![
