@@ -175,12 +175,11 @@ fn http_publisher(
     from: Instant,
     until: Instant,
 ) -> Result<(u64, u64), String> {
-    let (authority, path) = publish_target(url, "http://", proto, topic)?;
+    let mut requests = PublishRequests::new(url, "http://", api_key, proto, topic, size)?;
+    let authority = requests.authority.clone();
     let authority = authority.as_str();
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
     let (mut published, mut errors) = (0u64, 0u64);
-    let mut seq = 0u64;
     let mut due = Instant::now();
     // One connection at a time; a broken one is replaced and its unanswered requests count
     // as failed.
@@ -201,20 +200,8 @@ fn http_publisher(
         let mut writer = stream;
         let mut broken = false;
         while due < until {
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-            let payload = make_payload(seq, ns_at(due), size);
-            seq += 1;
-            let Some((extra, body)) = proto.publish_http(topic, &payload) else {
-                return Err("this protocol has no HTTP publish API".into());
-            };
-            let head = format!(
-                "POST {path}{extra} HTTP/1.1\r\nHost: {authority}\r\n{auth}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let sent = writer.write_all(head.as_bytes()).and_then(|()| writer.write_all(&body));
+            let request = requests.at(due)?;
+            let sent = writer.write_all(&request);
             due += interval;
             if sent.is_err() {
                 errors += 1;
@@ -273,30 +260,18 @@ fn https_publisher(
     from: Instant,
     until: Instant,
 ) -> Result<(u64, u64), String> {
-    let (authority, path) = publish_target(url, "https://", proto, topic)?;
-    let authority = authority.as_str();
-    let has_port =
-        authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
-    let host = if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
+    let mut requests = PublishRequests::new(url, "https://", api_key, proto, topic, size)?;
+    let (host, port) = crate::target::split_port(&requests.authority);
     let name = crate::tls::server_name(host)?;
-    let address = if has_port { authority.to_string() } else { format!("{authority}:443") };
+    let address = format!("{host}:{}", port.unwrap_or(443));
     let interval = Duration::from_secs_f64(1.0 / rate);
-    let auth = api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    let (mut published, mut errors, mut seq) = (0u64, 0u64, 0u64);
+    let (mut published, mut errors) = (0u64, 0u64);
     let mut due = Instant::now();
     let mut conn: Option<BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>> = None;
     while due < until {
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        let payload = make_payload(seq, ns_at(due), size);
-        seq += 1;
+        let request = requests.at(due)?;
         let in_window = due >= from;
         due += interval;
-        let Some((extra, body)) = proto.publish_http(topic, &payload) else {
-            return Err("this protocol has no HTTP publish API".into());
-        };
         let attempt = (|| -> std::io::Result<u16> {
             if conn.is_none() {
                 let tcp = TcpStream::connect(address.as_str())?;
@@ -307,12 +282,6 @@ fn https_publisher(
                 conn = Some(BufReader::new(rustls::StreamOwned::new(c, tcp)));
             }
             let stream = conn.as_mut().expect("connected above");
-            let head = format!(
-                "POST {path}{extra} HTTP/1.1\r\nHost: {authority}\r\n{auth}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            );
-            let mut request = head.into_bytes();
-            request.extend_from_slice(&body);
             stream.get_mut().write_all(&request)?;
             read_response(stream)
         })();
@@ -328,18 +297,65 @@ fn https_publisher(
     Ok((published, errors))
 }
 
-/// The `host:port` and the request path of a publish URL (`{topic}` replaced; the protocol's
-/// default path when the URL has none).
-fn publish_target(
-    url: &str,
-    scheme: &str,
+/// The publish requests of an HTTP(S) publisher, one per scheduled time.
+struct PublishRequests<'a> {
+    /// `host[:port]` of the publish URL.
+    authority: String,
+    /// Request path (`{topic}` replaced; the protocol's default when the URL has none).
+    path: String,
+    /// The `Authorization` header line, if any.
+    auth: String,
     proto: &'static dyn Protocol,
-    topic: &str,
-) -> Result<(String, String), String> {
-    let rest = url.strip_prefix(scheme).ok_or_else(|| format!("publish URL must start with {scheme}"))?;
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
-    Ok((authority.to_string(), path.replace("{topic}", topic)))
+    topic: &'a str,
+    size: usize,
+    seq: u64,
+}
+
+impl<'a> PublishRequests<'a> {
+    fn new(
+        url: &str,
+        scheme: &str,
+        api_key: Option<&str>,
+        proto: &'static dyn Protocol,
+        topic: &'a str,
+        size: usize,
+    ) -> Result<Self, String> {
+        let rest = url.strip_prefix(scheme).ok_or_else(|| format!("publish URL must start with {scheme}"))?;
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let path = if path.is_empty() || path == "/" { proto.default_http_path() } else { path };
+        Ok(PublishRequests {
+            authority: authority.to_string(),
+            path: path.replace("{topic}", topic),
+            auth: api_key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default(),
+            proto,
+            topic,
+            size,
+            seq: 0,
+        })
+    }
+
+    /// Wait until `due`, then the next request: its payload stamped with `due`.
+    fn at(&mut self, due: Instant) -> Result<Vec<u8>, String> {
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let payload = make_payload(self.seq, ns_at(due), self.size);
+        self.seq += 1;
+        let Some((extra, body)) = self.proto.publish_http(self.topic, &payload) else {
+            return Err("this protocol has no HTTP publish API".into());
+        };
+        let mut request = format!(
+            "POST {}{extra} HTTP/1.1\r\nHost: {}\r\n{}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+            self.path,
+            self.authority,
+            self.auth,
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(&body);
+        Ok(request)
+    }
 }
 
 /// One response's status; its body is read and dropped.

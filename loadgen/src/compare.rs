@@ -300,33 +300,46 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
+/// What a summary takes from one run of a throughput scenario (echo or fanout).
+struct Figures<'a> {
+    /// Messages (echo) or deliveries (fanout) per second.
+    rate: f64,
+    latency: &'a crate::report::Latency,
+    server: Option<&'a crate::report::ServerCost>,
+    utilisation: f64,
+    /// Bytes on the wire per payload byte received (`--deflate`).
+    wire: Option<f64>,
+}
+
+impl<'a> Figures<'a> {
+    fn of(r: &'a RunRecord) -> Option<Figures<'a>> {
+        if let Some(e) = &r.echo {
+            return Some(Figures {
+                rate: e.messages_per_sec,
+                latency: &e.latency_us,
+                server: e.server.as_ref(),
+                utilisation: e.loadgen.utilisation,
+                wire: e.compression.as_ref().map(|c| c.received_ratio),
+            });
+        }
+        let f = r.fanout.as_ref()?;
+        Some(Figures {
+            rate: f.deliveries_per_sec,
+            latency: &f.latency_us,
+            server: f.server.as_ref(),
+            utilisation: f.loadgen.utilisation,
+            wire: None,
+        })
+    }
+}
+
 fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecord]) -> Vec<Summary> {
     let mut out: Vec<Summary> = Vec::new();
     for spec in specs {
         let mine: Vec<&RunRecord> =
             runs.iter().filter(|r| r.server == spec.name && r.case == *case).collect();
         let errors: Vec<String> = mine.iter().filter_map(|r| r.error.clone()).collect();
-        let s = if scenario == "fanout" {
-            let reps: Vec<&FanoutReport> = mine.iter().filter_map(|r| r.fanout.as_ref()).collect();
-            Summary {
-                server: spec.name.clone(),
-                rounds: reps.len(),
-                rate: median(reps.iter().map(|r| r.deliveries_per_sec).collect()).unwrap_or(0.0),
-                rate_ratio: 1.0,
-                latency_us: latency_medians(reps.iter().map(|r| &r.latency_us)),
-                cpu_ms_per_1k: median(
-                    reps.iter().filter_map(|r| r.server.as_ref()?.cpu_ms_per_1k_msgs).collect(),
-                ),
-                cpu_ratio: None,
-                memory: median(
-                    reps.iter().filter_map(|r| r.server.as_ref().map(|s| s.rss_bytes as f64)).collect(),
-                ),
-                loadgen_utilisation: median(reps.iter().map(|r| r.loadgen.utilisation).collect())
-                    .unwrap_or(0.0),
-                wire_ratio: None,
-                errors,
-            }
-        } else if scenario == "connect" {
+        let s = if scenario == "connect" {
             let reps: Vec<&ConnectReport> = mine.iter().filter_map(|r| r.connect.as_ref()).collect();
             Summary {
                 server: spec.name.clone(),
@@ -342,25 +355,18 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
                 errors,
             }
         } else {
-            let reps: Vec<&EchoReport> = mine.iter().filter_map(|r| r.echo.as_ref()).collect();
+            let reps: Vec<Figures<'_>> = mine.iter().filter_map(|r| Figures::of(r)).collect();
             Summary {
                 server: spec.name.clone(),
                 rounds: reps.len(),
-                rate: median(reps.iter().map(|r| r.messages_per_sec).collect()).unwrap_or(0.0),
+                rate: median(reps.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
                 rate_ratio: 1.0,
-                latency_us: latency_medians(reps.iter().map(|r| &r.latency_us)),
-                cpu_ms_per_1k: median(
-                    reps.iter().filter_map(|r| r.server.as_ref()?.cpu_ms_per_1k_msgs).collect(),
-                ),
+                latency_us: latency_medians(reps.iter().map(|r| r.latency)),
+                cpu_ms_per_1k: median(reps.iter().filter_map(|r| r.server?.cpu_ms_per_1k_msgs).collect()),
                 cpu_ratio: None,
-                memory: median(
-                    reps.iter().filter_map(|r| r.server.as_ref().map(|s| s.rss_bytes as f64)).collect(),
-                ),
-                loadgen_utilisation: median(reps.iter().map(|r| r.loadgen.utilisation).collect())
-                    .unwrap_or(0.0),
-                wire_ratio: median(
-                    reps.iter().filter_map(|r| r.compression.as_ref().map(|c| c.received_ratio)).collect(),
-                ),
+                memory: median(reps.iter().filter_map(|r| r.server.map(|s| s.rss_bytes as f64)).collect()),
+                loadgen_utilisation: median(reps.iter().map(|r| r.utilisation).collect()).unwrap_or(0.0),
+                wire_ratio: median(reps.iter().filter_map(|r| r.wire).collect()),
                 errors,
             }
         };

@@ -49,12 +49,9 @@ impl Target {
         if authority.is_empty() {
             return Err(format!("{url}: no host"));
         }
-        let has_port =
-            authority.rsplit_once(':').is_some_and(|(h, p)| p.parse::<u16>().is_ok() && !h.ends_with(':'));
-        let host =
-            if has_port { authority.rsplit_once(':').map_or(authority, |(h, _)| h) } else { authority };
+        let (host, port) = split_port(authority);
         let default_port = if scheme == Scheme::Wss { 443 } else { 80 };
-        let with_port = if has_port { authority.to_string() } else { format!("{authority}:{default_port}") };
+        let with_port = format!("{host}:{}", port.unwrap_or(default_port));
         let addr = with_port
             .to_socket_addrs()
             .map_err(|e| format!("{url}: cannot resolve {authority}: {e}"))?
@@ -67,6 +64,18 @@ impl Target {
             addr,
             path: path.to_string(),
         })
+    }
+}
+
+/// `host[:port]` split into the host and the port, if one is given (`[::1]:9001` and a bare
+/// `::1` included).
+pub fn split_port(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') => match port.parse() {
+            Ok(p) => (host, Some(p)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
     }
 }
 

@@ -5,20 +5,10 @@
 // event loop); `--threads` is accepted and ignored. Compression off; `maxBackpressure` 1 MiB
 // (a subscriber further behind misses messages, as in Gale's default).
 
-import { parseArgs } from 'node:util';
+import { portArg } from './args.mjs';
 import uWS from 'uwebsockets';
 
-const { values } = parseArgs({
-  options: {
-    port: { type: 'string', default: '0' },
-    threads: { type: 'string' },
-  },
-});
-const port = Number(values.port);
-if (!Number.isInteger(port) || port < 0 || port > 65535) {
-  console.error(`uws-broadcast: bad --port ${values.port}`);
-  process.exit(2);
-}
+const port = portArg('uws-broadcast');
 
 const TOPIC = 'all';
 const app = uWS.App();

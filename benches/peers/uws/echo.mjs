@@ -11,20 +11,10 @@
 // accepted, and `maxBackpressure: 0` never drops an echo when the client reads slower than it
 // writes (the default, 64 KiB, drops sends). Pings are answered by uWS itself.
 
-import { parseArgs } from 'node:util';
+import { portArg } from './args.mjs';
 import uWS from 'uwebsockets';
 
-const { values } = parseArgs({
-  options: {
-    port: { type: 'string', default: '0' },
-    threads: { type: 'string' },
-  },
-});
-const port = Number(values.port);
-if (!Number.isInteger(port) || port < 0 || port > 65535) {
-  console.error(`uws: bad --port ${values.port}`);
-  process.exit(2);
-}
+const port = portArg('uws');
 
 uWS.App()
   .ws('/*', {

@@ -20,7 +20,7 @@ use crate::link::{CloseState, Finish, Link, Scratch};
 use crate::pubsub::Published;
 use crate::routes::{HttpMatch, Routes, WsRoute};
 use crate::tls::Opened;
-use crate::websocket::{Callback, Session};
+use crate::websocket::{Callback, Session, WebSocket};
 
 /// An HTTP client whose responses pile up past this is not reading them: drop it.
 const HTTP_OUT_LIMIT: usize = 4 << 20;
@@ -169,9 +169,6 @@ impl Conn {
             // Nothing more is read; the alert (or plain-HTTP answer) goes out, then TCP closes.
             self.link.close = CloseState::Closed;
             self.link.finish = Finish::AfterFlush;
-            if let Some(tls) = &mut self.link.tls {
-                tls.notified = true;
-            }
         }
         if filled > 0 {
             self.on_data(&mut plain[..filled], cx);
@@ -184,9 +181,9 @@ impl Conn {
             self.on_eof(cx);
             return;
         }
-        // Larger than a full receive buffer plus a record: one huge read made it so.
+        // Larger than a full receive buffer plus a record: one huge read made it so; do not
+        // keep that for every later one.
         if plain.len() > cx.config.recv_buffer + (64 << 10) {
-            // One huge read made it large: do not keep that for every later one.
             plain = Vec::new();
         }
         cx.pool.plain = plain;
@@ -289,15 +286,11 @@ impl Conn {
                 self.link.send_encoded(pool, behavior, frame);
             }
             SendMode::OwnContext if compress => {
-                let Session { data, compression } = &mut ws.app.session;
-                let mut ws = crate::websocket::WebSocket {
-                    link: &mut self.link,
-                    data,
-                    compression,
-                    pool: cx.pool,
-                    behavior,
-                };
-                ws.send_raw(msg.opcode(), msg.payload());
+                WebSocket::erased(&mut self.link, &mut ws.app.session, cx.pool, behavior).send_data(
+                    msg.opcode(),
+                    msg.payload(),
+                    true,
+                );
             }
             _ => {
                 self.link.send_encoded(cx.pool, behavior, msg.frame());
@@ -313,15 +306,7 @@ impl Conn {
             return;
         }
         let route = &cx.routes.ws[ws.app.route as usize];
-        let Session { data, compression } = &mut ws.app.session;
-        let mut handle = crate::websocket::WebSocket {
-            link: &mut self.link,
-            data,
-            compression,
-            pool: cx.pool,
-            behavior: &route.behavior,
-        };
-        f(&mut handle);
+        f(&mut WebSocket::erased(&mut self.link, &mut ws.app.session, cx.pool, &route.behavior));
         self.after_callbacks(cx);
     }
 
@@ -836,7 +821,7 @@ fn report_close(
     app.reported = true;
     link.close = CloseState::Closed;
     route.handler.call(link, &mut app.session, pool, &route.behavior, Callback::Close(code, reason));
-    pool.topics.unsubscribe_all(link.key);
+    pool.topics.unsubscribe_all(link.key());
 }
 
 #[cfg(test)]

@@ -134,10 +134,9 @@ impl Scratch {
 /// The sending half of a connection.
 pub(crate) struct Link {
     pub(crate) stream: TcpStream,
-    /// The connection's id, for excluding it from its own publishes.
+    /// The connection's id (its loop, its slot, a serial), for excluding it from its own
+    /// publishes and finding it from other threads.
     pub(crate) id: ConnId,
-    /// Its key in the loop's connection table.
-    pub(crate) key: u32,
     /// Bytes not yet handed to the kernel. Holds a pooled buffer only while non-empty.
     out: Vec<u8>,
     pub(crate) remote: SocketAddr,
@@ -160,11 +159,10 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(stream: TcpStream, remote: SocketAddr, key: usize, id: ConnId) -> Self {
+    pub(crate) fn new(stream: TcpStream, remote: SocketAddr, id: ConnId) -> Self {
         Link {
             stream,
             id,
-            key: key as u32,
             out: Vec::new(),
             remote,
             close: CloseState::Open,
@@ -177,6 +175,12 @@ impl Link {
             in_kernel: 0,
             tls: None,
         }
+    }
+
+    /// The connection's slot in its loop's table.
+    #[inline]
+    pub(crate) fn key(&self) -> u32 {
+        self.id.key() as u32
     }
 
     /// Bytes the kernel has not taken yet: queued here, or in a send still in flight.
@@ -344,11 +348,7 @@ impl Link {
         }
         let held = self.buffered();
         if held != 0 && held + len > behavior.max_backpressure {
-            if behavior.backpressure_policy == BackpressurePolicy::Close {
-                self.finish = Finish::Now;
-            }
-            pool.counters.dropped += 1;
-            return SendStatus::Dropped;
+            return self.refuse(pool, behavior);
         }
         pool.counters.messages_out += 1;
         pool.counters.bytes_out += len as u64;

@@ -84,6 +84,15 @@ impl Registry {
         })
     }
 
+    /// Count one more subscriber of `t` on loop `index` and route the topic there; returns the
+    /// publish number the subscriber starts after. The bit is set before the number is read
+    /// (see [`Registry::route`]).
+    fn join(&self, t: &TopicGlobal, index: usize) -> u64 {
+        t.loops[index / 64].fetch_or(1u64 << (index % 64), Ordering::SeqCst);
+        t.subscribers.fetch_add(1, Ordering::SeqCst);
+        self.serial.load(Ordering::SeqCst)
+    }
+
     /// Stop routing `global`'s topic to loop `index`, which has no local subscriber left,
     /// unless a subscriber is on its way there. Under the write lock, so that no publish is
     /// routed and no subscriber prepared while the bit changes.
@@ -144,13 +153,10 @@ impl Registry {
     /// a publish numbered after the serial handed to `post` is routed after `post` ran, so its
     /// task follows the subscription's in the loop's mailbox.
     pub(crate) fn prepare(&self, topic: &Arc<str>, index: usize, post: impl FnOnce(Arc<TopicGlobal>, u64)) {
-        let (word, bit) = (index / 64, 1u64 << (index % 64));
         let mut topics = self.topics.write().unwrap_or_else(|e| e.into_inner());
         let t = topics.entry(topic.clone()).or_insert_with(|| self.new_topic()).clone();
         t.pending[index].fetch_add(1, Ordering::SeqCst);
-        t.loops[word].fetch_or(bit, Ordering::SeqCst);
-        t.subscribers.fetch_add(1, Ordering::SeqCst);
-        let since = self.serial.load(Ordering::SeqCst);
+        let since = self.join(&t, index);
         post(t, since);
     }
 
@@ -339,13 +345,8 @@ impl LoopTopics {
             return Some(name.clone());
         }
         let name: Arc<str> = Arc::from(topic);
-        let (word, bit) = (self.index / 64, 1u64 << (self.index % 64));
-        let registry = &self.registry;
-        let (global, since) = registry.with_topic(&name, |t| {
-            t.loops[word].fetch_or(bit, Ordering::SeqCst);
-            t.subscribers.fetch_add(1, Ordering::SeqCst);
-            (t.clone(), registry.serial.load(Ordering::SeqCst))
-        });
+        let (registry, index) = (&self.registry, self.index);
+        let (global, since) = registry.with_topic(&name, |t| (t.clone(), registry.join(t, index)));
         let mut subscribers = HashMap::new();
         subscribers.insert(key, since);
         self.topics.insert(name.clone(), LocalTopic { global, subscribers });

@@ -57,9 +57,6 @@ impl TlsAcceptor {
             .with_no_client_auth()
             .with_cert_resolver(cert.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        // Sealed records are taken out at once and written by the loop, which bounds them
-        // with the connection's backpressure limit.
-        config.send_tls13_tickets = 2;
         Ok(TlsAcceptor { files, cert, config: Arc::new(config) })
     }
 
@@ -148,6 +145,7 @@ impl TlsSession {
             // HTTP request: answer it in plain HTTP rather than with an alert it cannot read.
             if data.first().is_some_and(u8::is_ascii_alphabetic) {
                 self.sealed.extend_from_slice(PLAIN_HTTP_ANSWER);
+                self.notified = true;
                 return (Opened::Failed, 0);
             }
         }
@@ -182,9 +180,11 @@ impl TlsSession {
         (Opened::Data, filled)
     }
 
-    /// The peer broke the protocol: seal the alert rustls queued.
+    /// The peer broke the protocol: seal the alert rustls queued (it ends the session, so no
+    /// `close_notify` follows).
     fn fail(&mut self) -> Opened {
         self.seal(&mut Vec::new());
+        self.notified = true;
         Opened::Failed
     }
 

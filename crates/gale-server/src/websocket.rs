@@ -50,13 +50,8 @@ impl<D> WebSocket<'_, D> {
         }
     }
 
-    /// Send a data frame compressed as negotiated (publish to a connection with its own
-    /// compression context).
-    pub(crate) fn send_raw(&mut self, opcode: OpCode, payload: &[u8]) -> SendStatus {
-        self.send_data(opcode, payload, true)
-    }
-
-    fn send_data(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
+    /// Send a data frame, compressed as negotiated when `compress` allows.
+    pub(crate) fn send_data(&mut self, opcode: OpCode, payload: &[u8], compress: bool) -> SendStatus {
         let compress =
             compress && self.compression.is_on() && payload.len() >= self.behavior.compress_threshold();
         if !compress {
@@ -139,22 +134,22 @@ impl<D> WebSocket<'_, D> {
         if self.link.close != CloseState::Open {
             return false;
         }
-        self.pool.topics.subscribe(topic, self.link.key)
+        self.pool.topics.subscribe(topic, self.link.key())
     }
 
     /// Unsubscribe from `topic`; returns whether it was subscribed.
     pub fn unsubscribe(&mut self, topic: &str) -> bool {
-        self.pool.topics.unsubscribe(topic, self.link.key)
+        self.pool.topics.unsubscribe(topic, self.link.key())
     }
 
     /// Whether this connection is subscribed to `topic`.
     pub fn is_subscribed(&self, topic: &str) -> bool {
-        self.pool.topics.of(self.link.key).iter().any(|t| &**t == topic)
+        self.pool.topics.of(self.link.key()).iter().any(|t| &**t == topic)
     }
 
     /// The topics this connection is subscribed to.
     pub fn topics(&self) -> impl Iterator<Item = &str> {
-        self.pool.topics.of(self.link.key).iter().map(|t| &**t)
+        self.pool.topics.of(self.link.key()).iter().map(|t| &**t)
     }
 
     /// Publish `msg` to every subscriber of `topic` on every loop, this connection included
@@ -176,6 +171,17 @@ impl<D> WebSocket<'_, D> {
 }
 
 impl<'a> WebSocket<'a, AnyData> {
+    /// The handle of a connection whose data type is not known here.
+    pub(crate) fn erased(
+        link: &'a mut Link,
+        session: &'a mut Session,
+        pool: &'a mut Scratch,
+        behavior: &'a Behavior,
+    ) -> Self {
+        let Session { data, compression } = session;
+        WebSocket { link, data, compression, pool, behavior }
+    }
+
     /// The same connection with its data as a `D`, if it is one.
     pub(crate) fn downcast<D: 'static>(&mut self) -> Option<WebSocket<'_, D>> {
         let data = self.data.downcast_mut::<D>()?;
@@ -236,13 +242,12 @@ impl<H: WsHandler> ErasedHandler for H {
         behavior: &Behavior,
         cb: Callback<'_>,
     ) {
-        let Session { data, compression } = session;
-        let Some(data) = data.downcast_mut::<H::Data>() else {
+        let mut erased = WebSocket::erased(link, session, pool, behavior);
+        let Some(mut ws) = erased.downcast::<H::Data>() else {
             // The data was created by this handler's own `upgrade`; a mismatch cannot happen.
             debug_assert!(false, "per-connection data of the wrong type");
             return;
         };
-        let mut ws = WebSocket { link, data, compression, pool, behavior };
         match cb {
             Callback::Open => self.open(&mut ws),
             Callback::Message(m) => self.message(&mut ws, m),

@@ -16,10 +16,10 @@ use slab::Slab;
 
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx};
-use crate::link::{Link, Scratch};
+use crate::link::Scratch;
 use crate::timer::TimerWheel;
 
-use super::WAKER;
+use super::{WAKER, accepted_link};
 
 const LISTENER: Token = Token(usize::MAX - 2);
 
@@ -234,10 +234,13 @@ impl EpollLoop {
         if conn.link.dirty && !conn.link.blocked && conn.link.flush() {
             conn.drained(&mut self.env.cx());
         }
-        if conn.after_flush(self.env.wheel.now()) && conn.link.flush() {
-            conn.drained(&mut self.env.cx());
+        if conn.after_flush(self.env.wheel.now()) {
+            // TLS: the close_notify just queued goes out before the shutdown.
+            if conn.link.flush() {
+                conn.drained(&mut self.env.cx());
+            }
+            conn.after_flush(self.env.wheel.now());
         }
-        conn.after_flush(self.env.wheel.now());
         if conn.should_close() {
             self.close(key);
             return;
@@ -304,17 +307,10 @@ impl EpollLoop {
                         continue;
                     }
                     let now = self.env.wheel.now();
-                    let id = self.env.pool.next_id(key);
-                    let mut link = Link::new(stream, remote, key, id);
-                    if let Some(acceptor) = &self.env.shared.tls {
-                        match acceptor.session() {
-                            Ok(session) => link.tls = Some(Box::new(session)),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot start a TLS session");
-                                continue;
-                            }
-                        }
-                    }
+                    let Some(link) = accepted_link(stream, remote, key, &mut self.env.pool, &self.env.shared)
+                    else {
+                        continue;
+                    };
                     let conn = entry.insert(Conn::new(link, now));
                     let cx = self.env.cx();
                     if let Some(deadline) = conn.deadline(&cx) {

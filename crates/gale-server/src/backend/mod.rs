@@ -46,6 +46,28 @@ impl Loop {
     }
 }
 
+/// The sending half of a connection just accepted into slot `key`, with its TLS session when
+/// the server has TLS; `None` (logged) if the session cannot be made.
+pub(crate) fn accepted_link(
+    stream: std::net::TcpStream,
+    remote: std::net::SocketAddr,
+    key: usize,
+    pool: &mut crate::link::Scratch,
+    shared: &Shared,
+) -> Option<crate::link::Link> {
+    let mut link = crate::link::Link::new(stream, remote, pool.next_id(key));
+    if let Some(acceptor) = &shared.tls {
+        match acceptor.session() {
+            Ok(session) => link.tls = Some(Box::new(session)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a TLS session");
+                return None;
+            }
+        }
+    }
+    Some(link)
+}
+
 /// A non-blocking eventfd, to wake a loop from other threads.
 pub(crate) fn eventfd() -> io::Result<Arc<OwnedFd>> {
     // SAFETY: eventfd takes no pointers; it returns a new descriptor or -1.

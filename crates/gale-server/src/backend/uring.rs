@@ -31,10 +31,11 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use slab::Slab;
 
+use super::accepted_link;
 use super::bufring::BufRing;
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx};
-use crate::link::{Link, Scratch};
+use crate::link::Scratch;
 use crate::timer::TimerWheel;
 
 /// Submission queue size; the completion queue is twice as large.
@@ -404,17 +405,9 @@ impl UringLoop {
         // The socket is non-blocking: io_uring operations still wait for readiness (it arms a
         // poll on EAGAIN), and the connection may write directly while no send is in flight.
         let slot = self.conns.vacant_entry().key();
-        let id = self.env.pool.next_id(slot);
-        let mut link = Link::new(stream, remote, slot, id);
-        if let Some(acceptor) = &self.env.shared.tls {
-            match acceptor.session() {
-                Ok(session) => link.tls = Some(Box::new(session)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start a TLS session");
-                    return;
-                }
-            }
-        }
+        let Some(link) = accepted_link(stream, remote, slot, &mut self.env.pool, &self.env.shared) else {
+            return;
+        };
         let now = self.env.wheel.now();
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);

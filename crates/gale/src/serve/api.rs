@@ -18,7 +18,8 @@ use super::topics::PublishError;
 /// The demo page, embedded.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
 
-fn json_error(status: u16, reason: &str) -> HttpResponse {
+/// An error answer: `{"error": {"code", "reason"}}`.
+pub(super) fn json_error(status: u16, reason: &str) -> HttpResponse {
     HttpResponse::json(
         status,
         serde_json::json!({ "error": { "code": status, "reason": reason } }).to_string(),

@@ -30,9 +30,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 
+use super::api::json_error;
 use super::gateway::Client;
 use super::protocol::{CommandError, Reply, error_reply};
 use super::topics::Position;
+use serde_json::value::RawValue;
 
 /// How long a Redis command may take before the broker counts Redis as unreachable.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -65,7 +67,7 @@ pub enum PublishReply {
     /// An HTTP request (one publish, or a broadcast to several topics).
     Http(Responder),
     /// A client's `publish` command: its connection and command id.
-    Client(ConnId, Option<String>),
+    Client(ConnId, Option<Box<RawValue>>),
 }
 
 /// What the event loops ask the broker.
@@ -73,7 +75,13 @@ pub enum BrokerRequest {
     /// Publish `fragment` (`"data":…` or `"binary":…`) to each topic, in order.
     Publish { topics: Vec<String>, fragment: String, reply: PublishReply },
     /// Subscribe a connection, recovering from `since`.
-    Subscribe { conn: ConnId, topic: String, since: Option<Position>, id: Option<String>, max_replay: usize },
+    Subscribe {
+        conn: ConnId,
+        topic: String,
+        since: Option<Position>,
+        id: Option<Box<RawValue>>,
+        max_replay: usize,
+    },
     /// Answer `GET /api/topics/{topic}`.
     TopicInfo { topic: String, subscribers: usize, reply: Responder },
 }
@@ -120,20 +128,15 @@ impl BrokerHandle {
                 let busy = "the broker is overloaded: Redis cannot keep up; retry later";
                 match e.into_inner() {
                     BrokerRequest::Publish { reply: PublishReply::Http(r), .. } => {
-                        r.respond(unavailable(busy))
+                        r.respond(json_error(503, busy))
                     }
-                    BrokerRequest::TopicInfo { reply, .. } => reply.respond(unavailable(busy)),
+                    BrokerRequest::TopicInfo { reply, .. } => reply.respond(json_error(503, busy)),
                     _ => {}
                 }
                 false
             }
         }
     }
-}
-
-/// A 503 answer with a reason.
-fn unavailable(reason: &str) -> HttpResponse {
-    HttpResponse::json(503, serde_json::json!({"error": {"code": 503, "reason": reason}}).to_string())
 }
 
 /// What the broker knows of a topic this node forwards.
@@ -563,7 +566,7 @@ impl Broker {
         conn: ConnId,
         topic: &str,
         since: Option<Position>,
-        id: Option<String>,
+        id: Option<Box<RawValue>>,
         max_replay: usize,
     ) -> redis::RedisResult<()> {
         let (seq_key, log, epoch_key, _) = keys(topic);
@@ -639,11 +642,8 @@ impl Broker {
                 }
             }
         };
-        let raw_id = id.as_deref().and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
-        let mut reply = Reply::ok(raw_id.as_deref(), "subscribe")
-            .str("topic", topic)
-            .str("epoch", &epoch)
-            .raw("seq", last);
+        let mut reply =
+            Reply::ok(id.as_deref(), "subscribe").str("topic", topic).str("epoch", &epoch).raw("seq", last);
         reply = match recovery {
             None => reply,
             Some(Ok(())) => reply.raw("recovered", true).raw("missed", replay.len()),
@@ -667,13 +667,12 @@ impl Broker {
         Ok(())
     }
 
-    fn reply_error(&self, conn: ConnId, topic: &str, id: Option<String>, reason: &'static str) {
+    /// Answer a subscribe with 503; the topic is no longer pending for the connection.
+    fn reply_error(&self, conn: ConnId, topic: &str, id: Option<Box<RawValue>>, reason: &'static str) {
         let name = topic.to_string();
         let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
             ws.data().pending.retain(|t| *t != name);
-            let raw =
-                id.as_deref().and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
-            ws.send_text(&error_reply(raw.as_deref(), &CommandError::new(503, reason)));
+            ws.send_text(&error_reply(id.as_deref(), &CommandError::new(503, reason)));
         });
     }
 
@@ -696,11 +695,8 @@ impl Broker {
             PublishReply::Client(conn, id) => {
                 let Some((topic, seq, epoch)) = results.first().cloned() else { return };
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    let raw = id
-                        .as_deref()
-                        .and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
                     ws.send_text(
-                        &Reply::ok(raw.as_deref(), "publish")
+                        &Reply::ok(id.as_deref(), "publish")
                             .str("topic", &topic)
                             .str("epoch", &epoch)
                             .raw("seq", seq)
@@ -714,18 +710,10 @@ impl Broker {
     fn answer_publish_error(&self, reply: PublishReply, why: &str) {
         let reason = format!("the broker is unavailable: {why}");
         match reply {
-            PublishReply::Http(responder) => {
-                responder.respond(HttpResponse::json(
-                    503,
-                    serde_json::json!({"error": {"code": 503, "reason": reason}}).to_string(),
-                ));
-            }
+            PublishReply::Http(responder) => responder.respond(json_error(503, &reason)),
             PublishReply::Client(conn, id) => {
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    let raw = id
-                        .as_deref()
-                        .and_then(|i| serde_json::value::RawValue::from_string(i.to_string()).ok());
-                    ws.send_text(&error_reply(raw.as_deref(), &CommandError::new(503, reason)));
+                    ws.send_text(&error_reply(id.as_deref(), &CommandError::new(503, reason)));
                 });
             }
         }
@@ -742,11 +730,9 @@ impl Broker {
             BrokerRequest::Subscribe { conn, topic, id, .. } => {
                 self.reply_error(conn, &topic, id, "the broker is unavailable: Redis is unreachable");
             }
-            BrokerRequest::TopicInfo { reply, .. } => reply.respond(HttpResponse::json(
-                503,
-                serde_json::json!({"error": {"code": 503, "reason": "the broker is unavailable: Redis is unreachable"}})
-                    .to_string(),
-            )),
+            BrokerRequest::TopicInfo { reply, .. } => {
+                reply.respond(json_error(503, "the broker is unavailable: Redis is unreachable"))
+            }
         }
     }
 }

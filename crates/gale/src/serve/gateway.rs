@@ -85,6 +85,14 @@ impl Bucket {
         Bucket { tokens: burst as f32, refilled: Instant::now() }
     }
 
+    /// Spend one token for a `what` command, or answer 429.
+    fn spend(&mut self, what: &str, rate: f64, burst: u32) -> Result<(), CommandError> {
+        if self.take(rate, burst) {
+            return Ok(());
+        }
+        Err(CommandError::new(429, format!("{what} rate limit: {rate} per second, bursts of {burst}")))
+    }
+
     /// Spend one token if there is one.
     fn take(&mut self, rate: f64, burst: u32) -> bool {
         let now = Instant::now();
@@ -208,15 +216,7 @@ impl Endpoint {
                     return Err(CommandError::new(409, format!("already subscribed to {topic}")));
                 }
                 let s = &g.settings;
-                if !ws.data().subscribes.take(s.subscribe_rate, s.subscribe_burst) {
-                    return Err(CommandError::new(
-                        429,
-                        format!(
-                            "subscribe rate limit: {} per second, bursts of {}",
-                            s.subscribe_rate, s.subscribe_burst
-                        ),
-                    ));
-                }
+                ws.data().subscribes.spend("subscribe", s.subscribe_rate, s.subscribe_burst)?;
                 if ws.topics().count() + ws.data().pending.len() >= g.settings.max_subscriptions {
                     return Err(CommandError::new(
                         413,
@@ -232,7 +232,7 @@ impl Endpoint {
                         conn: ws.id(),
                         topic: topic.to_string(),
                         since,
-                        id: cmd.id.map(|i| i.get().to_string()),
+                        id: cmd.id.map(ToOwned::to_owned),
                         max_replay,
                     };
                     if !b.send(request) {
@@ -282,20 +282,12 @@ impl Endpoint {
                 }
                 let data = cmd.data.ok_or_else(|| CommandError::new(400, "publish needs data"))?;
                 let s = &g.settings;
-                if !ws.data().publishes.take(s.publish_rate, s.publish_burst) {
-                    return Err(CommandError::new(
-                        429,
-                        format!(
-                            "publish rate limit: {} per second, bursts of {}",
-                            s.publish_rate, s.publish_burst
-                        ),
-                    ));
-                }
+                ws.data().publishes.spend("publish", s.publish_rate, s.publish_burst)?;
                 if let Some(b) = g.broker.get() {
                     let request = BrokerRequest::Publish {
                         topics: vec![topic.to_string()],
                         fragment: fragment(&Payload::Json(data.get())),
-                        reply: PublishReply::Client(ws.id(), cmd.id.map(|i| i.get().to_string())),
+                        reply: PublishReply::Client(ws.id(), cmd.id.map(ToOwned::to_owned)),
                     };
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
