@@ -95,6 +95,10 @@ pub struct ServerConfig {
     /// ... and their size. They are allocated untouched and become resident as data lands in
     /// them; a receive completes with at most one buffer.
     pub uring_buffer_size: usize,
+    /// io_uring: sends of at least this many bytes are zero-copy (`SEND_ZC`: the kernel
+    /// reads the buffer in place instead of copying it); 0 turns it off. Off by default: over
+    /// loopback the kernel copies anyway, and zero-copy measured slower (docs/BENCHMARKS.md).
+    pub uring_send_zc: usize,
     /// On shutdown, how long to wait for clients to answer the close before dropping them.
     pub shutdown_timeout: Duration,
     /// Listen backlog.
@@ -113,6 +117,7 @@ impl Default for ServerConfig {
             recv_buffer: 512 * 1024,
             uring_buffers: 512,
             uring_buffer_size: 16 * 1024,
+            uring_send_zc: 0,
             shutdown_timeout: Duration::from_secs(5),
             backlog: 4096,
             backend: Backend::Auto,
@@ -171,6 +176,13 @@ impl App {
     /// Choose the event-loop implementation.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
+        self
+    }
+
+    /// io_uring: make sends of at least `bytes` zero-copy (`SEND_ZC`); 0 turns it off. See
+    /// [`ServerConfig::uring_send_zc`].
+    pub fn uring_send_zc(mut self, bytes: usize) -> Self {
+        self.config.uring_send_zc = bytes;
         self
     }
 

@@ -45,6 +45,12 @@ impl ConnId {
     pub(crate) fn key(self) -> usize {
         ((self.0 >> 24) & 0xFF_FFFF) as usize
     }
+
+    /// The low 24 bits of the connection's serial number in its loop: enough to tell it from
+    /// the connections that held its slot before.
+    pub(crate) fn serial(self) -> u32 {
+        (self.0 & 0xFF_FFFF) as u32
+    }
 }
 
 /// What every thread knows of a topic.

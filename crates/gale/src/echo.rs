@@ -53,6 +53,9 @@ pub struct EchoArgs {
     /// io_uring: size of each provided receive buffer.
     #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES", hide_short_help = true)]
     uring_buffer_size: usize,
+    /// io_uring: sends of at least this many bytes are zero-copy (SEND_ZC); 0 = never.
+    #[arg(long, default_value_t = 0, value_name = "BYTES", hide_short_help = true)]
+    uring_send_zc: usize,
     /// Serve TLS (wss://) with this certificate chain (PEM); needs --tls-key. SIGHUP reloads
     /// both files.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
@@ -132,6 +135,7 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         backend: args.backend.into(),
         uring_buffers: args.uring_buffers,
         uring_buffer_size: args.uring_buffer_size,
+        uring_send_zc: args.uring_send_zc,
         ..ServerConfig::default()
     };
     let behavior = Behavior {

@@ -301,6 +301,12 @@ pub fn test_backend() -> gale_server::Backend {
     std::env::var("GALE_BACKEND").map_or(gale_server::Backend::Auto, |b| b.parse().expect("GALE_BACKEND"))
 }
 
+/// `GALE_SEND_ZC`: on io_uring, sends of at least this many bytes are zero-copy (the test
+/// command runs the suites once with every send zero-copy).
+fn test_send_zc() -> usize {
+    std::env::var("GALE_SEND_ZC").map_or(0, |b| b.parse().expect("GALE_SEND_ZC"))
+}
+
 /// A server running in this process on a free loopback port.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -310,7 +316,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub fn start(app: App) -> TestServer {
-        let server = app.backend(test_backend()).listen("127.0.0.1:0").expect("bind a loopback port");
+        let server = app
+            .backend(test_backend())
+            .uring_send_zc(test_send_zc())
+            .listen("127.0.0.1:0")
+            .expect("bind a loopback port");
         let addr = server.local_addr();
         let handle = server.handle();
         let running = server.spawn().expect("start the event loops");
