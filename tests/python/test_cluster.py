@@ -2,10 +2,11 @@
 (`redis-server`, started by the tests on a free loopback port and stopped by its PID).
 
 Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
-different node than the one a client left, and the faults: Redis killed and restarted (publishes
-get 503 while it is away, /healthz and /metrics say so, nodes reconnect, and a client told its
-epoch is gone, and a node refusing publishes meanwhile does not grow in memory), Redis stalled
-(SIGSTOP), and a node killed with SIGKILL.
+different node than the one a client left, a publish Redis refuses failing alone in its
+pipelined batch, and the faults: Redis killed and restarted (publishes get 503 while it is away,
+/healthz and /metrics say so, nodes reconnect, and a client told its epoch is gone, and a node
+refusing publishes meanwhile does not grow in memory), Redis stalled (SIGSTOP), and a node
+killed with SIGKILL.
 
 Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gale)
 """
@@ -60,6 +61,12 @@ class Redis:
     @property
     def url(self):
         return f"redis://127.0.0.1:{self.port}"
+
+    def cli(self, *args):
+        """Run one command with redis-cli; its output, stripped."""
+        done = subprocess.run(["redis-cli", "-p", str(self.port), *map(str, args)],
+                              capture_output=True, text=True, timeout=TIMEOUT, check=True)
+        return done.stdout.strip()
 
     def stop(self, sig=signal.SIGTERM):
         if self.proc.poll() is None:
@@ -198,6 +205,59 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertTrue(replies[1]["recovered"], replies)
         self.assertEqual(replies[2]["error"]["code"], 409)
         self.assertEqual([m["seq"] for m in messages if "seq" in m and "id" not in m], [2, 3, 4])
+
+    async def test_a_failing_publish_in_a_batch_fails_alone(self):
+        node = self.nodes[0]
+        sub = await Client.open(self.nodes[1])
+        await sub.command("subscribe", topic="chat:good")
+        writer = await Client.open(node)
+        # A key of the wrong type: Redis refuses every publish to chat:broken.
+        self.redis.cli("SET", "gale:chat:broken:log", "not a stream")
+        # Redis holds every command for a moment: the first publish goes out alone and waits,
+        # the others queue up behind it and go out together, in one pipeline.
+        self.redis.cli("CLIENT", "PAUSE", 700, "ALL")
+        results = {}
+
+        def send(name, path, body):
+            results[name] = http(node, "POST", path, json.dumps(body).encode())
+
+        first = threading.Thread(target=send, args=("first", "/api/publish/chat:good", 0))
+        first.start()
+        await asyncio.sleep(0.2)
+        batch = [
+            ("broken", "/api/publish/chat:broken", 1),
+            ("good-a", "/api/publish/chat:good", 2),
+            ("broadcast", "/api/broadcast", {"topics": ["chat:other", "chat:broken"], "data": 3}),
+            ("good-b", "/api/publish/chat:good", 4),
+        ]
+        threads = [threading.Thread(target=send, args=b) for b in batch]
+        for t in threads:
+            t.start()
+        reply = await writer.command("publish", topic="chat:good", data=5)
+        await asyncio.to_thread(lambda: [t.join() for t in [first, *threads]])
+        self.assertEqual(results["first"][0], 200, results)
+        # Each publish has its own answer: the refused one an error that says why, the others
+        # their positions.
+        status, text = results["broken"]
+        self.assertEqual(status, 500, text)
+        self.assertIn("WRONGTYPE", json.loads(text)["error"]["reason"])
+        self.assertEqual([results[k][0] for k in ("good-a", "good-b")], [200, 200], results)
+        self.assertTrue(reply.get("ok"), reply)
+        seqs = sorted([json.loads(results[k][1])["seq"] for k in ("first", "good-a", "good-b")] + [reply["seq"]])
+        self.assertEqual(seqs, [1, 2, 3, 4])
+        # A publish to several topics goes to all or none: the broadcast left no trace.
+        self.assertEqual(results["broadcast"][0], 500, results["broadcast"])
+        for key in ("gale:chat:other:seq", "gale:chat:broken:seq"):
+            self.assertEqual(self.redis.cli("EXISTS", key), "0", key)
+        # Every accepted publish was delivered, once.
+        got = [await sub.delivery() for _ in range(4)]
+        self.assertEqual([d["seq"] for d in got], [1, 2, 3, 4])
+        self.assertEqual(sorted(d["data"] for d in got), [0, 2, 4, 5])
+        await asyncio.sleep(0.3)
+        self.assertEqual(sub.deliveries, [], "nothing twice")
+        # A refused script is not a lost connection: the node stayed connected.
+        status, text = await asyncio.to_thread(http, node, "GET", "/metrics", None, None)
+        self.assertIn("gale_broker_reconnects_total 0", text)
 
     async def test_redis_restart(self):
         sub = await Client.open(self.nodes[0])

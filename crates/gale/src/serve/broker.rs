@@ -10,9 +10,10 @@
 //! In Redis, per topic `T`: `gale:T:seq` (the last sequence number), `gale:T:epoch` (set at
 //! the first publish; a Redis that lost its data starts a new epoch), `gale:T:log` (a stream of
 //! the last deliveries, entry id `seq-1`, trimmed to about the history size), and the channel
-//! `gale:T`. A publish is one Lua script — number, record, publish — so every node sees every
-//! topic's messages in one order; publishes that queue up while Redis answers go out together
-//! in one pipelined round trip.
+//! `gale:T`. A publish request is one Lua script for all its topics — check, number, record,
+//! publish — so every node sees every topic's messages in one order and a broadcast goes to all
+//! its topics or none; requests that queue up while Redis answers go out together in one
+//! pipelined round trip, and each is answered with its own script's result.
 //!
 //! Exactly once per node: the broker forwards a message into the node's pub/sub only if its
 //! sequence number is above the last one it forwarded for the topic. A local subscription is
@@ -41,25 +42,46 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the broker waits for channel messages before it looks at its requests again.
 const POLL: Duration = Duration::from_millis(2);
 
-/// The publish script: number, record, publish, in one step.
+/// The publish script: one per request, for all its topics. KEYS: three per topic (its
+/// sequence number, its log, its epoch); ARGV: the payload fragment, the history size, the TTL
+/// in ms (0: none), then three per topic (its name as JSON, its channel, a fresh epoch).
+/// Everything is checked before anything is written: a refused publish leaves no trace, and a
+/// publish to several topics goes to all of them or none.
 const PUBLISH_LUA: &str = r#"
-local epoch = redis.call('GET', KEYS[3])
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('SET', KEYS[3], epoch)
+local n = #KEYS / 3
+local function key(i, k) return KEYS[3 * (i - 1) + k] end
+local function arg(i, k) return ARGV[3 + 3 * (i - 1) + k] end
+local kinds = {'string', 'stream', 'string'}
+for i = 1, n do
+  for k = 1, 3 do
+    local kind = redis.call('TYPE', key(i, k)).ok
+    if kind ~= 'none' and kind ~= kinds[k] then
+      return redis.error_reply('WRONGTYPE ' .. key(i, k) .. ' holds a ' .. kind .. ', not a ' .. kinds[k])
+    end
+  end
 end
-local seq = redis.call('INCR', KEYS[1])
-local d = '{"topic":' .. ARGV[1] .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[2] .. '}'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], seq .. '-1', 'd', d)
-local ttl = tonumber(ARGV[6])
-if ttl > 0 then
-  -- An idle topic is forgotten whole: the next publish starts a new epoch.
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  redis.call('PEXPIRE', KEYS[2], ttl)
-  redis.call('PEXPIRE', KEYS[3], ttl)
+local ttl = tonumber(ARGV[3])
+local out = {}
+for i = 1, n do
+  local seq_key, log, epoch_key = key(i, 1), key(i, 2), key(i, 3)
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    epoch = arg(i, 3)
+    redis.call('SET', epoch_key, epoch)
+  end
+  local seq = redis.call('INCR', seq_key)
+  local d = '{"topic":' .. arg(i, 1) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
+  if ttl > 0 then
+    -- An idle topic is forgotten whole: the next publish starts a new epoch.
+    redis.call('PEXPIRE', seq_key, ttl)
+    redis.call('PEXPIRE', log, ttl)
+    redis.call('PEXPIRE', epoch_key, ttl)
+  end
+  redis.call('PUBLISH', arg(i, 2), d)
+  out[i] = {seq, epoch}
 end
-redis.call('PUBLISH', ARGV[5], d)
-return {seq, epoch}
+return out
 "#;
 
 /// Where a publish's answer goes.
@@ -351,6 +373,41 @@ impl Listener {
     }
 }
 
+/// A publish waiting for the broker: its topics, its payload fragment, where its answer goes.
+type Publish = (Vec<String>, String, PublishReply);
+
+/// The topics of a request with their positions (sequence number, epoch), read from its
+/// script's answer; or why they were not published.
+fn positions(
+    topics: Vec<String>,
+    answer: Option<redis::Value>,
+) -> Result<Vec<(String, u64, String)>, CommandError> {
+    let refused = |why: String| CommandError::new(500, format!("Redis refused the publish: {why}"));
+    let answer = answer.ok_or_else(|| refused("no answer".into()))?;
+    let found: Vec<(u64, String)> = match redis::from_redis_value::<redis::RedisResult<_>>(answer) {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => return Err(refused(server_reason(&e))),
+        Err(e) => return Err(refused(format!("unexpected answer: {e}"))),
+    };
+    if found.len() != topics.len() {
+        return Err(refused(format!("{} positions for {} topics", found.len(), topics.len())));
+    }
+    Ok(topics.into_iter().zip(found).map(|(t, (seq, epoch))| (t, seq, epoch)).collect())
+}
+
+/// An error Redis answered, as one line: its code and what it said.
+fn server_reason(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        _ => e.to_string(),
+    }
+}
+
+/// A publish refused because Redis could not be used.
+fn unavailable(why: &str) -> CommandError {
+    CommandError::new(503, format!("the broker is unavailable: {why}"))
+}
+
 /// The thread that runs commands: publishes (pipelined), subscriptions, topic info.
 struct Broker {
     client: redis::Client,
@@ -475,51 +532,51 @@ impl Broker {
         }
     }
 
-    /// Run the publish script for every topic of every request in one pipeline, then answer
-    /// each request. If Redis fails, every request of the batch gets 503.
-    fn publish_batch(
-        &mut self,
-        cmd: &mut redis::Connection,
-        batch: Vec<(Vec<String>, String, PublishReply)>,
-    ) -> redis::RedisResult<()> {
+    /// Run every request's publish script in one pipeline, then answer each request with its
+    /// own result: a script Redis refuses fails only its own request. If the connection
+    /// fails, every request of the batch gets 503.
+    fn publish_batch(&mut self, cmd: &mut redis::Connection, batch: Vec<Publish>) -> redis::RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
         for (topics, fragment, _) in &batch {
-            for topic in topics {
-                let (seq_key, log, epoch_key, channel) = keys(topic);
-                pipe.cmd("EVAL")
-                    .arg(PUBLISH_LUA)
-                    .arg(3)
-                    .arg(seq_key)
-                    .arg(log)
-                    .arg(epoch_key)
-                    .arg(serde_json::to_string(topic).unwrap_or_default())
-                    .arg(fragment)
-                    .arg(self.history)
-                    .arg(new_epoch())
-                    .arg(channel)
-                    .arg(self.ttl_ms);
-            }
+            pipe.add_command(self.publish_script(topics, fragment));
         }
-        let results: Vec<(u64, String)> = match pipe.query(cmd) {
-            Ok(r) => r,
+        // Errors stay in their own slots instead of failing the whole pipeline.
+        let answers: Vec<redis::Value> = match pipe.ignore_errors().query(cmd) {
+            Ok(a) => a,
             Err(e) => {
                 for (_, _, reply) in batch {
                     self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
-                    self.answer_publish_error(reply, &e.to_string());
+                    self.answer_publish_error(reply, unavailable(&e.to_string()));
                 }
                 return Err(e);
             }
         };
-        let mut results = results.into_iter();
+        let mut answers = answers.into_iter();
         for (topics, _, reply) in batch {
-            let mine: Vec<(String, u64, String)> =
-                topics.into_iter().zip(results.by_ref()).map(|(t, (seq, epoch))| (t, seq, epoch)).collect();
-            self.answer_published(reply, &mine);
+            match positions(topics, answers.next()) {
+                Ok(positions) => self.answer_published(reply, &positions),
+                Err(e) => self.answer_publish_error(reply, e),
+            }
         }
         Ok(())
+    }
+
+    /// The publish script's call for one request.
+    fn publish_script(&self, topics: &[String], fragment: &str) -> redis::Cmd {
+        let mut script = redis::cmd("EVAL");
+        script.arg(PUBLISH_LUA).arg(topics.len() * 3);
+        for topic in topics {
+            let (seq_key, log, epoch_key, _) = keys(topic);
+            script.arg(seq_key).arg(log).arg(epoch_key);
+        }
+        script.arg(fragment).arg(self.history).arg(self.ttl_ms);
+        for topic in topics {
+            script.arg(serde_json::to_string(topic).unwrap_or_default()).arg(keys(topic).3).arg(new_epoch());
+        }
+        script
     }
 
     fn handle_request(
@@ -707,13 +764,13 @@ impl Broker {
         }
     }
 
-    fn answer_publish_error(&self, reply: PublishReply, why: &str) {
-        let reason = format!("the broker is unavailable: {why}");
+    /// Answer a publish that was not carried out.
+    fn answer_publish_error(&self, reply: PublishReply, e: CommandError) {
         match reply {
-            PublishReply::Http(responder) => responder.respond(json_error(503, &reason)),
+            PublishReply::Http(responder) => responder.respond(json_error(e.code, &e.reason)),
             PublishReply::Client(conn, id) => {
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(&error_reply(id.as_deref(), &CommandError::new(503, reason)));
+                    ws.send_text(&error_reply(id.as_deref(), &e));
                 });
             }
         }
@@ -725,7 +782,7 @@ impl Broker {
         match request {
             BrokerRequest::Publish { reply, .. } => {
                 self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
-                self.answer_publish_error(reply, why);
+                self.answer_publish_error(reply, unavailable(why));
             }
             BrokerRequest::Subscribe { conn, topic, id, .. } => {
                 self.reply_error(conn, &topic, id, "the broker is unavailable: Redis is unreachable");
@@ -751,5 +808,23 @@ mod tests {
         let d = r#"{"topic":"chat:a","epoch":"00ff","seq":42,"data":{"seq":1}}"#;
         assert_eq!(super::position_of(d), Some(("00ff".to_string(), 42)));
         assert_eq!(super::position_of("{}"), None);
+    }
+
+    #[test]
+    fn each_publish_gets_its_own_answer() {
+        let topics = || vec!["a".to_string(), "b".to_string()];
+        let answer = |resp: &[u8]| Some(redis::parse_redis_value(resp).unwrap());
+        let ok =
+            super::positions(topics(), answer(b"*2\r\n*2\r\n:7\r\n$2\r\ne1\r\n*2\r\n:1\r\n$2\r\ne2\r\n"));
+        assert_eq!(ok.unwrap(), [("a".into(), 7, "e1".into()), ("b".into(), 1, "e2".into())]);
+        let refused =
+            super::positions(topics(), answer(b"-WRONGTYPE gale:a:log holds a string\r\n")).unwrap_err();
+        assert_eq!((refused.code, refused.reason.contains("WRONGTYPE gale:a:log")), (500, true));
+        // Never trust the shape of an answer: too few positions, or none at all.
+        assert_eq!(
+            super::positions(topics(), answer(b"*1\r\n*2\r\n:7\r\n$2\r\ne1\r\n")).unwrap_err().code,
+            500
+        );
+        assert_eq!(super::positions(topics(), None).unwrap_err().code, 500);
     }
 }
