@@ -3,10 +3,10 @@
 
 Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
 different node than the one a client left, a publish Redis refuses failing alone in its
-pipelined batch, and the faults: Redis killed and restarted (publishes get 503 while it is away,
-/healthz and /metrics say so, nodes reconnect, and a client told its epoch is gone, and a node
-refusing publishes meanwhile does not grow in memory), Redis stalled (SIGSTOP), and a node
-killed with SIGKILL.
+pipelined batch, `limits.max_topics` over the cluster, and the faults: Redis killed and
+restarted (publishes get 503 while it is away, /healthz and /metrics say so, nodes reconnect,
+and a client told its epoch is gone, and a node refusing publishes meanwhile does not grow in
+memory), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
 
 Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gale)
 """
@@ -354,6 +354,44 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         finally:
             node.kill()
             node.proc.stdout.close()
+            os.unlink(f.name)
+
+    async def test_max_topics_applies_across_the_cluster(self):
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(f'[limits]\nmax_topics = 3\n[history]\nttl = 2\n[cluster]\nbroker = "{self.redis.url}"\n')
+        a, b = (GaleServe(f"cluster-max-topics-{i}", "--config", f.name, env={"GALE_API_KEY": API_KEY})
+                for i in range(2))
+        try:
+            for node, topic in ((a, "chat:1"), (b, "chat:2"), (a, "chat:3")):
+                await asyncio.to_thread(publish, node, topic, "x")
+            # The cluster holds three topics: a fourth is refused on every node, with the
+            # single-node answer, to backends and clients alike.
+            full = "the gateway holds its maximum number of topics"
+            status, text = await asyncio.to_thread(http, b, "POST", "/api/publish/chat:4", b'"x"')
+            self.assertEqual((status, json.loads(text)["error"]["reason"]), (503, full), text)
+            c = await Client.open(a)
+            reply = await c.command("publish", topic="chat:4", data="x")
+            self.assertEqual((reply["error"]["code"], reply["error"]["reason"]), (503, full))
+            reply = await c.command("subscribe", topic="chat:4")
+            self.assertEqual((reply["error"]["code"], reply["error"]["reason"]), (503, full))
+            # Topics that have state still take publishes and subscribers.
+            reply = await c.command("subscribe", topic="chat:1")
+            self.assertTrue(reply["ok"], reply)
+            self.assertEqual((await asyncio.to_thread(publish, b, "chat:1", "y"))["seq"], 2)
+            # A broadcast that would pass the limit publishes nothing, not even to known topics.
+            body = json.dumps({"topics": ["chat:2", "chat:5"], "data": "z"}).encode()
+            status, text = await asyncio.to_thread(http, a, "POST", "/api/broadcast", body)
+            self.assertEqual(status, 503, text)
+            status, text = await asyncio.to_thread(http, a, "GET", "/api/topics/chat:2")
+            self.assertEqual(json.loads(text)["seq"], 1, text)
+            # Topics forgotten with their keys (history.ttl) make room again.
+            await asyncio.sleep(2.5)
+            self.assertEqual((await asyncio.to_thread(publish, b, "chat:4", "x"))["seq"], 1)
+        finally:
+            for node in (a, b):
+                node.kill()
+                node.proc.stdout.close()
             os.unlink(f.name)
 
     async def test_a_killed_node_does_not_disturb_the_others(self):

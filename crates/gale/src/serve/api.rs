@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use super::auth::key_matches;
 use super::broker::{BrokerRequest, PublishReply};
 use super::gateway::Gateway;
-use super::protocol::{Payload, check_topic, fragment};
+use super::protocol::{CommandError, Payload, check_topic, fragment};
 use super::topics::PublishError;
 
 /// The demo page, embedded.
@@ -74,9 +74,8 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 fn publish_failed(e: PublishError) -> HttpResponse {
-    match e {
-        PublishError::TooManyTopics => json_error(503, "the gateway holds its maximum number of topics"),
-    }
+    let e = CommandError::from(e);
+    json_error(e.code, &e.reason)
 }
 
 /// `POST /api/publish/{topic}`: the body is the payload.
@@ -148,8 +147,9 @@ pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         b.send(BrokerRequest::Publish { topics: body.topics, fragment, reply });
         return HttpResponse::text(202, "deferred");
     }
-    // All or nothing: a partial broadcast answered with an error would be published twice by
-    // a backend that retries it.
+    // All or nothing (as in cluster mode, where one script publishes to all the topics): a
+    // partial broadcast answered with an error would be published twice by a backend that
+    // retries it.
     if !g.topics.room_for(&body.topics) {
         return publish_failed(PublishError::TooManyTopics);
     }

@@ -10,7 +10,8 @@
 //! In Redis, per topic `T`: `gale:T:seq` (the last sequence number), `gale:T:epoch` (set at
 //! the first publish; a Redis that lost its data starts a new epoch), `gale:T:log` (a stream of
 //! the last deliveries, entry id `seq-1`, trimmed to about the history size), and the channel
-//! `gale:T`. A publish request is one Lua script for all its topics — check, number, record,
+//! `gale:T`; over all topics, `gale:topics` (a sorted set of the topics with state, scored by
+//! when their keys expire: `limits.max_topics` applies to it). A publish request is one Lua script for all its topics — check, number, record,
 //! publish — so every node sees every topic's messages in one order and a broadcast goes to all
 //! its topics or none; requests that queue up while Redis answers go out together in one
 //! pipelined round trip, and each is answered with its own script's result.
@@ -34,7 +35,7 @@ use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 use super::api::json_error;
 use super::gateway::Client;
 use super::protocol::{CommandError, Reply, error_reply};
-use super::topics::Position;
+use super::topics::{Position, PublishError};
 use serde_json::value::RawValue;
 
 /// How long a Redis command may take before the broker counts Redis as unreachable.
@@ -42,15 +43,37 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the broker waits for channel messages before it looks at its requests again.
 const POLL: Duration = Duration::from_millis(2);
 
-/// The publish script: one per request, for all its topics. KEYS: three per topic (its
-/// sequence number, its log, its epoch); ARGV: the payload fragment, the history size, the TTL
-/// in ms (0: none), then three per topic (its name as JSON, its channel, a fresh epoch).
-/// Everything is checked before anything is written: a refused publish leaves no trace, and a
-/// publish to several topics goes to all of them or none.
-const PUBLISH_LUA: &str = r#"
-local n = #KEYS / 3
-local function key(i, k) return KEYS[3 * (i - 1) + k] end
-local function arg(i, k) return ARGV[3 + 3 * (i - 1) + k] end
+/// The set of topics with state in Redis, shared by the cluster: member, the topic; score,
+/// when its keys expire (ms, Redis's clock; `+inf` without a TTL).
+const REGISTRY: &str = "gale:topics";
+
+/// The error code of a publish refused because the cluster holds `limits.max_topics` topics.
+const FULL: &str = "GALEFULL";
+
+/// Lua, the start of a script whose `KEYS[1]` is the registry: forget the topics whose keys
+/// have expired, and set `now` (ms). (Redis 5 and later replicate a script by its effects, so
+/// reading the clock before writing is allowed.)
+macro_rules! forget_expired_lua {
+    () => {
+        r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+"#
+    };
+}
+
+/// The publish script: one per request, for all its topics. KEYS: the registry, then three
+/// per topic (its sequence number, its log, its epoch); ARGV: the payload fragment, the history
+/// size, the TTL in ms (0: none), the most topics the cluster holds, then four per topic (its
+/// name, its name as JSON, its channel, a fresh epoch). Everything is checked before anything
+/// is written: a refused publish leaves no trace, and a publish to several topics goes to all
+/// of them or none.
+const PUBLISH_LUA: &str = concat!(
+    r#"
+local n = (#KEYS - 1) / 3
+local function key(i, k) return KEYS[1 + 3 * (i - 1) + k] end
+local function arg(i, k) return ARGV[4 + 4 * (i - 1) + k] end
 local kinds = {'string', 'stream', 'string'}
 for i = 1, n do
   for k = 1, 3 do
@@ -60,17 +83,31 @@ for i = 1, n do
     end
   end
 end
+"#,
+    forget_expired_lua!(),
+    r#"
+local new, seen = 0, {}
+for i = 1, n do
+  local name = arg(i, 1)
+  if not seen[name] and not redis.call('ZSCORE', KEYS[1], name) then new = new + 1 end
+  seen[name] = true
+end
+if new > 0 and redis.call('ZCARD', KEYS[1]) + new > tonumber(ARGV[4]) then
+  return redis.error_reply('GALEFULL the cluster holds its maximum number of topics')
+end
 local ttl = tonumber(ARGV[3])
+local expires = '+inf'
+if ttl > 0 then expires = now + ttl end
 local out = {}
 for i = 1, n do
   local seq_key, log, epoch_key = key(i, 1), key(i, 2), key(i, 3)
   local epoch = redis.call('GET', epoch_key)
   if not epoch then
-    epoch = arg(i, 3)
+    epoch = arg(i, 4)
     redis.call('SET', epoch_key, epoch)
   end
   local seq = redis.call('INCR', seq_key)
-  local d = '{"topic":' .. arg(i, 1) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
+  local d = '{"topic":' .. arg(i, 2) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
   redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
   if ttl > 0 then
     -- An idle topic is forgotten whole: the next publish starts a new epoch.
@@ -78,11 +115,25 @@ for i = 1, n do
     redis.call('PEXPIRE', log, ttl)
     redis.call('PEXPIRE', epoch_key, ttl)
   end
-  redis.call('PUBLISH', arg(i, 2), d)
+  redis.call('ZADD', KEYS[1], expires, arg(i, 1))
+  redis.call('PUBLISH', arg(i, 3), d)
   out[i] = {seq, epoch}
 end
 return out
-"#;
+"#
+);
+
+/// Whether a subscription may start: 1 if the topic has state, or one more topic would fit.
+/// KEYS: the registry; ARGV: the topic, the most topics the cluster holds.
+const ROOM_LUA: &str = concat!(
+    forget_expired_lua!(),
+    r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  return 1
+end
+return 0
+"#
+);
 
 /// Where a publish's answer goes.
 pub enum PublishReply {
@@ -168,12 +219,14 @@ struct Forwarding {
     last: u64,
 }
 
-/// Start the broker threads for Redis at `url`.
+/// Start the broker threads for Redis at `url`, keeping `history` messages per topic for `ttl`,
+/// and state for at most `max_topics` topics over the cluster.
 pub fn start(
     url: &str,
     handle: ServerHandle,
     history: usize,
     ttl: Option<Duration>,
+    max_topics: usize,
 ) -> Result<BrokerHandle, String> {
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
@@ -186,7 +239,7 @@ pub fn start(
         .spawn(move || listener.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
     let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
-    let broker = Broker { client, shared, rx, listen: ctl_tx, history: history.max(1), ttl_ms };
+    let broker = Broker { client, shared, rx, listen: ctl_tx, history: history.max(1), ttl_ms, max_topics };
     std::thread::Builder::new()
         .name("gale-broker".into())
         .spawn(move || broker.run())
@@ -386,6 +439,7 @@ fn positions(
     let answer = answer.ok_or_else(|| refused("no answer".into()))?;
     let found: Vec<(u64, String)> = match redis::from_redis_value::<redis::RedisResult<_>>(answer) {
         Ok(Ok(found)) => found,
+        Ok(Err(e)) if e.code() == Some(FULL) => return Err(PublishError::TooManyTopics.into()),
         Ok(Err(e)) => return Err(refused(server_reason(&e))),
         Err(e) => return Err(refused(format!("unexpected answer: {e}"))),
     };
@@ -403,7 +457,7 @@ fn server_reason(e: &redis::RedisError) -> String {
     }
 }
 
-/// A publish refused because Redis could not be used.
+/// A request refused because Redis could not be used.
 fn unavailable(why: &str) -> CommandError {
     CommandError::new(503, format!("the broker is unavailable: {why}"))
 }
@@ -417,6 +471,8 @@ struct Broker {
     history: usize,
     /// Keys of a topic without publishes for this long expire (0: never).
     ttl_ms: u64,
+    /// The most topics with state in Redis (`limits.max_topics`, over the cluster).
+    max_topics: usize,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -567,16 +623,23 @@ impl Broker {
     /// The publish script's call for one request.
     fn publish_script(&self, topics: &[String], fragment: &str) -> redis::Cmd {
         let mut script = redis::cmd("EVAL");
-        script.arg(PUBLISH_LUA).arg(topics.len() * 3);
+        script.arg(PUBLISH_LUA).arg(1 + topics.len() * 3).arg(REGISTRY);
         for topic in topics {
             let (seq_key, log, epoch_key, _) = keys(topic);
             script.arg(seq_key).arg(log).arg(epoch_key);
         }
-        script.arg(fragment).arg(self.history).arg(self.ttl_ms);
+        script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(self.max_topics);
         for topic in topics {
-            script.arg(serde_json::to_string(topic).unwrap_or_default()).arg(keys(topic).3).arg(new_epoch());
+            let json = serde_json::to_string(topic).unwrap_or_default();
+            script.arg(topic).arg(json).arg(keys(topic).3).arg(new_epoch());
         }
         script
+    }
+
+    /// Whether `topic` may be subscribed to: it has state in Redis, or the cluster has room
+    /// for one more topic (as a subscription to a new topic takes a place on a single node).
+    fn has_room(&self, cmd: &mut redis::Connection, topic: &str) -> redis::RedisResult<bool> {
+        redis::cmd("EVAL").arg(ROOM_LUA).arg(1).arg(REGISTRY).arg(topic).arg(self.max_topics).query(cmd)
     }
 
     fn handle_request(
@@ -591,7 +654,7 @@ impl Broker {
             BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
                 if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
                     // Every request gets an answer, even when Redis fails under it.
-                    self.reply_error(conn, &topic, id, "the broker is unavailable: Redis failed");
+                    self.reply_error(conn, &topic, id, unavailable("Redis failed"));
                     return Err(e);
                 }
             }
@@ -628,6 +691,10 @@ impl Broker {
     ) -> redis::RedisResult<()> {
         let (seq_key, log, epoch_key, _) = keys(topic);
         let listening = self.shared.topics().contains_key(topic);
+        if !listening && !self.has_room(cmd, topic)? {
+            self.reply_error(conn, topic, id, PublishError::TooManyTopics.into());
+            return Ok(());
+        }
         if !listening {
             // Listen first: whatever is published from now on arrives on the channel, and
             // what came before is in the stream.
@@ -636,8 +703,7 @@ impl Broker {
             match ack_rx.recv_timeout(COMMAND_TIMEOUT * 2) {
                 Ok(Ok(())) => {}
                 _ => {
-                    let reason = "the broker is unavailable: cannot subscribe in Redis";
-                    self.reply_error(conn, topic, id, reason);
+                    self.reply_error(conn, topic, id, unavailable("cannot subscribe in Redis"));
                     return Ok(());
                 }
             }
@@ -724,12 +790,12 @@ impl Broker {
         Ok(())
     }
 
-    /// Answer a subscribe with 503; the topic is no longer pending for the connection.
-    fn reply_error(&self, conn: ConnId, topic: &str, id: Option<Box<RawValue>>, reason: &'static str) {
+    /// Answer a subscribe with an error; the topic is no longer pending for the connection.
+    fn reply_error(&self, conn: ConnId, topic: &str, id: Option<Box<RawValue>>, e: CommandError) {
         let name = topic.to_string();
         let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
             ws.data().pending.retain(|t| *t != name);
-            ws.send_text(&error_reply(id.as_deref(), &CommandError::new(503, reason)));
+            ws.send_text(&error_reply(id.as_deref(), &e));
         });
     }
 
@@ -785,7 +851,7 @@ impl Broker {
                 self.answer_publish_error(reply, unavailable(why));
             }
             BrokerRequest::Subscribe { conn, topic, id, .. } => {
-                self.reply_error(conn, &topic, id, "the broker is unavailable: Redis is unreachable");
+                self.reply_error(conn, &topic, id, unavailable(why));
             }
             BrokerRequest::TopicInfo { reply, .. } => {
                 reply.respond(json_error(503, "the broker is unavailable: Redis is unreachable"))
@@ -820,6 +886,9 @@ mod tests {
         let refused =
             super::positions(topics(), answer(b"-WRONGTYPE gale:a:log holds a string\r\n")).unwrap_err();
         assert_eq!((refused.code, refused.reason.contains("WRONGTYPE gale:a:log")), (500, true));
+        // The cluster's topic limit is told as a single node tells it.
+        let full = super::positions(topics(), answer(b"-GALEFULL the cluster is full\r\n")).unwrap_err();
+        assert_eq!(full, super::PublishError::TooManyTopics.into());
         // Never trust the shape of an answer: too few positions, or none at all.
         assert_eq!(
             super::positions(topics(), answer(b"*1\r\n*2\r\n:7\r\n$2\r\ne1\r\n")).unwrap_err().code,

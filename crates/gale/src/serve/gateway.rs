@@ -246,7 +246,7 @@ impl Endpoint {
                     .subscribe(topic, since.as_ref(), max_replay, || {
                         ws.subscribe(topic);
                     })
-                    .map_err(|_| CommandError::new(503, "the gateway holds its maximum number of topics"))?;
+                    .map_err(CommandError::from)?;
                 let reply = Reply::ok(cmd.id, "subscribe")
                     .str("topic", topic)
                     .str("epoch", &pos.epoch)
@@ -295,9 +295,7 @@ impl Endpoint {
                     g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                let pos = g
-                    .publish(topic, &Payload::Json(data.get()))
-                    .map_err(|_| CommandError::new(503, "the gateway holds its maximum number of topics"))?;
+                let pos = g.publish(topic, &Payload::Json(data.get())).map_err(CommandError::from)?;
                 g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
                 ws.send_text(
                     &Reply::ok(cmd.id, "publish")

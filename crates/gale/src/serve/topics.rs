@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::protocol::{Payload, delivery};
+use super::protocol::{CommandError, Payload, delivery};
 
 /// Where a client stands in a topic's stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,6 +53,17 @@ pub enum Recovery {
 pub enum PublishError {
     /// The gateway holds state for `max_topics` topics already.
     TooManyTopics,
+}
+
+impl From<PublishError> for CommandError {
+    /// What clients and the HTTP API are told, in single-node and cluster mode alike.
+    fn from(e: PublishError) -> Self {
+        match e {
+            PublishError::TooManyTopics => {
+                CommandError::new(503, "the gateway holds its maximum number of topics")
+            }
+        }
+    }
 }
 
 /// How much history is kept.
