@@ -3,7 +3,7 @@
 
 Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
 different node than the one a client left, a publish Redis refuses failing alone in its
-pipelined batch, `limits.max_topics` over the cluster, and the faults: Redis killed and
+pipelined batch, `limits.max_topics` over the cluster, replays read in pages, and the faults: Redis killed and
 restarted (publishes get 503 while it is away, /healthz and /metrics say so, nodes reconnect,
 and a client told its epoch is gone, and a node refusing publishes meanwhile does not grow in
 memory), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
@@ -68,6 +68,11 @@ class Redis:
                               capture_output=True, text=True, timeout=TIMEOUT, check=True)
         return done.stdout.strip()
 
+    def bytes_sent(self):
+        """Bytes Redis has sent to its clients so far."""
+        stats = dict(line.split(":", 1) for line in self.cli("INFO", "stats").splitlines() if ":" in line)
+        return int(stats["total_net_output_bytes"])
+
     def stop(self, sig=signal.SIGTERM):
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
@@ -99,14 +104,14 @@ def rss_kib(pid):
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-def publish_many(node, topic, n):
-    """Statuses of `n` publishes on one keep-alive connection."""
+def publish_many(node, topic, n, body=b'"x"'):
+    """Statuses of `n` publishes of `body` (JSON) on one keep-alive connection."""
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=TIMEOUT)
     codes = []
     for _ in range(n):
-        conn.request("POST", f"/api/publish/{topic}", body=b'"x"',
+        conn.request("POST", f"/api/publish/{topic}", body=body,
                      headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
         r = conn.getresponse()
         r.read()
@@ -393,6 +398,34 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
                 node.kill()
                 node.proc.stdout.close()
             os.unlink(f.name)
+
+    async def test_replays_are_read_in_pages(self):
+        node = GaleServe("cluster-pages", "--broker", self.redis.url, "--history-size", "400",
+                         env={"GALE_API_KEY": API_KEY})
+        try:
+            # A replay over several pages is exact.
+            codes = await asyncio.to_thread(publish_many, node, "chat:pages", 100)
+            self.assertEqual(set(codes), {200})
+            epoch = json.loads((await asyncio.to_thread(http, node, "GET", "/api/topics/chat:pages"))[1])["epoch"]
+            c = await Client.open(node)
+            reply = await c.command("subscribe", topic="chat:pages", since={"epoch": epoch, "seq": 3})
+            self.assertEqual((reply["recovered"], reply["missed"]), (True, 97), reply)
+            self.assertEqual([(await c.delivery())["seq"] for _ in range(97)], list(range(4, 101)))
+            # A history far bigger than a connection may queue (half of max_backpressure, 1 MiB):
+            # the replay is refused once what was read passes that, without reading it all.
+            body = json.dumps("x" * 40_000).encode()
+            codes = await asyncio.to_thread(publish_many, node, "chat:big", 300, body)
+            self.assertEqual(set(codes), {200})
+            epoch = json.loads((await asyncio.to_thread(http, node, "GET", "/api/topics/chat:big"))[1])["epoch"]
+            before = self.redis.bytes_sent()
+            reply = await c.command("subscribe", topic="chat:big", since={"epoch": epoch, "seq": 0})
+            read = self.redis.bytes_sent() - before
+            self.assertIs(reply["recovered"], False, reply)
+            self.assertIn("queue", reply["reason"])
+            self.assertLess(read, 3_000_000, "12 MB of history, read in pages until past 512 KiB")
+        finally:
+            node.kill()
+            node.proc.stdout.close()
 
     async def test_a_killed_node_does_not_disturb_the_others(self):
         subs = [await Client.open(n) for n in self.nodes[1:]]

@@ -7,22 +7,24 @@
 //! Redis: they send requests to the broker over a channel, and the broker answers through the
 //! server's mailboxes (`ServerHandle::post_to`, deferred HTTP responses).
 //!
-//! In Redis, per topic `T`: `gale:T:seq` (the last sequence number), `gale:T:epoch` (set at
-//! the first publish; a Redis that lost its data starts a new epoch), `gale:T:log` (a stream of
-//! the last deliveries, entry id `seq-1`, trimmed to about the history size), and the channel
-//! `gale:T`; over all topics, `gale:topics` (a sorted set of the topics with state, scored by
-//! when their keys expire: `limits.max_topics` applies to it). A publish request is one Lua script for all its topics — check, number, record,
-//! publish — so every node sees every topic's messages in one order and a broadcast goes to all
-//! its topics or none; requests that queue up while Redis answers go out together in one
-//! pipelined round trip, and each is answered with its own script's result.
+//! In Redis, per topic `T`: `gale:T:seq` (the last sequence number), `gale:T:epoch` (set at the
+//! first publish; a Redis that lost its data starts a new epoch), `gale:T:log` (a stream of the
+//! last deliveries, entry id `seq-1`, trimmed to about the history size), and the channel `gale:T`;
+//! over all topics, `gale:topics` (a sorted set of the topics with state, scored by when their keys
+//! expire: `limits.max_topics` applies to it). A publish request is one Lua script for all its
+//! topics — check, number, record, publish — so every node sees every topic's messages in one order
+//! and a broadcast goes to all its topics or none; requests that queue up while Redis answers go
+//! out together in one pipelined round trip, and each is answered with its own script's result.
 //!
 //! Exactly once per node: the broker forwards a message into the node's pub/sub only if its
-//! sequence number is above the last one it forwarded for the topic. A local subscription is
-//! set up by the broker thread itself, between two messages: it first makes sure the node is
-//! subscribed to the channel, replays `(since, last forwarded]` from the stream to the client,
-//! then subscribes the connection (`ServerHandle::subscribe`) before forwarding anything newer.
-//! After a lost Redis connection the broker resubscribes and forwards what it missed from the
-//! streams, so live subscribers see no gap as long as the history covers the outage.
+//! sequence number is above the last one it forwarded for the topic. A local subscription is set up
+//! by the broker thread itself, between two messages: it first makes sure the node is subscribed to
+//! the channel, replays `(since, last forwarded]` from the stream to the client, then subscribes
+//! the connection (`ServerHandle::subscribe`) before forwarding anything newer. Replays and
+//! catch-ups read the stream in pages of `LOG_PAGE` entries, and a replay stops as soon as it
+//! passes what the connection may queue. After a lost Redis connection the broker resubscribes and
+//! forwards what it missed from the streams, so live subscribers see no gap as long as the history
+//! covers the outage.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -294,14 +296,10 @@ impl Shared {
             f.last = 0;
         }
         let from = topics.get(topic).map_or(0, |f| f.last) + 1;
-        let entries: Vec<(String, Vec<(String, String)>)> =
-            redis::cmd("XRANGE").arg(&log).arg(format!("{from}-1")).arg("+").query(cmd)?;
-        for (_, fields) in entries {
-            if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d") {
-                self.forward(topics, topic, &d);
-            }
-        }
-        Ok(())
+        read_log(cmd, &log, from, None, |_, d| {
+            self.forward(topics, topic, &d);
+            true
+        })
     }
 
     /// Record whether one thread's connection is up (the broker is up when both are).
@@ -424,6 +422,81 @@ impl Listener {
             }
         }
     }
+}
+
+/// Entries of a topic's log read per round trip: a replay or a catch-up holds at most this many
+/// beyond what it keeps, however long the history.
+const LOG_PAGE: usize = 32;
+
+/// Read the deliveries of a topic's log from sequence number `from` to `to` (inclusive; `None`:
+/// to its end), page by page, handing each with its sequence number to `each` until it returns
+/// false. Entries without a delivery are skipped.
+fn read_log(
+    cmd: &mut redis::Connection,
+    log: &str,
+    from: u64,
+    to: Option<u64>,
+    mut each: impl FnMut(u64, String) -> bool,
+) -> redis::RedisResult<()> {
+    let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
+    let mut start = format!("{from}-1");
+    loop {
+        let page: Vec<(String, Vec<(String, String)>)> =
+            redis::cmd("XRANGE").arg(log).arg(&start).arg(&end).arg("COUNT").arg(LOG_PAGE).query(cmd)?;
+        let full = page.len() == LOG_PAGE;
+        let mut reached = 0;
+        for (id, fields) in page {
+            // An id not of the form `seq-n` is none of ours: the log ends there.
+            let Some((seq, next)) = entry_id(&id) else { return Ok(()) };
+            (start, reached) = (next, seq);
+            if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d")
+                && !each(seq, d)
+            {
+                return Ok(());
+            }
+        }
+        if !full || to.is_some_and(|t| reached >= t) {
+            return Ok(());
+        }
+    }
+}
+
+/// The sequence number of a log entry's id (`seq-n`), and the id just after it: where the next
+/// page starts.
+fn entry_id(id: &str) -> Option<(u64, String)> {
+    let (seq, n) = id.split_once('-')?;
+    let (seq, n): (u64, u64) = (seq.parse().ok()?, n.parse().ok()?);
+    Some((seq, format!("{seq}-{}", n.checked_add(1)?)))
+}
+
+/// The deliveries a client at `since` missed, up to `last`, read page by page: refused as soon
+/// as they pass `max_bytes` (what is left is not read), or when the log no longer holds every
+/// one of them.
+fn read_replay(
+    cmd: &mut redis::Connection,
+    log: &str,
+    since: u64,
+    last: u64,
+    max_bytes: usize,
+) -> redis::RedisResult<Result<Vec<String>, &'static str>> {
+    const GONE: &str = "missed messages are no longer in the history";
+    let (mut missed, mut bytes, mut refused) = (Vec::new(), 0, None);
+    read_log(cmd, log, since + 1, Some(last), |seq, d| {
+        bytes += d.len();
+        if seq != since + 1 + missed.len() as u64 {
+            refused = Some(GONE);
+        } else if bytes > max_bytes {
+            refused = Some("missed messages are more than a connection may queue");
+        } else {
+            missed.push(d);
+        }
+        refused.is_none()
+    })?;
+    Ok(match refused {
+        Some(why) => Err(why),
+        None if missed.len() as u64 != last - since => Err(GONE),
+        None => Ok(missed),
+    })
 }
 
 /// A publish waiting for the broker: its topics, its payload fragment, where its answer goes.
@@ -742,28 +815,13 @@ impl Broker {
             Some(p) if p.epoch != epoch => Some(Err("epoch changed: the topic's history was reset")),
             Some(p) if p.seq > last => Some(Err("position is ahead of the topic")),
             Some(p) if p.seq == last => Some(Ok(())),
-            Some(p) => {
-                let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-                    .arg(&log)
-                    .arg(format!("{}-1", p.seq + 1))
-                    .arg(format!("{last}-1"))
-                    .query(cmd)?;
-                let first = entries.first().and_then(|(id, _)| id.split('-').next()?.parse::<u64>().ok());
-                if first != Some(p.seq + 1) || entries.len() as u64 != last - p.seq {
-                    Some(Err("missed messages are no longer in the history"))
-                } else {
-                    replay = entries
-                        .into_iter()
-                        .filter_map(|(_, fields)| fields.into_iter().find(|(k, _)| k == "d").map(|(_, d)| d))
-                        .collect();
-                    if replay.iter().map(String::len).sum::<usize>() > max_replay {
-                        replay.clear();
-                        Some(Err("missed messages are more than a connection may queue"))
-                    } else {
-                        Some(Ok(()))
-                    }
+            Some(p) => match read_replay(cmd, &log, p.seq, last, max_replay)? {
+                Ok(missed) => {
+                    replay = missed;
+                    Some(Ok(()))
                 }
-            }
+                Err(why) => Some(Err(why)),
+            },
         };
         let mut reply =
             Reply::ok(id.as_deref(), "subscribe").str("topic", topic).str("epoch", &epoch).raw("seq", last);
@@ -874,6 +932,14 @@ mod tests {
         let d = r#"{"topic":"chat:a","epoch":"00ff","seq":42,"data":{"seq":1}}"#;
         assert_eq!(super::position_of(d), Some(("00ff".to_string(), 42)));
         assert_eq!(super::position_of("{}"), None);
+    }
+
+    #[test]
+    fn log_pages_continue_after_the_last_entry() {
+        assert_eq!(super::entry_id("42-1"), Some((42, "42-2".to_string())));
+        for bad in ["42", "x-1", "42-", "42-18446744073709551615"] {
+            assert_eq!(super::entry_id(bad), None, "{bad}");
+        }
     }
 
     #[test]
