@@ -390,6 +390,7 @@ pub(crate) struct LoopStats {
     pub(crate) messages_out: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) zero_copy_sends: AtomicU64,
 }
 
 impl LoopStats {
@@ -401,6 +402,7 @@ impl LoopStats {
         self.messages_out.store(c.messages_out, Ordering::Relaxed);
         self.bytes_out.store(c.bytes_out, Ordering::Relaxed);
         self.dropped.store(c.dropped, Ordering::Relaxed);
+        self.zero_copy_sends.store(c.zero_copy_sends, Ordering::Relaxed);
     }
 }
 
@@ -419,6 +421,8 @@ pub struct LoopSnapshot {
     pub bytes_out: u64,
     /// Messages refused because a connection was past its `max_backpressure`.
     pub dropped: u64,
+    /// io_uring: sends made zero-copy (`ServerConfig::uring_send_zc`).
+    pub zero_copy_sends: u64,
 }
 
 struct HandleInner {
@@ -473,6 +477,7 @@ impl ServerHandle {
             messages_out: s.messages_out.load(Ordering::Relaxed),
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
+            zero_copy_sends: s.zero_copy_sends.load(Ordering::Relaxed),
         }
     }
 

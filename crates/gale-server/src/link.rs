@@ -76,6 +76,8 @@ pub(crate) struct Counters {
     pub(crate) bytes_out: u64,
     /// Messages refused because a connection was past `max_backpressure`.
     pub(crate) dropped: u64,
+    /// Sends submitted zero-copy (io_uring).
+    pub(crate) zero_copy_sends: u64,
 }
 
 /// What a loop lends its connections: a pool of output buffers (a connection borrows one while
@@ -195,8 +197,8 @@ impl Link {
         self.out.len() + self.tls.as_ref().map_or(0, |t| t.sealed.len())
     }
 
-    /// Take the queued bytes to hand them to the kernel in one send (completion backends). The
-    /// buffer must come back through [`Link::sent`] once the send completes.
+    /// Take the queued bytes to hand them to the kernel in one send (completion backends);
+    /// report its completion with [`Link::sent`].
     pub(crate) fn take_queued(&mut self, pool: &mut Scratch) -> Vec<u8> {
         self.dirty = false;
         let out = match &mut self.tls {
@@ -217,11 +219,11 @@ impl Link {
         out
     }
 
-    /// A send of bytes taken with [`Link::take_queued`] completed; returns whether a buffer
-    /// the kernel had been slow to take is now empty (time to call `drain`).
-    pub(crate) fn sent(&mut self, pool: &mut Scratch, buf: Vec<u8>) -> bool {
+    /// A send of bytes taken with [`Link::take_queued`] completed (the backend returns its
+    /// buffer to the pool once the kernel is done with it); returns whether a buffer the kernel
+    /// had been slow to take is now empty (time to call `drain`).
+    pub(crate) fn sent(&mut self) -> bool {
         self.in_kernel = 0;
-        pool.give(buf);
         if self.queued() == 0 && self.blocked {
             self.blocked = false;
             return true;

@@ -175,15 +175,22 @@ impl Entry {
     }
 }
 
-/// A send the kernel has not finished with.
+/// A send whose buffer the kernel may still read. Its completions name its key in the loop's
+/// `sends` (not the connection's): a zero-copy send's buffer can outlive its connection.
 struct InFlight {
     buf: Vec<u8>,
     /// Bytes of `buf` the kernel has taken so far.
     done: usize,
-    /// A zero-copy send's result, held until the notification that the kernel no longer
-    /// reads `buf`.
-    zc_result: Option<i32>,
+    /// The connection sending it, or [`DETACHED`] once the send is over for the connection
+    /// while the kernel still holds the buffer.
+    conn: u32,
+    /// Zero-copy notifications still to come: the kernel reads the buffer until the peer has
+    /// acknowledged the bytes, long after the send's result.
+    notifs: u8,
 }
+
+/// [`InFlight::conn`] of a send that is over for its connection.
+const DETACHED: u32 = u32::MAX;
 
 /// The entry a completion is for, if the slot still holds the same connection.
 fn entry(conns: &mut Slab<Entry>, key: usize, generation: u32) -> Option<&mut Entry> {
@@ -278,7 +285,7 @@ impl UringLoop {
     fn push(&mut self, sqe: squeue::Entry) {
         loop {
             // SAFETY: every SQE we build points only at memory that outlives its operation:
-            // send buffers held in the connection's entry until the last completion, the
+            // send buffers held in `sends` until their last completion or notification, the
             // boxed eventfd buffer, and the registered buffer ring (see the module docs).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return;
@@ -401,7 +408,7 @@ impl UringLoop {
                 self.arm_wake();
             }
             x if x == Op::Recv as u8 => self.on_recv(key, generation, res, flags),
-            x if x == Op::Send as u8 => self.on_send(key, generation, res, flags),
+            x if x == Op::Send as u8 => self.on_send(key, res, flags),
             x if x == Op::Cancel as u8 => self.op_done(key, generation),
             _ => {}
         }
@@ -510,21 +517,27 @@ impl UringLoop {
         }
     }
 
-    fn on_send(&mut self, key: usize, generation: u32, res: i32, flags: u32) {
-        let Some(e) = entry(&mut self.conns, key, generation) else { return };
-        let Some(sending) = self.sends.get_mut(e.send as usize) else { return };
-        let res = if cqueue::notif(flags) {
-            // A zero-copy send's buffer is ours again: now its result counts.
-            sending.zc_result.take().unwrap_or(0)
-        } else if cqueue::more(flags) {
-            // A zero-copy send's result; the kernel still reads the buffer until it notifies.
-            sending.zc_result = Some(res);
+    /// A completion of send `skey`: its result (acted on at once), or a zero-copy send's
+    /// notification that the kernel no longer reads the buffer.
+    fn on_send(&mut self, skey: usize, res: i32, flags: u32) {
+        let Some(sending) = self.sends.get_mut(skey) else { return };
+        if cqueue::notif(flags) {
+            sending.notifs = sending.notifs.saturating_sub(1);
+            if sending.conn == DETACHED && sending.notifs == 0 {
+                self.env.pool.give(self.sends.remove(skey).buf);
+            }
             return;
-        } else {
-            res
+        }
+        if cqueue::more(flags) {
+            // Zero-copy: the buffer stays the kernel's until the notification.
+            sending.notifs += 1;
+        }
+        let key = sending.conn as usize;
+        let Some(e) = self.conns.get_mut(key).filter(|e| e.send as usize == skey) else {
+            debug_assert!(false, "a send result for no connection");
+            return;
         };
         e.ops = e.ops.saturating_sub(1);
-        let sending = &mut self.sends[e.send as usize];
         if res >= 0 {
             sending.done += res as usize;
             if sending.done < sending.buf.len() && !e.closing {
@@ -535,18 +548,23 @@ impl UringLoop {
                 return;
             }
         }
-        let InFlight { buf, .. } = self.sends.remove(e.send as usize);
+        // The send is over for the connection; its buffer goes back to the pool now, or at the
+        // last notification.
         e.send = NO_SEND;
+        if sending.notifs == 0 {
+            self.env.pool.give(self.sends.remove(skey).buf);
+        } else {
+            sending.conn = DETACHED;
+        }
         if res < 0 {
             e.conn.link.in_kernel = 0;
-            self.env.pool.give(buf);
             if !e.closing {
                 e.conn.link.broken = true;
                 e.conn.on_eof(&mut self.env.cx());
             }
         } else {
             e.conn.link.direct = true;
-            if e.conn.link.sent(&mut self.env.pool, buf) && !e.closing {
+            if e.conn.link.sent() && !e.closing {
                 e.conn.drained(&mut self.env.cx());
             }
         }
@@ -564,8 +582,9 @@ impl UringLoop {
         let e = &mut self.conns[key];
         let sending = &self.sends[e.send as usize];
         let rest = &sending.buf[sending.done..];
-        let ud = user_data(Op::Send, e.generation(), key);
+        let ud = user_data(Op::Send, 0, e.send as usize);
         let sqe = if rest.len() >= self.send_zc_from {
+            self.env.pool.counters.zero_copy_sends += 1;
             opcode::SendZc::new(e.fd(), rest.as_ptr(), rest.len() as u32).flags(libc::MSG_NOSIGNAL).build()
         } else {
             opcode::Send::new(e.fd(), rest.as_ptr(), rest.len() as u32).flags(libc::MSG_NOSIGNAL).build()
@@ -613,7 +632,7 @@ impl UringLoop {
             }
             let buf = e.conn.link.take_queued(&mut self.env.pool);
             e.conn.link.direct = false;
-            e.send = self.sends.insert(InFlight { buf, done: 0, zc_result: None }) as u32;
+            e.send = self.sends.insert(InFlight { buf, done: 0, conn: key as u32, notifs: 0 }) as u32;
             self.submit_send(key);
         }
         let mut dirty = dirty;
@@ -656,10 +675,10 @@ impl UringLoop {
     /// Every operation of a closing connection has completed: close the descriptor.
     fn free(&mut self, key: usize) {
         let e = self.conns.remove(key);
-        if e.send != NO_SEND {
-            self.env.pool.give(self.sends.remove(e.send as usize).buf);
-        }
-        // Dropping the stream closes the descriptor.
+        // With nothing in flight the send's result has come, which ended the send.
+        debug_assert_eq!(e.send, NO_SEND);
+        // Dropping the stream closes the descriptor (and so frees what the kernel still held
+        // of a zero-copy send: its notification follows).
         drop(e);
         self.update_stats();
         // A descriptor was freed: accepting may work again.
@@ -757,7 +776,7 @@ impl UringLoop {
             self.teardown(key);
         }
         let give_up = Instant::now() + Duration::from_secs(2);
-        while !self.conns.is_empty() && Instant::now() < give_up {
+        while !(self.conns.is_empty() && self.sends.is_empty()) && Instant::now() < give_up {
             let ts = types::Timespec::new().nsec(50_000_000);
             let _ = self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts));
             let batch: Vec<(u64, i32, u32)> =
@@ -766,13 +785,13 @@ impl UringLoop {
                 let (op, generation, key) = decode_user_data(ud);
                 match op {
                     x if x == Op::Recv as u8 => self.on_recv(key, generation, res, flags),
-                    x if x == Op::Send as u8 => self.on_send(key, generation, res, flags),
+                    x if x == Op::Send as u8 => self.on_send(key, res, flags),
                     x if x == Op::Cancel as u8 => self.op_done(key, generation),
                     _ => {}
                 }
             }
         }
-        if !self.conns.is_empty() {
+        if !(self.conns.is_empty() && self.sends.is_empty()) {
             // Operations that would not complete: keep their memory alive rather than risk the
             // kernel writing into freed buffers; the process is on its way out.
             tracing::warn!(left = self.conns.len(), "io_uring operations still in flight at exit");
