@@ -157,6 +157,16 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(got[0]["epoch"], r["epoch"])
         await asyncio.sleep(0.3)
         self.assertEqual([s.deliveries for s in subs], [[], [], []], "nothing twice")
+        # Health and metrics speak of this node: its subscribed topics; the topics' state is in
+        # Redis, so the node-local history gauges are left out.
+        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/healthz", None, None)
+        health = json.loads(text)
+        self.assertEqual((status, health["broker"], health["topics_subscribed"]), (200, "up", 1), text)
+        self.assertNotIn("topics", health)
+        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
+        self.assertIn("gale_topics_subscribed 1", text)
+        self.assertNotIn("gale_topics ", text)
+        self.assertNotIn("gale_history_bytes", text)
 
     async def test_publishers_on_several_nodes_give_one_order(self):
         subs = [await Client.open(n) for n in self.nodes]

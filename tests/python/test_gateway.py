@@ -307,7 +307,11 @@ class HttpApiTest(unittest.TestCase):
         info = json.loads(text)
         self.assertEqual((status, info["topic"], info["seq"], info["subscribers"]), (200, "news:a", 1, 0))
         status, text = http("GET", "/healthz", key=None)
-        self.assertEqual((status, json.loads(text)["status"]), (200, "ok"))
+        health = json.loads(text)
+        self.assertEqual((status, health["status"]), (200, "ok"), text)
+        # The server is shared with the other tests of the class: at least the two topics above.
+        self.assertGreaterEqual(health["topics"], 2, text)
+        self.assertIsInstance(health["topics_subscribed"], int, text)
         status, text = http("GET", "/metrics", key=None)
         self.assertEqual(status, 200)
         for name in ['gale_connections{loop="0"}', "gale_messages_sent_total", "gale_bytes_received_total",

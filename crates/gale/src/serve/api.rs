@@ -196,15 +196,20 @@ pub fn topic_info(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
 /// `GET /healthz`: 200 when the gateway works; 503 in cluster mode while Redis is
 /// unreachable (so that a load balancer sends clients elsewhere).
 pub fn health(g: &Arc<Gateway>) -> HttpResponse {
-    let (connections, loops) = g.handle.get().map_or((0, 0), |h| (h.connections(), h.loops()));
+    let (connections, loops, subscribed) =
+        g.handle.get().map_or((0, 0, 0), |h| (h.connections(), h.loops(), h.num_topics()));
     let broker = g.broker.get().map(|b| b.status.is_up());
     let (status, state) = match broker {
         Some(false) => (503, "degraded"),
         _ => (200, "ok"),
     };
-    let mut body = serde_json::json!({"status": state, "connections": connections, "loops": loops, "topics": g.topics.len()});
-    if let Some(up) = broker {
-        body["broker"] = serde_json::json!(if up { "up" } else { "down" });
+    let mut body = serde_json::json!({
+        "status": state, "connections": connections, "loops": loops, "topics_subscribed": subscribed,
+    });
+    match broker {
+        // In cluster mode topics keep their state in Redis, not here.
+        Some(up) => body["broker"] = serde_json::json!(if up { "up" } else { "down" }),
+        None => body["topics"] = serde_json::json!(g.topics.len()),
     }
     HttpResponse::json(status, body.to_string())
 }
@@ -241,16 +246,19 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
     }
     let s = &g.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "# HELP gale_topics Topics with state (sequence numbers, history).\n# TYPE gale_topics gauge\ngale_topics {}",
-        g.topics.len()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP gale_history_bytes Bytes of history kept for recovery.\n# TYPE gale_history_bytes gauge\ngale_history_bytes {}",
-        g.topics.history_bytes()
-    );
+    if g.broker.get().is_none() {
+        // In cluster mode topics keep their state and history in Redis, not here.
+        let _ = writeln!(
+            out,
+            "# HELP gale_topics Topics with state (sequence numbers, history).\n# TYPE gale_topics gauge\ngale_topics {}",
+            g.topics.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP gale_history_bytes Bytes of history kept for recovery.\n# TYPE gale_history_bytes gauge\ngale_history_bytes {}",
+            g.topics.history_bytes()
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP gale_publishes_total Messages published.\n# TYPE gale_publishes_total counter\ngale_publishes_total{{source=\"http\"}} {}\ngale_publishes_total{{source=\"client\"}} {}",
