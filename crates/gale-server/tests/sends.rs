@@ -35,16 +35,22 @@ fn app(log: &Log<common::Ev>) -> App {
     App::new().threads(1).ws("/ws", behavior, handler)
 }
 
+/// A server, and a client that has asked it for the flood.
+fn flooding() -> (TestServer, common::Client) {
+    let log = Log::new();
+    let server = TestServer::start(app(&log));
+    let mut client = server.connect("/ws");
+    client.send_text("flood");
+    (server, client)
+}
+
 /// The client reads part of the flood, so that sends move from the server into the socket
 /// buffers, then stops reading and has the server end the connection: the server must let it
 /// go at once (not wait for the unread bytes to be acknowledged), and the client, reading
 /// again, gets what was sent and then the end of the stream.
 #[test]
 fn a_connection_ended_while_its_peer_stopped_reading_goes_at_once() {
-    let log = Log::new();
-    let server = TestServer::start(app(&log));
-    let mut client = server.connect("/ws");
-    client.send_text("flood");
+    let (server, mut client) = flooding();
     std::thread::sleep(Duration::from_millis(300));
     let mut stream = client.stream().try_clone().unwrap();
     stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
@@ -79,10 +85,7 @@ fn a_connection_ended_while_its_peer_stopped_reading_goes_at_once() {
 /// connection ends.
 #[test]
 fn a_connection_ended_with_a_blocked_send_goes_at_once() {
-    let log = Log::new();
-    let server = TestServer::start(app(&log));
-    let mut client = server.connect("/ws");
-    client.send_text("flood");
+    let (server, mut client) = flooding();
     std::thread::sleep(Duration::from_millis(300));
     client.send_text("end");
     wait_until("the ended connection is gone", || server.handle.connections() == 0);
@@ -92,10 +95,7 @@ fn a_connection_ended_with_a_blocked_send_goes_at_once() {
 /// A slow reader: large sends are taken in parts; every byte arrives, in order.
 #[test]
 fn sends_taken_in_parts_arrive_whole_and_in_order() {
-    let log = Log::new();
-    let server = TestServer::start(app(&log));
-    let mut client = server.connect("/ws");
-    client.send_text("flood");
+    let (server, mut client) = flooding();
     std::thread::sleep(Duration::from_millis(200));
     for seq in 0..MESSAGES {
         if seq % 8 == 0 {
