@@ -68,6 +68,7 @@ pub fn run_config(c: &Common, random_masks: bool, max_message: u64) -> Result<(R
                 raw: t.scheme == Scheme::Tcp,
                 random_masks,
                 max_message,
+                check_utf8: true,
                 deflate: c.deflate,
             })
         })

@@ -238,6 +238,10 @@ pub struct ConnectOptions {
     pub random_masks: bool,
     /// Largest message accepted from the server.
     pub max_message: u64,
+    /// Check that text messages from the server are UTF-8. A scenario that compares every
+    /// message byte for byte with the valid text it sent turns this off: the comparison
+    /// already proves it.
+    pub check_utf8: bool,
     /// Offer permessage-deflate.
     pub deflate: bool,
     /// TLS configuration and server name, for `wss://`.
@@ -302,7 +306,10 @@ impl Conn {
             state: State::Connecting,
             handshake: ClientHandshake::new(),
             head: Vec::new(),
-            decoder: Decoder::new(DecoderConfig::client(opts.max_message)),
+            decoder: Decoder::new(DecoderConfig {
+                check_utf8: opts.check_utf8,
+                ..DecoderConfig::client(opts.max_message)
+            }),
             started: Instant::now(),
             raw: opts.raw,
         })

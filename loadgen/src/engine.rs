@@ -511,11 +511,15 @@ impl<D: Driver> Engine<D> {
                     count_received(t.len(), t.len());
                     self.driver.on_message(io, &mut e.state, Kind::Text, t.as_bytes(), &mut self.cx)
                 }
+                Event::UncheckedText(t) if e.started => {
+                    count_received(t.len(), t.len());
+                    self.driver.on_message(io, &mut e.state, Kind::Text, t, &mut self.cx)
+                }
                 Event::Binary(b) if e.started => {
                     count_received(b.len(), b.len());
                     self.driver.on_message(io, &mut e.state, Kind::Binary, b, &mut self.cx)
                 }
-                Event::Text(_) | Event::Binary(_) => {}
+                Event::Text(_) | Event::UncheckedText(_) | Event::Binary(_) => {}
                 Event::Compressed { kind, payload } => {
                     let Some(z) = io.deflate.as_mut() else {
                         return Err(Failure::Protocol(

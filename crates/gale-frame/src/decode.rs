@@ -31,17 +31,22 @@ pub struct DecoderConfig {
     pub max_message_size: u64,
     /// Whether RSV1 may be set (permessage-deflate was negotiated).
     pub allow_rsv1: bool,
+    /// Validate text messages as UTF-8, as RFC 6455 requires (the default). A client that
+    /// compares every message byte for byte with the valid text it sent (a load generator
+    /// checking echoes) may skip this second check: its text messages then come as
+    /// [`Event::UncheckedText`].
+    pub check_utf8: bool,
 }
 
 impl DecoderConfig {
     /// A server-side configuration with the given size limit and no extension.
     pub fn server(max_message_size: u64) -> Self {
-        DecoderConfig { role: Role::Server, max_message_size, allow_rsv1: false }
+        DecoderConfig { role: Role::Server, max_message_size, allow_rsv1: false, check_utf8: true }
     }
 
     /// A client-side configuration with the given size limit and no extension.
     pub fn client(max_message_size: u64) -> Self {
-        DecoderConfig { role: Role::Client, max_message_size, allow_rsv1: false }
+        DecoderConfig { role: Role::Client, max_message_size, allow_rsv1: false, check_utf8: true }
     }
 }
 
@@ -70,6 +75,9 @@ pub enum Event<'a> {
     Text(&'a str),
     /// A complete binary message.
     Binary(&'a [u8]),
+    /// A complete text message whose UTF-8 was not checked: only with
+    /// [`DecoderConfig::check_utf8`] off.
+    UncheckedText(&'a [u8]),
     /// A complete message sent with RSV1 (permessage-deflate): the payload is still
     /// compressed; UTF-8 validation of text happens after inflating.
     Compressed {
@@ -260,7 +268,7 @@ impl Decoder {
                         event?
                     } else {
                         let message = self.message.take().expect("data frame began a message");
-                        whole_message_event(message, payload)?
+                        whole_message_event(message, payload, self.config.check_utf8)?
                     };
                     return Ok(Step::Input(pos + len, event));
                 }
@@ -284,7 +292,7 @@ impl Decoder {
                 }
             } else {
                 let message = self.message.expect("data frame belongs to a message");
-                if message.kind == DataKind::Text && !message.compressed {
+                if message.kind == DataKind::Text && !message.compressed && self.config.check_utf8 {
                     self.utf8
                         .feed(chunk)
                         .map_err(|_| ProtocolError::invalid_payload("invalid UTF-8 in text message"))?;
@@ -401,6 +409,9 @@ impl Decoder {
     /// The event for a message assembled in `data`.
     fn data_event(&mut self) -> Result<Event<'_>, ProtocolError> {
         let message = self.message.take().expect("a message was being assembled");
+        if message.kind == DataKind::Text && !message.compressed && !self.config.check_utf8 {
+            return Ok(Event::UncheckedText(&self.data));
+        }
         if message.kind == DataKind::Text && !message.compressed && !self.utf8.is_complete() {
             self.finished = true;
             return Err(ProtocolError::invalid_payload("text message ends inside a UTF-8 sequence"));
@@ -413,7 +424,7 @@ impl Decoder {
             // accepted all of them and holds no unfinished sequence.
             return Ok(Event::Text(unsafe { std::str::from_utf8_unchecked(&self.data) }));
         }
-        let event = whole_message_event(message, &self.data);
+        let event = whole_message_event(message, &self.data, self.config.check_utf8);
         if event.is_err() {
             self.finished = true;
         }
@@ -434,10 +445,15 @@ enum Step<'a> {
     NeedMore,
 }
 
-fn whole_message_event(message: MessageState, payload: &[u8]) -> Result<Event<'_>, ProtocolError> {
+fn whole_message_event(
+    message: MessageState,
+    payload: &[u8],
+    check_utf8: bool,
+) -> Result<Event<'_>, ProtocolError> {
     Ok(match (message.compressed, message.kind) {
         (true, kind) => Event::Compressed { kind, payload },
         (false, DataKind::Binary) => Event::Binary(payload),
+        (false, DataKind::Text) if !check_utf8 => Event::UncheckedText(payload),
         (false, DataKind::Text) => Event::Text(
             simdutf8::basic::from_utf8(payload)
                 .map_err(|_| ProtocolError::invalid_payload("invalid UTF-8 in text message"))?,

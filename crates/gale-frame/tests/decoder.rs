@@ -260,6 +260,31 @@ fn invalid_utf8_fails_fast() {
     assert_eq!(err.unwrap().code, CloseCode::INVALID_PAYLOAD);
 }
 
+/// With `check_utf8` off, text comes unchecked, whole or fragmented and in any reads, and
+/// binary, control frames and close reasons are decoded as before.
+#[test]
+fn unchecked_text_comes_as_bytes() {
+    let unchecked = || Decoder::new(DecoderConfig { check_utf8: false, ..DecoderConfig::server(1 << 20) });
+    let bad = [b'o', b'k', 0xff, 0xfe];
+    let (ev, err) = feed_all(&mut unchecked(), &cframe(OpCode::Text, true, &bad));
+    assert_eq!((ev, err), (vec![Owned::UncheckedText(bad.to_vec())], None));
+    let mut bytes = cframe(OpCode::Text, false, "κό".as_bytes());
+    bytes.extend(cframe(OpCode::Ping, true, b"p"));
+    bytes.extend(cframe(OpCode::Continuation, true, &[0xF0, 0x9F]));
+    bytes.extend(cframe(OpCode::Binary, true, b"bin"));
+    let mut whole = "κό".as_bytes().to_vec();
+    whole.extend([0xF0, 0x9F]);
+    let expected =
+        vec![Owned::Ping(b"p".to_vec()), Owned::UncheckedText(whole), Owned::Binary(b"bin".to_vec())];
+    for reads in [&[1usize][..], &[3, 7], &[bytes.len()]] {
+        let (ev, err) = feed(&mut unchecked(), &bytes, reads);
+        assert_eq!((&ev, err), (&expected, None), "reads {reads:?}");
+    }
+    // A close reason is still checked.
+    let close = cframe(OpCode::Close, true, &[0x03, 0xE8, 0xff]);
+    assert_eq!(error_code(&mut unchecked(), &close), 1007);
+}
+
 #[test]
 fn close_frame_rules() {
     let close = |payload: &[u8]| cframe(OpCode::Close, true, payload);

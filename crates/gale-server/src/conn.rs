@@ -701,7 +701,10 @@ impl Conn {
             pos += used;
             let Some(event) = event else { break };
             let open = self.link.close == CloseState::Open;
-            if matches!(event, Event::Text(_) | Event::Binary(_) | Event::Compressed { .. }) {
+            if matches!(
+                event,
+                Event::Text(_) | Event::Binary(_) | Event::UncheckedText(_) | Event::Compressed { .. }
+            ) {
                 cx.pool.counters.messages_in += 1;
             }
             let link = &mut self.link;
@@ -714,7 +717,8 @@ impl Conn {
                 Event::Binary(bytes) if open => {
                     call(app, link, cx.pool, Callback::Message(Message::Binary(bytes)))
                 }
-                Event::Text(_) | Event::Binary(_) => {}
+                // `UncheckedText` never comes: the server's decoder checks UTF-8.
+                Event::Text(_) | Event::Binary(_) | Event::UncheckedText(_) => {}
                 Event::Compressed { kind, payload } => {
                     if !open {
                         continue;

@@ -20,6 +20,8 @@ pub enum Owned {
     Text(String),
     /// A binary message.
     Binary(Vec<u8>),
+    /// A text message not checked for UTF-8.
+    UncheckedText(Vec<u8>),
     /// A message sent with RSV1, still compressed.
     Compressed(DataKind, Vec<u8>),
     /// A ping.
@@ -35,6 +37,7 @@ impl From<&Event<'_>> for Owned {
         match *event {
             Event::Text(t) => Owned::Text(t.to_owned()),
             Event::Binary(b) => Owned::Binary(b.to_vec()),
+            Event::UncheckedText(b) => Owned::UncheckedText(b.to_vec()),
             Event::Compressed { kind, payload } => Owned::Compressed(kind, payload.to_vec()),
             Event::Ping(p) => Owned::Ping(p.to_vec()),
             Event::Pong(p) => Owned::Pong(p.to_vec()),
@@ -79,6 +82,7 @@ impl<'a> Input<'a> {
         let config = DecoderConfig {
             role: if flags & 1 == 0 { Role::Server } else { Role::Client },
             allow_rsv1: flags & 2 != 0,
+            check_utf8: true,
             max_message_size: u64::from(size & 0x0f) << (2 * (size >> 4)),
         };
         let reads = (0..read_count).map(|i| usize::from(byte(3 + i)) + 1).collect();
@@ -167,6 +171,10 @@ fn check_event(event: &Event<'_>, config: &DecoderConfig) {
             t.len()
         }
         Event::Binary(b) => b.len(),
+        Event::UncheckedText(b) => {
+            assert!(!config.check_utf8, "unchecked text from a decoder that checks UTF-8");
+            b.len()
+        }
         Event::Compressed { payload, .. } => {
             assert!(config.allow_rsv1, "compressed message without a negotiated extension");
             payload.len()

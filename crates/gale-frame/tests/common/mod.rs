@@ -10,6 +10,7 @@ use gale_frame::{CloseCode, DataKind, Decoder, Event, ProtocolError};
 pub enum Owned {
     Text(String),
     Binary(Vec<u8>),
+    UncheckedText(Vec<u8>),
     Compressed(DataKind, Vec<u8>),
     Ping(Vec<u8>),
     Pong(Vec<u8>),
@@ -21,6 +22,7 @@ impl From<Event<'_>> for Owned {
         match e {
             Event::Text(t) => Owned::Text(t.to_string()),
             Event::Binary(b) => Owned::Binary(b.to_vec()),
+            Event::UncheckedText(b) => Owned::UncheckedText(b.to_vec()),
             Event::Compressed { kind, payload } => Owned::Compressed(kind, payload.to_vec()),
             Event::Ping(p) => Owned::Ping(p.to_vec()),
             Event::Pong(p) => Owned::Pong(p.to_vec()),
