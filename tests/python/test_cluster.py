@@ -274,6 +274,40 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         status, text = await asyncio.to_thread(http, node, "GET", "/metrics", None, None)
         self.assertIn("gale_broker_reconnects_total 0", text)
 
+    async def test_damaged_keys_fail_alone_and_lost_sequence_numbers_continue(self):
+        node = self.nodes[0]
+        for data in (1, 2):
+            publish(node, "chat:lost", data)
+        # The sequence key goes (deleted, or evicted) while the log stays: numbering continues
+        # from the log instead of failing on it.
+        self.redis.cli("DEL", "gale:chat:lost:seq")
+        body = json.dumps({"topics": ["chat:fine", "chat:lost"], "data": 3}).encode()
+        status, text = await asyncio.to_thread(http, node, "POST", "/api/broadcast", body)
+        self.assertEqual(status, 200, text)
+        self.assertEqual([r["seq"] for r in json.loads(text)["results"]], [1, 3])
+        # A sequence key that holds no number is refused before anything is written.
+        self.redis.cli("SET", "gale:chat:garbled:seq", "abc")
+        body = json.dumps({"topics": ["chat:untouched", "chat:garbled"], "data": 4}).encode()
+        status, text = await asyncio.to_thread(http, node, "POST", "/api/broadcast", body)
+        self.assertEqual(status, 500, text)
+        self.assertEqual(self.redis.cli("EXISTS", "gale:chat:untouched:seq"), "0")
+        # A subscription whose replay Redis refuses gets an error of its own; the node stays up
+        # and connected, and other subscriptions work.
+        publish(node, "chat:unreadable", 1)
+        epoch = json.loads((await asyncio.to_thread(http, node, "GET", "/api/topics/chat%3Aunreadable"))[1])["epoch"]
+        self.redis.cli("DEL", "gale:chat:unreadable:log")
+        self.redis.cli("SET", "gale:chat:unreadable:log", "not a stream")
+        self.redis.cli("SET", "gale:chat:unreadable:seq", "5")
+        c = await Client.open(node)
+        reply = await c.command("subscribe", topic="chat:unreadable", since={"epoch": epoch, "seq": 1})
+        self.assertEqual(reply["error"]["code"], 500, reply)
+        self.assertIn("WRONGTYPE", reply["error"]["reason"])
+        self.assertTrue((await c.command("subscribe", topic="chat:fine"))["ok"])
+        status, text = await asyncio.to_thread(http, node, "GET", "/healthz", None, None)
+        self.assertEqual((status, json.loads(text)["broker"]), (200, "up"), text)
+        status, text = await asyncio.to_thread(http, node, "GET", "/metrics", None, None)
+        self.assertIn("gale_broker_reconnects_total 0", text)
+
     async def test_redis_restart(self):
         sub = await Client.open(self.nodes[0])
         await sub.command("subscribe", topic="chat:fault")

@@ -84,6 +84,17 @@ for i = 1, n do
       return redis.error_reply('WRONGTYPE ' .. key(i, k) .. ' holds a ' .. kind .. ', not a ' .. kinds[k])
     end
   end
+  local seq = redis.call('GET', key(i, 1))
+  if seq and not string.match(seq, '^%d+$') then
+    return redis.error_reply('WRONGTYPE ' .. key(i, 1) .. ' holds no sequence number')
+  end
+end
+-- The last sequence number in a topic's log (0 when empty): a sequence key lost while its log
+-- survived (deleted, evicted) continues from there, so XADD below cannot fail.
+local function last_logged(log)
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if #last == 0 then return 0 end
+  return tonumber(string.match(last[1][1], '^(%d+)-')) or 0
 end
 "#,
     forget_expired_lua!(),
@@ -108,14 +119,18 @@ for i = 1, n do
     epoch = arg(i, 4)
     redis.call('SET', epoch_key, epoch)
   end
-  local seq = redis.call('INCR', seq_key)
+  local seq = math.max(tonumber(redis.call('GET', seq_key) or '0'), last_logged(log)) + 1
+  redis.call('SET', seq_key, seq)
   local d = '{"topic":' .. arg(i, 2) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
   redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
-  if ttl > 0 then
-    -- An idle topic is forgotten whole: the next publish starts a new epoch.
-    redis.call('PEXPIRE', seq_key, ttl)
-    redis.call('PEXPIRE', log, ttl)
-    redis.call('PEXPIRE', epoch_key, ttl)
+  for _, k in ipairs({seq_key, log, epoch_key}) do
+    if ttl > 0 then
+      -- An idle topic is forgotten whole: the next publish starts a new epoch.
+      redis.call('PEXPIRE', k, ttl)
+    else
+      -- Kept for good, even if an earlier configuration gave it a TTL.
+      redis.call('PERSIST', k)
+    end
   end
   redis.call('ZADD', KEYS[1], expires, arg(i, 1))
   redis.call('PUBLISH', arg(i, 3), d)
@@ -382,7 +397,12 @@ impl Listener {
                 pubsub.set_read_timeout(Some(POLL))?;
             }
             for topic in &names {
-                self.shared.catch_up(cmd, &mut topics, topic)?;
+                match self.shared.catch_up(cmd, &mut topics, topic) {
+                    Err(e) if connection_lost(&e) => return Err(e),
+                    // One topic whose keys Redis cannot read must not keep the node down.
+                    Err(e) => tracing::warn!(topic, error = %e, "cannot catch up on a topic"),
+                    Ok(()) => {}
+                }
             }
         }
         self.shared.set_up(true, true);
@@ -411,7 +431,10 @@ impl Listener {
             match pubsub.get_message() {
                 Ok(msg) => {
                     let channel = msg.get_channel_name().to_string();
-                    let payload: String = msg.get_payload()?;
+                    let Ok(payload) = msg.get_payload::<String>() else {
+                        tracing::warn!(channel, "ignoring a message that is not UTF-8 text");
+                        continue;
+                    };
                     if let Some(topic) = channel.strip_prefix("gale:") {
                         let mut topics = self.shared.topics();
                         self.shared.forward(&mut topics, topic, &payload);
@@ -513,6 +536,7 @@ fn positions(
     let found: Vec<(u64, String)> = match redis::from_redis_value::<redis::RedisResult<_>>(answer) {
         Ok(Ok(found)) => found,
         Ok(Err(e)) if e.code() == Some(FULL) => return Err(PublishError::TooManyTopics.into()),
+        Ok(Err(e)) if is_transient(&e) => return Err(unavailable(&server_reason(&e))),
         Ok(Err(e)) => return Err(refused(server_reason(&e))),
         Err(e) => return Err(refused(format!("unexpected answer: {e}"))),
     };
@@ -527,6 +551,31 @@ fn server_reason(e: &redis::RedisError) -> String {
     match (e.code(), e.detail()) {
         (Some(code), Some(detail)) => format!("{code} {detail}"),
         _ => e.to_string(),
+    }
+}
+
+/// Whether Redis refused for a while rather than for good (loading its data, busy with a
+/// script, a replica or a primary without its replicas, out of memory): worth a retry, so 503.
+fn is_transient(e: &redis::RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("LOADING" | "BUSY" | "READONLY" | "MASTERDOWN" | "OOM" | "NOREPLICAS" | "TRYAGAIN")
+    )
+}
+
+/// Whether the connection to Redis is gone (and must be made again), as opposed to Redis
+/// answering one command with an error.
+fn connection_lost(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()
+}
+
+/// The answer to a request that failed on a Redis error: 503 when Redis is unreachable or
+/// refuses for a while, else 500 with what Redis said.
+fn redis_failed(e: &redis::RedisError) -> CommandError {
+    if connection_lost(e) || is_transient(e) {
+        unavailable(&server_reason(e))
+    } else {
+        CommandError::new(500, format!("Redis refused: {}", server_reason(e)))
     }
 }
 
@@ -687,7 +736,12 @@ impl Broker {
         for (topics, _, reply) in batch {
             match positions(topics, answers.next()) {
                 Ok(positions) => self.answer_published(reply, &positions),
-                Err(e) => self.answer_publish_error(reply, e),
+                Err(e) => {
+                    if e.code == 503 {
+                        self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.answer_publish_error(reply, e)
+                }
             }
         }
         Ok(())
@@ -726,9 +780,12 @@ impl Broker {
             }
             BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
                 if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
-                    // Every request gets an answer, even when Redis fails under it.
-                    self.reply_error(conn, &topic, id, unavailable("Redis failed"));
-                    return Err(e);
+                    // Every request gets an answer, even when Redis fails under it; only a
+                    // lost connection is made again.
+                    self.reply_error(conn, &topic, id, redis_failed(&e));
+                    if connection_lost(&e) {
+                        return Err(e);
+                    }
                 }
             }
             BrokerRequest::TopicInfo { topic, subscribers, reply } => {
@@ -737,9 +794,14 @@ impl Broker {
                     redis::pipe().get(seq_key).get(epoch_key).query(cmd);
                 let (seq, epoch) = match found {
                     Ok(v) => v,
-                    Err(e) => {
+                    Err(e) if connection_lost(&e) => {
                         self.refuse(BrokerRequest::TopicInfo { topic, subscribers, reply });
                         return Err(e);
+                    }
+                    Err(e) => {
+                        let e = redis_failed(&e);
+                        reply.respond(json_error(e.code, &e.reason));
+                        return Ok(());
                     }
                 };
                 reply.respond(HttpResponse::json(

@@ -131,11 +131,12 @@ impl Topics {
         }
     }
 
-    /// Whether `n` more topics would fit.
+    /// Whether `topics` (a topic listed twice counts once) would fit.
     pub fn room_for(&self, topics: &[String]) -> bool {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let new = topics.iter().filter(|t| !map.contains_key(t.as_str())).count();
-        map.len() + new <= self.max_topics
+        let new: std::collections::HashSet<&str> =
+            topics.iter().map(String::as_str).filter(|t| !map.contains_key(*t)).collect();
+        map.len() + new.len() <= self.max_topics
     }
 
     /// Publish `payload` to `topic`: number it, keep it in the history, and hand the delivery
@@ -391,6 +392,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         topics.sweep(|t| usize::from(t == "a"));
         assert_eq!(topics.len(), 1);
+        // A topic listed twice takes one place.
+        let limited = Topics::new(limits(3, None), 1);
+        assert!(limited.room_for(&["n".into(), "n".into()]));
+        assert!(!limited.room_for(&["n".into(), "m".into()]));
         assert!(topics.position("a").is_some());
         assert_eq!(
             topics.history_bytes(),
