@@ -206,6 +206,12 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual([(d["seq"], d["data"]) for d in got], [(i + 1, i) for i in range(3, 8)])
         await asyncio.to_thread(publish, self.nodes[0], "chat:move", 8)
         self.assertEqual((await c.delivery())["seq"], 9)
+        # Counted where they were answered: the recovery on node 2, the HTTP publishes on node 1
+        # (eight) and node 0 (one).
+        metrics = [(await asyncio.to_thread(http, n, "GET", "/metrics", None, None))[1] for n in self.nodes]
+        self.assertIn('gale_recoveries_total{result="recovered"} 1', metrics[2])
+        self.assertIn('gale_publishes_total{source="http"} 8', metrics[1])
+        self.assertIn('gale_publishes_total{source="http"} 1', metrics[0])
 
     async def test_a_subscribe_in_flight_is_not_doubled(self):
         for i in range(3):
@@ -307,6 +313,10 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((status, json.loads(text)["broker"]), (200, "up"), text)
         status, text = await asyncio.to_thread(http, node, "GET", "/metrics", None, None)
         self.assertIn("gale_broker_reconnects_total 0", text)
+        # Only what was published counts (two, a broadcast to two topics, one), and the
+        # refused subscription is a command error.
+        self.assertIn('gale_publishes_total{source="http"} 5', text)
+        self.assertIn("gale_command_errors_total 1", text)
 
     async def test_redis_restart(self):
         sub = await Client.open(self.nodes[0])

@@ -92,8 +92,7 @@ pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         Err(why) => return json_error(400, &why),
     };
     if let Some(b) = g.broker.get() {
-        // Cluster mode: answered once Redis has numbered it.
-        g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+        // Cluster mode: answered (and counted) once Redis has numbered it.
         let reply = PublishReply::Http(req.defer());
         // Refused requests are answered by `send` itself.
         b.send(BrokerRequest::Publish { topics: vec![topic], fragment: fragment(&payload), reply });
@@ -141,7 +140,6 @@ pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         }
     }
     if let Some(b) = g.broker.get() {
-        g.stats.http_publishes.fetch_add(body.topics.len() as u64, Ordering::Relaxed);
         let reply = PublishReply::Http(req.defer());
         let fragment = fragment(&Payload::Json(body.data.get()));
         b.send(BrokerRequest::Publish { topics: body.topics, fragment, reply });

@@ -35,7 +35,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 
 use super::api::json_error;
-use super::gateway::Client;
+use super::gateway::{Client, GatewayStats};
 use super::protocol::{CommandError, Reply, error_reply};
 use super::topics::{Position, PublishError};
 use serde_json::value::RawValue;
@@ -237,19 +237,21 @@ struct Forwarding {
 }
 
 /// Start the broker threads for Redis at `url`, keeping `history` messages per topic for `ttl`,
-/// and state for at most `max_topics` topics over the cluster.
+/// and state for at most `max_topics` topics over the cluster; counting into `stats`.
 pub fn start(
     url: &str,
     handle: ServerHandle,
     history: usize,
     ttl: Option<Duration>,
     max_topics: usize,
+    stats: Arc<GatewayStats>,
 ) -> Result<BrokerHandle, String> {
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
-    let shared = Arc::new(Shared { handle, status: status.clone(), topics: Mutex::new(HashMap::new()) });
+    let shared =
+        Arc::new(Shared { handle, status: status.clone(), stats, topics: Mutex::new(HashMap::new()) });
     let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
     std::thread::Builder::new()
         .name("gale-broker-listen".into())
@@ -268,6 +270,9 @@ pub fn start(
 struct Shared {
     handle: ServerHandle,
     status: Arc<BrokerStatus>,
+    /// The gateway's counters: publishes, recoveries and errors are counted when the broker
+    /// answers them.
+    stats: Arc<GatewayStats>,
     /// The topics this node listens to. Locked while a message is forwarded and while a
     /// subscription is set up, so that the two never interleave.
     topics: Mutex<HashMap<String, Forwarding>>,
@@ -887,6 +892,14 @@ impl Broker {
         };
         let mut reply =
             Reply::ok(id.as_deref(), "subscribe").str("topic", topic).str("epoch", &epoch).raw("seq", last);
+        let counter = match recovery {
+            None => None,
+            Some(Ok(())) => Some(&self.shared.stats.recovered),
+            Some(Err(_)) => Some(&self.shared.stats.not_recovered),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
         reply = match recovery {
             None => reply,
             Some(Ok(())) => reply.raw("recovered", true).raw("missed", replay.len()),
@@ -912,6 +925,7 @@ impl Broker {
 
     /// Answer a subscribe with an error; the topic is no longer pending for the connection.
     fn reply_error(&self, conn: ConnId, topic: &str, id: Option<Box<RawValue>>, e: CommandError) {
+        self.shared.stats.command_errors.fetch_add(1, Ordering::Relaxed);
         let name = topic.to_string();
         let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
             ws.data().pending.retain(|t| *t != name);
@@ -920,8 +934,10 @@ impl Broker {
     }
 
     fn answer_published(&self, reply: PublishReply, results: &[(String, u64, String)]) {
+        let stats = &self.shared.stats;
         match reply {
             PublishReply::Http(responder) => {
+                stats.http_publishes.fetch_add(results.len() as u64, Ordering::Relaxed);
                 let body = if results.len() == 1 {
                     let (topic, seq, epoch) = &results[0];
                     let subscribers = self.shared.handle.num_subscribers(topic);
@@ -936,6 +952,7 @@ impl Broker {
                 responder.respond(HttpResponse::json(200, body.to_string()));
             }
             PublishReply::Client(conn, id) => {
+                stats.client_publishes.fetch_add(1, Ordering::Relaxed);
                 let Some((topic, seq, epoch)) = results.first().cloned() else { return };
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
                     ws.send_text(
@@ -955,6 +972,7 @@ impl Broker {
         match reply {
             PublishReply::Http(responder) => responder.respond(json_error(e.code, &e.reason)),
             PublishReply::Client(conn, id) => {
+                self.shared.stats.command_errors.fetch_add(1, Ordering::Relaxed);
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
                     ws.send_text(&error_reply(id.as_deref(), &e));
                 });

@@ -43,7 +43,7 @@ pub struct Gateway {
     /// The running server (set once it is bound).
     pub handle: OnceLock<ServerHandle>,
     /// Counters.
-    pub stats: GatewayStats,
+    pub stats: Arc<GatewayStats>,
     /// The Redis broker, in cluster mode.
     pub broker: OnceLock<super::broker::BrokerHandle>,
 }
@@ -58,7 +58,7 @@ impl Gateway {
             topics,
             anonymous,
             handle: OnceLock::new(),
-            stats: GatewayStats::default(),
+            stats: Arc::default(),
             broker: OnceLock::new(),
         })
     }
@@ -292,7 +292,7 @@ impl Endpoint {
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
                     }
-                    g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
+                    // Counted by the broker once Redis has numbered it.
                     return Ok(());
                 }
                 let pos = g.publish(topic, &Payload::Json(data.get())).map_err(CommandError::from)?;

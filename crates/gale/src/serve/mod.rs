@@ -124,8 +124,15 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         tracing::info!("no API key configured: the HTTP publish API answers 403");
     }
     if let Some(url) = &s.broker {
-        let b = broker::start(url, handle.clone(), s.history.size, s.history.ttl, s.max_topics)
-            .map_err(invalid)?;
+        let b = broker::start(
+            url,
+            handle.clone(),
+            s.history.size,
+            s.history.ttl,
+            s.max_topics,
+            gateway.stats.clone(),
+        )
+        .map_err(invalid)?;
         let _ = gateway.broker.set(b);
         tracing::info!(broker = %url, "cluster mode: topics are shared through Redis");
     }
