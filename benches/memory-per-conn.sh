@@ -40,7 +40,8 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
 
 # One run: start a one-loop server, measure it idle, open N connections, measure again.
-# Prints "rss_delta slab_delta".
+# Sets MEASURED to "rss_delta slab_delta object_deltas…" (not echoed: a command substitution
+# would run it in a subshell, whose PIDs the clean-up would not see).
 measure() {
     local backend=$1 n=$2 port=$3
     "$R/gale" echo --port "$port" --threads 1 --compression off --backend "$backend" >/dev/null 2>&1 &
@@ -66,7 +67,7 @@ measure() {
     wait "$client" || true
     kill "$server"
     wait "$server" 2>/dev/null || true
-    echo "$((rss1 - rss0)) $((slab1 - slab0)) $(paste <(echo "$objs0" | tr '\t' '\n') \
+    MEASURED="$((rss1 - rss0)) $((slab1 - slab0)) $(paste <(echo "$objs0" | tr '\t' '\n') \
         <(echo "$objs1" | tr '\t' '\n') | awk '{ printf "%d ", $2 - $1 }')"
 }
 
@@ -75,7 +76,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for n in "$LOW" "$HIGH"; do
         for backend in epoll uring; do
             port=$((port + 1))
-            read -r rss slab objs < <(measure "$backend" "$n" "$port")
+            measure "$backend" "$n" "$port"
+            read -r rss slab objs <<< "$MEASURED"
             echo -e "$round\t$backend\t$n\t$rss\t$slab\t${objs// /\\t}" >> "$OUT"
             echo "round $round: $backend, $n connections: server RSS +$rss B, slab +$slab B" >&2
         done
