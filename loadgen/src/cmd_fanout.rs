@@ -48,30 +48,22 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let until = from + Duration::from_secs_f64(c.duration);
     let mut samples = Samples::default();
     let pids = &c.server_pid;
-    let (published, publish_errors) = if publish_url.starts_with("https://") {
-        let tls = crate::tls::client_config(c.insecure, c.ca_file.as_deref())?;
+    let (published, publish_errors) = if publish_url.starts_with("http://")
+        || publish_url.starts_with("https://")
+    {
+        let tls = (publish_url.starts_with("https://"))
+            .then(|| crate::tls::client_config(c.insecure, c.ca_file.as_deref()))
+            .transpose()?;
         subs.go(from, until + drain);
         let (url, key, topic, size, rate) =
             (publish_url.clone(), args.api_key.clone(), args.topic.clone(), args.size, args.rate);
-        let publisher = std::thread::spawn(move || {
-            https_publisher(&url, tls, key.as_deref(), proto, &topic, size, rate, from, until)
+        let publisher = std::thread::spawn(move || match tls {
+            Some(tls) => https_publisher(&url, tls, key.as_deref(), proto, &topic, size, rate, from, until),
+            None => http_publisher(&url, key.as_deref(), proto, &topic, size, rate, from, until),
         });
         subs.wait(from, until + drain, "fan-out", || samples.start(pids));
         samples.end(pids);
-        publisher.join().map_err(|_| "the HTTPS publisher panicked")??
-    } else if publish_url.starts_with("http://") {
-        subs.go(from, until + drain);
-        let per = args.rate;
-        let topic = args.topic.clone();
-        let size = args.size;
-        let url = publish_url.clone();
-        let key = args.api_key.clone();
-        let publisher = std::thread::spawn(move || {
-            http_publisher(&url, key.as_deref(), proto, &topic, size, per, from, until)
-        });
-        subs.wait(from, until + drain, "fan-out", || samples.start(pids));
-        samples.end(pids);
-        publisher.join().map_err(|_| "the HTTP publisher panicked")??
+        publisher.join().map_err(|_| "the HTTP(S) publisher panicked")??
     } else {
         let mut pub_common = c.clone();
         pub_common.url = vec![publish_url.clone()];
@@ -176,15 +168,13 @@ fn http_publisher(
     until: Instant,
 ) -> Result<(u64, u64), String> {
     let mut requests = PublishRequests::new(url, "http://", api_key, proto, topic, size)?;
-    let authority = requests.authority.clone();
-    let authority = authority.as_str();
     let interval = Duration::from_secs_f64(1.0 / rate);
     let (mut published, mut errors) = (0u64, 0u64);
     let mut due = Instant::now();
     // One connection at a time; a broken one is replaced and its unanswered requests count
     // as failed.
     while due < until {
-        let stream = match TcpStream::connect(authority) {
+        let stream = match TcpStream::connect(requests.authority.as_str()) {
             Ok(s) => s,
             Err(_) => {
                 errors += 1;

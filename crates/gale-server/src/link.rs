@@ -10,7 +10,7 @@ use crate::app::ServerHandle;
 use crate::behavior::{BackpressurePolicy, Behavior};
 use crate::compress::SharedCodecs;
 use crate::pubsub::{ConnId, LoopTopics};
-use crate::tls::{TlsSession, WriteEnd, write_some};
+use crate::tls::TlsSession;
 
 /// Output buffers are flushed early once this many unsent bytes accumulate while the kernel is
 /// taking everything: a handler that sends a lot in one go does not build a large buffer.
@@ -386,30 +386,11 @@ impl Link {
     }
 
     fn write_vectored(&mut self, head: &[u8], body: &[u8]) -> usize {
-        let mut written = 0;
-        let total = head.len() + body.len();
-        while written < total {
-            let result = if written < head.len() {
-                (&self.stream).write_vectored(&[IoSlice::new(&head[written..]), IoSlice::new(body)])
-            } else {
-                (&self.stream).write(&body[written - head.len()..])
-            };
-            match result {
-                Ok(0) => {
-                    self.broken = true;
-                    break;
-                }
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.blocked = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.broken = true;
-                    break;
-                }
-            }
+        let (written, end) = write_some(&self.stream, head, body);
+        match end {
+            WriteEnd::Done => {}
+            WriteEnd::Blocked => self.blocked = true,
+            WriteEnd::Broken => self.broken = true,
         }
         written
     }
@@ -429,7 +410,7 @@ impl Link {
             }
             None => &mut self.out,
         };
-        let (written, end) = write_some(&self.stream, buf);
+        let (written, end) = write_some(&self.stream, &[], buf);
         match end {
             WriteEnd::Done => {
                 buf.clear();
@@ -486,4 +467,38 @@ impl Link {
             None => (CloseCode::ABNORMAL, String::new()),
         }
     }
+}
+
+/// Write `head` then `body` (one `writev` while both have bytes left) as far as the kernel
+/// takes them; returns the number of bytes written, and whether the socket refused more
+/// (`WouldBlock`) or failed.
+fn write_some(stream: &TcpStream, head: &[u8], body: &[u8]) -> (usize, WriteEnd) {
+    let mut written = 0;
+    let total = head.len() + body.len();
+    while written < total {
+        let result = if written < head.len() {
+            (&*stream).write_vectored(&[IoSlice::new(&head[written..]), IoSlice::new(body)])
+        } else {
+            (&*stream).write(&body[written - head.len()..])
+        };
+        match result {
+            Ok(0) => return (written, WriteEnd::Broken),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (written, WriteEnd::Blocked),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return (written, WriteEnd::Broken),
+        }
+    }
+    (written, WriteEnd::Done)
+}
+
+/// How a [`write_some`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WriteEnd {
+    /// Everything was written.
+    Done,
+    /// The kernel refused the rest for now.
+    Blocked,
+    /// The socket failed.
+    Broken,
 }

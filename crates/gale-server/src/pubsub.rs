@@ -155,7 +155,7 @@ impl Registry {
     }
 
     /// Count a subscriber of `topic` on loop `index` now, for a connection the loop will add
-    /// when it gets the task `post` sends (see [`LoopTopics::attach`]). Under the write lock:
+    /// when it gets the task `post` sends (see [`LoopTopics::settle_prepared`]). Under the write lock:
     /// a publish numbered after the serial handed to `post` is routed after `post` ran, so its
     /// task follows the subscription's in the loop's mailbox.
     pub(crate) fn prepare(&self, topic: &Arc<str>, index: usize, post: impl FnOnce(Arc<TopicGlobal>, u64)) {
@@ -296,28 +296,29 @@ impl LoopTopics {
         }
     }
 
-    /// Add connection `key` to a topic counted by [`Registry::prepare`] on another thread;
-    /// returns false (and takes the count back) if it already was a subscriber.
-    pub(crate) fn attach(&mut self, name: Arc<str>, global: Arc<TopicGlobal>, key: u32, since: u64) -> bool {
+    /// A subscription counted by [`Registry::prepare`] on another thread reached this loop:
+    /// add connection `key` to the topic, or take the count back if the connection is gone
+    /// (`None`, no longer an open WebSocket) or already a subscriber.
+    pub(crate) fn settle_prepared(
+        &mut self,
+        name: Arc<str>,
+        global: Arc<TopicGlobal>,
+        key: Option<u32>,
+        since: u64,
+    ) {
         global.pending[self.index].fetch_sub(1, Ordering::SeqCst);
-        let local = self
-            .topics
-            .entry(name.clone())
-            .or_insert_with(|| LocalTopic { global: global.clone(), subscribers: HashMap::new() });
-        if local.subscribers.contains_key(&key) {
-            self.uncount(&name, &global);
-            return false;
+        if let Some(key) = key {
+            let local = self
+                .topics
+                .entry(name.clone())
+                .or_insert_with(|| LocalTopic { global: global.clone(), subscribers: HashMap::new() });
+            if let std::collections::hash_map::Entry::Vacant(slot) = local.subscribers.entry(key) {
+                slot.insert(since);
+                self.by_conn.entry(key).or_default().push(name);
+                return;
+            }
         }
-        local.subscribers.insert(key, since);
-        self.by_conn.entry(key).or_default().push(name);
-        true
-    }
-
-    /// Take back a count made by [`Registry::prepare`] for a connection that is gone (or was
-    /// already subscribed).
-    pub(crate) fn release(&mut self, topic: &str, global: &TopicGlobal) {
-        global.pending[self.index].fetch_sub(1, Ordering::SeqCst);
-        self.uncount(topic, global);
+        self.uncount(&name, &global);
     }
 
     /// Take one subscriber off `topic`'s count, and stop routing it here if none is left.

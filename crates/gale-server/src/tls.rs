@@ -8,7 +8,7 @@
 //! can be reloaded while running ([`crate::ServerHandle::reload_tls`], wired to SIGHUP by
 //! `gale`): new handshakes get the new certificate, open connections keep theirs.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -211,31 +211,4 @@ impl TlsSession {
             self.seal(&mut Vec::new());
         }
     }
-}
-
-/// Write as much of `buf` as the kernel takes; returns the number of bytes written, and
-/// whether the socket refused more (`WouldBlock`) or failed.
-pub(crate) fn write_some(stream: &std::net::TcpStream, buf: &[u8]) -> (usize, WriteEnd) {
-    let mut written = 0;
-    while written < buf.len() {
-        match (&*stream).write(&buf[written..]) {
-            Ok(0) => return (written, WriteEnd::Broken),
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (written, WriteEnd::Blocked),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return (written, WriteEnd::Broken),
-        }
-    }
-    (written, WriteEnd::Done)
-}
-
-/// How a [`write_some`] ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum WriteEnd {
-    /// Everything was written.
-    Done,
-    /// The kernel refused the rest for now.
-    Blocked,
-    /// The socket failed.
-    Broken,
 }

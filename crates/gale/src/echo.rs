@@ -158,13 +158,14 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         .get("/healthz", |_req: &HttpRequest<'_>| HttpResponse::text(200, "ok\n"))
         .ws("/*", behavior, Echo { protocols: args.protocols })
         .listen((args.host, args.port))?;
-    server.handle().shutdown_on_signals()?;
-    if server.handle().is_tls() {
-        server.handle().reload_tls_on_sighup()?;
+    let handle = server.handle();
+    handle.shutdown_on_signals()?;
+    if handle.is_tls() {
+        handle.reload_tls_on_sighup()?;
     }
     let backend = server.backend();
     let addr = server.local_addr();
-    let scheme = if server.handle().is_tls() { "wss" } else { "ws" };
+    let scheme = if handle.is_tls() { "wss" } else { "ws" };
     // Announce only once every loop is set up and accepting.
     let running = server.spawn()?;
     let mut stdout = std::io::stdout();

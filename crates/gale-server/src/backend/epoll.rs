@@ -362,12 +362,10 @@ impl EpollLoop {
                         self.touched.push(key);
                     }
                 }
-                Ok(Task::Subscribe(id, name, global, since)) => match self.key_of(id) {
-                    Some(key) if self.conns[key].is_open_ws() => {
-                        self.env.pool.topics.attach(name, global, key as u32, since);
-                    }
-                    _ => self.env.pool.topics.release(&name, &global),
-                },
+                Ok(Task::Subscribe(id, name, global, since)) => {
+                    let key = self.key_of(id).filter(|&k| self.conns[k].is_open_ws());
+                    self.env.pool.topics.settle_prepared(name, global, key.map(|k| k as u32), since);
+                }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }

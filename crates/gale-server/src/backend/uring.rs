@@ -713,12 +713,10 @@ impl UringLoop {
                         self.settle(key);
                     }
                 }
-                Ok(Task::Subscribe(id, name, global, since)) => match self.key_of(id) {
-                    Some(key) if self.conns[key].conn.is_open_ws() => {
-                        self.env.pool.topics.attach(name, global, key as u32, since);
-                    }
-                    _ => self.env.pool.topics.release(&name, &global),
-                },
+                Ok(Task::Subscribe(id, name, global, since)) => {
+                    let key = self.key_of(id).filter(|&k| self.conns[k].conn.is_open_ws());
+                    self.env.pool.topics.settle_prepared(name, global, key.map(|k| k as u32), since);
+                }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
             }
         }

@@ -303,7 +303,7 @@ pub fn test_backend() -> gale_server::Backend {
 
 /// `GALE_SEND_ZC`: on io_uring, sends of at least this many bytes are zero-copy (the test
 /// command runs the suites once with every send zero-copy).
-fn test_send_zc() -> usize {
+pub fn test_send_zc() -> usize {
     std::env::var("GALE_SEND_ZC").map_or(0, |b| b.parse().expect("GALE_SEND_ZC"))
 }
 

@@ -37,7 +37,7 @@ use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 use super::api::json_error;
 use super::gateway::{Client, GatewayStats};
 use super::protocol::{CommandError, Reply, error_reply};
-use super::topics::{Position, PublishError};
+use super::topics::{Position, PublishError, new_epoch};
 use serde_json::value::RawValue;
 
 /// How long a Redis command may take before the broker counts Redis as unreachable.
@@ -236,6 +236,17 @@ struct Forwarding {
     last: u64,
 }
 
+impl Forwarding {
+    /// The topic's epoch in Redis is `epoch`: if that is a new one (Redis lost the topic's
+    /// state), forward it from its first message.
+    fn set_epoch(&mut self, epoch: &str) {
+        if self.epoch != epoch {
+            self.epoch = epoch.to_string();
+            self.last = 0;
+        }
+    }
+}
+
 /// Start the broker threads for Redis at `url`, keeping `history` messages per topic for `ttl`,
 /// and state for at most `max_topics` topics over the cluster; counting into `stats`.
 pub fn start(
@@ -287,11 +298,7 @@ impl Shared {
     fn forward(&self, topics: &mut HashMap<String, Forwarding>, topic: &str, delivery: &str) {
         let Some((epoch, seq)) = position_of(delivery) else { return };
         let Some(f) = topics.get_mut(topic) else { return };
-        if f.epoch != epoch {
-            // Redis lost the topic's state and started a new epoch.
-            f.epoch = epoch;
-            f.last = 0;
-        }
+        f.set_epoch(&epoch);
         if seq > f.last {
             f.last = seq;
             self.handle.publish_text(topic, delivery);
@@ -309,11 +316,8 @@ impl Shared {
         let (_, log, epoch_key, _) = keys(topic);
         // Redis may have lost the topic meanwhile and started a new epoch: forward it from 1.
         let current: Option<String> = redis::cmd("GET").arg(&epoch_key).query(cmd)?;
-        if let (Some(e), Some(f)) = (current, topics.get_mut(topic))
-            && f.epoch != e
-        {
-            f.epoch = e;
-            f.last = 0;
+        if let (Some(e), Some(f)) = (current, topics.get_mut(topic)) {
+            f.set_epoch(&e);
         }
         let from = topics.get(topic).map_or(0, |f| f.last) + 1;
         read_log(cmd, &log, from, None, |_, d| {
@@ -384,10 +388,7 @@ impl Listener {
     fn connect(&self) -> redis::RedisResult<(redis::Connection, redis::Connection)> {
         let sub = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
         sub.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        let cmd = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
-        cmd.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        cmd.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        Ok((sub, cmd))
+        Ok((sub, command_connection(&self.client)?))
     }
 
     fn serve(&self, pubsub: &mut redis::PubSub<'_>, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
@@ -450,6 +451,14 @@ impl Listener {
             }
         }
     }
+}
+
+/// A connection for commands, whose every command times out after [`COMMAND_TIMEOUT`].
+fn command_connection(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
+    let cmd = client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
+    cmd.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+    cmd.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+    Ok(cmd)
 }
 
 /// Entries of a topic's log read per round trip: a replay or a catch-up holds at most this many
@@ -654,9 +663,7 @@ impl Broker {
     }
 
     fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let mut cmd = self.client.get_connection_with_timeout(COMMAND_TIMEOUT)?;
-        cmd.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        cmd.set_write_timeout(Some(COMMAND_TIMEOUT))?;
+        let mut cmd = command_connection(&self.client)?;
         redis::cmd("PING").query::<String>(&mut cmd)?;
         Ok(cmd)
     }
@@ -756,14 +763,14 @@ impl Broker {
     fn publish_script(&self, topics: &[String], fragment: &str) -> redis::Cmd {
         let mut script = redis::cmd("EVAL");
         script.arg(PUBLISH_LUA).arg(1 + topics.len() * 3).arg(REGISTRY);
-        for topic in topics {
-            let (seq_key, log, epoch_key, _) = keys(topic);
+        let keyed: Vec<_> = topics.iter().map(|t| keys(t)).collect();
+        for (seq_key, log, epoch_key, _) in &keyed {
             script.arg(seq_key).arg(log).arg(epoch_key);
         }
         script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(self.max_topics);
-        for topic in topics {
+        for (topic, (_, _, _, channel)) in topics.iter().zip(&keyed) {
             let json = serde_json::to_string(topic).unwrap_or_default();
-            script.arg(topic).arg(json).arg(keys(topic).3).arg(new_epoch());
+            script.arg(topic).arg(json).arg(channel).arg(new_epoch());
         }
         script
     }
@@ -864,14 +871,8 @@ impl Broker {
             && topics.get(topic).is_some_and(|f| f.epoch != p.epoch || p.seq > f.last)
         {
             // The client may have seen (on another node) messages this node has not forwarded
-            // yet: bring this node up to date from Redis first, then judge its position.
-            let current: Option<String> = redis::cmd("GET").arg(&epoch_key).query(cmd)?;
-            if let (Some(e), Some(f)) = (current, topics.get_mut(topic))
-                && f.epoch != e
-            {
-                f.epoch = e;
-                f.last = 0;
-            }
+            // yet: bring this node up to date from Redis (epoch included) first, then judge its
+            // position.
             shared.catch_up(cmd, &mut topics, topic)?;
         }
         let f = &topics[topic];
@@ -996,13 +997,6 @@ impl Broker {
             }
         }
     }
-}
-
-/// A fresh epoch for a topic's first publish.
-fn new_epoch() -> String {
-    let mut b = [0u8; 8];
-    let _ = getrandom::fill(&mut b);
-    format!("{:016x}", u64::from_le_bytes(b))
 }
 
 #[cfg(test)]

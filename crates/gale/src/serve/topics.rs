@@ -296,7 +296,7 @@ impl Topics {
 }
 
 /// A fresh epoch: 64 random bits in hex.
-fn new_epoch() -> String {
+pub(super) fn new_epoch() -> String {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
         // Unique enough without randomness: the clock.
