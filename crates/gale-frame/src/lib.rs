@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod ascii;
 pub mod close;
 pub mod decode;
 pub mod deflate;
