@@ -93,8 +93,14 @@ pub struct ServerConfig {
     /// io_uring: provided receive buffers per loop (a power of two, at most 32768) ...
     pub uring_buffers: u16,
     /// ... and their size. They are allocated untouched and become resident as data lands in
-    /// them; a receive completes with at most one buffer.
+    /// them; a receive completes with at most one buffer (or what is left of it).
     pub uring_buffer_size: usize,
+    /// io_uring: the kernel fills each receive buffer piece by piece (`IOU_PBUF_RING_INC`,
+    /// Linux 6.12), so that many small receives share a buffer and a few large buffers serve
+    /// a loop; the ring stays small enough to stay in the CPU's cache. Where the kernel lacks
+    /// it, or when off, each receive takes a whole buffer, and a ring asked to be incremental
+    /// falls back to at least 512 buffers of at most 16 KiB.
+    pub uring_incremental: bool,
     /// io_uring: sends of at least this many bytes are zero-copy (`SEND_ZC`: the kernel
     /// reads the buffer in place instead of copying it); 0 turns it off. Off by default: over
     /// loopback the kernel copies anyway, and zero-copy measured slower (docs/BENCHMARKS.md).
@@ -115,8 +121,9 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_body: 1 << 20,
             recv_buffer: 512 * 1024,
-            uring_buffers: 512,
-            uring_buffer_size: 16 * 1024,
+            uring_buffers: 32,
+            uring_buffer_size: 64 * 1024,
+            uring_incremental: true,
             uring_send_zc: 0,
             shutdown_timeout: Duration::from_secs(5),
             backlog: 4096,
@@ -176,6 +183,15 @@ impl App {
     /// Choose the event-loop implementation.
     pub fn backend(mut self, backend: Backend) -> Self {
         self.config.backend = backend;
+        self
+    }
+
+    /// io_uring: `count` provided receive buffers of `size` bytes per loop, filled piece by
+    /// piece when `incremental`. See [`ServerConfig::uring_incremental`].
+    pub fn uring_receive_buffers(mut self, count: u16, size: usize, incremental: bool) -> Self {
+        self.config.uring_buffers = count;
+        self.config.uring_buffer_size = size;
+        self.config.uring_incremental = incremental;
         self
     }
 
@@ -391,6 +407,7 @@ pub(crate) struct LoopStats {
     pub(crate) bytes_out: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) zero_copy_sends: AtomicU64,
+    pub(crate) receive_buffer_shortages: AtomicU64,
 }
 
 impl LoopStats {
@@ -403,6 +420,7 @@ impl LoopStats {
         self.bytes_out.store(c.bytes_out, Ordering::Relaxed);
         self.dropped.store(c.dropped, Ordering::Relaxed);
         self.zero_copy_sends.store(c.zero_copy_sends, Ordering::Relaxed);
+        self.receive_buffer_shortages.store(c.receive_buffer_shortages, Ordering::Relaxed);
     }
 }
 
@@ -423,6 +441,9 @@ pub struct LoopSnapshot {
     pub dropped: u64,
     /// io_uring: sends made zero-copy (`ServerConfig::uring_send_zc`).
     pub zero_copy_sends: u64,
+    /// io_uring: receives that found every provided buffer in use (the connection waits for
+    /// the loop to hand buffers back, its data staying in the socket meanwhile).
+    pub receive_buffer_shortages: u64,
 }
 
 struct HandleInner {
@@ -478,6 +499,7 @@ impl ServerHandle {
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
             zero_copy_sends: s.zero_copy_sends.load(Ordering::Relaxed),
+            receive_buffer_shortages: s.receive_buffer_shortages.load(Ordering::Relaxed),
         }
     }
 

@@ -78,6 +78,8 @@ pub(crate) struct Counters {
     pub(crate) dropped: u64,
     /// Sends submitted zero-copy (io_uring).
     pub(crate) zero_copy_sends: u64,
+    /// Receives that ended for want of a provided buffer (io_uring).
+    pub(crate) receive_buffer_shortages: u64,
 }
 
 /// What a loop lends its connections: a pool of output buffers (a connection borrows one while

@@ -48,11 +48,15 @@ pub struct EchoArgs {
     #[arg(long, value_name = "BYTES")]
     compress_min_size: Option<usize>,
     /// io_uring: provided receive buffers per loop (a power of two).
-    #[arg(long, default_value_t = 512, value_name = "N", hide_short_help = true)]
+    #[arg(long, default_value_t = 32, value_name = "N", hide_short_help = true)]
     uring_buffers: u16,
     /// io_uring: size of each provided receive buffer.
-    #[arg(long, default_value_t = 16 * 1024, value_name = "BYTES", hide_short_help = true)]
+    #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES", hide_short_help = true)]
     uring_buffer_size: usize,
+    /// io_uring: each receive takes a whole buffer (the kernel's default), instead of
+    /// filling buffers piece by piece.
+    #[arg(long, hide_short_help = true)]
+    uring_whole_buffers: bool,
     /// io_uring: sends of at least this many bytes are zero-copy (SEND_ZC); 0 = never.
     #[arg(long, default_value_t = 0, value_name = "BYTES", hide_short_help = true)]
     uring_send_zc: usize,
@@ -135,6 +139,7 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         backend: args.backend.into(),
         uring_buffers: args.uring_buffers,
         uring_buffer_size: args.uring_buffer_size,
+        uring_incremental: !args.uring_whole_buffers,
         uring_send_zc: args.uring_send_zc,
         ..ServerConfig::default()
     };

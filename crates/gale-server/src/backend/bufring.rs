@@ -4,8 +4,15 @@
 //! the bytes in place and hand the buffer back. No connection owns a receive buffer: a loop's
 //! ring serves all of them.
 //!
+//! In incremental mode (`IOU_PBUF_RING_INC`, Linux 6.12) the kernel fills a buffer piece by
+//! piece: each receive takes what is waiting, up to what is left of the buffer at the head of
+//! the ring, and the next receive continues where it stopped, so a large buffer packs many
+//! small receives and still takes a large one whole. A completion flagged `BUF_MORE` leaves the
+//! buffer with the kernel; the one without it hands the buffer back to us.
+//!
 //! Ownership: a buffer belongs to the kernel from the moment it is published in the ring until
-//! a completion names it; then it is ours until [`BufRing::recycle`] publishes it again. The
+//! a completion names it; then the bytes it names are ours until [`BufRing::release`], which
+//! publishes the buffer again unless the kernel keeps filling it past those bytes. The
 //! memory of the ring and of the buffers lives as long as this value, which the loop drops
 //! only after the io_uring instance it was registered with.
 
@@ -18,6 +25,9 @@ use io_uring::types::BufRingEntry;
 /// Page alignment the kernel requires for the ring of entries.
 const PAGE: usize = 4096;
 
+/// `IOU_PBUF_RING_INC`: the kernel consumes each buffer piece by piece.
+const INCREMENTAL: u16 = 2;
+
 pub(crate) struct BufRing {
     /// The entries the kernel reads: `entries` slots, the tail overlaid on the first one.
     ring: *mut BufRingEntry,
@@ -29,14 +39,17 @@ pub(crate) struct BufRing {
     buf_size: usize,
     /// Our copy of the tail: how many buffers were ever published.
     tail: u16,
+    /// Incremental mode: where the next completion naming each buffer starts. Empty when
+    /// every completion starts at its buffer's start.
+    filled: Box<[u32]>,
     /// Buffer group id.
     pub(crate) bgid: u16,
 }
 
 impl BufRing {
     /// Allocate `entries` (a power of two, at most 32768) buffers of `buf_size` bytes and
-    /// publish them all.
-    pub(crate) fn new(entries: u16, buf_size: usize, bgid: u16) -> io::Result<BufRing> {
+    /// publish them all; `incremental` for piece-by-piece consumption.
+    pub(crate) fn new(entries: u16, buf_size: usize, bgid: u16, incremental: bool) -> io::Result<BufRing> {
         if !entries.is_power_of_two() || entries > 32768 || buf_size == 0 || buf_size > u32::MAX as usize {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad provided-buffer ring size"));
         }
@@ -53,7 +66,9 @@ impl BufRing {
         if ring.is_null() || bufs.is_null() {
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate receive buffers"));
         }
-        let mut r = BufRing { ring, ring_layout, bufs, bufs_layout, entries, buf_size, tail: 0, bgid };
+        let filled = if incremental { vec![0; entries as usize].into_boxed_slice() } else { Box::default() };
+        let mut r =
+            BufRing { ring, ring_layout, bufs, bufs_layout, entries, buf_size, tail: 0, filled, bgid };
         for bid in 0..entries {
             r.publish(bid);
         }
@@ -61,27 +76,47 @@ impl BufRing {
         Ok(r)
     }
 
-    /// Register the ring with `ring`'s kernel instance.
+    /// Register the ring with `ring`'s kernel instance; fails if the kernel lacks provided
+    /// buffer rings, or incremental mode when this ring uses it.
     pub(crate) fn register(&self, submitter: &io_uring::Submitter<'_>) -> io::Result<()> {
+        let flags = if self.is_incremental() { INCREMENTAL } else { 0 };
         // SAFETY: the ring memory is page aligned, holds `entries` entries, and lives until
         // this value is dropped, which the loop does after dropping the io_uring instance.
-        unsafe { submitter.register_buf_ring_with_flags(self.ring as u64, self.entries, self.bgid, 0) }
+        unsafe { submitter.register_buf_ring_with_flags(self.ring as u64, self.entries, self.bgid, flags) }
     }
 
-    /// The bytes a completion put in buffer `bid`.
+    /// Whether receives fill buffers piece by piece.
+    pub(crate) fn is_incremental(&self) -> bool {
+        !self.filled.is_empty()
+    }
+
+    /// The `len` bytes a completion put in buffer `bid`.
     ///
-    /// The buffer is ours until [`recycle`](BufRing::recycle); `len` comes from the kernel's
-    /// completion and is at most the buffer size.
+    /// They are ours until [`release`](BufRing::release); `len` comes from the kernel's
+    /// completion and is at most what is left of the buffer.
     pub(crate) fn get(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        assert!(bid < self.entries && len <= self.buf_size, "completion names a buffer we do not have");
-        // SAFETY: `bid` is in range, so the slice lies inside the buffers allocation; the kernel
-        // gave this buffer to us with the completion and does not touch it until we publish
-        // it again, and `&mut self` keeps us from handing it out twice.
-        unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * self.buf_size), len) }
+        let start = self.filled.get(bid as usize).map_or(0, |&f| f as usize);
+        assert!(
+            bid < self.entries && start + len <= self.buf_size,
+            "completion names a buffer we do not have"
+        );
+        // SAFETY: `bid` is in range and `start + len` within the buffer, so the slice lies
+        // inside the buffers allocation; the kernel gave these bytes to us with the completion
+        // and writes only past them until we publish the buffer again (and, in incremental
+        // mode, only after them), and `&mut self` keeps us from handing them out twice.
+        unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * self.buf_size + start), len) }
     }
 
-    /// Give buffer `bid` back to the kernel.
-    pub(crate) fn recycle(&mut self, bid: u16) {
+    /// We are done with the `len` bytes a completion with `flags` put in buffer `bid`: give
+    /// the buffer back to the kernel, unless the kernel keeps filling it (`BUF_MORE`).
+    pub(crate) fn release(&mut self, bid: u16, len: usize, flags: u32) {
+        if let Some(filled) = self.filled.get_mut(bid as usize) {
+            if io_uring::cqueue::buffer_more(flags) {
+                *filled += len as u32;
+                return;
+            }
+            *filled = 0;
+        }
         self.publish(bid);
         self.commit();
     }
