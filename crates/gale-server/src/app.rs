@@ -90,16 +90,17 @@ pub struct ServerConfig {
     pub max_body: usize,
     /// Size of each loop's receive buffer.
     pub recv_buffer: usize,
-    /// io_uring: provided receive buffers per loop (a power of two, at most 32768) ...
-    pub uring_buffers: u16,
-    /// ... and their size. They are allocated untouched and become resident as data lands in
-    /// them; a receive completes with at most one buffer (or what is left of it).
-    pub uring_buffer_size: usize,
+    /// io_uring: provided receive buffers per loop (a power of two, at most 32768); `None`:
+    /// 32 when they are filled piece by piece, 512 when each receive takes a whole buffer ...
+    pub uring_buffers: Option<u16>,
+    /// ... and their size; `None`: 64 KiB piece by piece, 16 KiB whole. They are allocated
+    /// untouched and become resident as data lands in them.
+    pub uring_buffer_size: Option<usize>,
     /// io_uring: the kernel fills each receive buffer piece by piece (`IOU_PBUF_RING_INC`,
-    /// Linux 6.12), so that many small receives share a buffer and a few large buffers serve
-    /// a loop; the ring stays small enough to stay in the CPU's cache. Where the kernel lacks
-    /// it, or when off, each receive takes a whole buffer, and a ring asked to be incremental
-    /// falls back to at least 512 buffers of at most 16 KiB.
+    /// Linux 6.12): a receive takes what is waiting, up to what is left of the buffer, and the
+    /// next continues after it, so small receives share a buffer, a large one still arrives
+    /// whole, and a small ring (one that stays in the CPU's cache) serves a loop. Where the
+    /// kernel lacks it, or when off, each receive takes a whole buffer.
     pub uring_incremental: bool,
     /// io_uring: sends of at least this many bytes are zero-copy (`SEND_ZC`: the kernel
     /// reads the buffer in place instead of copying it); 0 turns it off. Off by default: over
@@ -121,8 +122,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_body: 1 << 20,
             recv_buffer: 512 * 1024,
-            uring_buffers: 32,
-            uring_buffer_size: 64 * 1024,
+            uring_buffers: None,
+            uring_buffer_size: None,
             uring_incremental: true,
             uring_send_zc: 0,
             shutdown_timeout: Duration::from_secs(5),
@@ -189,8 +190,8 @@ impl App {
     /// io_uring: `count` provided receive buffers of `size` bytes per loop, filled piece by
     /// piece when `incremental`. See [`ServerConfig::uring_incremental`].
     pub fn uring_receive_buffers(mut self, count: u16, size: usize, incremental: bool) -> Self {
-        self.config.uring_buffers = count;
-        self.config.uring_buffer_size = size;
+        self.config.uring_buffers = Some(count);
+        self.config.uring_buffer_size = Some(size);
         self.config.uring_incremental = incremental;
         self
     }

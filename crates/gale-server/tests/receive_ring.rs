@@ -1,13 +1,16 @@
 //! io_uring's ring of provided receive buffers, made far too small for the traffic: many
 //! connections send bursts of mixed-size text at once, so receives find every buffer in use
 //! (and wait), and, in incremental mode, share buffers and continue where another stopped.
-//! Every echo must still come back whole and in order. Runs only where the backend under test
-//! resolves to io_uring.
+//! Every echo must still come back whole and in order, also after connections vanished in
+//! the middle of their bursts. Runs only where the backend under test resolves to io_uring.
 
 mod common;
 
+use std::io::Write;
+
 use common::{Log, Recorder, TestServer};
-use gale_server::{App, Backend, Behavior};
+use gale_frame::{FrameSpec, OpCode, append_frame};
+use gale_server::{App, Backend, Behavior, Message};
 
 const CLIENTS: usize = 24;
 const MESSAGES: usize = 40;
@@ -26,15 +29,20 @@ fn text(client: usize, seq: usize) -> String {
     s
 }
 
-fn echo_through(count: u16, size: usize, incremental: bool) -> u64 {
+/// A one-loop echo server whose ring is `ring`: buffers, their size and whether
+/// incremental; the defaults if `None`.
+fn server(ring: Option<(u16, usize, bool)>) -> TestServer {
     let log = Log::new();
     let behavior = Behavior { max_backpressure: 16 << 20, ..Behavior::default() };
-    let app = App::new().threads(1).uring_receive_buffers(count, size, incremental).ws(
-        "/ws",
-        behavior,
-        Recorder::echo(&log),
-    );
-    let server = TestServer::start(app);
+    let mut app = App::new().threads(1);
+    if let Some((count, size, incremental)) = ring {
+        app = app.uring_receive_buffers(count, size, incremental);
+    }
+    TestServer::start(app.ws("/ws", behavior, Recorder::echo(&log)))
+}
+
+/// Every client sends all its messages, then reads every echo.
+fn exchange(server: &TestServer) {
     let mut clients: Vec<_> = (0..CLIENTS).map(|_| server.connect("/ws")).collect();
     for (c, client) in clients.iter_mut().enumerate() {
         for seq in 0..MESSAGES {
@@ -46,10 +54,16 @@ fn echo_through(count: u16, size: usize, incremental: bool) -> u64 {
             assert_eq!(client.expect_text(), text(c, seq), "client {c}, message {seq}");
         }
     }
-    let shortages = server.handle.loop_stats(0).receive_buffer_shortages;
     for client in clients {
         client.close_normally();
     }
+}
+
+/// One exchange through a fresh server; returns how often its ring ran dry.
+fn echo_through(ring: Option<(u16, usize, bool)>) -> u64 {
+    let server = server(ring);
+    exchange(&server);
+    let shortages = server.handle.loop_stats(0).receive_buffer_shortages;
     server.stop();
     shortages
 }
@@ -65,7 +79,7 @@ fn on_uring() -> bool {
 #[test]
 fn tiny_incremental_ring_echoes_everything() {
     if on_uring() {
-        let shortages = echo_through(2, 4096, true);
+        let shortages = echo_through(Some((2, 4096, true)));
         assert!(shortages > 0, "the ring never ran dry: the test did not test the shortage");
     }
 }
@@ -73,7 +87,7 @@ fn tiny_incremental_ring_echoes_everything() {
 #[test]
 fn tiny_ring_of_whole_buffers_echoes_everything() {
     if on_uring() {
-        let shortages = echo_through(2, 4096, false);
+        let shortages = echo_through(Some((2, 4096, false)));
         assert!(shortages > 0, "the ring never ran dry: the test did not test the shortage");
     }
 }
@@ -81,7 +95,53 @@ fn tiny_ring_of_whole_buffers_echoes_everything() {
 #[test]
 fn default_ring_echoes_everything() {
     if on_uring() {
-        let config = gale_server::ServerConfig::default();
-        echo_through(config.uring_buffers, config.uring_buffer_size, config.uring_incremental);
+        echo_through(None);
     }
+}
+
+/// The server ends connections in the middle of their bursts (`end` drops the connection), so
+/// completions that the kernel had already posted, naming buffers it may still be filling,
+/// arrive for connections that are closing or gone. If any buffer were lost, a ring of two
+/// would soon stay dry and the last exchange would never finish.
+#[test]
+fn tiny_ring_survives_connections_ended_mid_burst() {
+    if !on_uring() {
+        return;
+    }
+    let log = Log::new();
+    let handler = Recorder::new(&log, |ws, msg| match msg {
+        Message::Text("end") => ws.end(),
+        msg => {
+            ws.send(msg);
+        }
+    });
+    let behavior = Behavior { max_backpressure: 16 << 20, ..Behavior::default() };
+    let app = App::new().threads(1).uring_receive_buffers(2, 4096, true).ws("/ws", behavior, handler);
+    let server = TestServer::start(app);
+    for round in 0..8 {
+        let mut clients: Vec<_> = (0..CLIENTS).map(|_| server.connect("/ws")).collect();
+        for (c, client) in clients.iter_mut().enumerate() {
+            // One write, so that the kernel holds the whole burst when the server reads it
+            // and posts several receives for the connection in one batch.
+            let mut burst = client_frame(&text(c, round));
+            burst.extend(client_frame("end"));
+            for seq in 0..MESSAGES {
+                burst.extend(client_frame(&text(c + round, seq)));
+            }
+            // The server may have dropped the connection already.
+            let _ = client.stream().write_all(&burst);
+        }
+        drop(clients);
+        common::wait_until("the ended connections are gone", || server.handle.connections() == 0);
+    }
+    exchange(&server);
+    assert!(server.handle.loop_stats(0).receive_buffer_shortages > 0, "the ring never ran dry");
+    server.stop();
+}
+
+/// A masked text frame, as a client sends it.
+fn client_frame(text: &str) -> Vec<u8> {
+    let mut frame = Vec::new();
+    append_frame(&mut frame, FrameSpec::client(OpCode::Text, [1, 2, 3, 4]), text.as_bytes());
+    frame
 }

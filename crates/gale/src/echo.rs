@@ -47,12 +47,14 @@ pub struct EchoArgs {
     /// compression, 64 with dedicated).
     #[arg(long, value_name = "BYTES")]
     compress_min_size: Option<usize>,
-    /// io_uring: provided receive buffers per loop (a power of two).
-    #[arg(long, default_value_t = 32, value_name = "N", hide_short_help = true)]
-    uring_buffers: u16,
-    /// io_uring: size of each provided receive buffer.
-    #[arg(long, default_value_t = 64 * 1024, value_name = "BYTES", hide_short_help = true)]
-    uring_buffer_size: usize,
+    /// io_uring: provided receive buffers per loop, a power of two [default: 32, or 512 with
+    /// --uring-whole-buffers].
+    #[arg(long, value_name = "N", hide_short_help = true)]
+    uring_buffers: Option<u16>,
+    /// io_uring: size of each provided receive buffer [default: 65536, or 16384 with
+    /// --uring-whole-buffers].
+    #[arg(long, value_name = "BYTES", hide_short_help = true)]
+    uring_buffer_size: Option<usize>,
     /// io_uring: each receive takes a whole buffer (the kernel's default), instead of
     /// filling buffers piece by piece.
     #[arg(long, hide_short_help = true)]

@@ -22,12 +22,22 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::types::BufRingEntry;
 
+use crate::app::ServerConfig;
+
 /// Page alignment the kernel requires for the ring of entries.
 const PAGE: usize = 4096;
 
 /// `IOU_PBUF_RING_INC`: the kernel consumes each buffer piece by piece.
 const INCREMENTAL: u16 = 2;
 
+/// Buffers per loop and their size, filled piece by piece: 2 MiB, small enough to stay in the
+/// CPU's cache, and each buffer large enough for a pipelined burst (docs/BENCHMARKS.md).
+const INCREMENTAL_GEOMETRY: (u16, usize) = (32, 64 * 1024);
+/// The same, each receive taking a whole buffer: many small buffers, so that small receives
+/// do not hold large ones.
+const WHOLE_GEOMETRY: (u16, usize) = (512, 16 * 1024);
+
+/// One loop's ring of provided receive buffers and the memory behind it.
 pub(crate) struct BufRing {
     /// The entries the kernel reads: `entries` slots, the tail overlaid on the first one.
     ring: *mut BufRingEntry,
@@ -42,11 +52,45 @@ pub(crate) struct BufRing {
     /// Incremental mode: where the next completion naming each buffer starts. Empty when
     /// every completion starts at its buffer's start.
     filled: Box<[u32]>,
+    /// Buffers that completions took out of the ring and that are not published again yet:
+    /// zero whenever the loop is between batches, unless a buffer was lost.
+    out: u32,
     /// Buffer group id.
     pub(crate) bgid: u16,
 }
 
 impl BufRing {
+    /// The ring a loop receives into, as `config` asks, registered with `submitter` as group
+    /// `bgid`: incremental if asked and the kernel has it (Linux 6.12), otherwise whole
+    /// buffers, in the geometry of the mode unless the configuration sets it.
+    pub(crate) fn for_loop(
+        submitter: &io_uring::Submitter<'_>,
+        config: &ServerConfig,
+        bgid: u16,
+    ) -> io::Result<BufRing> {
+        let geometry = |(count, size): (u16, usize)| {
+            (config.uring_buffers.unwrap_or(count), config.uring_buffer_size.unwrap_or(size))
+        };
+        if config.uring_incremental {
+            let (count, size) = geometry(INCREMENTAL_GEOMETRY);
+            let bufs = BufRing::new(count, size, bgid, true)?;
+            match bufs.register(submitter) {
+                Ok(()) => return Ok(bufs),
+                // An older kernel refuses the flag it does not know.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(
+                        "io_uring: each receive takes a whole buffer (no incremental consumption: {e})"
+                    )
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (count, size) = geometry(WHOLE_GEOMETRY);
+        let bufs = BufRing::new(count, size, bgid, false)?;
+        bufs.register(submitter)?;
+        Ok(bufs)
+    }
+
     /// Allocate `entries` (a power of two, at most 32768) buffers of `buf_size` bytes and
     /// publish them all; `incremental` for piece-by-piece consumption.
     pub(crate) fn new(entries: u16, buf_size: usize, bgid: u16, incremental: bool) -> io::Result<BufRing> {
@@ -67,8 +111,18 @@ impl BufRing {
             return Err(io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate receive buffers"));
         }
         let filled = if incremental { vec![0; entries as usize].into_boxed_slice() } else { Box::default() };
-        let mut r =
-            BufRing { ring, ring_layout, bufs, bufs_layout, entries, buf_size, tail: 0, filled, bgid };
+        let mut r = BufRing {
+            ring,
+            ring_layout,
+            bufs,
+            bufs_layout,
+            entries,
+            buf_size,
+            tail: 0,
+            filled,
+            out: 0,
+            bgid,
+        };
         for bid in 0..entries {
             r.publish(bid);
         }
@@ -101,24 +155,59 @@ impl BufRing {
             "completion names a buffer we do not have"
         );
         // SAFETY: `bid` is in range and `start + len` within the buffer, so the slice lies
-        // inside the buffers allocation; the kernel gave these bytes to us with the completion
-        // and writes only past them until we publish the buffer again (and, in incremental
-        // mode, only after them), and `&mut self` keeps us from handing them out twice.
+        // inside the buffers allocation. The kernel handed these bytes to us with the
+        // completion and does not write them again before the buffer is published anew: a
+        // whole buffer is ours until then, and in incremental mode the kernel only writes past
+        // them. `&mut self` keeps us from handing them out twice.
         unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * self.buf_size + start), len) }
+    }
+
+    /// The buffer a receive completion (`res`, `flags`) names, if any. Every completion goes
+    /// through here, which counts the buffers that leave the ring.
+    pub(crate) fn completed(&mut self, res: i32, flags: u32) -> Option<u16> {
+        let bid = io_uring::cqueue::buffer_select(flags)?;
+        // In incremental mode a buffer leaves the ring with the completion that ends it; one
+        // without bytes consumed nothing (`io_kbuf_commit`).
+        let ends = !self.is_incremental() || (res > 0 && !io_uring::cqueue::buffer_more(flags));
+        if ends {
+            self.out += 1;
+        }
+        Some(bid)
     }
 
     /// We are done with the `len` bytes a completion with `flags` put in buffer `bid`: give
     /// the buffer back to the kernel, unless the kernel keeps filling it (`BUF_MORE`).
     pub(crate) fn release(&mut self, bid: u16, len: usize, flags: u32) {
+        assert!(bid < self.entries, "completion names a buffer we do not have");
         if let Some(filled) = self.filled.get_mut(bid as usize) {
+            if len == 0 {
+                // The kernel consumed nothing of the buffer, so it is still at the head of the
+                // ring and still the kernel's.
+                return;
+            }
             if io_uring::cqueue::buffer_more(flags) {
                 *filled += len as u32;
+                debug_assert!(*filled as usize <= self.buf_size);
                 return;
             }
             *filled = 0;
         }
+        self.out -= 1;
         self.publish(bid);
         self.commit();
+    }
+
+    /// Release buffer `bid` (if any) of a receive completion (`res`, `flags`) without reading
+    /// it: the connection it was for is gone or going, or it carries no data.
+    pub(crate) fn release_unread(&mut self, bid: Option<u16>, res: i32, flags: u32) {
+        if let Some(bid) = bid {
+            self.release(bid, res.max(0) as usize, flags);
+        }
+    }
+
+    /// Buffers taken out of the ring by completions and not handed back.
+    pub(crate) fn out(&self) -> u32 {
+        self.out
     }
 
     /// Write buffer `bid` into the next free slot (not yet visible to the kernel).
@@ -145,10 +234,108 @@ impl BufRing {
 
 impl Drop for BufRing {
     fn drop(&mut self) {
-        // SAFETY: both pointers came from `alloc_zeroed` with these layouts and are freed once.
+        // SAFETY: both pointers came from `alloc_zeroed` and `alloc` with these layouts and
+        // are freed once.
         unsafe {
             dealloc(self.ring.cast(), self.ring_layout);
             dealloc(self.bufs, self.bufs_layout);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `IORING_CQE_F_BUF_MORE`.
+    const MORE: u32 = 1 << 4;
+    /// `IORING_CQE_F_BUFFER` with buffer id 2.
+    const BUF2: u32 = 1 | (2 << 16);
+
+    fn published(r: &BufRing) -> u16 {
+        r.tail
+    }
+
+    /// In incremental mode a completion's bytes start where the last one naming the buffer
+    /// stopped; the buffer is published again only at the completion without `BUF_MORE`,
+    /// and a completion without bytes changes nothing.
+    #[test]
+    fn incremental_bookkeeping() {
+        assert!(io_uring::cqueue::buffer_more(MORE));
+        assert_eq!(io_uring::cqueue::buffer_select(BUF2), Some(2));
+        let mut r = BufRing::new(4, 1024, 9, true).unwrap();
+        assert_eq!(published(&r), 4);
+        let base = r.get(2, 0).as_ptr() as usize;
+        assert_eq!(r.completed(100, BUF2 | MORE), Some(2));
+        r.get(2, 100).fill(1);
+        r.release(2, 100, BUF2 | MORE);
+        r.completed(50, BUF2 | MORE);
+        assert_eq!(r.get(2, 50).as_ptr() as usize, base + 100, "continues after the first piece");
+        r.release(2, 50, BUF2 | MORE);
+        r.completed(0, BUF2);
+        r.release(2, 0, BUF2);
+        assert_eq!(published(&r), 4, "nothing consumed: still the kernel's");
+        assert_eq!(r.out(), 0);
+        r.completed(10, BUF2);
+        assert_eq!(r.out(), 1, "the last piece takes the buffer out of the ring");
+        assert_eq!(r.get(2, 10).as_ptr() as usize, base + 150);
+        r.release(2, 10, BUF2);
+        assert_eq!(published(&r), 5, "... and its release hands it back");
+        assert_eq!(r.out(), 0);
+        assert_eq!(r.get(2, 1).as_ptr() as usize, base, "a published buffer starts over");
+    }
+
+    /// Whole buffers: every completion starts at its buffer's start and hands it back.
+    #[test]
+    fn whole_buffer_bookkeeping() {
+        let mut r = BufRing::new(4, 1024, 9, false).unwrap();
+        let base = r.get(1, 0).as_ptr() as usize;
+        let flags = 1 | (1 << 16);
+        assert_eq!(r.completed(100, flags), Some(1));
+        assert_eq!(r.out(), 1);
+        r.release(1, 100, flags);
+        assert_eq!(published(&r), 5);
+        assert_eq!(r.out(), 0);
+        assert_eq!(r.get(1, 100).as_ptr() as usize, base);
+    }
+
+    #[test]
+    #[should_panic(expected = "a buffer we do not have")]
+    fn release_of_unknown_buffer_panics() {
+        let mut r = BufRing::new(4, 1024, 9, true).unwrap();
+        r.out = 1;
+        r.release(4, 1, 0);
+    }
+
+    /// The loop's ring is incremental exactly when the kernel accepts an incremental ring
+    /// (and the configuration asks for one), in the geometry of its mode.
+    #[test]
+    fn loop_ring_mode_follows_config_and_kernel() {
+        if crate::backend::probe_uring().is_err() {
+            eprintln!("skipped: no io_uring here");
+            return;
+        }
+        let ring = io_uring::IoUring::new(8).unwrap();
+        let submitter = ring.submitter();
+        let probe = BufRing::new(2, 64, 9, true).unwrap();
+        let kernel_has_it = probe.register(&submitter).is_ok();
+        if kernel_has_it {
+            submitter.unregister_buf_ring(9).unwrap();
+        }
+        drop(probe);
+
+        let bufs = BufRing::for_loop(&submitter, &ServerConfig::default(), 1).unwrap();
+        assert_eq!(bufs.is_incremental(), kernel_has_it);
+        let want = if kernel_has_it { INCREMENTAL_GEOMETRY } else { WHOLE_GEOMETRY };
+        assert_eq!((bufs.entries, bufs.buf_size), want);
+        // Unregistered before its memory goes.
+        submitter.unregister_buf_ring(1).unwrap();
+        drop(bufs);
+
+        let whole = ServerConfig { uring_incremental: false, ..ServerConfig::default() };
+        let bufs = BufRing::for_loop(&submitter, &whole, 1).unwrap();
+        assert!(!bufs.is_incremental());
+        assert_eq!((bufs.entries, bufs.buf_size), WHOLE_GEOMETRY);
+        submitter.unregister_buf_ring(1).unwrap();
     }
 }

@@ -37,7 +37,7 @@ use slab::Slab;
 
 use super::accepted_link;
 use super::bufring::BufRing;
-use crate::app::{LoopContext, LoopSeed, ServerConfig, ServerHandle, Shared, Task};
+use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx};
 use crate::link::Scratch;
 use crate::timer::TimerWheel;
@@ -46,10 +46,6 @@ use crate::timer::TimerWheel;
 const RING_ENTRIES: u32 = 4096;
 /// Buffer group of the receive ring.
 const BGID: u16 = 1;
-/// Receive buffers without incremental consumption: at least this many ...
-const WHOLE_BUFFERS: u16 = 512;
-/// ... of at most this size.
-const WHOLE_BUFFER_SIZE: usize = 16 * 1024;
 
 /// How long accepting pauses after running out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
@@ -120,29 +116,6 @@ fn probe_now() -> Result<(), String> {
     bufs.register(&ring.submitter()).map_err(|e| format!("provided buffer rings unsupported: {e}"))?;
     let _ = ring.submitter().unregister_buf_ring(7);
     Ok(())
-}
-
-/// The loop's ring of provided receive buffers, registered with `ring`: incremental if the
-/// configuration asks for it and the kernel has it (Linux 6.12). Without it, a receive takes a
-/// whole buffer however little it holds, so the ring falls back to many smaller buffers (the
-/// geometry measured best for whole buffers, docs/BENCHMARKS.md).
-fn receive_ring(ring: &IoUring, config: &ServerConfig) -> io::Result<BufRing> {
-    let (count, size) = (config.uring_buffers, config.uring_buffer_size);
-    if config.uring_incremental {
-        let bufs = BufRing::new(count, size, BGID, true)?;
-        match bufs.register(&ring.submitter()) {
-            Ok(()) => return Ok(bufs),
-            Err(e) => {
-                tracing::info!("io_uring: receive buffers are used whole: no incremental consumption ({e})")
-            }
-        }
-        let bufs = BufRing::new(count.max(WHOLE_BUFFERS), size.min(WHOLE_BUFFER_SIZE), BGID, false)?;
-        bufs.register(&ring.submitter())?;
-        return Ok(bufs);
-    }
-    let bufs = BufRing::new(count, size, BGID, false)?;
-    bufs.register(&ring.submitter())?;
-    Ok(bufs)
 }
 
 /// The smallest send made zero-copy: `configured` (0 = never) if the kernel has `SEND_ZC`.
@@ -279,7 +252,7 @@ impl UringLoop {
         handle: ServerHandle,
     ) -> io::Result<Self> {
         let ring = build_ring(RING_ENTRIES)?;
-        let bufs = receive_ring(&ring, &shared.config)?;
+        let bufs = BufRing::for_loop(&ring.submitter(), &shared.config, BGID)?;
         let send_zc_from = send_zc_threshold(&ring, shared.config.uring_send_zc);
         let mut lp = UringLoop {
             index: seed.index,
@@ -505,11 +478,9 @@ impl UringLoop {
 
     fn on_recv(&mut self, key: usize, generation: u32, res: i32, flags: u32) {
         let more = cqueue::more(flags);
-        let bid = cqueue::buffer_select(flags);
+        let bid = self.bufs.completed(res, flags);
         let Some(e) = entry(&mut self.conns, key, generation) else {
-            if let Some(bid) = bid {
-                self.bufs.release(bid, res.max(0) as usize, flags);
-            }
+            self.bufs.release_unread(bid, res, flags);
             return;
         };
         if !more {
@@ -517,20 +488,20 @@ impl UringLoop {
             e.ops = e.ops.saturating_sub(1);
         }
         if e.closing {
-            if let Some(bid) = bid {
-                self.bufs.release(bid, res.max(0) as usize, flags);
-            }
+            self.bufs.release_unread(bid, res, flags);
             if e.ops == 0 {
                 self.free(key);
             }
             return;
         }
         if res > 0 {
+            // A receive with data always names its buffer.
             let Some(bid) = bid else { return };
             let data = self.bufs.get(bid, res as usize);
             e.conn.on_input(data, &mut self.env.cx());
             self.bufs.release(bid, res as usize, flags);
         } else if res == 0 {
+            self.bufs.release_unread(bid, res, flags);
             e.conn.on_eof(&mut self.env.cx());
         } else if -res == libc::ENOBUFS {
             // The buffer ring ran dry for a moment: receive again (below), once this batch of
@@ -824,6 +795,10 @@ impl UringLoop {
             tracing::warn!(left = self.conns.len(), "io_uring operations still in flight at exit");
             std::mem::forget(std::mem::take(&mut self.conns));
             std::mem::forget(std::mem::take(&mut self.sends));
+        } else {
+            // Every buffer a completion took must be back in the ring: a lost one would shrink
+            // the ring for good, unnoticed.
+            debug_assert_eq!(self.bufs.out(), 0, "receive buffers not handed back");
         }
     }
 }
@@ -833,39 +808,5 @@ impl Drop for UringLoop {
         // The kernel stops using the buffer ring when the io_uring instance goes; unregister
         // first so the memory is not referenced while `bufs` is dropped after `ring`.
         let _ = self.ring.submitter().unregister_buf_ring(BGID);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The running kernel's version as (major, minor).
-    fn kernel_version() -> (u32, u32) {
-        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let mut parts = release.trim().split(['.', '-']).map(|p| p.parse().unwrap_or(0));
-        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
-    }
-
-    /// On Linux 6.12 and later the default ring is incremental; asked for whole buffers, or
-    /// where the kernel lacks incremental mode, it is made of whole buffers.
-    #[test]
-    fn receive_ring_mode_follows_config_and_kernel() {
-        if crate::backend::probe_uring().is_err() {
-            eprintln!("skipped: no io_uring here");
-            return;
-        }
-        let ring = build_ring(8).unwrap();
-        let config = ServerConfig::default();
-        let bufs = receive_ring(&ring, &config).unwrap();
-        assert_eq!(bufs.is_incremental(), kernel_version() >= (6, 12), "kernel {:?}", kernel_version());
-        // Unregistered before its memory goes.
-        ring.submitter().unregister_buf_ring(BGID).unwrap();
-        drop(bufs);
-
-        let whole = ServerConfig { uring_incremental: false, ..ServerConfig::default() };
-        let bufs = receive_ring(&ring, &whole).unwrap();
-        assert!(!bufs.is_incremental());
-        ring.submitter().unregister_buf_ring(BGID).unwrap();
     }
 }
