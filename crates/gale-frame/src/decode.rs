@@ -48,6 +48,16 @@ impl DecoderConfig {
     pub fn client(max_message_size: u64) -> Self {
         DecoderConfig { role: Role::Client, max_message_size, allow_rsv1: false, check_utf8: true }
     }
+
+    /// The most payload bytes on the wire a message may have. For a compressed message
+    /// (RSV1) the limit is raised by deflate's worst-case expansion (stored blocks: a few
+    /// bytes per 16 KiB, plus a little), so that a message within the limit once inflated is
+    /// never refused for the framing of incompressible data; its inflated size is checked
+    /// while inflating.
+    pub fn wire_limit(&self, compressed: bool) -> u64 {
+        let max = self.max_message_size;
+        if compressed { max.saturating_add(max / 1024 + 64) } else { max }
+    }
 }
 
 /// Whether a data message is text or binary.
@@ -392,14 +402,9 @@ impl Decoder {
         Ok(())
     }
 
-    /// The size limit applies to payload bytes on the wire. A compressed message's limit is
-    /// raised by deflate's worst-case expansion (stored blocks: a few bytes per 16 KiB, plus a
-    /// little), so that a message within the limit once inflated is never refused for the
-    /// framing of incompressible data; its inflated size is checked while inflating.
+    /// The size limit applies to payload bytes on the wire ([`DecoderConfig::wire_limit`]).
     fn check_size(&self, total: u64, compressed: bool) -> Result<(), ProtocolError> {
-        let max = self.config.max_message_size;
-        let limit = if compressed { max.saturating_add(max / 1024 + 64) } else { max };
-        if total > limit {
+        if total > self.config.wire_limit(compressed) {
             Err(ProtocolError::too_big("message larger than the configured maximum"))
         } else {
             Ok(())

@@ -340,4 +340,5 @@ fn compressed_messages_may_exceed_the_limit_by_deflate_overhead_only() {
     assert_eq!(error_code(&mut Decoder::new(cfg), &compressed(1024 + 66)), 1009);
     // Uncompressed messages keep the exact limit.
     assert_eq!(error_code(&mut Decoder::new(cfg), &cframe(OpCode::Binary, true, &[0; 1025])), 1009);
+    assert_eq!((cfg.wire_limit(true), cfg.wire_limit(false)), (1024 + 65, 1024));
 }

@@ -177,7 +177,11 @@ fn check_event(event: &Event<'_>, config: &DecoderConfig) {
         }
         Event::Compressed { payload, .. } => {
             assert!(config.allow_rsv1, "compressed message without a negotiated extension");
-            payload.len()
+            // On the wire a compressed message may exceed the limit by deflate's worst-case
+            // expansion; the limit applies to it once inflated.
+            let limit = config.wire_limit(true);
+            assert!(payload.len() as u64 <= limit, "{}-byte compressed message over {limit}", payload.len());
+            return;
         }
         Event::Ping(p) | Event::Pong(p) => {
             assert!(p.len() <= MAX_CONTROL_PAYLOAD, "control payload of {} bytes", p.len());
