@@ -29,16 +29,15 @@ fn text(client: usize, seq: usize) -> String {
     s
 }
 
-/// A one-loop echo server whose ring is `ring`: buffers, their size and whether
-/// incremental; the defaults if `None`.
-fn server(ring: Option<(u16, usize, bool)>) -> TestServer {
-    let log = Log::new();
+/// A one-loop server running `handler`, whose ring is `ring`: buffers, their size and
+/// whether incremental; the defaults if `None`.
+fn server(ring: Option<(u16, usize, bool)>, handler: Recorder) -> TestServer {
     let behavior = Behavior { max_backpressure: 16 << 20, ..Behavior::default() };
     let mut app = App::new().threads(1);
     if let Some((count, size, incremental)) = ring {
         app = app.uring_receive_buffers(count, size, incremental);
     }
-    TestServer::start(app.ws("/ws", behavior, Recorder::echo(&log)))
+    TestServer::start(app.ws("/ws", behavior, handler))
 }
 
 /// Every client sends all its messages, then reads every echo.
@@ -61,7 +60,7 @@ fn exchange(server: &TestServer) {
 
 /// One exchange through a fresh server; returns how often its ring ran dry.
 fn echo_through(ring: Option<(u16, usize, bool)>) -> u64 {
-    let server = server(ring);
+    let server = server(ring, Recorder::echo(&Log::new()));
     exchange(&server);
     let shortages = server.handle.loop_stats(0).receive_buffer_shortages;
     server.stop();
@@ -115,9 +114,7 @@ fn tiny_ring_survives_connections_ended_mid_burst() {
             ws.send(msg);
         }
     });
-    let behavior = Behavior { max_backpressure: 16 << 20, ..Behavior::default() };
-    let app = App::new().threads(1).uring_receive_buffers(2, 4096, true).ws("/ws", behavior, handler);
-    let server = TestServer::start(app);
+    let server = server(Some((2, 4096, true)), handler);
     for round in 0..8 {
         let mut clients: Vec<_> = (0..CLIENTS).map(|_| server.connect("/ws")).collect();
         for (c, client) in clients.iter_mut().enumerate() {

@@ -165,23 +165,21 @@ pub fn feed(decoder: &mut Decoder, wire: &[u8], reads: &[usize]) -> Outcome {
 
 /// Check what an event promises: valid UTF-8, payload limits, no RSV1 unless negotiated.
 fn check_event(event: &Event<'_>, config: &DecoderConfig) {
-    let data_len = match *event {
+    // On the wire a compressed message may exceed the limit by deflate's worst-case
+    // expansion ([`DecoderConfig::wire_limit`]); the limit applies to it once inflated.
+    let (data_len, compressed) = match *event {
         Event::Text(t) => {
             assert!(std::str::from_utf8(t.as_bytes()).is_ok(), "text event is not UTF-8");
-            t.len()
+            (t.len(), false)
         }
-        Event::Binary(b) => b.len(),
+        Event::Binary(b) => (b.len(), false),
         Event::UncheckedText(b) => {
             assert!(!config.check_utf8, "unchecked text from a decoder that checks UTF-8");
-            b.len()
+            (b.len(), false)
         }
         Event::Compressed { payload, .. } => {
             assert!(config.allow_rsv1, "compressed message without a negotiated extension");
-            // On the wire a compressed message may exceed the limit by deflate's worst-case
-            // expansion; the limit applies to it once inflated.
-            let limit = config.wire_limit(true);
-            assert!(payload.len() as u64 <= limit, "{}-byte compressed message over {limit}", payload.len());
-            return;
+            (payload.len(), true)
         }
         Event::Ping(p) | Event::Pong(p) => {
             assert!(p.len() <= MAX_CONTROL_PAYLOAD, "control payload of {} bytes", p.len());
@@ -194,7 +192,8 @@ fn check_event(event: &Event<'_>, config: &DecoderConfig) {
             return;
         }
     };
-    assert!(data_len as u64 <= config.max_message_size, "{data_len}-byte message over the limit");
+    let limit = config.wire_limit(compressed);
+    assert!(data_len as u64 <= limit, "{data_len}-byte message over the limit of {limit}");
 }
 
 /// Between reads: with no partial frame or message, a released decoder holds no heap, and

@@ -3,33 +3,12 @@
 
 #![allow(dead_code)]
 
-use gale_frame::{CloseCode, DataKind, Decoder, Event, ProtocolError};
+use gale_frame::{Decoder, ProtocolError};
 
-/// An event with owned payloads, to compare across reads.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Owned {
-    Text(String),
-    Binary(Vec<u8>),
-    UncheckedText(Vec<u8>),
-    Compressed(DataKind, Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
-    Close(Option<u16>, String),
-}
-
-impl From<Event<'_>> for Owned {
-    fn from(e: Event<'_>) -> Self {
-        match e {
-            Event::Text(t) => Owned::Text(t.to_string()),
-            Event::Binary(b) => Owned::Binary(b.to_vec()),
-            Event::UncheckedText(b) => Owned::UncheckedText(b.to_vec()),
-            Event::Compressed { kind, payload } => Owned::Compressed(kind, payload.to_vec()),
-            Event::Ping(p) => Owned::Ping(p.to_vec()),
-            Event::Pong(p) => Owned::Pong(p.to_vec()),
-            Event::Close(c) => Owned::Close(c.code.map(|c: CloseCode| c.0), c.reason.to_string()),
-        }
-    }
-}
+/// The fuzz checks' owned copy of an event, to compare across reads.
+#[path = "../../fuzz/checks/decoder.rs"]
+mod decoder_checks;
+pub use decoder_checks::Owned;
 
 /// Feed `bytes` to `dec` in reads of the given sizes (cycled); collect events until the end
 /// or the first error.
@@ -47,7 +26,7 @@ pub fn feed(dec: &mut Decoder, bytes: &[u8], read_sizes: &[usize]) -> (Vec<Owned
         loop {
             match dec.decode(&mut read[pos..]) {
                 Ok((n, Some(ev))) => {
-                    events.push(Owned::from(ev));
+                    events.push(Owned::from(&ev));
                     pos += n;
                 }
                 Ok((n, None)) => {

@@ -37,6 +37,15 @@ const INCREMENTAL_GEOMETRY: (u16, usize) = (32, 64 * 1024);
 /// do not hold large ones.
 const WHOLE_GEOMETRY: (u16, usize) = (512, 16 * 1024);
 
+/// The bytes a receive completion put in a provided buffer, and whether that completion
+/// took the buffer out of the ring. Made only by [`BufRing::completed`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Received {
+    bid: u16,
+    len: u32,
+    last: bool,
+}
+
 /// One loop's ring of provided receive buffers and the memory behind it.
 pub(crate) struct BufRing {
     /// The entries the kernel reads: `entries` slots, the tail overlaid on the first one.
@@ -144,64 +153,47 @@ impl BufRing {
         !self.filled.is_empty()
     }
 
-    /// The `len` bytes a completion put in buffer `bid`.
-    ///
-    /// They are ours until [`release`](BufRing::release); `len` comes from the kernel's
-    /// completion and is at most what is left of the buffer.
-    pub(crate) fn get(&mut self, bid: u16, len: usize) -> &mut [u8] {
+    /// What receive completion (`res`, `flags`) put in a buffer, if it names one. Every
+    /// completion goes through here, which counts the buffers that leave the ring.
+    pub(crate) fn completed(&mut self, res: i32, flags: u32) -> Option<Received> {
+        let bid = io_uring::cqueue::buffer_select(flags)?;
+        assert!(bid < self.entries, "completion names a buffer we do not have");
+        let len = res.max(0) as u32;
+        // A whole buffer leaves the ring with its completion; in incremental mode, with the
+        // completion that ends it: not `BUF_MORE`, and one without bytes consumed nothing
+        // (`io_kbuf_commit`).
+        let last = !self.is_incremental() || (len > 0 && !io_uring::cqueue::buffer_more(flags));
+        self.out += u32::from(last);
+        Some(Received { bid, len, last })
+    }
+
+    /// The bytes of `received`, ours until [`release`](BufRing::release).
+    pub(crate) fn get(&mut self, received: Received) -> &mut [u8] {
+        let Received { bid, len, .. } = received;
         let start = self.filled.get(bid as usize).map_or(0, |&f| f as usize);
-        assert!(
-            bid < self.entries && start + len <= self.buf_size,
-            "completion names a buffer we do not have"
-        );
-        // SAFETY: `bid` is in range and `start + len` within the buffer, so the slice lies
-        // inside the buffers allocation. The kernel handed these bytes to us with the
-        // completion and does not write them again before the buffer is published anew: a
-        // whole buffer is ours until then, and in incremental mode the kernel only writes past
-        // them. `&mut self` keeps us from handing them out twice.
+        let len = len as usize;
+        assert!(start + len <= self.buf_size, "completion past the end of its buffer");
+        // SAFETY: `bid` is in range (checked by `completed`, the only maker of `Received`)
+        // and `start + len` within the buffer, so the slice lies inside the buffers
+        // allocation. The kernel handed these bytes to us with the completion and does not
+        // write them again before the buffer is published anew: a whole buffer is ours until
+        // then, and in incremental mode the kernel only writes past them. `&mut self` keeps
+        // us from handing them out twice.
         unsafe { std::slice::from_raw_parts_mut(self.bufs.add(bid as usize * self.buf_size + start), len) }
     }
 
-    /// The buffer a receive completion (`res`, `flags`) names, if any. Every completion goes
-    /// through here, which counts the buffers that leave the ring.
-    pub(crate) fn completed(&mut self, res: i32, flags: u32) -> Option<u16> {
-        let bid = io_uring::cqueue::buffer_select(flags)?;
-        // In incremental mode a buffer leaves the ring with the completion that ends it; one
-        // without bytes consumed nothing (`io_kbuf_commit`).
-        let ends = !self.is_incremental() || (res > 0 && !io_uring::cqueue::buffer_more(flags));
-        if ends {
-            self.out += 1;
-        }
-        Some(bid)
-    }
-
-    /// We are done with the `len` bytes a completion with `flags` put in buffer `bid`: give
-    /// the buffer back to the kernel, unless the kernel keeps filling it (`BUF_MORE`).
-    pub(crate) fn release(&mut self, bid: u16, len: usize, flags: u32) {
-        assert!(bid < self.entries, "completion names a buffer we do not have");
+    /// We are done with `received`, read or not: the next completion naming its buffer
+    /// starts after it, or, if it was the buffer's last, the buffer goes back to the kernel.
+    pub(crate) fn release(&mut self, received: Received) {
+        let Received { bid, len, last } = received;
         if let Some(filled) = self.filled.get_mut(bid as usize) {
-            if len == 0 {
-                // The kernel consumed nothing of the buffer, so it is still at the head of the
-                // ring and still the kernel's.
-                return;
-            }
-            if io_uring::cqueue::buffer_more(flags) {
-                *filled += len as u32;
-                debug_assert!(*filled as usize <= self.buf_size);
-                return;
-            }
-            *filled = 0;
+            *filled = if last { 0 } else { *filled + len };
+            debug_assert!(*filled as usize <= self.buf_size);
         }
-        self.out -= 1;
-        self.publish(bid);
-        self.commit();
-    }
-
-    /// Release buffer `bid` (if any) of a receive completion (`res`, `flags`) without reading
-    /// it: the connection it was for is gone or going, or it carries no data.
-    pub(crate) fn release_unread(&mut self, bid: Option<u16>, res: i32, flags: u32) {
-        if let Some(bid) = bid {
-            self.release(bid, res.max(0) as usize, flags);
+        if last {
+            self.out -= 1;
+            self.publish(bid);
+            self.commit();
         }
     }
 
@@ -256,6 +248,11 @@ mod tests {
         r.tail
     }
 
+    /// Where the next completion naming buffer `bid` would put its bytes.
+    fn next_at(r: &mut BufRing, bid: u16) -> usize {
+        r.get(Received { bid, len: 0, last: false }).as_ptr() as usize
+    }
+
     /// In incremental mode a completion's bytes start where the last one naming the buffer
     /// stopped; the buffer is published again only at the completion without `BUF_MORE`,
     /// and a completion without bytes changes nothing.
@@ -265,46 +262,48 @@ mod tests {
         assert_eq!(io_uring::cqueue::buffer_select(BUF2), Some(2));
         let mut r = BufRing::new(4, 1024, 9, true).unwrap();
         assert_eq!(published(&r), 4);
-        let base = r.get(2, 0).as_ptr() as usize;
-        assert_eq!(r.completed(100, BUF2 | MORE), Some(2));
-        r.get(2, 100).fill(1);
-        r.release(2, 100, BUF2 | MORE);
-        r.completed(50, BUF2 | MORE);
-        assert_eq!(r.get(2, 50).as_ptr() as usize, base + 100, "continues after the first piece");
-        r.release(2, 50, BUF2 | MORE);
-        r.completed(0, BUF2);
-        r.release(2, 0, BUF2);
+        let base = next_at(&mut r, 2);
+        let rx = r.completed(100, BUF2 | MORE).unwrap();
+        assert_eq!(rx.bid, 2);
+        r.get(rx).fill(1);
+        r.release(rx);
+        let rx = r.completed(50, BUF2 | MORE).unwrap();
+        assert_eq!(r.get(rx).as_ptr() as usize, base + 100, "continues after the first piece");
+        r.release(rx);
+        let rx = r.completed(0, BUF2).unwrap();
+        r.release(rx);
         assert_eq!(published(&r), 4, "nothing consumed: still the kernel's");
         assert_eq!(r.out(), 0);
-        r.completed(10, BUF2);
+        let rx = r.completed(10, BUF2).unwrap();
         assert_eq!(r.out(), 1, "the last piece takes the buffer out of the ring");
-        assert_eq!(r.get(2, 10).as_ptr() as usize, base + 150);
-        r.release(2, 10, BUF2);
+        assert_eq!(r.get(rx).as_ptr() as usize, base + 150);
+        r.release(rx);
         assert_eq!(published(&r), 5, "... and its release hands it back");
         assert_eq!(r.out(), 0);
-        assert_eq!(r.get(2, 1).as_ptr() as usize, base, "a published buffer starts over");
+        assert_eq!(next_at(&mut r, 2), base, "a published buffer starts over");
     }
 
     /// Whole buffers: every completion starts at its buffer's start and hands it back.
     #[test]
     fn whole_buffer_bookkeeping() {
         let mut r = BufRing::new(4, 1024, 9, false).unwrap();
-        let base = r.get(1, 0).as_ptr() as usize;
+        let base = next_at(&mut r, 1);
         let flags = 1 | (1 << 16);
-        assert_eq!(r.completed(100, flags), Some(1));
+        let rx = r.completed(100, flags).unwrap();
+        assert_eq!(rx.bid, 1);
         assert_eq!(r.out(), 1);
-        r.release(1, 100, flags);
+        r.release(rx);
         assert_eq!(published(&r), 5);
         assert_eq!(r.out(), 0);
-        assert_eq!(r.get(1, 100).as_ptr() as usize, base);
+        let rx = r.completed(100, flags).unwrap();
+        assert_eq!(r.get(rx).as_ptr() as usize, base);
     }
 
     #[test]
     #[should_panic(expected = "a buffer we do not have")]
-    fn release_of_unknown_buffer_panics() {
+    fn completion_naming_an_unknown_buffer_panics() {
         let mut r = BufRing::new(4, 1024, 9, true).unwrap();
-        r.out = 1;
-        r.release(4, 1, 0);
+        r.completed(1, 1 | (4 << 16));
     }
 
     /// The loop's ring is incremental exactly when the kernel accepts an incremental ring

@@ -36,7 +36,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use slab::Slab;
 
 use super::accepted_link;
-use super::bufring::BufRing;
+use super::bufring::{BufRing, Received};
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx};
 use crate::link::Scratch;
@@ -477,18 +477,23 @@ impl UringLoop {
     }
 
     fn on_recv(&mut self, key: usize, generation: u32, res: i32, flags: u32) {
-        let more = cqueue::more(flags);
-        let bid = self.bufs.completed(res, flags);
-        let Some(e) = entry(&mut self.conns, key, generation) else {
-            self.bufs.release_unread(bid, res, flags);
-            return;
-        };
+        let received = self.bufs.completed(res, flags);
+        self.receive(key, generation, res, cqueue::more(flags), received);
+        // Read or not (the connection gone, going, or no data), the bytes are done with.
+        if let Some(received) = received {
+            self.bufs.release(received);
+        }
+    }
+
+    /// Act on a receive completion for connection `key`; `received` is what it put in a
+    /// provided buffer, released by the caller afterwards.
+    fn receive(&mut self, key: usize, generation: u32, res: i32, more: bool, received: Option<Received>) {
+        let Some(e) = entry(&mut self.conns, key, generation) else { return };
         if !more {
             e.recv_armed = false;
             e.ops = e.ops.saturating_sub(1);
         }
         if e.closing {
-            self.bufs.release_unread(bid, res, flags);
             if e.ops == 0 {
                 self.free(key);
             }
@@ -496,12 +501,9 @@ impl UringLoop {
         }
         if res > 0 {
             // A receive with data always names its buffer.
-            let Some(bid) = bid else { return };
-            let data = self.bufs.get(bid, res as usize);
-            e.conn.on_input(data, &mut self.env.cx());
-            self.bufs.release(bid, res as usize, flags);
+            let Some(received) = received else { return };
+            e.conn.on_input(self.bufs.get(received), &mut self.env.cx());
         } else if res == 0 {
-            self.bufs.release_unread(bid, res, flags);
             e.conn.on_eof(&mut self.env.cx());
         } else if -res == libc::ENOBUFS {
             // The buffer ring ran dry for a moment: receive again (below), once this batch of

@@ -893,18 +893,17 @@ impl Broker {
         };
         let mut reply =
             Reply::ok(id.as_deref(), "subscribe").str("topic", topic).str("epoch", &epoch).raw("seq", last);
-        let counter = match recovery {
-            None => None,
-            Some(Ok(())) => Some(&self.shared.stats.recovered),
-            Some(Err(_)) => Some(&self.shared.stats.not_recovered),
-        };
-        if let Some(counter) = counter {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
+        let stats = &self.shared.stats;
         reply = match recovery {
             None => reply,
-            Some(Ok(())) => reply.raw("recovered", true).raw("missed", replay.len()),
-            Some(Err(why)) => reply.raw("recovered", false).str("reason", why),
+            Some(Ok(())) => {
+                stats.recovered.fetch_add(1, Ordering::Relaxed);
+                reply.raw("recovered", true).raw("missed", replay.len())
+            }
+            Some(Err(why)) => {
+                stats.not_recovered.fetch_add(1, Ordering::Relaxed);
+                reply.raw("recovered", false).str("reason", why)
+            }
         };
         let text = reply.finish();
         // The answer and the replay first, then the live subscription: both go through the
