@@ -68,14 +68,21 @@ pub struct Request<'a> {
 }
 
 impl<'a> Request<'a> {
-    /// The path part of the target (before `?`).
+    /// The path part of the target (before `?`). An absolute-form target
+    /// (`http://host:port/path?query`, RFC 9112 section 3.2.2) gives its path, `/` when empty.
     pub fn path(&self) -> &'a str {
-        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+        target_path(self.target)
     }
 
     /// The query part of the target (after `?`), if any.
     pub fn query(&self) -> Option<&'a str> {
-        self.target.split_once('?').map(|(_, q)| q)
+        split_target(self.target).1.split_once('?').map(|(_, q)| q)
+    }
+
+    /// The host the request is for: the authority of an absolute-form target (which RFC 9112
+    /// section 3.2.2 says replaces `Host`), else the `Host` header.
+    pub fn host(&self) -> Option<&'a str> {
+        split_target(self.target).0.or_else(|| self.header("host"))
     }
 
     /// All header fields, in order.
@@ -107,21 +114,134 @@ impl<'a> Request<'a> {
         self.header_values(name).flat_map(split_list).any(|t| t.eq_ignore_ascii_case(token))
     }
 
-    /// The value of `Content-Length`, if present and well formed.
+    /// The raw values of a header, whatever bytes they hold.
+    fn raw_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'a [u8]> + 's {
+        self.headers[..self.header_count]
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
+    /// The value of `Content-Length`, if present and well formed: one field of digits only
+    /// (RFC 9112 section 6.3). Anything else, bytes that are not UTF-8 included, is 400.
     pub fn content_length(&self) -> Result<Option<u64>, HttpError> {
-        let mut values = self.header_values("content-length");
+        let mut values = self.raw_values("content-length");
         let Some(first) = values.next() else { return Ok(None) };
         if values.next().is_some() {
             return Err(HttpError::new(400, "more than one Content-Length header"));
         }
-        // Digits only: `parse` would also take a sign, which a proxy in front may read
-        // differently (request smuggling).
-        let digits = first.trim_matches([' ', '\t']);
-        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only: `parse` would also take a sign, a list ("5, 5") or a stray byte, which a
+        // proxy in front may read differently (request smuggling).
+        let digits = first.trim_ascii();
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
             return Err(HttpError::new(400, "malformed Content-Length"));
         }
-        digits.parse::<u64>().map(Some).map_err(|_| HttpError::new(400, "Content-Length too large"))
+        digits
+            .iter()
+            .try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .map(Some)
+            .ok_or(HttpError::new(400, "Content-Length too large"))
     }
+
+    /// The length of the request body, for a server that reads bodies by `Content-Length`
+    /// only (RFC 9112 section 6.3): 0 without one. Any `Transfer-Encoding` is refused: with
+    /// `Content-Length` too, in HTTP/1.0, unreadable or without `chunked` last it is 400
+    /// (the body's end cannot be known); a well-formed chunked body is 411 (send
+    /// `Content-Length`). Every refusal means the connection must close after the answer.
+    pub fn body_length(&self) -> Result<u64, HttpError> {
+        let mut codings = self.raw_values("transfer-encoding").peekable();
+        if codings.peek().is_some() {
+            if self.raw_values("content-length").next().is_some() {
+                return Err(HttpError::new(400, "both Content-Length and Transfer-Encoding"));
+            }
+            if self.minor_version == 0 {
+                return Err(HttpError::new(400, "Transfer-Encoding in an HTTP/1.0 request"));
+            }
+            let mut last = None;
+            for value in codings {
+                let value = std::str::from_utf8(value).ok();
+                let mut any = false;
+                for coding in value.into_iter().flat_map(|v| v.split(',')) {
+                    let name = coding.split(';').next().unwrap_or_default().trim_matches([' ', '\t']);
+                    if !is_token(name) {
+                        return Err(HttpError::new(400, "malformed Transfer-Encoding"));
+                    }
+                    any = true;
+                    last = Some(name);
+                }
+                if !any {
+                    return Err(HttpError::new(400, "malformed Transfer-Encoding"));
+                }
+            }
+            if !last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
+                return Err(HttpError::new(400, "Transfer-Encoding without chunked last"));
+            }
+            return Err(HttpError::new(411, "chunked request bodies are not supported; send Content-Length"));
+        }
+        Ok(self.content_length()?.unwrap_or(0))
+    }
+
+    /// Whether the client waits for `100 Continue` before sending the body (`Expect:
+    /// 100-continue`, RFC 9110 section 10.1.1). HTTP/1.0 requests' expectations are ignored,
+    /// as the RFC says; any other expectation is 417.
+    pub fn expects_continue(&self) -> Result<bool, HttpError> {
+        if self.minor_version == 0 {
+            return Ok(false);
+        }
+        let mut expects = false;
+        for value in self.raw_values("expect") {
+            let value = std::str::from_utf8(value).unwrap_or("\u{fffd}");
+            for member in value.split(',').map(|m| m.trim_matches([' ', '\t'])) {
+                if !member.eq_ignore_ascii_case("100-continue") {
+                    return Err(HttpError::new(
+                        417,
+                        "unsupported expectation: only Expect: 100-continue is understood",
+                    ));
+                }
+                expects = true;
+            }
+        }
+        Ok(expects)
+    }
+}
+
+/// The authority (of an absolute-form target) and the path and query of a request target.
+fn split_target(target: &str) -> (Option<&str>, &str) {
+    if target.starts_with('/') {
+        return (None, target);
+    }
+    // absolute-form: scheme "://" authority path-abempty [ "?" query ] (RFC 9112 3.2.2).
+    match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b)) =>
+        {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            (Some(&rest[..end]), &rest[end..])
+        }
+        _ => (None, target),
+    }
+}
+
+/// The path of a request target, as [`Request::path`] gives it.
+fn target_path(target: &str) -> &str {
+    let rest = split_target(target).1;
+    match rest.split_once('?').map_or(rest, |(p, _)| p) {
+        "" => "/",
+        path => path,
+    }
+}
+
+/// The path of the request at the start of `buf` read from its request line alone, for a
+/// head that failed to parse (too large, malformed headers), so that the error answer can be
+/// chosen by path. `None` when the request line is not complete or not `METHOD TARGET VERSION`.
+pub fn request_line_path(buf: &[u8]) -> Option<&str> {
+    let buf = &buf[..buf.len().min(MAX_HEAD_BYTES)];
+    let line = &buf[..buf.iter().position(|&b| b == b'\n')?];
+    let line = std::str::from_utf8(line.strip_suffix(b"\r").unwrap_or(line)).ok()?;
+    let mut parts = line.split(' ');
+    let (_method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
+    (version.starts_with("HTTP/") && parts.next().is_none()).then(|| target_path(target))
 }
 
 /// Parse a request head from the start of `buf`.
@@ -197,7 +317,7 @@ pub fn validate_upgrade<'a>(req: &Request<'a>) -> Result<Upgrade<'a>, HttpError>
     if !req.header_has_token("connection", "upgrade") {
         return Err(HttpError::new(400, "Connection header must include Upgrade"));
     }
-    let Some(host) = req.header("host") else {
+    let Some(host) = req.host() else {
         return Err(HttpError::new(400, "missing Host header"));
     };
     let version_ok = req.header_count_of("sec-websocket-version") == 1

@@ -10,10 +10,10 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::behavior::Behavior;
-use crate::handler::{HttpHandler, WsHandler};
-use crate::listener::bind_reuseport;
+use crate::handler::{ErrorRenderer, HttpHandler, WsHandler};
+use crate::listener::{bind_reuseport, ensure_port_free};
 use crate::pubsub::{ConnId, Published, Registry};
-use crate::routes::{HttpRoute, Pattern, RouteTicks, Routes, WsRoute};
+use crate::routes::{ErrorRoute, HttpRoute, Pattern, RouteTicks, Routes, WsRoute};
 use crate::timer::ticks;
 use crate::tls::{TlsAcceptor, TlsFiles};
 
@@ -232,6 +232,18 @@ impl App {
         self
     }
 
+    /// Render the server's own error answers (malformed requests, 404, 405, 411, 413, 417,
+    /// 431, refused upgrades) to requests whose path matches `pattern` (exact, or a prefix
+    /// ending in `*`) with `renderer`, e.g. as JSON for an API. Patterns are tried in the order
+    /// they were added; other paths keep the one-line plain-text answers. A head too malformed
+    /// to parse is matched by its request line when that is readable.
+    pub fn render_errors<R: ErrorRenderer>(mut self, pattern: &str, renderer: R) -> Self {
+        self.routes
+            .errors
+            .push(ErrorRoute { pattern: Pattern::parse(pattern), renderer: Box::new(renderer) });
+        self
+    }
+
     /// Add a GET route.
     pub fn get<H: HttpHandler>(self, pattern: &str, handler: H) -> Self {
         self.route("GET", pattern, handler)
@@ -243,7 +255,9 @@ impl App {
     }
 
     /// Bind one listener per loop on `addr` (`SO_REUSEPORT`, so the kernel spreads accepts).
-    /// With port 0, the first listener picks a free port and the others join it.
+    /// With port 0, the first listener picks a free port and the others join it. A port that
+    /// another socket already listens on (another process, another server of this one) is an
+    /// `AddrInUse` error naming the address, not a port shared with it.
     pub fn listen(mut self, addr: impl ToSocketAddrs) -> io::Result<Server> {
         let tls = match self.tls.take() {
             Some(files) => Some(Arc::new(
@@ -257,6 +271,7 @@ impl App {
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing"))?;
         let threads = self.config.threads.max(1);
+        ensure_port_free(addr)?;
         let first = bind_reuseport(addr, self.config.backlog)?;
         let local_addr = first.local_addr()?;
         let mut listeners = vec![first];

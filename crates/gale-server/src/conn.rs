@@ -7,8 +7,8 @@
 
 use gale_frame::deflate::{InflateError, negotiate};
 use gale_frame::handshake::{
-    AcceptOptions, Request, extension_offers, is_upgrade_request, parse_request, validate_upgrade,
-    write_accept_response, write_error_response,
+    AcceptOptions, Request, extension_offers, is_upgrade_request, parse_request, request_line_path,
+    validate_upgrade, write_accept_response, write_error_response,
 };
 use gale_frame::{CloseCode, ClosePayload, DataKind, Decoder, DecoderConfig, Event, OpCode, ProtocolError};
 
@@ -66,6 +66,8 @@ struct HttpPhase {
     /// A handler deferred its answer: how to write it once it comes. Requests that follow
     /// wait in `buf`.
     awaiting: Option<ResponseMode>,
+    /// `100 Continue` went out for the request at the start of `buf`, whose body is awaited.
+    continued: bool,
 }
 
 /// How a response is written: whether the connection stays open after it, and whether the
@@ -112,7 +114,7 @@ impl Conn {
     pub(crate) fn new(link: Link, now: u32) -> Self {
         Conn {
             link,
-            phase: Phase::Http(HttpPhase { buf: Vec::new(), awaiting: None }),
+            phase: Phase::Http(HttpPhase { buf: Vec::new(), awaiting: None, continued: false }),
             timer_at: 0,
             since: now,
             last_seen: now,
@@ -473,40 +475,52 @@ impl Conn {
                 Ok(Some(found)) => found,
                 Ok(None) => break,
                 Err(e) => {
-                    self.http_error(cx, e.status, e.reason, e.headers);
+                    let path = request_line_path(&bytes[pos..]);
+                    self.http_error(cx, path, e.status, e.reason, e.headers);
                     break;
                 }
             };
-            if let Err(e) = check_host(&req) {
-                self.http_error(cx, e.status, e.reason, e.headers);
-                break;
-            }
-            if req.header("transfer-encoding").is_some() {
-                self.http_error(
-                    cx,
-                    411,
-                    "chunked request bodies are not supported; send Content-Length",
-                    &[],
-                );
-                break;
-            }
-            let body_len = match req.content_length() {
-                Ok(n) => n.unwrap_or(0),
+            let path = req.path();
+            // RFC 9112 section 6.3: a request whose body cannot be delimited surely is refused
+            // and the connection closed, so that no byte of it is read as the next request.
+            let framing = check_host(&req).and_then(|()| req.body_length());
+            let body_len = match framing {
+                Ok(n) => n,
                 Err(e) => {
-                    self.http_error(cx, e.status, e.reason, e.headers);
+                    self.http_error(cx, Some(path), e.status, e.reason, e.headers);
                     break;
                 }
             };
             if body_len > cx.config.max_body as u64 {
-                self.http_error(cx, 413, "request body larger than the server accepts", &[]);
+                // 413 rather than 417 for `Expect: 100-continue` too: it names the actual
+                // problem, and is what a client that sent the body at once gets.
+                self.http_error(cx, Some(path), 413, "request body larger than the server accepts", &[]);
                 break;
             }
+            let expects_continue = match req.expects_continue() {
+                Ok(expects) => expects,
+                Err(e) => {
+                    self.http_error(cx, Some(path), e.status, e.reason, e.headers);
+                    break;
+                }
+            };
             let total = head_len + body_len as usize;
             if bytes.len() - pos < total {
+                if expects_continue
+                    && let Phase::Http(http) = &mut self.phase
+                    && !http.continued
+                {
+                    // The client waits for this before it sends the body.
+                    http.continued = true;
+                    self.link
+                        .push_with(cx.pool, |out| out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n"));
+                }
                 break;
             }
+            if let Phase::Http(http) = &mut self.phase {
+                http.continued = false;
+            }
             let upgrade = is_upgrade_request(&req);
-            let path = req.path();
             let ws_route = cx.routes.find_ws(path);
             let http_route = cx.routes.find_http(req.method, path);
             match (upgrade, ws_route, http_route) {
@@ -539,12 +553,14 @@ impl Conn {
                     }
                 }
                 (_, _, HttpMatch::WrongMethod(allowed)) => {
-                    self.http_error(cx, 405, "method not allowed for this path", &[("Allow", &allowed)]);
+                    let allow = [("Allow", allowed.as_str())];
+                    self.http_error(cx, Some(path), 405, "method not allowed for this path", &allow);
                     break;
                 }
                 (false, Some(_), HttpMatch::NotFound) => {
                     self.http_error(
                         cx,
+                        Some(path),
                         426,
                         "this resource requires a WebSocket upgrade (Upgrade: websocket)",
                         &[("Upgrade", "websocket")],
@@ -552,7 +568,11 @@ impl Conn {
                     break;
                 }
                 (_, _, HttpMatch::NotFound) => {
-                    let response = HttpResponse::text(404, format!("no route for {path}\n"));
+                    let reason = format!("no route for {path}");
+                    let response = cx
+                        .routes
+                        .render_error(path, 404, &reason)
+                        .unwrap_or_else(|| HttpResponse::text(404, reason + "\n"));
                     self.http_respond(cx, &req, &response);
                 }
             }
@@ -622,8 +642,21 @@ impl Conn {
         }
     }
 
-    /// Answer with an error and close once it is written.
-    fn http_error(&mut self, cx: &mut ConnCx<'_>, status: u16, reason: &str, headers: &[(&str, &str)]) {
+    /// Answer with an error and close once it is written: rendered by the application when it
+    /// renders the errors of `path` (the request's, when known), else a one-line text.
+    fn http_error(
+        &mut self,
+        cx: &mut ConnCx<'_>,
+        path: Option<&str>,
+        status: u16,
+        reason: &str,
+        headers: &[(&str, &str)],
+    ) {
+        if let Some(response) = path.and_then(|p| cx.routes.render_error(p, status, reason)) {
+            let response = headers.iter().fold(response, |r, (name, value)| r.header(*name, *value));
+            self.write_response(cx, ResponseMode { keep_alive: false, head_only: false }, &response);
+            return;
+        }
         self.link.push_with(cx.pool, |out| write_error_response(out, status, reason, headers));
         self.link.finish = Finish::AfterFlush;
     }
@@ -635,7 +668,7 @@ impl Conn {
         let upgrade = match validate_upgrade(req) {
             Ok(u) => u,
             Err(e) => {
-                self.http_error(cx, e.status, e.reason, e.headers);
+                self.http_error(cx, Some(req.path()), e.status, e.reason, e.headers);
                 return false;
             }
         };
@@ -644,7 +677,7 @@ impl Conn {
             Ok(accepted) => accepted,
             Err(reject) => {
                 let status = if (400..600).contains(&reject.status) { reject.status } else { 500 };
-                self.http_error(cx, status, &reject.reason, &[]);
+                self.http_error(cx, Some(req.path()), status, &reject.reason, &[]);
                 return false;
             }
         };
@@ -654,7 +687,7 @@ impl Conn {
             Some(cfg) => match extension_offers(req) {
                 Ok(offers) => negotiate(&offers, &cfg),
                 Err(e) => {
-                    self.http_error(cx, e.status, e.reason, e.headers);
+                    self.http_error(cx, Some(req.path()), e.status, e.reason, e.headers);
                     return false;
                 }
             },

@@ -63,6 +63,12 @@ impl<'a> UpgradeRequest<'a> {
         self.req.header(name)
     }
 
+    /// The host the request is for: the authority of an absolute-form request target
+    /// (`GET http://host/path`), else the `Host` header.
+    pub fn host(&self) -> Option<&'a str> {
+        self.req.host()
+    }
+
     /// The `Origin` header, which browsers always send.
     pub fn origin(&self) -> Option<&'a str> {
         self.req.header("origin")
@@ -272,6 +278,26 @@ impl HttpResponse {
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
+    }
+}
+
+/// Renders the error answers the server itself gives (400, 404, 405, 411, 413, 417, 431, ...)
+/// in an application's format, for the paths it was registered for with
+/// [`App::render_errors`](crate::App::render_errors). Any `Fn(u16, &str) -> HttpResponse` is
+/// one.
+pub trait ErrorRenderer: Send + Sync + 'static {
+    /// The response for `status`, with `reason` (one line, no newline) saying why. The server
+    /// adds the headers the status calls for (`Allow` with 405, ...) and, except with 404,
+    /// closes the connection after it.
+    fn render(&self, status: u16, reason: &str) -> HttpResponse;
+}
+
+impl<F> ErrorRenderer for F
+where
+    F: Fn(u16, &str) -> HttpResponse + Send + Sync + 'static,
+{
+    fn render(&self, status: u16, reason: &str) -> HttpResponse {
+        self(status, reason)
     }
 }
 

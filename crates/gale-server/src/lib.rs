@@ -31,7 +31,8 @@ pub use app::{
 pub use behavior::{BackpressurePolicy, Behavior, Compression, IdleClose};
 pub use gale_frame::CloseCode;
 pub use handler::{
-    Accept, HttpHandler, HttpRequest, HttpResponse, Message, Reject, Responder, UpgradeRequest, WsHandler,
+    Accept, ErrorRenderer, HttpHandler, HttpRequest, HttpResponse, Message, Reject, Responder,
+    UpgradeRequest, WsHandler,
 };
 pub use link::SendStatus;
 pub use pubsub::ConnId;

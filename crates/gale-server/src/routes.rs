@@ -1,7 +1,7 @@
 //! Route tables: which WebSocket behaviour or HTTP handler serves a path.
 
 use crate::behavior::Behavior;
-use crate::handler::HttpHandler;
+use crate::handler::{ErrorRenderer, HttpHandler, HttpResponse};
 use crate::timer::ticks;
 use crate::websocket::ErasedHandler;
 
@@ -69,11 +69,18 @@ pub(crate) enum HttpMatch {
     NotFound,
 }
 
+/// Paths whose error answers the application renders itself.
+pub(crate) struct ErrorRoute {
+    pub(crate) pattern: Pattern,
+    pub(crate) renderer: Box<dyn ErrorRenderer>,
+}
+
 /// Every route of an app, shared by all loops.
 #[derive(Default)]
 pub(crate) struct Routes {
     pub(crate) ws: Vec<WsRoute>,
     pub(crate) http: Vec<HttpRoute>,
+    pub(crate) errors: Vec<ErrorRoute>,
 }
 
 impl Routes {
@@ -97,6 +104,13 @@ impl Routes {
             }
         }
         if allowed.is_empty() { HttpMatch::NotFound } else { HttpMatch::WrongMethod(allowed.join(", ")) }
+    }
+
+    /// The server's own error answer to a request for `path`, rendered by the first error
+    /// route that matches it; `None` (the server's plain-text answer) when none does.
+    pub(crate) fn render_error(&self, path: &str, status: u16, reason: &str) -> Option<HttpResponse> {
+        let route = self.errors.iter().find(|r| r.pattern.matches(path))?;
+        Some(route.renderer.render(status, reason))
     }
 }
 

@@ -140,3 +140,197 @@ fn wrong_method_gets_405_with_allow() {
     assert!(log.snapshot().is_empty(), "no handler runs");
     server.stop();
 }
+
+/// Read from `stream` until EOF: the server must close the connection without sending more
+/// than what `buf` already holds. Returns what arrived meanwhile (empty when it closed).
+fn rest_until_eof(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
+    use std::io::Read;
+    let mut rest = std::mem::take(buf);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return rest,
+            Ok(n) => rest.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return rest,
+            Err(e) => panic!("expected the server to close the connection, got {e}"),
+        }
+    }
+}
+
+#[test]
+fn requests_whose_body_cannot_be_delimited_get_400_or_411_and_close() {
+    // RFC 9112 section 6.3. Each request is followed by a second one in the same write: if the
+    // server misread where the first ends, it would serve the second (request smuggling).
+    let cases: [(&[u8], u16); 14] = [
+        (b"HTTP/1.1\r\nContent-Length: 34\xff", 400),
+        (b"HTTP/1.1\r\nContent-Length: \xb3", 400),
+        (b"HTTP/1.1\r\nTransfer-Encoding: chunked\xff", 400),
+        (b"HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5", 400),
+        (b"HTTP/1.1\r\nContent-Length: 5, 5", 400),
+        (b"HTTP/1.1\r\nContent-Length: 1 2", 400),
+        (b"HTTP/1.1\r\nContent-Length: -0", 400),
+        (b"HTTP/1.1\r\nContent-Length :5", 400),
+        (b"HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked", 400),
+        (b"HTTP/1.1\r\nTransfer-Encoding: gzip", 400),
+        (b"HTTP/1.1\r\nTransfer-Encoding: chunked, gzip", 400),
+        (b"HTTP/1.1\r\nTransfer-Encoding: ,", 400),
+        (b"HTTP/1.0\r\nTransfer-Encoding: chunked", 400),
+        (b"HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 411),
+    ];
+    let log = Log::new();
+    let server = start(&log);
+    for (version_and_headers, status) in cases {
+        let mut request = b"POST /upload ".to_vec();
+        request.extend_from_slice(version_and_headers);
+        request.extend_from_slice(b"\r\nHost: test\r\n\r\n12345");
+        request.extend_from_slice(b"GET /items?smuggled HTTP/1.1\r\nHost: test\r\n\r\n");
+        let mut stream = connect_tcp(server.addr);
+        stream.write_all(&request).expect("send the requests");
+        let mut buf = Vec::new();
+        let reply = read_http_reply(&mut stream, &mut buf);
+        let shown = String::from_utf8_lossy(version_and_headers);
+        assert_eq!(reply.status, status, "{shown:?}: {}", reply.body_text());
+        assert_eq!(reply.header("connection"), Some("close"), "{shown:?}");
+        let rest = rest_until_eof(&mut stream, &mut buf);
+        assert!(rest.is_empty(), "{shown:?}: more after the refusal: {:?}", String::from_utf8_lossy(&rest));
+    }
+    assert!(log.snapshot().is_empty(), "no handler ran: {:?}", log.snapshot());
+    server.stop();
+}
+
+#[test]
+fn content_length_with_surrounding_whitespace_is_read() {
+    let log = Log::new();
+    let server = start(&log);
+    let request =
+        b"POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: \t 5 \t\r\nConnection: close\r\n\r\nhello";
+    let reply = http_exchange(server.addr, &[request]);
+    assert_eq!(reply.status, 201, "{}", reply.body_text());
+    assert_eq!(log.snapshot()[0].body, b"hello");
+    server.stop();
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let log = Log::new();
+    let server = start(&log);
+    let mut stream = connect_tcp(server.addr);
+    // Twice on one connection: each request gets its own 100, once.
+    for round in 0..2 {
+        let head =
+            "POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2048\r\n\r\n";
+        stream.write_all(head.as_bytes()).expect("send the head");
+        let mut buf = Vec::new();
+        let interim = read_http_reply(&mut stream, &mut buf);
+        assert_eq!(interim.status, 100, "round {round}");
+        assert!(buf.is_empty(), "nothing but the 100 before the body: {:?}", String::from_utf8_lossy(&buf));
+        // The body in two pieces: the second read must not bring another 100.
+        stream.write_all(&[b'x'; 1000]).expect("send the body");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        stream.write_all(&[b'y'; 1048]).expect("send the body");
+        let reply = read_http_reply(&mut stream, &mut buf);
+        assert_eq!(reply.status, 201, "round {round}");
+        assert_eq!(reply.body_text(), r#"{"received":2048}"#);
+    }
+    assert_eq!(log.snapshot().len(), 2);
+    server.stop();
+}
+
+#[test]
+fn expect_100_continue_with_the_body_already_sent_gets_only_the_answer() {
+    let log = Log::new();
+    let server = start(&log);
+    let request = b"POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\
+                    Connection: close\r\n\r\nhi";
+    let reply = http_exchange(server.addr, &[request]);
+    assert_eq!(reply.status, 201);
+    server.stop();
+}
+
+#[test]
+fn expectations_that_cannot_be_met_are_refused_without_100() {
+    let log = Log::new();
+    let server = start(&log);
+    // Too large: 413 on the head alone, so that the client never sends the body.
+    let too_large =
+        "POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2000000\r\n\r\n";
+    // Anything but 100-continue: 417 Expectation Failed.
+    let unknown = "POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n";
+    for (request, status) in [(too_large, 413), (unknown, 417)] {
+        let mut stream = connect_tcp(server.addr);
+        stream.write_all(request.as_bytes()).expect("send the head");
+        let mut buf = Vec::new();
+        let reply = read_http_reply(&mut stream, &mut buf);
+        assert_eq!(reply.status, status, "{request:?}: {}", reply.body_text());
+        assert!(rest_until_eof(&mut stream, &mut buf).is_empty());
+    }
+    assert!(log.snapshot().is_empty());
+    server.stop();
+}
+
+#[test]
+fn absolute_form_targets_are_routed_by_their_path() {
+    // RFC 9112 section 3.2.2: a server MUST accept the absolute form.
+    let log = Log::new();
+    let server = start(&log);
+    let request = format!(
+        "GET http://{}/items/7?color=red HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        server.addr, server.addr
+    );
+    let reply = http_exchange(server.addr, &[request.as_bytes()]);
+    assert_eq!(reply.status, 200, "{}", reply.body_text());
+    let seen = log.snapshot();
+    assert_eq!((seen[0].path.as_str(), seen[0].query.as_deref()), ("/items/7", Some("color=red")));
+    // An empty path is `/`: no route here.
+    let reply = http_get(server.addr, "GET", "HTTP://example.com?q=1");
+    assert_eq!(reply.status, 404);
+    assert_eq!(reply.body_text(), "no route for /\n");
+    server.stop();
+}
+
+/// An app whose `/api/*` errors are JSON.
+fn start_api() -> TestServer {
+    let app = App::new()
+        .threads(1)
+        .get("/api/items", |_req: &HttpRequest<'_>| HttpResponse::json(200, "[]"))
+        .get("/plain", |_req: &HttpRequest<'_>| HttpResponse::text(200, "plain\n"))
+        .render_errors("/api/*", |status: u16, reason: &str| {
+            HttpResponse::json(status, format!(r#"{{"status":{status},"reason":"{reason}"}}"#))
+        });
+    TestServer::start(app)
+}
+
+#[test]
+fn errors_of_a_rendered_prefix_use_the_applications_format() {
+    let server = start_api();
+    let big_head = format!("GET /api/items HTTP/1.1\r\nHost: t\r\nX-Filler: {}\r\n\r\n", "a".repeat(9000));
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (b"GET /api/nothing HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(), 404, "no route"),
+        (b"DELETE /api/items HTTP/1.1\r\nHost: t\r\n\r\n".to_vec(), 405, "method"),
+        (b"POST /api/items HTTP/1.1\r\nHost: t\r\nContent-Length: 2000000\r\n\r\n".to_vec(), 413, "body"),
+        (
+            b"POST /api/items HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            411,
+            "chunked",
+        ),
+        (b"GET /api/items HTTP/1.1\r\nHost: t\r\nContent-Length: x\r\n\r\n".to_vec(), 400, "Content-Length"),
+        (b"GET /api/items HTTP/1.1\r\nHost: t\r\nBad Header: 1\r\n\r\n".to_vec(), 400, "header name"),
+        (big_head.into_bytes(), 431, "8 KiB"),
+    ];
+    for (request, status, naming) in cases {
+        let reply = http_exchange(server.addr, &[&request]);
+        let body = reply.body_text();
+        assert_eq!(reply.status, status, "{body}");
+        assert_eq!(reply.header("content-type"), Some("application/json"), "{status}: {body}");
+        assert!(body.starts_with(&format!(r#"{{"status":{status},"#)) && body.contains(naming), "{body}");
+        if status == 405 {
+            assert_eq!(reply.header("allow"), Some("GET"));
+        }
+    }
+    // Elsewhere the server's own plain-text answers stay.
+    let reply = http_get(server.addr, "GET", "/nothing");
+    assert_eq!((reply.status, reply.header("content-type")), (404, Some("text/plain; charset=utf-8")));
+    let reply = http_get(server.addr, "POST", "/plain");
+    assert_eq!((reply.status, reply.header("content-type")), (405, Some("text/plain; charset=utf-8")));
+    server.stop();
+}

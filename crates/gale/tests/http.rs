@@ -394,3 +394,76 @@ fn upgrade_without_host_gets_400() {
 fn upgrade_with_post_gets_400() {
     expect_refusal(&upgrade("POST", |_| {}), 400, "GET");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Request framing (RFC 9112 section 6.3), Expect, absolute-form targets
+
+/// `request` followed, in the same write, by a second request: the server must answer the
+/// first with `status` and close, never serving the second (request smuggling).
+fn expect_refusal_without_smuggling(request: &[u8], status: u16, naming: &str) {
+    let mut both = request.to_vec();
+    both.extend(healthz("GET", ""));
+    expect_refusal(&both, status, naming);
+}
+
+/// A `/healthz` request with raw header lines (any bytes, each ending in CRLF).
+fn healthz_raw(method: &str, extra: &[u8]) -> Vec<u8> {
+    let mut request = format!("{method} /healthz HTTP/1.1\r\nHost: localhost\r\n").into_bytes();
+    request.extend_from_slice(extra);
+    request.extend_from_slice(b"\r\n");
+    request
+}
+
+#[test]
+fn content_length_that_is_not_utf8_gets_400_and_the_next_request_is_not_served() {
+    expect_refusal_without_smuggling(
+        &healthz_raw("GET", b"Content-Length: 34\xff\r\n"),
+        400,
+        "Content-Length",
+    );
+}
+
+#[test]
+fn transfer_encoding_that_is_not_utf8_gets_400_not_a_skipped_411() {
+    expect_refusal_without_smuggling(
+        &healthz_raw("POST", b"Transfer-Encoding: chunked\xff\r\n"),
+        400,
+        "Transfer-Encoding",
+    );
+}
+
+#[test]
+fn ambiguous_framing_gets_400() {
+    let cases: [&[u8]; 5] = [
+        b"Content-Length: 3\r\nContent-Length: 3\r\n",
+        b"Content-Length: 3, 3\r\n",
+        b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked, identity\r\n",
+        b"Content-Length: 0x3\r\n",
+    ];
+    for headers in cases {
+        expect_refusal_without_smuggling(&healthz_raw("GET", headers), 400, "");
+    }
+}
+
+#[test]
+fn expect_100_continue_gets_100_before_the_body() {
+    let mut conn = Conn::open();
+    conn.send(&healthz("GET", "Expect: 100-continue\r\nContent-Length: 5\r\n"));
+    let interim = conn.read_response(true);
+    assert_eq!(interim.status, 100, "{interim:?}");
+    conn.send(b"hello");
+    assert_healthz_ok(&conn.response(), true);
+}
+
+#[test]
+fn unknown_expectation_gets_417() {
+    expect_refusal(&healthz("GET", "Expect: something-else\r\nContent-Length: 1\r\n"), 417, "expectation");
+}
+
+#[test]
+fn absolute_form_target_is_served_by_its_path() {
+    let mut conn = Conn::open();
+    let request = b"GET http://localhost/healthz HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    assert_healthz_ok(&conn.exchange(request), true);
+}
