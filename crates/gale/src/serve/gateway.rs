@@ -133,7 +133,7 @@ impl WsHandler for Endpoint {
             g.stats.rejected_upgrades.fetch_add(1, Ordering::Relaxed);
             Err(Reject::new(status, reason))
         };
-        if !origin_allowed(req.origin(), req.header("host"), &g.settings.allowed_origins) {
+        if !origin_allowed(req.origin(), req.host(), &g.settings.allowed_origins) {
             return refuse(403, format!("origin {} is not allowed", req.origin().unwrap_or_default()));
         }
         let rights = match req.query_param("token") {
@@ -169,9 +169,9 @@ impl WsHandler for Endpoint {
         };
         let cmd = match parse_command(text) {
             Ok(cmd) => cmd,
-            Err(e) => {
+            Err((id, e)) => {
                 self.0.stats.command_errors.fetch_add(1, Ordering::Relaxed);
-                ws.send_text(&error_reply(None, &e));
+                ws.send_text(&error_reply(id, &e));
                 return;
             }
         };

@@ -113,6 +113,8 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .post("/api/publish/*", g(api::publish))
         .post("/api/broadcast", g(api::broadcast))
         .get("/api/topics/*", g(api::topic_info))
+        // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
+        .render_errors("/api/*", api::json_error)
         .listen(s.listen)?;
     let handle = server.handle();
     let _ = gateway.handle.set(handle.clone());

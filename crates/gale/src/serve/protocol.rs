@@ -106,8 +106,9 @@ pub struct Since {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Command<'a> {
-    /// Echoed in the reply, so clients can match replies to commands.
-    #[serde(borrow, default)]
+    /// Echoed in the reply, so clients can match replies to commands: any JSON value, `null`
+    /// included (`None` only when the command has no `id`).
+    #[serde(borrow, default, deserialize_with = "present")]
     pub id: Option<&'a RawValue>,
     /// `subscribe`, `unsubscribe`, `publish` or `ping`.
     pub op: String,
@@ -139,9 +140,27 @@ impl CommandError {
     }
 }
 
-/// Parse a command.
-pub fn parse_command(text: &str) -> Result<Command<'_>, CommandError> {
-    serde_json::from_str(text).map_err(|e| CommandError::new(400, format!("bad command: {e}")))
+/// A field that is present, whatever its value: `null` too is `Some` (serde reads a `null`
+/// into an `Option` as `None`, which would lose an `"id": null`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+/// Only the `id` of a JSON object, whatever else it holds: what an error reply to a message
+/// that is not a valid command echoes.
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+}
+
+/// Parse a command. A command that is wrong (an unknown field, a field of the wrong type, no
+/// `op`, ...) but a JSON object with an `id` fails with that `id`, for the error reply.
+pub fn parse_command(text: &str) -> Result<Command<'_>, (Option<&RawValue>, CommandError)> {
+    serde_json::from_str(text).map_err(|e| {
+        let id = serde_json::from_str::<IdOnly<'_>>(text).ok().and_then(|o| o.id);
+        (id, CommandError::new(400, format!("bad command: {e}")))
+    })
 }
 
 /// Check a topic name: 1..=200 bytes of letters, digits and `:_-./@`.
@@ -255,8 +274,8 @@ mod tests {
         assert_eq!(c.since.unwrap().seq, 4);
         let c = parse_command(r#"{"id":"x","op":"publish","topic":"t","data":{"k":[1,2]}}"#).unwrap();
         assert_eq!(c.data.unwrap().get(), r#"{"k":[1,2]}"#);
-        assert_eq!(parse_command(r#"{"op":"ping","bogus":1}"#).unwrap_err().code, 400);
-        assert_eq!(parse_command("nope").unwrap_err().code, 400);
+        assert_eq!(parse_command(r#"{"op":"ping","bogus":1}"#).unwrap_err().1.code, 400);
+        assert_eq!(parse_command("nope").unwrap_err().1.code, 400);
         let r = Reply::ok(c.id, "publish").raw("seq", 5).str("epoch", "e").finish();
         let v: serde_json::Value = serde_json::from_str(&r).unwrap();
         assert_eq!(

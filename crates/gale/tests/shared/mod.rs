@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
+use std::process::Command;
 use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
@@ -23,12 +24,21 @@ pub fn echo_addr() -> SocketAddr {
 /// Start a `gale echo` with `extra` arguments that lives until the test binary exits; callers
 /// keep its address in a `OnceLock` to share it.
 pub fn start_shared(extra: &'static [&'static str]) -> SocketAddr {
+    start_shared_command(move || {
+        let mut cmd = echo_command();
+        cmd.args(extra);
+        cmd
+    })
+}
+
+/// Start the `gale` command that `make` prepares (it must print its address, as `gale echo`
+/// and `gale serve` do) so that it lives until the test binary exits.
+pub fn start_shared_command(make: impl FnOnce() -> Command + Send + 'static) -> SocketAddr {
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
-        .name("shared-gale-echo".into())
+        .name("shared-gale".into())
         .spawn(move || {
-            let mut cmd = echo_command();
-            cmd.args(extra);
+            let mut cmd = make();
             // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
             unsafe {
                 cmd.pre_exec(|| {
@@ -45,5 +55,5 @@ pub fn start_shared(extra: &'static [&'static str]) -> SocketAddr {
             }
         })
         .expect("spawn the thread that owns the shared server");
-    rx.recv_timeout(Duration::from_secs(30)).expect("the shared gale echo did not start")
+    rx.recv_timeout(Duration::from_secs(30)).expect("the shared gale did not start")
 }

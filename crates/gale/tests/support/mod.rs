@@ -66,7 +66,9 @@ impl Gale {
             let mut lines = BufReader::new(stdout).lines();
             while let Some(Ok(line)) = lines.next() {
                 if let Some(rest) = line.split("://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
+                    // `ws://ADDR` (gale echo) or `ws://ADDR/ws` (gale serve).
+                    let url = rest.split_whitespace().next().unwrap_or_default();
+                    let addr = url.split('/').next().unwrap_or_default().to_string();
                     let _ = tx.send((addr, line.clone()));
                 }
             }
