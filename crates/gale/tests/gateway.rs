@@ -165,7 +165,7 @@ fn every_api_error_is_json() {
         ),
         (format!("GET /api/topics/t HTTP/1.1\r\nHost: t\r\nX-Filler: {big}\r\n\r\n"), 431, "8 KiB"),
         (format!("GET /api/topics/t HTTP/1.1\r\n{a}\r\n"), 400, "Host"),
-        (format!("POST /api/publish/t HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx"), 401, "key"),
+        ("POST /api/publish/t HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\n\r\nx".to_string(), 401, "key"),
     ];
     for (request, status, naming) in cases {
         let response = exchange(request.as_bytes());
