@@ -161,8 +161,9 @@ fn rest_until_eof(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Vec<u8
 fn requests_whose_body_cannot_be_delimited_get_400_or_411_and_close() {
     // RFC 9112 section 6.3. Each request is followed by a second one in the same write: if the
     // server misread where the first ends, it would serve the second (request smuggling).
-    let cases: [(&[u8], u16); 14] = [
+    let cases: [(&[u8], u16); 15] = [
         (b"HTTP/1.1\r\nContent-Length: 34\xff", 400),
+        (b"HTTP/1.1\r\nX-Folded: a\r\n Content-Length: 5", 400),
         (b"HTTP/1.1\r\nContent-Length: \xb3", 400),
         (b"HTTP/1.1\r\nTransfer-Encoding: chunked\xff", 400),
         (b"HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5", 400),
