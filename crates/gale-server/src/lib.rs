@@ -16,6 +16,9 @@ mod backend;
 mod behavior;
 mod compress;
 mod conn;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod handler;
 mod link;
 mod listener;
