@@ -112,6 +112,13 @@ impl PartialBudget {
             .is_ok()
     }
 
+    /// Take `bytes` whether or not they fit.
+    fn take_anyway(&self, bytes: usize) {
+        if bytes > 0 {
+            self.shared.held.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
     /// Give back `bytes` taken earlier.
     fn give(&self, bytes: usize) {
         self.shared.held.fetch_sub(bytes, Ordering::Relaxed);
@@ -204,10 +211,8 @@ pub struct Decoder {
     message: Option<MessageState>,
     /// Payload of a data message that did not arrive as one whole frame in one read.
     data: Vec<u8>,
-    /// Where `data`'s capacity is taken from, if anywhere.
+    /// Where `data`'s capacity is taken from, if anywhere: it holds exactly that capacity.
     budget: Option<PartialBudget>,
-    /// Bytes of `budget` taken for `data`: its capacity.
-    taken: usize,
     /// Payload of a control frame split across reads.
     control: Vec<u8>,
     utf8: Utf8Stream,
@@ -234,7 +239,6 @@ impl Decoder {
             message: None,
             data: Vec::new(),
             budget: None,
-            taken: 0,
             control: Vec::new(),
             utf8: Utf8Stream::new(),
             data_delivered: false,
@@ -286,11 +290,10 @@ impl Decoder {
 
     /// Free `data` and give its bytes back to the budget.
     fn free_data(&mut self) {
-        self.data = Vec::new();
         if let Some(budget) = &self.budget {
-            budget.give(self.taken);
+            budget.give(self.data.capacity());
         }
-        self.taken = 0;
+        self.data = Vec::new();
     }
 
     /// Make room in `data` for `needed` bytes of a message that will hold `upto` bytes once the
@@ -303,12 +306,16 @@ impl Decoder {
         let doubled = capacity.saturating_mul(2).max(MAX_RESERVE.min(upto)).clamp(needed, upto.max(needed));
         let target = match &self.budget {
             None => doubled,
-            Some(budget) if budget.try_take(doubled - self.taken) => doubled,
-            Some(budget) if budget.try_take(needed - self.taken) => needed,
+            Some(budget) if budget.try_take(doubled - capacity) => doubled,
+            Some(budget) if budget.try_take(needed - capacity) => needed,
             Some(_) => return Err(ProtocolError::try_again_later("server busy: too much unfinished input")),
         };
-        self.taken = target;
         self.data.reserve_exact(target - self.data.len());
+        if let Some(budget) = &self.budget {
+            // The standard allocator gives exactly what `reserve_exact` asks; should another
+            // give more, the budget still counts every byte held.
+            budget.take_anyway(self.data.capacity() - target);
+        }
         Ok(())
     }
 
@@ -566,9 +573,7 @@ impl Decoder {
 
 impl Drop for Decoder {
     fn drop(&mut self) {
-        if let Some(budget) = &self.budget {
-            budget.give(self.taken);
-        }
+        self.free_data();
     }
 }
 
