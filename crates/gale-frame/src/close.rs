@@ -75,6 +75,9 @@ impl ProtocolError {
     pub(crate) const fn too_big(reason: &'static str) -> Self {
         ProtocolError { code: CloseCode::MESSAGE_TOO_BIG, reason }
     }
+    pub(crate) const fn try_again_later(reason: &'static str) -> Self {
+        ProtocolError { code: CloseCode::TRY_AGAIN_LATER, reason }
+    }
     pub(crate) const fn invalid_payload(reason: &'static str) -> Self {
         ProtocolError { code: CloseCode::INVALID_PAYLOAD, reason }
     }

@@ -7,6 +7,9 @@
 //! message is delivered. It checks every receive-side rule of RFC 6455 and answers a violation
 //! with the close code to send.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::close::{CloseCode, ProtocolError};
 use crate::header::{FrameHeader, MAX_HEADER_LEN, OpCode, RSV1, RSV2, RSV3};
 use crate::mask::apply_mask;
@@ -57,6 +60,68 @@ impl DecoderConfig {
     pub fn wire_limit(&self, compressed: bool) -> u64 {
         let max = self.max_message_size;
         if compressed { max.saturating_add(max / 1024 + 64) } else { max }
+    }
+}
+
+/// Bytes that the decoders sharing it may hold, together, for the data messages they are
+/// still receiving (split across reads or fragmented): a server gives one to all the
+/// connections of an event loop, so that many peers each sending part of a large message
+/// cannot make it hold more than this in all.
+///
+/// A decoder takes from the budget each time its message buffer grows and gives it all back
+/// when the message is delivered, when a close frame or an error ends its input, and when it
+/// is dropped. A message that would grow past what is left fails with 1013 (try again later):
+/// the peer did nothing wrong, and the same message may go through once others complete.
+/// Messages that arrive whole in one read are handed out from the read buffer and never take
+/// from the budget.
+#[derive(Clone, Debug)]
+pub struct PartialBudget {
+    shared: Arc<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    limit: usize,
+    held: AtomicUsize,
+}
+
+impl PartialBudget {
+    /// A budget of `limit` bytes, none of them held.
+    pub fn new(limit: usize) -> Self {
+        PartialBudget { shared: Arc::new(BudgetState { limit, held: AtomicUsize::new(0) }) }
+    }
+
+    /// The most bytes the decoders may hold together.
+    pub fn limit(&self) -> usize {
+        self.shared.limit
+    }
+
+    /// Bytes the decoders hold now.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+
+    /// Take `bytes` if they fit under the limit.
+    fn try_take(&self, bytes: usize) -> bool {
+        let state = &*self.shared;
+        state
+            .held
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                held.checked_add(bytes).filter(|&after| after <= state.limit)
+            })
+            .is_ok()
+    }
+
+    /// Take `bytes` whether or not they fit.
+    fn take_anyway(&self, bytes: usize) {
+        if bytes > 0 {
+            self.shared.held.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Give back `bytes` taken earlier.
+    fn give(&self, bytes: usize) {
+        self.shared.held.fetch_sub(bytes, Ordering::Relaxed);
     }
 }
 
@@ -146,6 +211,8 @@ pub struct Decoder {
     message: Option<MessageState>,
     /// Payload of a data message that did not arrive as one whole frame in one read.
     data: Vec<u8>,
+    /// Where `data`'s capacity is taken from, if anywhere: it holds exactly that capacity.
+    budget: Option<PartialBudget>,
     /// Payload of a control frame split across reads.
     control: Vec<u8>,
     utf8: Utf8Stream,
@@ -159,7 +226,7 @@ pub struct Decoder {
 
 /// Buffers larger than this are not reserved from the header alone: a peer could otherwise
 /// make us allocate its announced size while sending only a few bytes.
-const MAX_RESERVE: u64 = 64 * 1024;
+const MAX_RESERVE: usize = 64 * 1024;
 
 impl Decoder {
     /// A decoder at the start of a connection.
@@ -171,12 +238,21 @@ impl Decoder {
             frame: None,
             message: None,
             data: Vec::new(),
+            budget: None,
             control: Vec::new(),
             utf8: Utf8Stream::new(),
             data_delivered: false,
             control_delivered: false,
             finished: false,
         }
+    }
+
+    /// A decoder whose unfinished messages take their memory from `budget` (see
+    /// [`PartialBudget`]).
+    pub fn with_budget(config: DecoderConfig, budget: PartialBudget) -> Self {
+        let mut decoder = Decoder::new(config);
+        decoder.budget = Some(budget);
+        decoder
     }
 
     /// The configuration in force.
@@ -204,13 +280,52 @@ impl Decoder {
         self.data.capacity() + self.control.capacity()
     }
 
+    /// Stop decoding: ignore all further input, and free the message being received (giving
+    /// its bytes back to the budget). For a connection that is being closed for a reason of
+    /// its own, such as a message that took too long.
+    pub fn finish(&mut self) {
+        self.finished = true;
+        self.free_data();
+    }
+
+    /// Free `data` and give its bytes back to the budget.
+    fn free_data(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give(self.data.capacity());
+        }
+        self.data = Vec::new();
+    }
+
+    /// Make room in `data` for `needed` bytes of a message that will hold `upto` bytes once the
+    /// current frame is in. The buffer doubles (starting at up to [`MAX_RESERVE`]), never past
+    /// `upto`; when the budget cannot cover the doubling, it grows to exactly `needed`, and
+    /// when it cannot cover that either the message is refused.
+    #[cold]
+    fn grow(&mut self, needed: usize, upto: usize) -> Result<(), ProtocolError> {
+        let capacity = self.data.capacity();
+        let doubled = capacity.saturating_mul(2).max(MAX_RESERVE.min(upto)).clamp(needed, upto.max(needed));
+        let target = match &self.budget {
+            None => doubled,
+            Some(budget) if budget.try_take(doubled - capacity) => doubled,
+            Some(budget) if budget.try_take(needed - capacity) => needed,
+            Some(_) => return Err(ProtocolError::try_again_later("server busy: too much unfinished input")),
+        };
+        self.data.reserve_exact(target - self.data.len());
+        if let Some(budget) = &self.budget {
+            // The standard allocator gives exactly what `reserve_exact` asks; should another
+            // give more, the budget still counts every byte held.
+            budget.take_anyway(self.data.capacity() - target);
+        }
+        Ok(())
+    }
+
     /// Free the buffers of a message that was delivered. [`decode`](Decoder::decode) does this
     /// by itself on its next call; call it when a read's events are handled so that an idle
     /// connection holds no heap memory.
     pub fn release(&mut self) {
         if self.data_delivered {
             self.data_delivered = false;
-            self.data = Vec::new();
+            self.free_data();
         }
         if self.control_delivered {
             self.control_delivered = false;
@@ -234,13 +349,22 @@ impl Decoder {
         }
         let input_len = input.len();
         match self.decode_inner(input) {
-            Ok(Step::Input(n, event)) => Ok((n, Some(event))),
+            Ok(Step::Input(n, event)) => {
+                if self.finished {
+                    // A close frame: a message it interrupted will never complete.
+                    self.free_data();
+                }
+                Ok((n, Some(event)))
+            }
             Ok(Step::Data(n)) => {
                 self.data_delivered = true;
                 let event = self.data_event()?;
                 Ok((n, Some(event)))
             }
             Ok(Step::Control(n, opcode)) => {
+                if opcode == OpCode::Close {
+                    self.free_data();
+                }
                 self.control_delivered = true;
                 let event = control_event(opcode, &self.control);
                 if matches!(event, Ok(Event::Close(_)) | Err(_)) {
@@ -251,6 +375,7 @@ impl Decoder {
             Ok(Step::NeedMore) => Ok((input_len, None)),
             Err(e) => {
                 self.finished = true;
+                self.free_data();
                 Err(e)
             }
         }
@@ -314,8 +439,10 @@ impl Decoder {
                         .feed(chunk)
                         .map_err(|_| ProtocolError::invalid_payload("invalid UTF-8 in text message"))?;
                 }
-                if self.data.capacity() == 0 {
-                    self.data.reserve((frame.remaining + take as u64).min(MAX_RESERVE) as usize);
+                let needed = self.data.len() + take;
+                if needed > self.data.capacity() {
+                    let upto = needed.saturating_add(usize::try_from(frame.remaining).unwrap_or(usize::MAX));
+                    self.grow(needed, upto)?;
                 }
                 self.data.extend_from_slice(chunk);
                 if frame.remaining == 0 {
@@ -441,6 +568,12 @@ impl Decoder {
             self.finished = true;
         }
         event
+    }
+}
+
+impl Drop for Decoder {
+    fn drop(&mut self) {
+        self.free_data();
     }
 }
 

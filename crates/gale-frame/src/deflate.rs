@@ -252,7 +252,9 @@ impl Inflater {
     }
 
     /// Inflate one message (`input` without its tail) into `out`, failing as soon as the
-    /// output would exceed `max` bytes.
+    /// output would exceed `max` bytes. `out` is never grown past `max` bytes of capacity: a
+    /// message that inflates to more is refused when the output is full at the limit and
+    /// zlib still has a byte to give.
     pub fn inflate(&mut self, input: &[u8], out: &mut Vec<u8>, max: usize) -> Result<(), InflateError> {
         out.clear();
         let result = self.inflate_part(input, out, max).and_then(|_| self.inflate_part(&TAIL, out, max));
@@ -263,25 +265,34 @@ impl Inflater {
     }
 
     fn inflate_part(&mut self, mut input: &[u8], out: &mut Vec<u8>, max: usize) -> Result<(), InflateError> {
+        // Where zlib writes once `out` is full at the limit: any byte it puts there is one
+        // too many.
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         loop {
-            if out.len() == out.capacity() {
-                if out.len() > max {
-                    return Err(InflateError::TooBig);
-                }
+            let limit = out.capacity().min(max);
+            if out.len() == limit && limit < max {
+                // Grow by doubling (256 bytes to 1 MiB at a time), never past `max`.
                 let grow = out.capacity().clamp(256, 1 << 20);
-                out.reserve(grow.min(max + 1 - out.len()).max(1));
+                out.reserve_exact(grow.min(max - out.len()));
             }
+            let room = out.capacity().min(max) - out.len();
+            let at_limit = room == 0;
+            let space = if at_limit { &mut probe[..] } else { &mut out.spare_capacity_mut()[..room] };
+            let space_len = space.len();
             let (in_before, out_before) = (self.raw.total_in(), self.raw.total_out());
             let status = self
                 .raw
-                .decompress_uninit(input, out.spare_capacity_mut(), zlib_rs::InflateFlush::SyncFlush)
+                .decompress_uninit(input, space, zlib_rs::InflateFlush::SyncFlush)
                 .map_err(|_| InflateError::Corrupt)?;
             let produced = (self.raw.total_out() - out_before) as usize;
-            // SAFETY: the decompressor initialised exactly `produced` bytes at the start of the
-            // spare capacity it was given (its output counter advanced by that much).
-            unsafe { out.set_len(out.len() + produced) };
-            if out.len() > max {
-                return Err(InflateError::TooBig);
+            if at_limit {
+                if produced > 0 {
+                    return Err(InflateError::TooBig);
+                }
+            } else {
+                // SAFETY: the decompressor initialised exactly `produced` bytes at the start
+                // of the spare capacity it was given (its output counter advanced by that much).
+                unsafe { out.set_len(out.len() + produced) };
             }
             let used = (self.raw.total_in() - in_before) as usize;
             input = &input[used..];
@@ -294,10 +305,9 @@ impl Inflater {
                     self.raw.reset(false);
                     return Ok(());
                 }
-                _ if input.is_empty() && out.len() < out.capacity() => return Ok(()),
-                _ if used == 0 && produced == 0 && out.len() < out.capacity() => {
-                    return Err(InflateError::Corrupt);
-                }
+                // The output was not filled: the flush is complete.
+                _ if input.is_empty() && produced < space_len => return Ok(()),
+                _ if used == 0 && produced == 0 => return Err(InflateError::Corrupt),
                 _ => {}
             }
         }
@@ -442,12 +452,67 @@ mod tests {
         let mut out = Vec::new();
         let mut i = Inflater::new(false);
         assert_eq!(i.inflate(&c, &mut out, 1 << 20), Err(InflateError::TooBig));
-        assert!(out.capacity() <= (1 << 20) + (1 << 20), "stopped near the limit");
+        assert!(out.capacity() <= 1 << 20, "grew past the limit: {}", out.capacity());
         // The inflater is usable again afterwards.
         let mut small = Vec::new();
         Deflater::new(15, 6, false).compress(b"ok", &mut small);
         i.inflate(&small, &mut out, 100).unwrap();
         assert_eq!(out, b"ok");
+    }
+
+    /// The output buffer never grows past the limit, whatever the limit and however far the
+    /// message would inflate: a bomb costs the limit, not twice it.
+    #[test]
+    fn inflate_buffer_never_grows_past_the_limit() {
+        let bomb = {
+            let mut c = Vec::new();
+            Deflater::new(15, 1, false).compress(&vec![0u8; 64 << 20], &mut c);
+            c
+        };
+        for max in [0, 1, 255, 256, 257, 65_536, 1_000_003, 16 << 20] {
+            let mut out = Vec::new();
+            assert_eq!(
+                Inflater::new(false).inflate(&bomb, &mut out, max),
+                Err(InflateError::TooBig),
+                "{max}"
+            );
+            assert!(out.capacity() <= max, "limit {max}: the buffer grew to {}", out.capacity());
+        }
+    }
+
+    /// A message exactly at the limit is accepted into a buffer of exactly that size; one
+    /// byte more is refused without growing it.
+    #[test]
+    fn inflate_limit_is_exact() {
+        let noise: Vec<u8> = (0..200_001u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        for len in [0usize, 1, 255, 256, 257, 70_000, 200_001] {
+            let msg = &noise[..len];
+            let mut c = Vec::new();
+            Deflater::new(15, 6, false).compress(msg, &mut c);
+            let mut out = Vec::new();
+            Inflater::new(false).inflate(&c, &mut out, len).unwrap();
+            assert_eq!(out, msg);
+            assert!(out.capacity() <= len, "{len}-byte message in a {}-byte buffer", out.capacity());
+            if len > 0 {
+                let mut out = Vec::new();
+                assert_eq!(Inflater::new(false).inflate(&c, &mut out, len - 1), Err(InflateError::TooBig));
+                assert!(out.capacity() < len, "limit {}: the buffer grew to {}", len - 1, out.capacity());
+            }
+        }
+    }
+
+    /// A buffer that already has room past the limit (the loop's reused one) is not grown,
+    /// and the limit still holds.
+    #[test]
+    fn inflate_into_a_larger_buffer_keeps_the_limit() {
+        let mut c = Vec::new();
+        Deflater::new(15, 6, false).compress(&[7u8; 5000], &mut c);
+        let mut out = Vec::with_capacity(10_000);
+        assert_eq!(Inflater::new(false).inflate(&c, &mut out, 4999), Err(InflateError::TooBig));
+        assert_eq!(out.capacity(), 10_000);
+        Inflater::new(false).inflate(&c, &mut out, 5000).unwrap();
+        assert_eq!(out, [7u8; 5000]);
+        assert_eq!(out.capacity(), 10_000);
     }
 
     #[test]

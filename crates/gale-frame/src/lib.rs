@@ -36,7 +36,9 @@ pub mod mask;
 pub mod utf8;
 
 pub use close::{CloseCode, ProtocolError};
-pub use decode::{CloseFrame, DataKind, Decoder, DecoderConfig, Event, Role, parse_close_payload};
+pub use decode::{
+    CloseFrame, DataKind, Decoder, DecoderConfig, Event, PartialBudget, Role, parse_close_payload,
+};
 pub use encode::{
     BufferTooSmall, ClosePayload, FrameSpec, SharedFrame, append_frame, encode_frame, frame_len, write_header,
 };

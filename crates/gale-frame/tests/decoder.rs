@@ -4,7 +4,8 @@ mod common;
 
 use common::{Owned, feed, feed_all};
 use gale_frame::{
-    CloseCode, DataKind, Decoder, DecoderConfig, Event, FrameSpec, OpCode, append_frame, header::RSV1,
+    CloseCode, DataKind, Decoder, DecoderConfig, Event, FrameSpec, OpCode, PartialBudget, append_frame,
+    header::RSV1,
 };
 
 const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
@@ -341,4 +342,148 @@ fn compressed_messages_may_exceed_the_limit_by_deflate_overhead_only() {
     // Uncompressed messages keep the exact limit.
     assert_eq!(error_code(&mut Decoder::new(cfg), &cframe(OpCode::Binary, true, &[0; 1025])), 1009);
     assert_eq!((cfg.wire_limit(true), cfg.wire_limit(false)), (1024 + 65, 1024));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory of unfinished messages: the buffer's size, and the budget decoders share.
+
+/// Feed `bytes` to `dec` as one read; the events' owned copies, or the error's close code.
+fn read(dec: &mut Decoder, bytes: &[u8]) -> Result<Vec<common::Owned>, u16> {
+    let (events, err) = feed(dec, bytes, &[]);
+    dec.release();
+    match err {
+        Some(e) => Err(e.code.0),
+        None => Ok(events),
+    }
+}
+
+#[test]
+fn split_message_buffer_never_outgrows_the_message() {
+    for len in [70_000usize, 1_000_003] {
+        let bytes = cframe(OpCode::Binary, true, &vec![5u8; len]);
+        for read_size in [1000, 65_537, 400_000] {
+            let mut dec = server_of(2 << 20);
+            let mut fed = 0;
+            let mut events = Vec::new();
+            while fed < bytes.len() {
+                let end = (fed + read_size).min(bytes.len());
+                events.extend(read(&mut dec, &bytes[fed..end]).unwrap());
+                fed = end;
+                assert!(dec.heap_bytes() <= len, "{len}-byte message held in {} bytes", dec.heap_bytes());
+            }
+            assert_eq!(events, vec![Owned::Binary(vec![5u8; len])]);
+        }
+    }
+}
+
+fn server_of(max: u64) -> Decoder {
+    Decoder::new(DecoderConfig::server(max))
+}
+
+fn budgeted(budget: &PartialBudget) -> Decoder {
+    Decoder::with_budget(DecoderConfig::server(1 << 20), budget.clone())
+}
+
+/// The first `cut` bytes of a masked binary frame of `len` bytes.
+fn partial(len: usize, cut: usize) -> Vec<u8> {
+    let mut bytes = cframe(OpCode::Binary, true, &vec![1u8; len]);
+    bytes.truncate(cut);
+    bytes
+}
+
+#[test]
+fn budget_counts_exactly_what_unfinished_messages_hold() {
+    let budget = PartialBudget::new(1 << 20);
+    let mut a = budgeted(&budget);
+    let mut b = budgeted(&budget);
+    // Whole messages in one read take nothing.
+    assert_eq!(read(&mut a, &cframe(OpCode::Binary, true, &[1; 300_000])).unwrap().len(), 1);
+    assert_eq!(budget.held(), 0);
+    let bytes = cframe(OpCode::Binary, true, &[1; 300_000]);
+    read(&mut a, &bytes[..100_000]).unwrap();
+    read(&mut b, &bytes[..5_000]).unwrap();
+    assert_eq!(budget.held(), a.heap_bytes() + b.heap_bytes());
+    assert!(budget.held() >= 105_000);
+    read(&mut a, &bytes[100_000..250_000]).unwrap();
+    assert_eq!(budget.held(), a.heap_bytes() + b.heap_bytes());
+    // Completing a message gives its bytes back once it is released.
+    assert_eq!(read(&mut a, &bytes[250_000..]).unwrap().len(), 1);
+    assert_eq!(budget.held(), b.heap_bytes());
+    // So does dropping a decoder in the middle of one.
+    drop(b);
+    assert_eq!(budget.held(), 0);
+}
+
+#[test]
+fn message_that_would_grow_past_the_budget_is_1013_and_the_others_go_on() {
+    let budget = PartialBudget::new(1_000_000);
+    let (mut a, mut b, mut c) = (budgeted(&budget), budgeted(&budget), budgeted(&budget));
+    let message = cframe(OpCode::Binary, true, &[1; 400_000]);
+    read(&mut a, &message[..399_000]).unwrap();
+    read(&mut b, &message[..399_000]).unwrap();
+    let before = budget.held();
+    assert!(before <= 800_000);
+    // C grows past what is left: refused with 1013, holding nothing, the others untouched.
+    read(&mut c, &message[..300_000]).expect_err("over the budget");
+    let (_, err) = feed(&mut c, &message[..300_000], &[]);
+    assert!(err.is_none(), "a refused decoder ignores further input");
+    assert_eq!(budget.held(), before);
+    assert_eq!(c.heap_bytes(), 0);
+    let mut c = budgeted(&budget);
+    assert_eq!(read(&mut c, &message[..300_000]), Err(CloseCode::TRY_AGAIN_LATER.0));
+    // A completes: its bytes come back, and a new message fits.
+    assert_eq!(read(&mut a, &message[399_000..]).unwrap(), vec![Owned::Binary(vec![1; 400_000])]);
+    let mut d = budgeted(&budget);
+    read(&mut d, &message[..399_000]).unwrap();
+    assert_eq!(read(&mut d, &message[399_000..]).unwrap().len(), 1);
+    assert_eq!(read(&mut b, &message[399_000..]).unwrap().len(), 1);
+    assert_eq!(budget.held(), 0);
+}
+
+#[test]
+fn budget_near_its_end_grows_a_buffer_exactly() {
+    // Doubling would pass the budget; growing to exactly what the read needs does not.
+    let budget = PartialBudget::new(150_000);
+    let mut a = budgeted(&budget);
+    let message = cframe(OpCode::Binary, true, &[3; 200_000]);
+    read(&mut a, &message[..70_000]).unwrap();
+    read(&mut a, &message[70_000..149_000]).unwrap();
+    assert!(a.heap_bytes() <= 150_000);
+    assert_eq!(budget.held(), a.heap_bytes());
+    assert_eq!(read(&mut a, &message[149_000..151_000]), Err(1013));
+    assert_eq!(budget.held(), 0);
+}
+
+#[test]
+fn budget_is_given_back_on_error_close_and_finish() {
+    let budget = PartialBudget::new(1 << 20);
+    let first = cframe(OpCode::Text, false, &[b'a'; 100_000]);
+    // An error in the middle of a fragmented message.
+    let mut dec = budgeted(&budget);
+    read(&mut dec, &first).unwrap();
+    assert!(budget.held() >= 100_000);
+    assert_eq!(read(&mut dec, &cframe(OpCode::Binary, true, b"x")), Err(1002));
+    assert_eq!(budget.held(), 0);
+    // A close frame in the middle of one.
+    let mut dec = budgeted(&budget);
+    read(&mut dec, &first).unwrap();
+    let events = read(&mut dec, &cframe(OpCode::Close, true, &[0x03, 0xe8])).unwrap();
+    assert_eq!(events, vec![Owned::Close(Some(1000), String::new())]);
+    assert_eq!(budget.held(), 0);
+    // A close frame split across reads, in the middle of one.
+    let mut dec = budgeted(&budget);
+    read(&mut dec, &first).unwrap();
+    let close = cframe(OpCode::Close, true, &[0x03, 0xe8]);
+    read(&mut dec, &close[..7]).unwrap();
+    read(&mut dec, &close[7..]).unwrap();
+    assert_eq!(budget.held(), 0);
+    // The owner stops it.
+    let mut dec = budgeted(&budget);
+    read(&mut dec, &partial(500_000, 200_000)).unwrap();
+    assert!(budget.held() >= 199_000);
+    dec.finish();
+    assert_eq!(budget.held(), 0);
+    assert!(dec.is_finished());
+    assert_eq!(read(&mut dec, &partial(10, 16)).unwrap(), vec![]);
+    assert_eq!(budget.held(), 0);
 }

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, Sender};
+use gale_frame::PartialBudget;
 
 use crate::behavior::Behavior;
 use crate::handler::{ErrorRenderer, HttpHandler, WsHandler};
@@ -88,6 +89,14 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Largest HTTP request body accepted; larger gets 413.
     pub max_body: usize,
+    /// Bytes each loop may hold, over all its connections, for WebSocket messages that have
+    /// not arrived whole (split across reads or fragmented). A connection whose message would
+    /// grow past it is closed with 1013 (try again later) and the others go on; the bytes
+    /// come back as messages complete and connections close. Messages that arrive whole in
+    /// one read do not count. Default 64 MiB: four messages of the default 16 MiB
+    /// `max_payload` in flight at once on each loop, and a bound of 64 MiB per core however
+    /// many peers send part of a message and stall.
+    pub partial_message_budget: usize,
     /// Size of each loop's receive buffer.
     pub recv_buffer: usize,
     /// io_uring: provided receive buffers per loop (a power of two, at most 32768); `None`:
@@ -121,6 +130,7 @@ impl Default for ServerConfig {
             pin_threads: false,
             handshake_timeout: Duration::from_secs(10),
             max_body: 1 << 20,
+            partial_message_budget: 64 << 20,
             recv_buffer: 512 * 1024,
             uring_buffers: None,
             uring_buffer_size: None,
@@ -297,11 +307,13 @@ impl App {
             seeds.push(LoopSeed { index, io, listener, rx });
         }
         let stats = (0..threads).map(|_| LoopStats::default()).collect();
+        let budgets = (0..threads).map(|_| PartialBudget::new(self.config.partial_message_budget)).collect();
         let handle = ServerHandle {
             inner: Arc::new(HandleInner {
                 mailboxes,
                 shutting_down: AtomicBool::new(false),
                 stats,
+                budgets,
                 registry: Arc::new(Registry::new(threads)),
                 publishes: AtomicU64::new(0),
                 tls: tls.clone(),
@@ -460,12 +472,17 @@ pub struct LoopSnapshot {
     /// io_uring: receives that found every provided buffer in use (the connection waits for
     /// the loop to hand buffers back, its data staying in the socket meanwhile).
     pub receive_buffer_shortages: u64,
+    /// Bytes held now for messages not yet received whole, out of
+    /// [`ServerConfig::partial_message_budget`].
+    pub partial_message_bytes: usize,
 }
 
 struct HandleInner {
     mailboxes: Vec<Mailbox>,
     shutting_down: AtomicBool,
     stats: Vec<LoopStats>,
+    /// Each loop's budget for unfinished messages.
+    budgets: Vec<PartialBudget>,
     registry: Arc<Registry>,
     publishes: AtomicU64,
     tls: Option<Arc<TlsAcceptor>>,
@@ -504,6 +521,11 @@ impl ServerHandle {
         &self.inner.stats[index]
     }
 
+    /// Loop `index`'s budget for unfinished messages.
+    pub(crate) fn partial_budget(&self, index: usize) -> PartialBudget {
+        self.inner.budgets[index].clone()
+    }
+
     /// The counters of loop `index` (modulo the number of loops).
     pub fn loop_stats(&self, index: usize) -> LoopSnapshot {
         let s = &self.inner.stats[index % self.inner.stats.len()];
@@ -516,6 +538,7 @@ impl ServerHandle {
             dropped: s.dropped.load(Ordering::Relaxed),
             zero_copy_sends: s.zero_copy_sends.load(Ordering::Relaxed),
             receive_buffer_shortages: s.receive_buffer_shortages.load(Ordering::Relaxed),
+            partial_message_bytes: self.inner.budgets[index % self.inner.budgets.len()].held(),
         }
     }
 

@@ -53,6 +53,13 @@ pub struct Behavior {
     pub ping_interval: Option<Duration>,
     /// After an automatic ping, drop the connection if nothing arrives within this time.
     pub pong_timeout: Duration,
+    /// Longest time from a message's first byte to its last: a message still unfinished
+    /// after it closes the connection with 1008 (policy violation). Bytes that arrive count
+    /// as activity for [`idle_timeout`](Self::idle_timeout) and the pings, so that a slow
+    /// upload of a large message stays open; this is what ends one that never completes.
+    /// `None`: never. Default 10 minutes: the default 16 MiB
+    /// [`max_payload`](Self::max_payload) at 256 kbit/s, a weak mobile uplink, takes 9 minutes.
+    pub message_timeout: Option<Duration>,
     /// Most bytes held for a connection that the kernel will not take yet. Sends beyond it are
     /// refused; the buffer never holds more than this or a single message, whichever is larger.
     pub max_backpressure: usize,
@@ -87,6 +94,7 @@ impl Default for Behavior {
             idle_close: IdleClose::GoingAway,
             ping_interval: None,
             pong_timeout: Duration::from_secs(10),
+            message_timeout: Some(Duration::from_secs(600)),
             max_backpressure: 1 << 20,
             backpressure_policy: BackpressurePolicy::Drop,
             close_timeout: Duration::from_secs(5),

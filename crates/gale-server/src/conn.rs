@@ -104,6 +104,9 @@ struct WsApp {
     session: Session,
     /// Tick an automatic ping went out, 0 when none is outstanding.
     ping_at: u32,
+    /// Tick of the read that brought the first byte of the frame or message being received,
+    /// 0 when none is: what `Behavior::message_timeout` counts from.
+    message_since: u32,
     /// Tick the close handshake began, 0 while open.
     close_since: u32,
     /// The `close` callback has been delivered.
@@ -268,6 +271,11 @@ impl Conn {
             self.link.finish = Finish::Now;
         }
         self.report_close_if_ending(cx, true);
+        if let Phase::Ws(ws) = &mut self.phase {
+            // Its unfinished message goes back to the loop's budget now, not when the slot is
+            // freed (io_uring waits for the connection's operations to end first).
+            ws.decoder.finish();
+        }
     }
 
     /// Queue a published message for this connection (if it is an open WebSocket and not the
@@ -339,10 +347,11 @@ impl Conn {
                         self.last_seen + t + 1
                     }
                 });
-                match (idle, ping) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                let message = match (route.ticks.message, ws.app.message_since) {
+                    (Some(t), since) if since != 0 => Some(since + t + 1),
+                    _ => None,
+                };
+                [idle, ping, message].into_iter().flatten().min()
             }
         }
     }
@@ -368,6 +377,19 @@ impl Conn {
                 if self.link.close != CloseState::Open || self.link.finish != Finish::No {
                     // The peer never answered our close, or never read it.
                     self.link.finish = Finish::Now;
+                } else if ws.app.message_since != 0
+                    && route.ticks.message.is_some_and(|t| now > ws.app.message_since + t)
+                {
+                    // A message begun and never finished (trickled, or stalled): the peer is
+                    // within the protocol but past our policy. Say so, stop reading, and give
+                    // its bytes back to the loop's budget.
+                    let code = CloseCode::POLICY_VIOLATION;
+                    let reason = "message not completed in time";
+                    self.link.queue_close(cx.pool, ClosePayload::new(code, reason), CloseState::Closed);
+                    self.link.close = CloseState::Closed;
+                    self.link.finish = Finish::AfterFlush;
+                    ws.decoder.finish();
+                    report_close(&mut ws.app, &mut self.link, route, cx.pool, code, reason);
                 } else if route.ticks.idle.is_some_and(|t| now > self.last_seen + t) {
                     match route.behavior.idle_close {
                         crate::IdleClose::GoingAway => self.link.queue_close(
@@ -706,8 +728,15 @@ impl Conn {
         };
         let session = Session { data, compression: ConnCompression::new(deflate) };
         self.phase = Phase::Ws(WsPhase {
-            decoder: Decoder::new(decoder),
-            app: WsApp { route: route_index as u16, session, ping_at: 0, close_since: 0, reported: false },
+            decoder: Decoder::with_budget(decoder, cx.pool.partial_budget.clone()),
+            app: WsApp {
+                route: route_index as u16,
+                session,
+                ping_at: 0,
+                message_since: 0,
+                close_since: 0,
+                reported: false,
+            },
         });
         self.call(cx, Callback::Open);
         true
@@ -718,6 +747,7 @@ impl Conn {
         let routes = cx.routes;
         let Phase::Ws(ws) = &mut self.phase else { return };
         let route = &routes.ws[ws.app.route as usize];
+        let messages_before = cx.pool.counters.messages_in;
         let mut pos = 0;
         while self.link.finish == Finish::No && !self.link.broken {
             let (used, event) = match ws.decoder.decode(&mut data[pos..]) {
@@ -830,6 +860,14 @@ impl Conn {
             }
         }
         ws.decoder.release();
+        // The clock of `message_timeout`: it starts with the read that left part of a frame
+        // or message behind, and restarts when a read completes a data message and leaves the
+        // start of another (a ping between fragments does not restart it).
+        if !ws.decoder.is_mid_message() {
+            ws.app.message_since = 0;
+        } else if ws.app.message_since == 0 || cx.pool.counters.messages_in != messages_before {
+            ws.app.message_since = cx.now;
+        }
     }
 }
 

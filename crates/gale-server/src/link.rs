@@ -93,6 +93,8 @@ pub(crate) struct Scratch {
     pub(crate) handle: ServerHandle,
     /// Where decrypted input goes before the connection sees it (TLS).
     pub(crate) plain: Vec<u8>,
+    /// Bytes the loop's connections may hold for messages not yet received whole.
+    pub(crate) partial_budget: gale_frame::PartialBudget,
     index: usize,
     next_serial: u64,
 }
@@ -104,6 +106,7 @@ impl Scratch {
             codecs: SharedCodecs::default(),
             topics: LoopTopics::new(handle.registry(), index),
             counters: Counters::default(),
+            partial_budget: handle.partial_budget(index),
             handle,
             plain: Vec::new(),
             index,

@@ -72,6 +72,14 @@ pub struct EchoArgs {
     /// Close connections idle for this many seconds (0: never).
     #[arg(long, default_value_t = 120, value_name = "SECONDS")]
     idle_timeout: u64,
+    /// Close with 1008 a connection whose message is still unfinished this many seconds after
+    /// its first byte (0: never).
+    #[arg(long, default_value_t = 600, value_name = "SECONDS")]
+    message_timeout: u64,
+    /// Bytes each loop may hold for messages not yet received whole, over all its
+    /// connections; the message that would pass it closes its connection with 1013.
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    partial_message_budget: usize,
 }
 
 /// `--compression` values.
@@ -143,6 +151,7 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         uring_buffer_size: args.uring_buffer_size,
         uring_incremental: !args.uring_whole_buffers,
         uring_send_zc: args.uring_send_zc,
+        partial_message_budget: args.partial_message_budget,
         ..ServerConfig::default()
     };
     let behavior = Behavior {
@@ -154,6 +163,7 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         },
         compress_min_size: args.compress_min_size,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        message_timeout: (args.message_timeout > 0).then(|| Duration::from_secs(args.message_timeout)),
         ..Behavior::default()
     };
     let threads = config.threads;

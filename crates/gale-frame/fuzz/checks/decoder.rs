@@ -11,7 +11,7 @@
 //! Besides the invariants checked on every event, the same bytes are decoded once in a single
 //! read: how the peer's bytes happen to be split into reads must not change what is decoded.
 
-use gale_frame::{DataKind, Decoder, DecoderConfig, Event, MAX_CONTROL_PAYLOAD, Role};
+use gale_frame::{DataKind, Decoder, DecoderConfig, Event, MAX_CONTROL_PAYLOAD, PartialBudget, Role};
 
 /// An event with owned payloads, so that events of different runs can be compared.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,6 +108,12 @@ pub fn check(data: &[u8]) -> Outcome {
     let split = feed(&mut Decoder::new(input.config), input.wire, &input.reads);
     let whole = feed(&mut Decoder::new(input.config), input.wire, &[]);
     assert_eq!(split, whole, "read sizes {:?} changed the outcome", input.reads);
+    // A budget that is never short changes nothing, and gets back every byte it lent.
+    let budget = PartialBudget::new(usize::MAX);
+    let mut budgeted = Decoder::with_budget(input.config, budget.clone());
+    assert_eq!(feed(&mut budgeted, input.wire, &input.reads), split, "a budget changed the outcome");
+    drop(budgeted);
+    assert_eq!(budget.held(), 0, "bytes still taken from the budget after the decoder was dropped");
     split
 }
 

@@ -45,6 +45,8 @@ pub struct ServerSection {
     pub threads: usize,
     /// `auto`, `epoll` or `uring`.
     pub backend: String,
+    /// Bytes per loop for messages not yet received whole.
+    pub partial_message_budget: usize,
 }
 
 /// `[cluster]`.
@@ -77,6 +79,8 @@ pub struct WebSocketSection {
     pub idle_timeout: u64,
     /// Seconds; 0 = no pings.
     pub ping_interval: u64,
+    /// Seconds from a message's first byte to its last; 0 = no limit.
+    pub message_timeout: u64,
     /// Bytes queued for a slow client.
     pub max_backpressure: usize,
     /// `drop` or `close`.
@@ -177,6 +181,8 @@ pub struct Settings {
     pub threads: usize,
     /// Event-loop implementation.
     pub backend: gale_server::Backend,
+    /// Bytes per loop for messages not yet received whole.
+    pub partial_message_budget: usize,
     /// TLS certificate chain and key files, if TLS is on.
     pub tls: Option<(String, String)>,
     /// Redis URL of the cluster, if any.
@@ -302,6 +308,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         max_payload: ws.max_payload,
         idle_timeout: secs(ws.idle_timeout),
         ping_interval: secs(ws.ping_interval),
+        message_timeout: secs(ws.message_timeout),
         max_backpressure: ws.max_backpressure,
         backpressure_policy: policy,
         compression,
@@ -348,6 +355,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         listen,
         threads,
         backend,
+        partial_message_budget: c.server.partial_message_budget,
         tls,
         broker,
         ws_path: ws.path,
@@ -388,6 +396,19 @@ mod tests {
         assert!(s.api_key.is_none());
         assert_eq!(s.history.size, 100);
         assert_eq!(s.namespaces.len(), 2);
+        assert_eq!(s.partial_message_budget, 64 << 20);
+        assert_eq!(s.behavior.message_timeout, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn input_limits_are_read() {
+        let file = "[server]\npartial_message_budget = 1000000\n[websocket]\nmessage_timeout = 0\n";
+        let s = load(Some(("g.toml", file)), None, &Overrides::default()).unwrap();
+        assert_eq!(s.partial_message_budget, 1_000_000);
+        assert_eq!(s.behavior.message_timeout, None);
+        let e = load(Some(("g.toml", "[websocket]\nmessage_timeout = -1\n")), None, &Overrides::default())
+            .unwrap_err();
+        assert!(e.contains("websocket.message_timeout"), "{e}");
     }
 
     #[test]
