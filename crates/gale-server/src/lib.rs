@@ -33,6 +33,6 @@ pub use gale_frame::CloseCode;
 pub use handler::{
     Accept, HttpHandler, HttpRequest, HttpResponse, Message, Reject, Responder, UpgradeRequest, WsHandler,
 };
-pub use link::SendStatus;
+pub use link::{CONTROL_ALLOWANCE, SendStatus};
 pub use pubsub::ConnId;
 pub use websocket::WebSocket;

@@ -42,6 +42,7 @@ pub(crate) struct RouteTicks {
     pub(crate) ping: Option<u32>,
     pub(crate) pong: u32,
     pub(crate) close: u32,
+    pub(crate) backpressure: u32,
 }
 
 impl RouteTicks {
@@ -51,6 +52,7 @@ impl RouteTicks {
             ping: b.ping_interval.map(ticks),
             pong: ticks(b.pong_timeout),
             close: ticks(b.close_timeout),
+            backpressure: ticks(b.backpressure_timeout),
         }
     }
 }
