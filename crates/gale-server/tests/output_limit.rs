@@ -76,9 +76,11 @@ impl WsHandler for Watch {
 fn start(timeout: Duration) -> (TestServer, Held) {
     let held = Held::default();
     let behavior = Behavior { max_backpressure: LIMIT, backpressure_timeout: timeout, ..Behavior::default() };
-    let app = App::new()
-        .config(ServerConfig { threads: 1, ..ServerConfig::default() })
-        .ws("/ws", behavior, Watch(held.clone()));
+    let app = App::new().config(ServerConfig { threads: 1, ..ServerConfig::default() }).ws(
+        "/ws",
+        behavior,
+        Watch(held.clone()),
+    );
     (TestServer::start(app), held)
 }
 
@@ -226,5 +228,7 @@ fn a_pending_pong_does_not_refuse_a_message_larger_than_the_limit() {
     assert_eq!(server.handle.loop_stats(0).dropped, 0);
     client.close_normally();
     server.stop();
-    assert!(log.snapshot().iter().any(|e| matches!(e, Ev::Binary { data, .. } if data.len() == (3 << 19) + 1)));
+    assert!(
+        log.snapshot().iter().any(|e| matches!(e, Ev::Binary { data, .. } if data.len() == (3 << 19) + 1))
+    );
 }

@@ -96,7 +96,14 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .map_err(invalid)?;
     let gateway = Gateway::new(settings);
     let s = &gateway.settings;
-    let server_config = ServerConfig { threads: s.threads, backend: s.backend, ..ServerConfig::default() };
+    let server_config = ServerConfig {
+        threads: s.threads,
+        backend: s.backend,
+        // The delivery of the largest body must fit in `websocket.max_backpressure`, which
+        // the configuration checks against this.
+        max_body: protocol::MAX_BODY,
+        ..ServerConfig::default()
+    };
     let g = |f: fn(&Arc<Gateway>, &HttpRequest<'_>) -> gale_server::HttpResponse| {
         let gateway = gateway.clone();
         move |req: &HttpRequest<'_>| f(&gateway, req)
