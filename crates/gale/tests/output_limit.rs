@@ -75,6 +75,6 @@ fn backpressure_flags_out_of_range_are_refused_by_name() {
         let out = support::echo_command().args([flag, value]).output().expect("run gale echo");
         assert!(!out.status.success(), "{flag} {value} was accepted");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains("invalid value"), "{flag} {value}: {stderr}");
     }
 }
