@@ -88,7 +88,7 @@ fn start(timeout: Duration) -> (TestServer, Held) {
 /// the server sends it and the rest stays with the server (or, held back, with the client).
 fn connect_small_window(server: &TestServer) -> Client {
     let client = server.connect("/ws");
-    socket2::SockRef::from(client.stream()).set_recv_buffer_size(16 * 1024).expect("set SO_RCVBUF");
+    socket2::SockRef::from(client.stream()).set_recv_buffer_size(256 * 1024).expect("set SO_RCVBUF");
     client
 }
 
