@@ -1,8 +1,9 @@
 """`gale serve` (the push gateway) seen by the Python `websockets` client and plain HTTP.
 
 Covers the JSON protocol (subscribe, unsubscribe, publish, ping, every error), the HTTP
-publish API and its API key, topic info, /healthz and /metrics, JWT connection tokens
-(valid, expired, forged), the origin allowlist, anonymous namespaces, the client publish
+publish API and its API key, 1 MB publishes to a subscriber that pings meanwhile, topic
+info, /healthz and /metrics, JWT connection tokens (valid, expired, forged), the origin
+allowlist, anonymous namespaces, the client publish
 rate limit, ordering of concurrent publishes, and recovery: a subscriber whose connection
 dies mid-stream reconnects with `since` and gets exactly what it missed.
 
@@ -14,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import threading
 import time
 import unittest
@@ -189,6 +191,48 @@ class ProtocolTest(AsyncTest):
             self.assertEqual(seqs, list(range(1, 301)))
 
 
+class LargeDeliveryTest(AsyncTest):
+    async def test_a_subscriber_that_reads_promptly_and_pings_gets_every_large_publish(self):
+        # HTTP publishes of 1 MB, 1.33 MiB in base64 once delivered, each sent once the
+        # subscriber has received the one before the previous: the subscriber keeps up, so at
+        # most two deliveries are ever held for it, and it pings all the while. Neither a pong
+        # waiting in the server nor the previous delivery still on its way may cost it a
+        # delivery (with "close", the default, its connection).
+        # Without compression, so that each delivery is its full 1.33 MiB on the wire.
+        c = await self.client(compression=None)
+        self.assertTrue((await c.command("subscribe", topic="chat:large"))["ok"])
+        count = 30
+        bodies = [os.urandom(1_000_000) for _ in range(count)]
+        window = threading.Semaphore(2)
+        stop = asyncio.Event()
+
+        async def pinger():
+            while not stop.is_set():
+                await c.ws.ping()
+                await asyncio.sleep(0.002)
+
+        def publisher():
+            for body in bodies:
+                if not window.acquire(timeout=TIMEOUT):
+                    return
+                publish("chat:large", body, "application/octet-stream")
+
+        pings = asyncio.create_task(pinger())
+        publishes = asyncio.create_task(asyncio.to_thread(publisher))
+        try:
+            for seq in range(1, count + 1):
+                d = await c.delivery()
+                window.release()
+                self.assertEqual(d["seq"], seq)
+                self.assertTrue(base64.b64decode(d["binary"]) == bodies[seq - 1], f"delivery {seq} differs")
+            await publishes
+        finally:
+            stop.set()
+            window.release(count)
+            await asyncio.gather(pings, return_exceptions=True)
+        self.assertTrue((await c.command("ping"))["ok"])
+
+
 class AuthTest(AsyncTest):
     async def test_tokens_grant_topics_and_bad_tokens_are_refused(self):
         exp = int(time.time()) + 60
@@ -315,7 +359,8 @@ class HttpApiTest(unittest.TestCase):
         status, text = http("GET", "/metrics", key=None)
         self.assertEqual(status, 200)
         for name in ['gale_connections{loop="0"}', "gale_messages_sent_total", "gale_bytes_received_total",
-                     "gale_backpressure_drops_total", 'gale_publishes_total{source="http"}', "gale_topics"]:
+                     "gale_backpressure_drops_total", "gale_reads_paused_total", "gale_backpressure_timeouts_total",
+                     'gale_publishes_total{source="http"}', "gale_topics"]:
             self.assertIn(name, text)
         status, text = http("GET", "/", key=None)
         self.assertEqual(status, 200)
@@ -343,6 +388,13 @@ class ConfigTest(unittest.TestCase):
                                 text=True, timeout=TIMEOUT)
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("websocket.max_payload", result.stderr)
+        # A subscriber must be able to hold the largest delivery of a 1 MiB HTTP publish.
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write("[websocket]\nmax_backpressure = 1048576\n")
+        result = subprocess.run([str(gale_bin()), "serve", "--config", f.name], capture_output=True,
+                                text=True, timeout=TIMEOUT)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("websocket.max_backpressure", result.stderr)
         result = subprocess.run([str(gale_bin()), "serve", "--config", "/nonexistent.toml"],
                                 capture_output=True, text=True, timeout=TIMEOUT)
         self.assertIn("cannot read /nonexistent.toml", result.stderr)

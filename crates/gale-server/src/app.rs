@@ -434,6 +434,8 @@ pub(crate) struct LoopStats {
     pub(crate) messages_out: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) reads_paused: AtomicU64,
+    pub(crate) backpressure_timeouts: AtomicU64,
     pub(crate) zero_copy_sends: AtomicU64,
     pub(crate) receive_buffer_shortages: AtomicU64,
 }
@@ -447,6 +449,8 @@ impl LoopStats {
         self.messages_out.store(c.messages_out, Ordering::Relaxed);
         self.bytes_out.store(c.bytes_out, Ordering::Relaxed);
         self.dropped.store(c.dropped, Ordering::Relaxed);
+        self.reads_paused.store(c.reads_paused, Ordering::Relaxed);
+        self.backpressure_timeouts.store(c.backpressure_timeouts, Ordering::Relaxed);
         self.zero_copy_sends.store(c.zero_copy_sends, Ordering::Relaxed);
         self.receive_buffer_shortages.store(c.receive_buffer_shortages, Ordering::Relaxed);
     }
@@ -467,6 +471,12 @@ pub struct LoopSnapshot {
     pub bytes_out: u64,
     /// Messages refused because a connection was past its `max_backpressure`.
     pub dropped: u64,
+    /// Times a connection stopped being read because the bytes it held (unsent data,
+    /// control frames, TLS records, sends in flight) passed its `max_backpressure`.
+    pub reads_paused: u64,
+    /// Connections dropped because they stayed past `max_backpressure` (unread) for
+    /// `Behavior::backpressure_timeout`.
+    pub backpressure_timeouts: u64,
     /// io_uring: sends made zero-copy (`ServerConfig::uring_send_zc`).
     pub zero_copy_sends: u64,
     /// io_uring: receives that found every provided buffer in use (the connection waits for
@@ -536,6 +546,8 @@ impl ServerHandle {
             messages_out: s.messages_out.load(Ordering::Relaxed),
             bytes_out: s.bytes_out.load(Ordering::Relaxed),
             dropped: s.dropped.load(Ordering::Relaxed),
+            reads_paused: s.reads_paused.load(Ordering::Relaxed),
+            backpressure_timeouts: s.backpressure_timeouts.load(Ordering::Relaxed),
             zero_copy_sends: s.zero_copy_sends.load(Ordering::Relaxed),
             receive_buffer_shortages: s.receive_buffer_shortages.load(Ordering::Relaxed),
             partial_message_bytes: self.inner.budgets[index % self.inner.budgets.len()].held(),

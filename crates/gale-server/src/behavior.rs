@@ -60,11 +60,19 @@ pub struct Behavior {
     /// `None`: never. Default 10 minutes: the default 16 MiB
     /// [`max_payload`](Self::max_payload) at 256 kbit/s, a weak mobile uplink, takes 9 minutes.
     pub message_timeout: Option<Duration>,
-    /// Most bytes held for a connection that the kernel will not take yet. Sends beyond it are
-    /// refused; the buffer never holds more than this or a single message, whichever is larger.
+    /// Most bytes held for a connection that the kernel will not take yet (data, control
+    /// frames, TLS records, sends in flight). A message is refused when it would take the
+    /// held bytes past this, unless they are at most [`crate::CONTROL_ALLOWANCE`] (a few
+    /// control frames): the limit is never overshot by more than one message. While the
+    /// held bytes are past it (pongs and replies count too), the connection is not read, so
+    /// a peer that sends without reading is held back by its own TCP window.
     pub max_backpressure: usize,
     /// What a send over [`max_backpressure`](Self::max_backpressure) does.
     pub backpressure_policy: BackpressurePolicy,
+    /// A connection whose held bytes stay past [`max_backpressure`](Self::max_backpressure)
+    /// (so it is not read) for this long is dropped without a close frame (it reads nothing,
+    /// so it could not receive one); the handler's `close` gets 1006.
+    pub backpressure_timeout: Duration,
     /// After sending a close frame, how long to wait for the client's before dropping TCP.
     pub close_timeout: Duration,
     /// permessage-deflate.
@@ -97,6 +105,10 @@ impl Default for Behavior {
             message_timeout: Some(Duration::from_secs(600)),
             max_backpressure: 1 << 20,
             backpressure_policy: BackpressurePolicy::Drop,
+            // Longer than a network stall a live peer recovers from (six TCP retransmissions
+            // back off for about 13 s), short enough that a peer that stopped reading frees
+            // its buffers and its slot within half a minute.
+            backpressure_timeout: Duration::from_secs(30),
             close_timeout: Duration::from_secs(5),
             compression: Compression::Disabled,
             compress_min_size: None,

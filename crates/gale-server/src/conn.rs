@@ -50,6 +50,11 @@ pub(crate) struct Conn {
     pub(crate) read_closed: bool,
     /// Tick the lingering close began.
     linger_since: u32,
+    /// Tick reading stopped because the held output passed `out_limit`; 0 while reading.
+    paused_since: u32,
+    /// Held output bytes past which the connection is not read: the route's
+    /// `max_backpressure`, or [`HTTP_OUT_LIMIT`] before an upgrade.
+    out_limit: usize,
 }
 
 /// How long a lingering close waits for the peer's EOF, in ticks.
@@ -123,7 +128,48 @@ impl Conn {
             last_seen: now,
             read_closed: false,
             linger_since: 0,
+            paused_since: 0,
+            out_limit: HTTP_OUT_LIMIT,
         }
+    }
+
+    /// Whether the bytes held for the peer are past the limit, so that its input must wait:
+    /// checked after every read, a compare of fields the read just touched.
+    #[inline]
+    pub(crate) fn output_over_limit(&self) -> bool {
+        self.link.buffered() > self.out_limit
+    }
+
+    /// Whether reading is paused until the held output drains.
+    #[inline]
+    pub(crate) fn reading_paused(&self) -> bool {
+        self.paused_since != 0
+    }
+
+    /// Stop reading: the held output passed the limit. The peer's further input stays in the
+    /// kernel, and its TCP window closes on it.
+    pub(crate) fn pause_reading(&mut self, cx: &mut ConnCx<'_>) {
+        if self.paused_since == 0 {
+            self.paused_since = cx.now.max(1);
+            cx.pool.counters.reads_paused += 1;
+        }
+    }
+
+    /// If reading is paused and the held output is back within the limit, resume it; returns
+    /// whether it did (the backend must then read again: input may be waiting).
+    pub(crate) fn resume_reading(&mut self, now: u32) -> bool {
+        if self.paused_since == 0 || self.output_over_limit() {
+            return false;
+        }
+        self.paused_since = 0;
+        // The peer read what we held: it is alive. The input that waited meanwhile (a pong
+        // among it) was not ours to see, so neither the idle nor the pong timeout runs from
+        // before the pause.
+        self.last_seen = now;
+        if let Phase::Ws(ws) = &mut self.phase {
+            ws.app.ping_at = 0;
+        }
+        true
     }
 
     /// Whether the socket should be closed now.
@@ -339,6 +385,10 @@ impl Conn {
                 if self.link.close != CloseState::Open || self.link.finish != Finish::No {
                     return Some(ws.app.close_since.max(1) + route.ticks.close + 1);
                 }
+                if self.paused_since != 0 {
+                    // Not read: only the backpressure timeout runs.
+                    return Some(self.paused_since + route.ticks.backpressure + 1);
+                }
                 let idle = route.ticks.idle.map(|t| self.last_seen + t + 1);
                 let ping = route.ticks.ping.map(|t| {
                     if ws.app.ping_at != 0 {
@@ -377,6 +427,11 @@ impl Conn {
                 if self.link.close != CloseState::Open || self.link.finish != Finish::No {
                     // The peer never answered our close, or never read it.
                     self.link.finish = Finish::Now;
+                } else if self.paused_since != 0 {
+                    // Past the limit for `backpressure_timeout`: the peer reads nothing, so a
+                    // close frame could not reach it. Dropped; the handler sees 1006.
+                    self.link.finish = Finish::Now;
+                    cx.pool.counters.backpressure_timeouts += 1;
                 } else if ws.app.message_since != 0
                     && route.ticks.message.is_some_and(|t| now > ws.app.message_since + t)
                 {
@@ -727,6 +782,7 @@ impl Conn {
             ..DecoderConfig::server(route.behavior.max_payload as u64)
         };
         let session = Session { data, compression: ConnCompression::new(deflate) };
+        self.out_limit = route.behavior.max_backpressure;
         self.phase = Phase::Ws(WsPhase {
             decoder: Decoder::with_budget(decoder, cx.pool.partial_budget.clone()),
             app: WsApp {

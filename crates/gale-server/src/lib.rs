@@ -37,6 +37,6 @@ pub use handler::{
     Accept, ErrorRenderer, HttpHandler, HttpRequest, HttpResponse, Message, Reject, Responder,
     UpgradeRequest, WsHandler,
 };
-pub use link::SendStatus;
+pub use link::{CONTROL_ALLOWANCE, SendStatus};
 pub use pubsub::ConnId;
 pub use websocket::WebSocket;

@@ -26,6 +26,19 @@ const POOL_MAX_CAPACITY: usize = 256 * 1024;
 /// Buffers kept in a loop's pool.
 const POOL_MAX_BUFFERS: usize = 64;
 
+/// A data message is accepted whatever its size while a connection holds at most this many
+/// bytes (or its `max_backpressure`, if smaller): room for a few control frames (a pong or a
+/// close is at most 127 bytes) or the tail of an earlier send, which must not decide whether a
+/// message is refused. Past it, a message is accepted only if it fits under `max_backpressure`.
+/// Either way the held bytes stay within `max_backpressure` plus one message.
+pub const CONTROL_ALLOWANCE: usize = 4096;
+
+/// Whether a data message of `len` bytes may be queued on top of `held` bytes under `limit`.
+#[inline]
+fn admits(held: usize, len: usize, limit: usize) -> bool {
+    held <= CONTROL_ALLOWANCE.min(limit) || held + len <= limit
+}
+
 /// Result of a send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendStatus {
@@ -76,6 +89,11 @@ pub(crate) struct Counters {
     pub(crate) bytes_out: u64,
     /// Messages refused because a connection was past `max_backpressure`.
     pub(crate) dropped: u64,
+    /// Times a connection stopped being read because its held bytes passed its limit.
+    pub(crate) reads_paused: u64,
+    /// Connections dropped because their held bytes stayed past the limit for
+    /// `backpressure_timeout`.
+    pub(crate) backpressure_timeouts: u64,
     /// Sends submitted zero-copy (io_uring).
     pub(crate) zero_copy_sends: u64,
     /// Receives that ended for want of a provided buffer (io_uring).
@@ -266,8 +284,10 @@ impl Link {
         }
     }
 
-    /// Queue a control frame (pong, ping, close). Control frames ignore the backpressure
-    /// limit: they are at most 127 bytes and the protocol needs them.
+    /// Queue a control frame (pong, ping, close). Control frames are never refused (the
+    /// protocol needs them); they count in the held bytes, and a connection whose held bytes
+    /// pass `max_backpressure` is not read until they drain, which bounds the pongs a peer can
+    /// make us queue.
     pub(crate) fn queue_control(&mut self, pool: &mut Scratch, opcode: OpCode, payload: &[u8]) {
         let mut header = [0u8; MAX_HEADER_LEN];
         let n = write_header(&mut header, FrameSpec::server(opcode), payload.len());
@@ -326,7 +346,7 @@ impl Link {
         self.close == CloseState::Open
             && self.finish == Finish::No
             && !self.broken
-            && (held == 0 || held + len <= behavior.max_backpressure)
+            && admits(held, len, behavior.max_backpressure)
     }
 
     /// Queue bytes that are already a complete frame (a shared, pre-encoded message).
@@ -353,8 +373,7 @@ impl Link {
         if self.out.len() >= CORK_FLUSH && self.direct && !self.blocked {
             self.flush();
         }
-        let held = self.buffered();
-        if held != 0 && held + len > behavior.max_backpressure {
+        if !admits(self.buffered(), len, behavior.max_backpressure) {
             return self.refuse(pool, behavior);
         }
         pool.counters.messages_out += 1;

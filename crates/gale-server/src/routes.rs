@@ -43,6 +43,7 @@ pub(crate) struct RouteTicks {
     pub(crate) pong: u32,
     pub(crate) close: u32,
     pub(crate) message: Option<u32>,
+    pub(crate) backpressure: u32,
 }
 
 impl RouteTicks {
@@ -53,6 +54,7 @@ impl RouteTicks {
             pong: ticks(b.pong_timeout),
             close: ticks(b.close_timeout),
             message: b.message_timeout.map(ticks),
+            backpressure: ticks(b.backpressure_timeout),
         }
     }
 }

@@ -80,6 +80,14 @@ pub struct EchoArgs {
     /// connections; the message that would pass it closes its connection with 1013.
     #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
     partial_message_budget: usize,
+    /// Bytes held for a connection the kernel will not take yet (echoes, pongs, TLS records).
+    /// An echo that would pass it is dropped; past it, the connection is not read until it
+    /// catches up.
+    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
+    max_backpressure: u64,
+    /// Drop a connection that stays past --max-backpressure (reading nothing) this long.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+    backpressure_timeout: u64,
 }
 
 /// `--compression` values.
@@ -164,6 +172,8 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         compress_min_size: args.compress_min_size,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         message_timeout: (args.message_timeout > 0).then(|| Duration::from_secs(args.message_timeout)),
+        max_backpressure: usize::try_from(args.max_backpressure).unwrap_or(usize::MAX),
+        backpressure_timeout: Duration::from_secs(args.backpressure_timeout),
         ..Behavior::default()
     };
     let threads = config.threads;

@@ -190,11 +190,12 @@ impl EpollLoop {
         self.settle(key);
     }
 
-    /// Read until the socket is drained (a short read), EOF, or `MAX_READS` full buffers.
+    /// Read until the socket is drained (a short read), EOF, `MAX_READS` full buffers, or the
+    /// connection's held output passes its limit (then it is not read until that drains).
     fn read(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         for _ in 0..MAX_READS {
-            if conn.should_close() || conn.read_closed {
+            if conn.should_close() || conn.read_closed || conn.reading_paused() {
                 return;
             }
             match (&conn.link.stream).read(&mut self.buf) {
@@ -207,6 +208,13 @@ impl EpollLoop {
                     // One write per read: everything the handlers sent for these bytes.
                     if conn.link.flush() {
                         conn.drained(&mut self.env.cx());
+                    }
+                    if conn.output_over_limit() {
+                        // The peer is not reading what we send: leave its input in the kernel.
+                        // Data may be waiting there, and no new edge will say so: `settle`
+                        // reads again once the output drains.
+                        conn.pause_reading(&mut self.env.cx());
+                        return;
                     }
                     if n < self.buf.len() {
                         // A stream socket that returned less than asked is drained; new data
@@ -244,6 +252,16 @@ impl EpollLoop {
         if conn.should_close() {
             self.close(key);
             return;
+        }
+        if conn.reading_paused() {
+            if conn.resume_reading(self.env.wheel.now()) {
+                // Edge-triggered: input that waited raises no new edge.
+                self.read_pending.push(key);
+            }
+        } else if conn.output_over_limit() && !conn.read_closed {
+            // Past the limit without a read (a publish, a posted task): pause too, so the
+            // backpressure timeout applies whatever filled the buffer.
+            conn.pause_reading(&mut self.env.cx());
         }
         conn.link.recycle(&mut self.env.pool);
         let cx = self.env.cx();

@@ -317,7 +317,7 @@ impl UringLoop {
 
     fn arm_recv(&mut self, key: usize) {
         let e = &mut self.conns[key];
-        if e.recv_armed || e.closing || e.conn.read_closed {
+        if e.recv_armed || e.closing || e.conn.read_closed || e.conn.reading_paused() {
             return;
         }
         e.recv_armed = true;
@@ -615,12 +615,37 @@ impl UringLoop {
             self.teardown(key);
             return;
         }
+        if e.conn.reading_paused() {
+            if e.conn.resume_reading(self.env.wheel.now()) {
+                // Re-armed now, or when the cancelled receive's last completion comes.
+                self.arm_recv(key);
+            }
+        } else if e.conn.output_over_limit() && !e.conn.read_closed {
+            self.pause_reading(key);
+        }
+        let Some(e) = self.conns.get_mut(key) else { return };
         let cx = self.env.cx();
         if let Some(deadline) = e.conn.deadline(&cx)
             && (e.conn.timer_at == 0 || deadline < e.conn.timer_at)
         {
             e.conn.timer_at = self.env.wheel.schedule(key as u32, deadline);
         }
+    }
+
+    /// The connection's held output passed its limit: stop receiving (cancel the multishot
+    /// receive; it is not re-armed while paused) so that its input stays in the kernel and
+    /// its TCP window pushes back. Completions already in this batch are still handled.
+    fn pause_reading(&mut self, key: usize) {
+        let e = &mut self.conns[key];
+        e.conn.pause_reading(&mut self.env.cx());
+        if !e.recv_armed {
+            return;
+        }
+        e.ops += 1;
+        let sqe = opcode::AsyncCancel::new(user_data(Op::Recv, e.generation(), key))
+            .build()
+            .user_data(user_data(Op::Cancel, e.generation(), key));
+        self.push(sqe);
     }
 
     /// One send per connection with queued bytes and none in flight.

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use super::auth::key_matches;
 use super::broker::{BrokerRequest, PublishReply};
 use super::gateway::Gateway;
-use super::protocol::{CommandError, Payload, check_topic, fragment};
+use super::protocol::{CommandError, MAX_FRAGMENT, Payload, check_topic, fragment, fragment_len};
 use super::topics::PublishError;
 
 /// The demo page, embedded.
@@ -91,6 +91,14 @@ pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         Ok(p) => p,
         Err(why) => return json_error(400, &why),
     };
+    if fragment_len(&payload) > MAX_FRAGMENT {
+        // Text full of characters JSON must escape: its delivery would outgrow what every
+        // subscriber is configured to hold (see `config`).
+        return json_error(
+            413,
+            "this text is too long once escaped as a JSON string: send it as application/octet-stream",
+        );
+    }
     if let Some(b) = g.broker.get() {
         // Cluster mode: answered (and counted) once Redis has numbered it.
         let reply = PublishReply::Http(req.defer());
@@ -220,7 +228,7 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
     let mut out = String::with_capacity(4096);
     if let Some(h) = g.handle.get() {
         let snaps: Vec<_> = (0..h.loops()).map(|i| h.loop_stats(i)).collect();
-        let per_loop: [PerLoopMetric; 6] = [
+        let per_loop: [PerLoopMetric; 8] = [
             ("gale_connections", "gauge", "Open connections.", |s| s.connections as u64),
             ("gale_messages_received_total", "counter", "WebSocket messages received.", |s| s.messages_in),
             ("gale_messages_sent_total", "counter", "WebSocket messages sent, deliveries included.", |s| {
@@ -229,6 +237,18 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
             ("gale_bytes_received_total", "counter", "Bytes received.", |s| s.bytes_in),
             ("gale_bytes_sent_total", "counter", "Bytes of WebSocket messages sent.", |s| s.bytes_out),
             ("gale_backpressure_drops_total", "counter", "Messages refused to slow clients.", |s| s.dropped),
+            (
+                "gale_reads_paused_total",
+                "counter",
+                "Times a client past max_backpressure stopped being read.",
+                |s| s.reads_paused,
+            ),
+            (
+                "gale_backpressure_timeouts_total",
+                "counter",
+                "Clients dropped after backpressure_timeout past max_backpressure.",
+                |s| s.backpressure_timeouts,
+            ),
         ];
         for (name, kind, help, get) in per_loop {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

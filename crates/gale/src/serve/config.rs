@@ -85,6 +85,8 @@ pub struct WebSocketSection {
     pub max_backpressure: usize,
     /// `drop` or `close`.
     pub backpressure: String,
+    /// Seconds a connection may stay past `max_backpressure` (not read) before it is dropped.
+    pub backpressure_timeout: u64,
     /// `off`, `shared` or `dedicated`.
     pub compression: String,
     /// Topics per connection.
@@ -287,6 +289,22 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     if ws.max_backpressure < 1024 {
         return Err(format!("websocket.max_backpressure: {} is below 1024 bytes", ws.max_backpressure));
     }
+    // Every delivery must fit in what a subscriber may hold, or a subscriber that reads
+    // promptly would lose it whenever anything else is queued (a pong, the previous message).
+    let largest = super::protocol::max_delivery(super::protocol::MAX_FRAGMENT.max(ws.max_payload + 7));
+    if ws.max_backpressure < largest {
+        return Err(format!(
+            "websocket.max_backpressure: {} bytes cannot hold the largest delivery ({largest} bytes: \
+             an HTTP publish of {} bytes in base64, or a client publish of websocket.max_payload \
+             = {} bytes); set it to at least {largest}",
+            ws.max_backpressure,
+            super::protocol::MAX_BODY,
+            ws.max_payload
+        ));
+    }
+    if ws.backpressure_timeout == 0 {
+        return Err("websocket.backpressure_timeout: must be at least 1 second".into());
+    }
     let policy = match ws.backpressure.as_str() {
         "drop" => gale_server::BackpressurePolicy::Drop,
         "close" => gale_server::BackpressurePolicy::Close,
@@ -311,6 +329,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         message_timeout: secs(ws.message_timeout),
         max_backpressure: ws.max_backpressure,
         backpressure_policy: policy,
+        backpressure_timeout: Duration::from_secs(ws.backpressure_timeout),
         compression,
         ..gale_server::Behavior::default()
     };
@@ -398,6 +417,15 @@ mod tests {
         assert_eq!(s.namespaces.len(), 2);
         assert_eq!(s.partial_message_budget, 64 << 20);
         assert_eq!(s.behavior.message_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(s.behavior.backpressure_timeout, Duration::from_secs(30));
+        // The largest delivery of the largest HTTP publish fits, with room for a second one
+        // still in flight.
+        let largest = super::super::protocol::max_delivery(super::super::protocol::MAX_FRAGMENT);
+        assert!(
+            s.behavior.max_backpressure >= 2 * largest,
+            "{} < 2 x {largest}",
+            s.behavior.max_backpressure
+        );
     }
 
     #[test]
@@ -442,6 +470,13 @@ mod tests {
         assert!(e.contains("cluster.broker"), "{e}");
         let e = err("[tls]\ncert = \"c.pem\"\n");
         assert!(e.contains("tls.key"), "{e}");
+        let e = err("[websocket]\nmax_backpressure = 1048576\n");
+        assert!(e.contains("websocket.max_backpressure") && e.contains("websocket.max_payload"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+        let e = err("[websocket]\nmax_payload = 8388608\n");
+        assert!(e.contains("websocket.max_backpressure"), "{e}");
+        let e = err("[websocket]\nbackpressure_timeout = 0\n");
+        assert!(e.contains("websocket.backpressure_timeout"), "{e}");
         let e = err("[history]\ntotal_bytes = 10\n");
         assert!(e.contains("history.total_bytes"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");

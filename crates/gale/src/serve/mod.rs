@@ -100,6 +100,9 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         threads: s.threads,
         backend: s.backend,
         partial_message_budget: s.partial_message_budget,
+        // The delivery of the largest body must fit in `websocket.max_backpressure`, which
+        // the configuration checks against this.
+        max_body: protocol::MAX_BODY,
         ..ServerConfig::default()
     };
     let g = |f: fn(&Arc<Gateway>, &HttpRequest<'_>) -> gale_server::HttpResponse| {

@@ -8,6 +8,28 @@ use serde_json::value::RawValue;
 /// Longest topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 200;
 
+/// Largest HTTP request body the gateway accepts (a publish's payload): its
+/// `ServerConfig::max_body`.
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Bytes a delivery adds to its payload's fragment, at most: `{"topic":…,"epoch":"…","seq":…,}`
+/// with the longest topic (200 bytes, never escaped), a 16-digit epoch and a 20-digit
+/// sequence number, plus the WebSocket frame header.
+const ENVELOPE_MAX: usize = 300;
+
+/// The longest fragment (`"binary":"…"`, `"data":…`) a delivery of an HTTP publish may have:
+/// the largest body in base64. JSON goes in as it came, so it is never longer; text is
+/// refused if escaping it would make it longer than this.
+pub const MAX_FRAGMENT: usize = MAX_BODY.div_ceil(3) * 4 + 11;
+
+/// The longest delivery, as framed on the wire, of a payload whose fragment is at most
+/// `fragment` bytes: with the envelope, and with deflate's worst-case expansion (0.1 % + 64
+/// bytes) when compression is on and the payload does not compress.
+pub const fn max_delivery(fragment: usize) -> usize {
+    let framed = fragment + ENVELOPE_MAX;
+    framed + framed / 1000 + 64
+}
+
 /// A payload as published.
 #[derive(Clone, Copy, Debug)]
 pub enum Payload<'a> {
@@ -38,6 +60,28 @@ impl<'a> Payload<'a> {
             _ => Ok(Payload::Binary(body)),
         }
     }
+}
+
+/// The exact length of [`fragment`]`(payload)`, without building it.
+pub fn fragment_len(payload: &Payload<'_>) -> usize {
+    match payload {
+        Payload::Json(raw) => 7 + raw.len(),
+        Payload::Text(text) => 7 + json_string_len(text),
+        Payload::Binary(bytes) => 11 + bytes.len().div_ceil(3) * 4,
+    }
+}
+
+/// Length of `s` as a JSON string, quotes included, escaped as `serde_json` does: `"` and `\`
+/// and the short escapes take two bytes, other control characters six (`\u00XX`).
+fn json_string_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
 }
 
 /// The payload's part of a delivery: `"data":…` or `"binary":"…"`.
@@ -237,6 +281,19 @@ pub fn error_reply(id: Option<&RawValue>, e: &CommandError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fragment_len_is_exact_and_the_largest_delivery_is_bounded() {
+        let text = "a\"b\\c\n\u{1}\u{7f}é🚀\t";
+        for p in [Payload::Json("{\"a\": [1, 2]}"), Payload::Text(text), Payload::Binary(&[0, 1, 2, 3, 4])] {
+            assert_eq!(fragment_len(&p), fragment(&p).len(), "{p:?}");
+        }
+        let body = vec![0xffu8; MAX_BODY];
+        assert_eq!(fragment_len(&Payload::Binary(&body)), MAX_FRAGMENT);
+        let d = delivery(&"t".repeat(MAX_TOPIC_LEN), &"f".repeat(16), u64::MAX, &Payload::Binary(&body));
+        // The envelope and a frame header of 10 bytes fit in the bound.
+        assert!(d.len() + 10 <= max_delivery(MAX_FRAGMENT) - MAX_FRAGMENT / 1000 - 64, "{}", d.len());
+    }
 
     #[test]
     fn deliveries_are_json_with_every_payload_kind() {

@@ -201,6 +201,11 @@ impl Client {
         client
     }
 
+    /// The TCP connection (to set socket options, or write from another thread).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// A TCP connection, with no handshake yet.
     pub fn tcp(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect_timeout(&addr, READ_TIMEOUT).expect("connect to gale");
