@@ -68,9 +68,11 @@ pub fn check(data: &[u8]) -> Verdict {
     let Ok(text) = std::str::from_utf8(message) else { return Verdict::NotText };
     let cmd = match parse_command(text) {
         Ok(cmd) => cmd,
-        Err(e) => {
+        Err((id, e)) => {
             assert_eq!(e.code, 400);
-            let text = error_reply(None, &e);
+            let text = error_reply(id, &e);
+            // The refusal carries back the id the object had, whatever else was wrong.
+            assert_eq!(json(&text).raw("id"), id.map(|id| id.get()), "refusal id");
             let error = json(&text).object("error");
             assert_eq!(error.u64("code"), Some(400));
             assert_eq!(error.str("reason").as_deref(), Some(e.reason.as_str()));
