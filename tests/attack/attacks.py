@@ -19,7 +19,7 @@ import struct
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from harness import (
     BINARY, CONTINUATION, KIB, MASK, MIB, PING, TEXT, Limits, Outcome, Prober, Server, frame, open_ws,
@@ -35,7 +35,7 @@ TIMER_SLACK = 1.0
 # builds, with room): the state of one connection (its Conn, link and kernel-facing
 # buffers while idle), the shared compressor and decompressor of a loop, and a slack for the
 # allocator and the code pages an attack touches for the first time.
-CONNECTION_STATE = 16 * KIB
+CONNECTION_STATE = 8 * KIB
 COMPRESSION_STATE = 512 * KIB
 SLACK = 8 * MIB
 
@@ -43,8 +43,10 @@ SLACK = 8 * MIB
 @dataclass(frozen=True)
 class Bound:
     """A peak-RSS bound: base + loops x (receive buffers + compression state + per_loop) +
-    connections x (connection state + per_connection) + slack, where per_loop and
-    per_connection name the limits (Limits fields) the attack can fill."""
+    connections x (connection state + per_connection) + history (gale serve) + slack, where
+    per_loop and per_connection name what the attack can fill: a limit (a Limits field), or
+    "one_receive" (the bytes one receive hands a connection, and so the most its answer to
+    them can add before the server stops reading it)."""
 
     per_loop: tuple[str, ...] = ()
     per_connection: tuple[str, ...] = ()
@@ -55,8 +57,11 @@ class Bound:
         return f"base + loops x ({loop}) + connections x ({conn}) + history (gale serve) + slack"
 
     def __call__(self, base: int, limits: Limits, kind: str, backend: str, connections: int) -> int:
-        loop = limits.receive_buffers(backend) + COMPRESSION_STATE + sum(getattr(limits, n) for n in self.per_loop)
-        conn = CONNECTION_STATE + sum(getattr(limits, n) for n in self.per_connection)
+        def value(term: str) -> int:
+            return limits.one_receive(backend) if term == "one_receive" else getattr(limits, term)
+
+        loop = limits.receive_buffers(backend) + COMPRESSION_STATE + sum(map(value, self.per_loop))
+        conn = CONNECTION_STATE + sum(map(value, self.per_connection))
         history = limits.history_bytes if kind == "serve" else 0
         return base + limits.loops * loop + connections * conn + history + SLACK
 
@@ -115,7 +120,7 @@ async def gather_all(coroutines) -> list:
 
 # An attack that is over sooner is repeated, in rounds, for at least this long, so that the
 # normal client probes the server a few times while it is under attack.
-MIN_ATTACK = 1.2
+MIN_ATTACK = 1.5
 
 
 async def rounds(one_round) -> list:
@@ -271,9 +276,9 @@ def one_byte_fragments(length: int, byte: int = ord("f")) -> bytes:
 
 @attack(targets=("echo",), bound=Bound(per_loop=("partial_message_budget",), per_connection=("max_payload",)))
 async def fragments(server: Server) -> Outcome:
-    """Messages of max_payload bytes as max_payload frames of 1 byte each (4 connections; each
-    must come back whole), and one byte longer (2 connections; each must be closed with 1009
-    once it passes max_payload)."""
+    """Messages of max_payload bytes as max_payload frames of 1 byte each (2 connections a
+    round; each must come back whole), and one byte longer (2 connections; each must be closed
+    with 1009 once it passes max_payload)."""
     limit = server.limits.max_payload
 
     async def valid():
@@ -298,12 +303,12 @@ async def fragments(server: Server) -> Outcome:
         return since(start)
 
     async def one_round():
-        return await gather_all([valid() for _ in range(4)] + [oversize() for _ in range(2)])
+        return await gather_all([valid() for _ in range(2)] + [oversize() for _ in range(2)])
 
     results = await rounds(one_round)
-    echoed = max(max(r[:4]) for r in results)
-    closed = max(max(r[4:]) for r in results)
-    return Outcome(dropped=closed, connections=6,
+    echoed = max(max(r[:2]) for r in results)
+    closed = max(max(r[2:]) for r in results)
+    return Outcome(dropped=closed, connections=4,
                    detail=f"{len(results)} rounds; {limit} fragments echoed in {echoed:.2f}s, "
                           f"one more closed in {closed:.2f}s")
 
@@ -313,6 +318,9 @@ async def fragments(server: Server) -> Outcome:
 
 
 NON_READERS = 8
+# The non-readers' socket receive buffer: small, so that the server's output backs up into
+# its own buffers after a few KiB instead of the megabytes loopback would take.
+NON_READER_BUFFER = 16 * KIB
 
 
 async def send_until_dropped(writer, message: bytes, start: float, deadline: float, what: str) -> float:
@@ -331,7 +339,7 @@ async def send_until_dropped(writer, message: bytes, start: float, deadline: flo
         writer.close()
 
 
-@attack(targets=("echo",), bound=Bound(per_connection=("max_backpressure",)))
+@attack(targets=("echo",), bound=Bound(per_connection=("max_backpressure", "one_receive")))
 async def ping_flood(server: Server) -> Outcome:
     """Masked pings with 125-byte payloads, as fast as the server takes them, from clients that
     never read: the pongs pile up. Past max_backpressure the server must stop reading them and
@@ -340,23 +348,25 @@ async def ping_flood(server: Server) -> Outcome:
     pings = frame(PING, bytes(range(125))) * 64
 
     async def pinger():
-        _, writer, _ = await open_ws(server)
+        _, writer, _ = await open_ws(server, receive_buffer=NON_READER_BUFFER)
         return await send_until_dropped(writer, pings, time.monotonic(), deadline, "ping flood")
 
     times = await rounds(lambda: gather_all([pinger() for _ in range(NON_READERS)]))
     return Outcome(dropped=max(map(max, times)), connections=NON_READERS, detail=f"{len(times)} rounds")
 
 
-@attack(bound=Bound(per_connection=("max_backpressure", "max_payload")))
+@attack(bound=Bound(per_connection=("max_backpressure", "max_payload", "one_receive", "one_receive")))
 async def large_no_read(server: Server) -> Outcome:
     """Messages of max_payload bytes (gale serve: publishes to a topic the client subscribed
     to, each delivered back to it) from clients that never read the answers. Past
-    max_backpressure the server must stop reading and drop them within backpressure_timeout."""
+    max_backpressure the server must stop reading and drop them within backpressure_timeout.
+    Memory per connection: its output, a message, and one receive's worth twice (the input
+    while its messages are handled, and the answers they make)."""
     limits = server.limits
     deadline = limits.backpressure_timeout + 3 * TIMER_SLACK
 
     async def non_reader(n):
-        _, writer, _ = await open_ws(server)
+        _, writer, _ = await open_ws(server, receive_buffer=NON_READER_BUFFER)
         if server.kind == "echo":
             message = frame(BINARY, os.urandom(limits.max_payload))
         else:

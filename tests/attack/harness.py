@@ -14,6 +14,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -42,6 +43,8 @@ RECOVERY_TIMEOUT = 5.0
 IDLE_WINDOW = 0.3
 IDLE_CPU_MAX = 0.05
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Nice value added to the server and the prober (negative: sooner), when permitted.
+PRIORITY = -10
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Limits:
         """Bytes of receive buffers one loop may have resident (ServerConfig defaults): 32
         provided buffers of 64 KiB on io_uring, one 512 KiB buffer on epoll."""
         return 32 * 64 * KIB if backend == "uring" else 512 * KIB
+
+    def one_receive(self, backend: str) -> int:
+        """Most bytes one receive hands a connection: one provided buffer on io_uring, the
+        loop's receive buffer on epoll."""
+        return 64 * KIB if backend == "uring" else 512 * KIB
 
 
 # Each limit: `gale echo` flag, `gale serve` section and key, and the Limits field.
@@ -133,6 +141,15 @@ def serve_command(limits: Limits, config_path: Path) -> list[str]:
             "--config", str(config_path)]
 
 
+def raise_priority() -> None:
+    """Run before other work on the machine (builds), where allowed: the probes time the
+    server, not a machine whose cores are taken by something else."""
+    try:
+        os.nice(PRIORITY)
+    except PermissionError:
+        pass
+
+
 class Server:
     """One gale process under a descriptor limit; stopped by its own PID only."""
 
@@ -145,6 +162,7 @@ class Server:
 
         def lower_descriptor_limit():
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            raise_priority()
 
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([str(gale_bin()), *command], stdout=subprocess.PIPE, stderr=log,
@@ -353,6 +371,7 @@ def prober_main() -> None:
                 print(line, flush=True)
             await asyncio.sleep(PROBE_INTERVAL)
 
+    raise_priority()
     threading.Thread(target=read_commands, daemon=True).start()
     asyncio.run(loop())
 
@@ -508,9 +527,15 @@ def upgrade_request(server: Server, extensions: str | None = None) -> bytes:
     return (head + "\r\n").encode()
 
 
-async def open_ws(server: Server, extensions: str | None = None):
-    """A raw upgraded connection: (reader, writer, response head)."""
-    reader, writer = await asyncio.open_connection(server.host, server.port)
+async def open_ws(server: Server, extensions: str | None = None, receive_buffer: int | None = None):
+    """A raw upgraded connection: (reader, writer, response head). `receive_buffer` shrinks the
+    socket's receive buffer (and so the window the server may fill) before connecting."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (server.host, server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
     writer.write(upgrade_request(server, extensions))
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1.1 101"):
