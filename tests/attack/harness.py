@@ -47,6 +47,10 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PRIORITY = -10
 
 
+# The smallest max_backpressure gale serve accepts is about 1.34 MiB (see Limits.for_server).
+GATEWAY_MIN_BACKPRESSURE = 3 * MIB // 2
+
+
 @dataclass(frozen=True)
 class Limits:
     """The configuration a server is started with; the memory bounds are computed from it."""
@@ -66,6 +70,13 @@ class Limits:
 
     def with_(self, **changes) -> "Limits":
         return replace(self, **changes)
+
+    def for_server(self, kind: str) -> "Limits":
+        """The limits a `kind` server runs with: gale serve needs max_backpressure to hold its
+        largest delivery (an HTTP publish of 1 MiB, in base64 and JSON: about 1.34 MiB)."""
+        if kind == "serve":
+            return self.with_(max_backpressure=max(self.max_backpressure, GATEWAY_MIN_BACKPRESSURE))
+        return self
 
     def receive_buffers(self, backend: str) -> int:
         """Bytes of receive buffers one loop may have resident (ServerConfig defaults): 32
@@ -425,7 +436,7 @@ def run_attack(attack, kind: str, backend: str, prober: Prober) -> Row:
     the attack's bound, descriptors back to their baseline, and no CPU used once idle."""
     row = Row(attack.name, kind)
     check = Check(row)
-    limits = attack.limits
+    limits = attack.limits.for_server(kind)
     try:
         server = Server(kind, limits, f"{attack.name}-{kind}-{backend}")
     except RuntimeError as e:
