@@ -31,10 +31,10 @@ HANDSHAKE_TIMEOUT = 10.0
 # Timers fire on 250 ms ticks and a loop may be busy: a deadline is met within this after it.
 TIMER_SLACK = 1.0
 
-# Memory every server may use on top of its baseline, whatever the attack (measured on debug
-# builds, with room): the state of one connection (its Conn, link and kernel-facing
-# buffers while idle), the shared compressor and decompressor of a loop, and a slack for the
-# allocator and the code pages an attack touches for the first time.
+# Memory every server may use on top of its baseline, whatever the attack (debug builds, with
+# room): the state of one idle connection (about 1.5 KiB measured in the flood), the shared
+# compressor and decompressor of a loop, and a slack for the allocator (freed memory it keeps
+# in each thread's arena).
 CONNECTION_STATE = 8 * KIB
 COMPRESSION_STATE = 512 * KIB
 SLACK = 8 * MIB
