@@ -1,9 +1,10 @@
 //! `gale echo`: echoes every message back, on any path, and answers `GET /healthz`.
 
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use crate::units;
 use clap::{Args, ValueEnum};
 use gale_server::{
     Accept, App, Backend, Behavior, Compression, HttpRequest, HttpResponse, Message, Reject, ServerConfig,
@@ -13,15 +14,18 @@ use gale_server::{
 /// Options of `gale echo`.
 #[derive(Args, Debug)]
 pub struct EchoArgs {
-    /// Address to listen on (IPv4 or IPv6).
+    /// Address to listen on, e.g. 0.0.0.0:9001, instead of --host and --port.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["host", "port"])]
+    listen: Option<SocketAddr>,
+    /// Host to listen on (IPv4 or IPv6).
     #[arg(long, default_value = "127.0.0.1")]
     host: IpAddr,
     /// Port to listen on; 0 picks a free one (printed at start).
     #[arg(long, short, default_value_t = 9001)]
     port: u16,
-    /// Event loops (threads); default: one per available core.
-    #[arg(long, short)]
-    threads: Option<usize>,
+    /// Event loops (threads); 0 = one per available core.
+    #[arg(long, short, default_value_t = 0)]
+    threads: usize,
     /// Event-loop implementation: io_uring, epoll, or auto (io_uring when the kernel allows
     /// it, else epoll).
     #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
@@ -33,8 +37,8 @@ pub struct EchoArgs {
     /// flag). Without it, the client's first offered subprotocol is accepted.
     #[arg(long = "protocol", value_name = "NAME")]
     protocols: Vec<String>,
-    /// Largest message accepted, in bytes (1009 above it).
-    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
+    /// Largest message accepted, in bytes (1009 above it); units as in 64KiB, 16MiB, 1MB.
+    #[arg(long, default_value = "16MiB", value_name = "BYTES", value_parser = units::parse_bytes)]
     max_payload: usize,
     /// permessage-deflate: off, shared (no context takeover; one compressor per loop), or
     /// dedicated (context takeover; a compressor per connection).
@@ -45,7 +49,7 @@ pub struct EchoArgs {
     compression_window: u8,
     /// Messages shorter than this are sent uncompressed (default: 1024 with shared
     /// compression, 64 with dedicated).
-    #[arg(long, value_name = "BYTES")]
+    #[arg(long, value_name = "BYTES", value_parser = units::parse_bytes)]
     compress_min_size: Option<usize>,
     /// io_uring: provided receive buffers per loop, a power of two [default: 32, or 512 with
     /// --uring-whole-buffers].
@@ -53,14 +57,14 @@ pub struct EchoArgs {
     uring_buffers: Option<u16>,
     /// io_uring: size of each provided receive buffer [default: 65536, or 16384 with
     /// --uring-whole-buffers].
-    #[arg(long, value_name = "BYTES", hide_short_help = true)]
+    #[arg(long, value_name = "BYTES", hide_short_help = true, value_parser = units::parse_bytes)]
     uring_buffer_size: Option<usize>,
     /// io_uring: each receive takes a whole buffer (the kernel's default), instead of
     /// filling buffers piece by piece.
     #[arg(long, hide_short_help = true)]
     uring_whole_buffers: bool,
     /// io_uring: sends of at least this many bytes are zero-copy (SEND_ZC); 0 = never.
-    #[arg(long, default_value_t = 0, value_name = "BYTES", hide_short_help = true)]
+    #[arg(long, default_value = "0", value_name = "BYTES", hide_short_help = true, value_parser = units::parse_bytes)]
     uring_send_zc: usize,
     /// Serve TLS (wss://) with this certificate chain (PEM); needs --tls-key. SIGHUP reloads
     /// both files.
@@ -78,7 +82,7 @@ pub struct EchoArgs {
     message_timeout: u64,
     /// Bytes each loop may hold for messages not yet received whole, over all its
     /// connections; the message that would pass it closes its connection with 1013.
-    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    #[arg(long, default_value = "64MiB", value_name = "BYTES", value_parser = units::parse_bytes)]
     partial_message_budget: usize,
     /// Bytes held for a connection the kernel will not take yet (echoes, pongs, TLS records).
     /// An echo that would pass it is dropped; past it, the connection is not read until it
@@ -152,7 +156,11 @@ impl WsHandler for Echo {
 /// Run the echo server until SIGINT/SIGTERM.
 pub fn run(args: EchoArgs) -> std::io::Result<()> {
     let config = ServerConfig {
-        threads: args.threads.unwrap_or_else(|| ServerConfig::default().threads).max(1),
+        // 0 means one loop per core, as `gale serve --threads 0` does.
+        threads: match args.threads {
+            0 => ServerConfig::default().threads,
+            n => n,
+        },
         pin_threads: args.pin,
         backend: args.backend.into(),
         uring_buffers: args.uring_buffers,
@@ -184,7 +192,7 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
     let server = app
         .get("/healthz", |_req: &HttpRequest<'_>| HttpResponse::text(200, "ok\n"))
         .ws("/*", behavior, Echo { protocols: args.protocols })
-        .listen((args.host, args.port))?;
+        .listen(args.listen.unwrap_or(SocketAddr::new(args.host, args.port)))?;
     let handle = server.handle();
     handle.shutdown_on_signals()?;
     if handle.is_tls() {
@@ -196,7 +204,8 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
     // Announce only once every loop is set up and accepting.
     let running = server.spawn()?;
     let mut stdout = std::io::stdout();
-    writeln!(stdout, "gale echo listening on {scheme}://{addr} ({threads} threads, {backend} backend)")?;
+    let threads = crate::threads_phrase(threads);
+    writeln!(stdout, "gale echo listening on {scheme}://{addr} ({threads}, {backend} backend)")?;
     stdout.flush()?;
     running.join()
 }

@@ -631,6 +631,10 @@ impl Broker {
     fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
         let mut connected_once = false;
+        // Whether the operator has been told Redis is away: once per outage, not per retry
+        // (a lost connection says it; so does the first failed attempt at start).
+        let mut down_reported = false;
+        let redis = self.client.get_connection_info().addr().to_string();
         loop {
             match self.connect() {
                 Ok(mut cmd) => {
@@ -640,14 +644,23 @@ impl Broker {
                     connected_once = true;
                     backoff = Duration::from_millis(100);
                     self.shared.set_up(false, true);
-                    tracing::info!("broker: connected to Redis");
+                    tracing::info!(redis, "broker: connected to Redis");
                     match self.serve(&mut cmd) {
                         Ok(()) => return,
-                        Err(e) => tracing::warn!("broker: Redis connection lost: {e}"),
+                        Err(e) => tracing::warn!(redis, "broker: Redis connection lost: {e}; retrying"),
                     }
+                    down_reported = true;
                     self.shared.set_up(false, false);
                 }
-                Err(e) => tracing::debug!("broker: cannot reach Redis: {e}"),
+                Err(e) if !down_reported => {
+                    down_reported = true;
+                    tracing::warn!(
+                        redis,
+                        "broker: cannot reach Redis: {e}; publishes get 503 and /healthz says degraded \
+                         until it answers; retrying"
+                    );
+                }
+                Err(e) => tracing::debug!(redis, "broker: cannot reach Redis: {e}"),
             }
             // Down: refuse what comes in until the next attempt.
             let until = Instant::now() + backoff;

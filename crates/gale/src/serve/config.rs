@@ -1,13 +1,14 @@
 //! The gateway's configuration: an embedded default, a TOML file merged over it, then
 //! command-line flags; checked before anything starts, with errors that name the key.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use super::auth::Pattern;
 use super::topics::HistoryLimits;
+use crate::units;
 
 /// The embedded default configuration (also the documented example).
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -46,6 +47,7 @@ pub struct ServerSection {
     /// `auto`, `epoll` or `uring`.
     pub backend: String,
     /// Bytes per loop for messages not yet received whole.
+    #[serde(deserialize_with = "units::bytes")]
     pub partial_message_budget: usize,
 }
 
@@ -74,6 +76,7 @@ pub struct WebSocketSection {
     /// Path clients connect to.
     pub path: String,
     /// Largest client message, bytes.
+    #[serde(deserialize_with = "units::bytes")]
     pub max_payload: usize,
     /// Seconds; 0 = never.
     pub idle_timeout: u64,
@@ -82,6 +85,7 @@ pub struct WebSocketSection {
     /// Seconds from a message's first byte to its last; 0 = no limit.
     pub message_timeout: u64,
     /// Bytes queued for a slow client.
+    #[serde(deserialize_with = "units::bytes")]
     pub max_backpressure: usize,
     /// `drop` or `close`.
     pub backpressure: String,
@@ -130,8 +134,10 @@ pub struct HistorySection {
     /// Seconds they are kept; 0 = no limit.
     pub ttl: u64,
     /// Bytes kept per topic.
+    #[serde(deserialize_with = "units::bytes")]
     pub topic_bytes: usize,
     /// Bytes kept over all topics.
+    #[serde(deserialize_with = "units::bytes")]
     pub total_bytes: usize,
 }
 
@@ -154,6 +160,10 @@ pub struct Namespace {
 pub struct Overrides {
     /// `--listen`.
     pub listen: Option<String>,
+    /// `--host`: the host of `server.listen`, its port kept.
+    pub host: Option<IpAddr>,
+    /// `--port`: the port of `server.listen`, its host kept.
+    pub port: Option<u16>,
     /// `--threads`.
     pub threads: Option<usize>,
     /// `--backend`.
@@ -224,18 +234,74 @@ pub fn load(
     env_api_key: Option<String>,
     overrides: &Overrides,
 ) -> Result<Settings, String> {
-    let mut table: toml::Table =
-        toml::from_str(DEFAULT_TOML).map_err(|e| format!("embedded default configuration: {e}"))?;
+    let mut table: toml::Table = toml::from_str(DEFAULT_TOML)
+        .map_err(|e| syntax_error("embedded default configuration", DEFAULT_TOML, &e))?;
     if let Some((name, text)) = file {
-        let user: toml::Table = toml::from_str(text).map_err(|e| format!("{name}: {e}"))?;
+        let user: toml::Table = toml::from_str(text).map_err(|e| syntax_error(name, text, &e))?;
         merge(&mut table, user);
     }
     let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
         let path = e.path().to_string();
         let source = file.map_or("configuration", |(name, _)| name);
-        format!("{source}: key `{path}`: {}", e.into_inner())
+        format!("{source}: {}", in_words(&path, e.into_inner().message()))
     })?;
     settings(config, env_api_key, overrides)
+}
+
+/// A TOML syntax error as one line: `FILE:LINE:COLUMN: what is wrong`.
+fn syntax_error(name: &str, text: &str, e: &toml::de::Error) -> String {
+    let at = e.span().map_or(String::new(), |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!(":{line}:{column}")
+    });
+    format!("{name}{at}: {}", one_line(e.message()))
+}
+
+/// A message's lines joined with "; ".
+fn one_line(message: &str) -> String {
+    message.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ")
+}
+
+/// A deserialisation error at `path` (`websocket.max_payload`, `namespaces[1].subscribe`) as
+/// one line in words: `PATH: expected WHAT, got VALUE`, `PATH: unknown key; known keys here:
+/// ...`, rather than serde's `invalid type: string "64k", expected usize`.
+fn in_words(path: &str, message: &str) -> String {
+    let message = one_line(message);
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (key, known) = rest.split_once('`').unwrap_or((rest, ""));
+        // The path already ends with the unknown key, except at the top level.
+        let full = if path == "." { key } else { path };
+        let known = known.strip_prefix(", expected one of ").or(known.strip_prefix(", expected "));
+        return match known {
+            Some(list) => format!("{full}: unknown key; known keys here: {}", list.replace('`', "")),
+            None => format!("{full}: unknown key"),
+        };
+    }
+    let mismatch = message.strip_prefix("invalid type: ").or(message.strip_prefix("invalid value: "));
+    if let Some((got, expected)) = mismatch.and_then(|m| m.rsplit_once(", expected ")) {
+        let (kind, value) = got.split_once(' ').unwrap_or((got, ""));
+        let got = match kind {
+            "string" | "integer" | "boolean" | "floating" => {
+                value.trim_start_matches("point ").trim_matches('`').to_string()
+            }
+            "sequence" => "a list".into(),
+            "map" => "a table".into(),
+            _ => got.to_string(),
+        };
+        let expected = match expected {
+            "usize" | "u64" => "a whole number".to_string(),
+            "u32" => format!("a whole number up to {}", u32::MAX),
+            "u16" => format!("a whole number up to {}", u16::MAX),
+            "f64" | "f32" => "a number".into(),
+            "a boolean" => "true or false".into(),
+            "a sequence" => "a list".into(),
+            other => other.to_string(),
+        };
+        return format!("{path}: expected {expected}, got {got}");
+    }
+    format!("{path}: {message}")
 }
 
 /// Put `over`'s keys into `base`, merging tables key by key (arrays are replaced).
@@ -252,9 +318,16 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
 
 fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Settings, String> {
     let listen_text = o.listen.clone().unwrap_or(c.server.listen);
-    let listen: SocketAddr = listen_text
+    let mut listen: SocketAddr = listen_text
         .parse()
         .map_err(|_| format!("server.listen: {listen_text:?} is not an address like 127.0.0.1:9001"))?;
+    // `--host` and `--port` each replace their half of the address, wherever it came from.
+    if let Some(host) = o.host {
+        listen.set_ip(host);
+    }
+    if let Some(port) = o.port {
+        listen.set_port(port);
+    }
     let threads = match o.threads.unwrap_or(c.server.threads) {
         0 => gale_server::ServerConfig::default().threads,
         n if n > 1024 => return Err(format!("server.threads: {n} is more than 1024")),
@@ -481,5 +554,86 @@ mod tests {
         assert!(e.contains("history.total_bytes"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");
         assert!(e.contains("auth.allowed_origins[0]"), "{e}");
+    }
+
+    #[test]
+    fn type_errors_are_one_line_in_words() {
+        let err = |text: &str| load(Some(("g.toml", text)), None, &Overrides::default()).unwrap_err();
+        let cases = [
+            (
+                "[websocket]\nmax_payload = \"64k\"\n",
+                "g.toml: websocket.max_payload: expected a whole number of bytes, got \"64k\"",
+            ),
+            (
+                "[websocket]\nmax_payload = -5\n",
+                "g.toml: websocket.max_payload: expected a whole number of bytes, got -5",
+            ),
+            (
+                "[history]\ntopic_bytes = 1.5\n",
+                "g.toml: history.topic_bytes: expected a whole number of bytes, got 1.5",
+            ),
+            (
+                "[[namespaces]]\npattern = \"a:*\"\n[[namespaces]]\npattern = \"b:*\"\nsubscribe = 1\n",
+                "g.toml: namespaces[1].subscribe: expected true or false, got 1",
+            ),
+            (
+                "[websocket]\nidle_timeout = \"2m\"\n",
+                "g.toml: websocket.idle_timeout: expected a whole number, got \"2m\"",
+            ),
+            ("[server]\nthreads = -1\n", "g.toml: server.threads: expected a whole number, got -1"),
+            (
+                "[limits]\nclient_publish_burst = 5000000000\n",
+                "g.toml: limits.client_publish_burst: expected a whole number up to 4294967295, got 5000000000",
+            ),
+            (
+                "[limits]\nclient_publish_rate = \"fast\"\n",
+                "g.toml: limits.client_publish_rate: expected a number, got \"fast\"",
+            ),
+            ("[auth]\nallowed_origins = \"*\"\n", "g.toml: auth.allowed_origins: expected a list, got \"*\""),
+            (
+                "[websocket]\nmax_paylod = 10\n",
+                "g.toml: websocket.max_paylod: unknown key; known keys here: path, max_payload",
+            ),
+            ("[webscket]\n", "g.toml: webscket: unknown key; known keys here: server, tls"),
+            ("[server\n", "g.toml:1:8: "),
+            ("[server]\nlisten = \n", "g.toml:2:10: "),
+        ];
+        for (file, expected) in cases {
+            let e = err(file);
+            assert!(e.starts_with(expected), "{file:?}: {e}");
+            assert!(!e.contains('\n'), "{file:?}: {e}");
+            assert!(!e.contains("usize") && !e.contains("invalid type"), "{file:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_byte_size_takes_units() {
+        let file = "[server]\npartial_message_budget = \"16MiB\"\n\
+                    [websocket]\nmax_payload = \"64KiB\"\nmax_backpressure = \"2 MB\"\n\
+                    [history]\ntopic_bytes = \"1MiB\"\ntotal_bytes = \"1GiB\"\n";
+        let s = load(Some(("g.toml", file)), None, &Overrides::default()).unwrap();
+        assert_eq!(s.partial_message_budget, 16 << 20);
+        assert_eq!(s.behavior.max_payload, 64 << 10);
+        assert_eq!(s.behavior.max_backpressure, 2_000_000);
+        assert_eq!(s.history.topic_bytes, 1 << 20);
+        assert_eq!(s.history.total_bytes, 1 << 30);
+        // Plain integers are still bytes.
+        let s =
+            load(Some(("g.toml", "[websocket]\nmax_payload = 1000\n")), None, &Overrides::default()).unwrap();
+        assert_eq!(s.behavior.max_payload, 1000);
+    }
+
+    #[test]
+    fn host_and_port_each_replace_their_half_of_the_listen_address() {
+        let file = Some(("g.toml", "[server]\nlisten = \"127.0.0.2:7000\"\n"));
+        let port = Overrides { port: Some(7100), ..Overrides::default() };
+        assert_eq!(load(file, None, &port).unwrap().listen, "127.0.0.2:7100".parse().unwrap());
+        let host = Overrides { host: Some("::1".parse().unwrap()), ..Overrides::default() };
+        assert_eq!(load(file, None, &host).unwrap().listen, "[::1]:7000".parse().unwrap());
+        let both =
+            Overrides { host: Some("127.0.0.3".parse().unwrap()), port: Some(0), ..Overrides::default() };
+        assert_eq!(load(file, None, &both).unwrap().listen, "127.0.0.3:0".parse().unwrap());
+        let default_host = load(None, None, &port).unwrap().listen;
+        assert_eq!(default_host, "127.0.0.1:7100".parse().unwrap(), "--port alone keeps the default host");
     }
 }

@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod topics;
 
 use std::io::{self, Write};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +32,16 @@ pub struct ServeArgs {
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     print_config: bool,
-    /// Address to listen on, e.g. 0.0.0.0:9001 (`server.listen`).
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, e.g. 0.0.0.0:9001 (`server.listen`); not with --host or --port.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["host", "port"])]
     listen: Option<String>,
+    /// Host to listen on, keeping the port of `server.listen` (IPv4 or IPv6).
+    #[arg(long)]
+    host: Option<IpAddr>,
+    /// Port to listen on, keeping the host of `server.listen`; 0 picks a free one (printed
+    /// at start).
+    #[arg(long, short)]
+    port: Option<u16>,
     /// Event loops; 0 = one per core (`server.threads`).
     #[arg(long, short)]
     threads: Option<usize>,
@@ -81,6 +89,8 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
     };
     let overrides = Overrides {
         listen: args.listen,
+        host: args.host,
+        port: args.port,
         threads: args.threads,
         backend: args.backend,
         api_key: args.api_key,
@@ -153,8 +163,9 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
     let mut stdout = io::stdout();
     writeln!(
         stdout,
-        "gale serve listening on {ws}://{addr}{} ({threads} threads, {backend} backend); demo page: {http}://{addr}/",
-        s.ws_path
+        "gale serve listening on {ws}://{addr}{} ({}, {backend} backend); demo page: {http}://{addr}/",
+        s.ws_path,
+        crate::threads_phrase(threads)
     )?;
     stdout.flush()?;
     running.join()
