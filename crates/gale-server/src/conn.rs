@@ -50,11 +50,8 @@ pub(crate) struct Conn {
     pub(crate) read_closed: bool,
     /// Tick the lingering close began.
     linger_since: u32,
-    /// Tick reading stopped because the held output passed `out_limit`; 0 while reading.
+    /// Tick reading stopped because the held output passed the link's limit; 0 while reading.
     paused_since: u32,
-    /// Held output bytes past which the connection is not read: the route's
-    /// `max_backpressure`, or [`HTTP_OUT_LIMIT`] before an upgrade.
-    out_limit: usize,
 }
 
 /// How long a lingering close waits for the peer's EOF, in ticks.
@@ -119,7 +116,8 @@ struct WsApp {
 }
 
 impl Conn {
-    pub(crate) fn new(link: Link, now: u32) -> Self {
+    pub(crate) fn new(mut link: Link, now: u32) -> Self {
+        link.out_limit = HTTP_OUT_LIMIT as u32;
         Conn {
             link,
             phase: Phase::Http(HttpPhase { buf: Vec::new(), awaiting: None, continued: false }),
@@ -129,7 +127,6 @@ impl Conn {
             read_closed: false,
             linger_since: 0,
             paused_since: 0,
-            out_limit: HTTP_OUT_LIMIT,
         }
     }
 
@@ -137,7 +134,7 @@ impl Conn {
     /// checked after every read, a compare of fields the read just touched.
     #[inline]
     pub(crate) fn output_over_limit(&self) -> bool {
-        self.link.buffered() > self.out_limit
+        self.link.over_limit()
     }
 
     /// Whether reading is paused until the held output drains.
@@ -782,7 +779,7 @@ impl Conn {
             ..DecoderConfig::server(route.behavior.max_payload as u64)
         };
         let session = Session { data, compression: ConnCompression::new(deflate) };
-        self.out_limit = route.behavior.max_backpressure;
+        self.link.out_limit = u32::try_from(route.behavior.max_backpressure).unwrap_or(u32::MAX);
         self.phase = Phase::Ws(WsPhase {
             decoder: Decoder::with_budget(decoder, cx.pool.partial_budget.clone()),
             app: WsApp {

@@ -126,6 +126,7 @@ impl Harness {
                 ws(DEFLATE_DEDICATED_PATH, Compression::Dedicated { window_bits: 9 }),
             ],
             http: vec![http("GET", HTTP_PATH, Box::new(healthz)), http("POST", BODY_PATH, Box::new(body))],
+            errors: Vec::new(),
         };
         Ok(Harness { routes, config, pool, _server: server })
     }

@@ -175,6 +175,13 @@ pub(crate) struct Link {
     pub(crate) broken: bool,
     /// The connection has output to flush at the end of the loop iteration.
     pub(crate) dirty: bool,
+    /// A message was refused for backpressure since the held bytes were last empty: the peer
+    /// is not keeping up, so it is not read until they are (see [`Link::over_limit`]).
+    refused: bool,
+    /// Held bytes past which the connection is not read: the route's `max_backpressure`
+    /// (saturated at 4 GiB), or the HTTP phase's limit before an upgrade. A `u32` beside the
+    /// flags, where the struct has room, so the slab entry does not grow.
+    pub(crate) out_limit: u32,
     /// The close frame we sent, reported to the handler when the handshake ends.
     pub(crate) sent_close: Option<Box<ClosePayload>>,
     /// Bytes handed to the kernel in a send that has not completed (completion backends).
@@ -196,6 +203,8 @@ impl Link {
             direct: true,
             broken: false,
             dirty: false,
+            refused: false,
+            out_limit: u32::MAX,
             sent_close: None,
             in_kernel: 0,
             tls: None,
@@ -218,6 +227,15 @@ impl Link {
     #[inline]
     pub(crate) fn queued(&self) -> usize {
         self.out.len() + self.tls.as_ref().map_or(0, |t| t.sealed.len())
+    }
+
+    /// Whether the peer's input must wait: the held bytes are past the limit, or a message
+    /// was refused and they have not emptied since (with the drop policy the held bytes never
+    /// pass the limit, yet a peer that sends without reading must still be held back).
+    #[inline]
+    pub(crate) fn over_limit(&self) -> bool {
+        let held = self.buffered();
+        held > self.out_limit as usize || (self.refused && held != 0)
     }
 
     /// Take the queued bytes to hand them to the kernel in one send (completion backends);
@@ -247,6 +265,9 @@ impl Link {
     /// had been slow to take is now empty (time to call `drain`).
     pub(crate) fn sent(&mut self) -> bool {
         self.in_kernel = 0;
+        if self.queued() == 0 {
+            self.refused = false;
+        }
         if self.queued() == 0 && self.blocked {
             self.blocked = false;
             return true;
@@ -332,6 +353,7 @@ impl Link {
             return SendStatus::Closed;
         }
         pool.counters.dropped += 1;
+        self.refused = true;
         if behavior.backpressure_policy == BackpressurePolicy::Close {
             self.finish = Finish::Now;
         }
@@ -439,6 +461,7 @@ impl Link {
             WriteEnd::Done => {
                 buf.clear();
                 self.blocked = false;
+                self.refused = self.in_kernel != 0 && self.refused;
                 was_blocked
             }
             WriteEnd::Blocked => {

@@ -5,6 +5,9 @@
 //!   worth of replies, however long the flood; once the client reads, reading resumes and
 //!   every ping is answered, in order.
 //! - A client that stays past the limit for `backpressure_timeout` is dropped (handler: 1006).
+//! - With the drop policy the held bytes never pass the limit (echoes are refused instead),
+//!   yet a client that sends messages and never reads is held back and dropped all the same:
+//!   a refused message pauses reading until the held bytes empty.
 //! - A pending pong does not make the server refuse a message larger than the limit: a
 //!   fragmented 1.5 MiB message with a ping between its fragments is echoed (default limit,
 //!   1 MiB).
@@ -196,6 +199,33 @@ fn a_client_that_never_reads_is_dropped_after_the_backpressure_timeout() {
         }
     }
     // Written whole into the kernel's buffers, or cut short by the reset: either is fine.
+    let _ = writer.join().expect("the writer thread");
+    wait_until("the connection is gone", || server.handle.connections() == 0);
+    server.stop();
+}
+
+#[test]
+fn a_client_whose_echoes_are_refused_is_not_read_and_is_dropped_after_the_timeout() {
+    let timeout = Duration::from_secs(1);
+    let (server, held) = start(timeout);
+    assert_eq!(Behavior::default().backpressure_policy, gale_server::BackpressurePolicy::Drop);
+    let client = connect_small_window(&server);
+    // 4,096 messages of 16 KiB (64 MiB), echoed to a client that never reads.
+    let mut wire = Vec::new();
+    let payload = vec![0x5au8; 16 * 1024];
+    for i in 0..4096u32 {
+        append_frame(&mut wire, FrameSpec::client(OpCode::Binary, i.to_le_bytes()), &payload);
+    }
+    let mut stream = client.stream().try_clone().expect("clone the client's socket");
+    stream.set_write_timeout(Some(Duration::from_secs(30))).expect("set a write timeout");
+    let writer = std::thread::spawn(move || stream.write_all(&wire));
+    wait_until("reading paused", || server.handle.loop_stats(0).reads_paused > 0);
+    let paused = Instant::now();
+    assert!(server.handle.loop_stats(0).dropped > 0, "paused without refusing an echo");
+    assert_eq!(held.closes.wait_for("close", |c| !c.is_empty()), vec![1006]);
+    assert_between("the backpressure timeout", paused.elapsed(), 0.74..=2.5);
+    let read = server.handle.loop_stats(0).bytes_in;
+    assert!(read < 32 << 20, "the server read {read} bytes of a client that reads nothing");
     let _ = writer.join().expect("the writer thread");
     wait_until("the connection is gone", || server.handle.connections() == 0);
     server.stop();
