@@ -84,9 +84,11 @@ class Limits:
         return 32 * 64 * KIB if backend == "uring" else 512 * KIB
 
     def one_receive(self, backend: str) -> int:
-        """Most bytes one receive hands a connection: one provided buffer on io_uring, the
-        loop's receive buffer on epoll."""
-        return 64 * KIB if backend == "uring" else 512 * KIB
+        """Most bytes one read hands a connection before the server can stop reading it: the
+        loop's receive buffer on epoll; on io_uring one batch of receive completions, which can
+        be the whole ring of provided buffers (the multishot receive is cancelled only with the
+        next submission)."""
+        return 32 * 64 * KIB if backend == "uring" else 512 * KIB
 
 
 # Each limit: `gale echo` flag, `gale serve` section and key, and the Limits field.
