@@ -224,7 +224,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             warmup: args.warmup,
             drain: 1.0,
         };
-        match crate::cmd_fanout::run(&a, false) {
+        match crate::scenario::fanout::run(&a, false) {
             Ok(r) => {
                 if r.lost + r.duplicated + r.out_of_order + r.publish_errors > 0 {
                     record.error = Some(format!(
@@ -239,7 +239,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
     } else if args.scenario == "connect" {
         let a =
             ConnectArgs { common, hold: Some(args.duration), rate: None, ping: None, procs: 1, worker: None };
-        match crate::cmd_connect::run(&a, false) {
+        match crate::scenario::connect::run(&a, false) {
             Ok(r) => record.connect = Some(r),
             Err(e) => record.error = Some(e),
         }
@@ -254,7 +254,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             mask: args.mask,
             rate: None,
         };
-        match crate::cmd_echo::run(&a, false) {
+        match crate::scenario::echo::run(&a, false) {
             Ok(r) => {
                 if r.mismatches > 0 {
                     record.error = Some(format!(

@@ -9,9 +9,9 @@ use gale_frame::handshake::{ClientHandshake, ClientHandshakeError};
 use gale_frame::{Decoder, DecoderConfig, FrameSpec, OpCode, write_header};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::deflate::{ClientDeflate, count_sent};
 use crate::payload::Kind;
 use crate::rng::Rng;
-use crate::zip::{ClientDeflate, count_sent};
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,7 +337,7 @@ impl Conn {
         let mut headers: Vec<(&str, &str)> =
             opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         if opts.deflate {
-            headers.push(("Sec-WebSocket-Extensions", crate::zip::OFFER));
+            headers.push(("Sec-WebSocket-Extensions", crate::deflate::OFFER));
         }
         self.handshake.write_request(&mut self.io.out, &opts.host, &opts.path, &protocols, &headers);
         self.state = State::Handshaking;

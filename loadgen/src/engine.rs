@@ -19,9 +19,9 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::conn::{Conn, ConnectOptions, Failure, Io, State};
+use crate::deflate::count_received;
 use crate::payload::Kind;
 use crate::rng::Rng;
-use crate::zip::count_received;
 
 /// What a scenario does with its connections.
 pub trait Driver {

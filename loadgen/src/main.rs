@@ -4,12 +4,10 @@
 mod report;
 
 mod cli;
-mod cmd_connect;
-mod cmd_echo;
-mod cmd_fanout;
 mod common;
 mod compare;
 mod conn;
+mod deflate;
 mod engine;
 mod payload;
 mod plot;
@@ -20,7 +18,6 @@ mod scenario;
 mod servers;
 mod target;
 mod tls;
-mod zip;
 
 use std::process::ExitCode;
 
@@ -41,15 +38,17 @@ fn outcome(interrupted: bool) -> Outcome {
 fn run(command: &cli::Command) -> Result<Outcome, String> {
     match command {
         cli::Command::Echo(a) => {
-            let r = cmd_echo::run(a, true)?;
+            let r = scenario::echo::run(a, true)?;
             if r.mismatches > 0 {
                 return Err(format!("{} echoes did not match what was sent", r.mismatches));
             }
             Ok(outcome(r.interrupted))
         }
-        cli::Command::Connect(a) => cmd_connect::run(a, a.worker.is_none()).map(|r| outcome(r.interrupted)),
+        cli::Command::Connect(a) => {
+            scenario::connect::run(a, a.worker.is_none()).map(|r| outcome(r.interrupted))
+        }
         cli::Command::Fanout(a) => {
-            let r = cmd_fanout::run(a, true)?;
+            let r = scenario::fanout::run(a, true)?;
             if r.lost + r.duplicated > 0 && !r.interrupted {
                 return Err(format!("{} deliveries lost, {} duplicated", r.lost, r.duplicated));
             }

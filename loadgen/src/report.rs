@@ -104,7 +104,7 @@ pub struct WireReport {
 
 impl WireReport {
     /// The figures of all threads.
-    pub fn of(parts: impl Iterator<Item = crate::zip::WireBytes>) -> WireReport {
+    pub fn of(parts: impl Iterator<Item = crate::deflate::WireBytes>) -> WireReport {
         let mut r = WireReport::default();
         for w in parts {
             r.sent_payload_bytes += w.sent_payload;

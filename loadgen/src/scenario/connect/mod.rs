@@ -2,16 +2,18 @@
 //! worker processes (each has its own open-files limit); the parent samples the server while
 //! all of them hold their connections and adds their reports up.
 
+mod driver;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use self::driver::Hold;
 use crate::cli::ConnectArgs;
 use crate::common::{run_config, write_json};
 use crate::engine::{ConnectStats, latency_histogram};
 use crate::report::{Buckets, ConnectReport, Latency, print_connect};
 use crate::run::{Run, sample_all};
-use crate::scenario::connect::Hold;
 
 /// Run `connect` and print/write its report.
 pub fn run(args: &ConnectArgs, print: bool) -> Result<ConnectReport, String> {

@@ -1,17 +1,18 @@
 //! `gale-loadgen fanout`: M subscribers, publishers at a fixed rate over WebSocket or HTTP,
 //! delivery rate, end-to-end latency, and lost / duplicated / out-of-order deliveries.
 
+mod driver;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+pub use self::driver::MIN_SIZE;
+use self::driver::{FanoutStats, Gale, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at};
 use crate::cli::{FanoutArgs, ProtocolArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, WireReport, print_fanout};
 use crate::run::{Run, Samples};
-use crate::scenario::fanout::{
-    FanoutStats, Gale, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at,
-};
 
 /// The protocol adapter for `--protocol`.
 fn protocol(p: ProtocolArg) -> &'static dyn Protocol {

@@ -1,15 +1,17 @@
 //! `gale-loadgen echo`.
 
+mod driver;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use self::driver::{Echo, EchoStats, Pacing};
 use crate::cli::{EchoArgs, MaskArg, PayloadArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::payload::{Kind, Payloads};
 use crate::report::{EchoReport, Latency, LoadgenCost, ServerCost, WireReport, print_echo};
 use crate::rng::Rng;
 use crate::run::{Run, Samples};
-use crate::scenario::echo::{Echo, EchoStats, Pacing};
 use crate::target::Scheme;
 
 /// Run the echo scenario and print/write its report. Returns the report.
