@@ -11,7 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::deflate::{ClientDeflate, count_sent};
 use crate::payload::Kind;
-use crate::rng::Rng;
+use fastrand::Rng;
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,7 +134,7 @@ impl Io {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) {
-        let key = if self.random_masks { rng.mask() } else { [0; 4] };
+        let key = if self.random_masks { rng.u32(..).to_ne_bytes() } else { [0; 4] };
         let mut header = [0u8; gale_frame::MAX_HEADER_LEN];
         let spec = FrameSpec { compressed, ..FrameSpec::client(opcode, key) };
         let n = write_header(&mut header, spec, len);

@@ -21,7 +21,7 @@ use slab::Slab;
 use crate::conn::{Conn, ConnectOptions, Failure, Io, State};
 use crate::deflate::count_received;
 use crate::payload::Kind;
-use crate::rng::Rng;
+use fastrand::Rng;
 
 /// What a scenario does with its connections.
 pub trait Driver {
@@ -90,7 +90,7 @@ pub struct EngineConfig {
     pub sources: Vec<IpAddr>,
     /// Give up on a connect + handshake after this long.
     pub timeout: Duration,
-    /// Index of this thread (and process), to spread sources and seed randomness.
+    /// Index of this thread (and process), to spread sources.
     pub index: usize,
 }
 
@@ -185,7 +185,8 @@ pub struct Engine<D: Driver> {
 impl<D: Driver> Engine<D> {
     /// An engine for `cfg` with scenario `driver`.
     pub fn new(cfg: EngineConfig, driver: D, progress: Arc<Progress>) -> std::io::Result<Self> {
-        let rng = Rng::seeded(cfg.index as u64 + 1);
+        // Seeded from fastrand's per-thread generator: every client thread masks differently.
+        let rng = Rng::new();
         Ok(Engine {
             poll: Poll::new()?,
             events: Events::with_capacity(1024),

@@ -12,7 +12,6 @@ mod engine;
 mod payload;
 mod plot;
 mod procstat;
-mod rng;
 mod run;
 mod scenario;
 mod servers;

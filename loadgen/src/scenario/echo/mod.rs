@@ -10,9 +10,9 @@ use crate::cli::{EchoArgs, MaskArg, PayloadArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::payload::{Kind, Payloads};
 use crate::report::{EchoReport, Latency, LoadgenCost, ServerCost, WireReport, print_echo};
-use crate::rng::Rng;
 use crate::run::{Run, Samples};
 use crate::target::Scheme;
+use fastrand::Rng;
 
 /// Run the echo scenario and print/write its report. Returns the report.
 pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
@@ -46,7 +46,7 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
         return Err("--payload chat needs a WebSocket server (its messages vary in size)".into());
     }
     let kind = if args.binary || raw { Kind::Binary } else { Kind::Text };
-    let payloads = Payloads::new(kind, args.size, &mut Rng::seeded(7));
+    let payloads = Payloads::new(kind, args.size, &mut Rng::new());
     let mut run =
         Run::start(&cfg, |_| Echo::new(payloads.clone(), chat, pacing, raw)).map_err(|e| e.to_string())?;
     let connect = run.wait_connected()?;
