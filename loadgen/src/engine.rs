@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gale_frame::deflate::InflateError;
 use gale_frame::{DataKind, Event, OpCode};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
@@ -125,7 +126,7 @@ impl ConnectStats {
 
     fn fail(&mut self, f: &Failure) {
         *self.failures.entry(f.label()).or_default() += 1;
-        self.failure_examples.entry(f.label()).or_insert_with(|| format!("{f:?}"));
+        self.failure_examples.entry(f.label()).or_insert_with(|| f.to_string());
     }
 
     /// Add another thread's figures.
@@ -528,8 +529,18 @@ impl<D: Driver> Engine<D> {
                         ));
                     };
                     let mut plain = std::mem::take(&mut self.inflated);
-                    z.inflate(payload, &mut plain, self.cfg.connect[e.target].max_message as usize)
-                        .map_err(|err| Failure::Protocol(format!("cannot inflate a message: {err:?}")))?;
+                    z.inflate(payload, &mut plain, self.cfg.connect[e.target].max_message as usize).map_err(
+                        |err| {
+                            Failure::Protocol(match err {
+                                InflateError::TooBig => {
+                                    "a compressed message inflates past the size limit".into()
+                                }
+                                InflateError::Corrupt => {
+                                    "a compressed message is not valid DEFLATE data".into()
+                                }
+                            })
+                        },
+                    )?;
                     count_received(plain.len(), payload.len());
                     let kind = if kind == DataKind::Text {
                         // Like the decoder's own check, skipped when the scenario compares

@@ -52,7 +52,12 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     let connect = run.wait_connected()?;
     if connect.connected == 0 {
         let _ = run.finish();
-        return Err(unreachable(&c.url_label(), &connect));
+        return Err(unreachable(
+            &c.url_label(),
+            connect.attempted,
+            &connect.failures,
+            &connect.failure_examples,
+        ));
     }
     let from = Instant::now() + Duration::from_secs_f64(args.warmup);
     let until = from + Duration::from_secs_f64(c.duration);

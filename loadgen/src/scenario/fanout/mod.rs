@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub use self::driver::MIN_SIZE;
 use self::driver::{FanoutStats, Gale, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at};
+use clap::ValueEnum;
+
 use crate::cli::{FanoutArgs, ProtocolArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, WireReport, print_fanout};
@@ -42,7 +44,12 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let connect = subs.wait_connected()?;
     if connect.connected == 0 {
         let _ = subs.finish();
-        return Err(unreachable(&c.url_label(), &connect));
+        return Err(unreachable(
+            &c.url_label(),
+            connect.attempted,
+            &connect.failures,
+            &connect.failure_examples,
+        ));
     }
     let publish_url = args.publish_url.clone().unwrap_or_else(|| c.url[0].clone());
     let from = Instant::now() + Duration::from_secs_f64(args.warmup.max(0.0));
@@ -80,7 +87,12 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
             subs.stop();
             let _ = subs.finish();
             let _ = pubs.finish();
-            return Err(unreachable(&publish_url, &pconnect));
+            return Err(unreachable(
+                &publish_url,
+                pconnect.attempted,
+                &pconnect.failures,
+                &pconnect.failure_examples,
+            ));
         }
         subs.go(from, until + drain);
         // Publishers start at once (the warm-up) but count only what is due inside the window.
@@ -119,7 +131,7 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
         scenario: "fanout".into(),
         url: c.url_label(),
         publish_url,
-        protocol: format!("{:?}", args.protocol).to_lowercase(),
+        protocol: args.protocol.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
         topic: args.topic.clone(),
         subscribers: connect.connected,
         failed: connect.failed(),
