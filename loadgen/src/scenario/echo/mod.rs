@@ -14,6 +14,22 @@ use crate::run::{Run, Samples};
 use crate::target::Scheme;
 use fastrand::Rng;
 
+/// What failed in an echo run, in one line, if anything: echoes that did not match what was
+/// sent, or no echo at all in the measurement (unless Ctrl-C cut it short).
+pub fn failure(r: &EchoReport) -> Option<String> {
+    if r.mismatches > 0 {
+        let first = r.first_mismatch.as_deref().unwrap_or("?");
+        return Some(format!("{} echoes did not match what was sent (first: {first})", r.mismatches));
+    }
+    if r.messages == 0 && !r.interrupted {
+        return Some(format!(
+            "no message was echoed by {} in the {:.1} s measured ({} connections open)",
+            r.url, r.duration_s, r.connections
+        ));
+    }
+    None
+}
+
 /// Run the echo scenario and print/write its report. Returns the report.
 pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     let c = &args.common;
@@ -124,4 +140,29 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     }
     write_json(&c.json, &report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_fails_on_wrong_echoes_or_on_none_at_all() {
+        let good =
+            EchoReport { url: "ws://s/".into(), messages: 10, duration_s: 1.0, ..EchoReport::default() };
+        assert_eq!(failure(&good), None);
+        let wrong =
+            EchoReport { mismatches: 2, first_mismatch: Some("echo of message 9".into()), ..good.clone() };
+        assert_eq!(
+            failure(&wrong).as_deref(),
+            Some("2 echoes did not match what was sent (first: echo of message 9)")
+        );
+        let silent = EchoReport { messages: 0, connections: 3, ..good.clone() };
+        assert_eq!(
+            failure(&silent).as_deref(),
+            Some("no message was echoed by ws://s/ in the 1.0 s measured (3 connections open)")
+        );
+        // Ctrl-C before the first echo: a partial report, not a failure.
+        assert_eq!(failure(&EchoReport { interrupted: true, ..silent }), None);
+    }
 }

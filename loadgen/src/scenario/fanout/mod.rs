@@ -24,6 +24,32 @@ fn protocol(p: ProtocolArg) -> &'static dyn Protocol {
     }
 }
 
+/// What failed in a fan-out run, in one line, if anything: nothing delivered, deliveries lost,
+/// duplicated or out of order, publishes refused. A run cut short by Ctrl-C is not judged (its
+/// last publishes had no time to arrive).
+pub fn failure(r: &FanoutReport) -> Option<String> {
+    if r.interrupted {
+        return None;
+    }
+    if r.delivered == 0 {
+        return Some(format!(
+            "nothing was delivered to the {} subscribers of {}: {} published, {} publishes failed",
+            r.subscribers, r.url, r.published, r.publish_errors
+        ));
+    }
+    let problems: Vec<String> = [
+        (r.lost, format!("{} of {} deliveries lost", r.lost, r.expected)),
+        (r.duplicated, format!("{} duplicated", r.duplicated)),
+        (r.out_of_order, format!("{} out of order", r.out_of_order)),
+        (r.publish_errors, format!("{} publishes failed", r.publish_errors)),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(_, what)| what)
+    .collect();
+    (!problems.is_empty()).then(|| problems.join(", "))
+}
+
 /// Run the fan-out scenario.
 pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let c = &args.common;
@@ -386,4 +412,33 @@ fn read_response(reader: &mut impl BufRead) -> std::io::Result<u16> {
     let mut skip = vec![0u8; length];
     reader.read_exact(&mut skip)?;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_fails_on_any_delivery_problem() {
+        let good = FanoutReport {
+            url: "ws://s/sub".into(),
+            subscribers: 5,
+            published: 100,
+            expected: 500,
+            delivered: 500,
+            ..FanoutReport::default()
+        };
+        assert_eq!(failure(&good), None);
+        let lossy = FanoutReport { delivered: 490, lost: 10, duplicated: 2, ..good.clone() };
+        assert_eq!(failure(&lossy).as_deref(), Some("10 of 500 deliveries lost, 2 duplicated"));
+        let refused =
+            FanoutReport { published: 0, expected: 0, delivered: 0, publish_errors: 25, ..good.clone() };
+        assert_eq!(
+            failure(&refused).as_deref(),
+            Some(
+                "nothing was delivered to the 5 subscribers of ws://s/sub: 0 published, 25 publishes failed"
+            )
+        );
+        assert_eq!(failure(&FanoutReport { interrupted: true, ..lossy }), None);
+    }
 }
