@@ -1,5 +1,6 @@
 //! Turning the common options into a run configuration, with errors that name the problem.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -98,12 +99,15 @@ pub fn write_json<T: serde::Serialize>(path: &Option<std::path::PathBuf>, report
     }
 }
 
-/// An error for a server nobody could connect to, naming the causes.
-pub fn unreachable(url: &str, stats: &crate::engine::ConnectStats) -> String {
-    let causes: Vec<String> = stats
-        .failures
-        .iter()
-        .map(|(k, v)| format!("{k} ×{v} ({})", stats.failure_examples.get(k).map_or("", String::as_str)))
-        .collect();
-    format!("cannot reach {url}: 0 of {} connections opened: {}", stats.attempted, causes.join(", "))
+/// An error for a server nobody could connect to, naming the causes in words.
+pub fn unreachable(
+    url: &str,
+    attempted: u64,
+    failures: &BTreeMap<String, u64>,
+    examples: &BTreeMap<String, String>,
+) -> String {
+    format!(
+        "cannot reach {url}: 0 of {attempted} connections opened: {}",
+        crate::report::causes(failures, examples)
+    )
 }

@@ -43,14 +43,15 @@ impl Case {
 pub struct Summary {
     /// Server name.
     pub server: String,
-    /// Rounds that produced a result.
+    /// Rounds that ran without error: the medians are of these.
     pub rounds: usize,
     /// Median messages per second (echo) or connections per second (connect).
     pub rate: f64,
     /// `rate` / the first server's.
     pub rate_ratio: f64,
-    /// Median latency percentiles, microseconds: p50, p90, p99, p99.9, max.
-    pub latency_us: [u64; 5],
+    /// Median latency percentiles, microseconds (echo: round trip; connect: handshake;
+    /// fanout: publish to delivery).
+    pub latency_us: LatencyMedians,
     /// Median server CPU milliseconds per 1,000 messages.
     pub cpu_ms_per_1k: Option<f64>,
     /// `cpu_ms_per_1k` / the first server's.
@@ -65,19 +66,63 @@ pub struct Summary {
     pub errors: Vec<String>,
 }
 
+/// Latency percentiles, each the median over the rounds, microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct LatencyMedians {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl LatencyMedians {
+    /// Names of the percentiles, in the order of [`values`](LatencyMedians::values).
+    pub const NAMES: [&str; 5] = ["p50", "p90", "p99", "p99.9", "max"];
+
+    /// The percentiles from p50 to max.
+    pub fn values(&self) -> [u64; 5] {
+        [self.p50, self.p90, self.p99, self.p999, self.max]
+    }
+}
+
+/// A server of a comparison.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerEntry {
+    /// Short name, as in the tables.
+    pub name: String,
+    /// Its command line, `{port}` where the port goes.
+    pub command: String,
+}
+
+/// One case of a comparison and every server's medians in it.
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseSummaries {
+    /// The case: its fields sit beside `summaries` in the JSON.
+    #[serde(flatten)]
+    pub case: Case,
+    /// One summary per server, in server order.
+    pub summaries: Vec<Summary>,
+}
+
 /// Everything a comparison produced.
 #[derive(Clone, Debug, Serialize)]
 pub struct CompareReport {
-    /// "echo" or "connect".
+    /// "echo", "connect" or "fanout".
     pub scenario: String,
     /// Rounds per case.
     pub rounds: usize,
     /// Seconds per run.
     pub duration_s: f64,
-    /// Server names and commands.
-    pub servers: Vec<(String, String)>,
-    /// Per case: the summaries, in server order.
-    pub cases: Vec<(Case, Vec<Summary>)>,
+    /// The servers, the first being the reference for ratios.
+    pub servers: Vec<ServerEntry>,
+    /// Per case: every server's summary.
+    pub cases: Vec<CaseSummaries>,
     /// Every run's raw report.
     pub runs: Vec<RunRecord>,
 }
@@ -157,12 +202,18 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport, String> {
             }
         }
     }
-    let summaries = cases.iter().map(|c| (*c, summarise(&args.scenario, &specs, c, &runs))).collect();
+    let summaries = cases
+        .iter()
+        .map(|c| CaseSummaries { case: *c, summaries: summarise(&args.scenario, &specs, c, &runs) })
+        .collect();
     Ok(CompareReport {
         scenario: args.scenario.clone(),
         rounds: args.rounds,
         duration_s: args.duration,
-        servers: specs.iter().map(|s| (s.name.clone(), s.command.clone())).collect(),
+        servers: specs
+            .iter()
+            .map(|s| ServerEntry { name: s.name.clone(), command: s.command.clone() })
+            .collect(),
         cases: summaries,
         runs,
     })
@@ -224,14 +275,9 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             warmup: args.warmup,
             drain: 1.0,
         };
-        match crate::cmd_fanout::run(&a, false) {
+        match crate::scenario::fanout::run(&a, false) {
             Ok(r) => {
-                if r.lost + r.duplicated + r.out_of_order + r.publish_errors > 0 {
-                    record.error = Some(format!(
-                        "{} lost, {} duplicated, {} out of order, {} publish errors",
-                        r.lost, r.duplicated, r.out_of_order, r.publish_errors
-                    ));
-                }
+                record.error = crate::scenario::fanout::failure(&r);
                 record.fanout = Some(r);
             }
             Err(e) => record.error = Some(e),
@@ -239,7 +285,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
     } else if args.scenario == "connect" {
         let a =
             ConnectArgs { common, hold: Some(args.duration), rate: None, ping: None, procs: 1, worker: None };
-        match crate::cmd_connect::run(&a, false) {
+        match crate::scenario::connect::run(&a, false) {
             Ok(r) => record.connect = Some(r),
             Err(e) => record.error = Some(e),
         }
@@ -254,15 +300,9 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             mask: args.mask,
             rate: None,
         };
-        match crate::cmd_echo::run(&a, false) {
+        match crate::scenario::echo::run(&a, false) {
             Ok(r) => {
-                if r.mismatches > 0 {
-                    record.error = Some(format!(
-                        "{} wrong echoes: {}",
-                        r.mismatches,
-                        r.first_mismatch.clone().unwrap_or_default()
-                    ));
-                }
+                record.error = crate::scenario::echo::failure(&r);
                 record.echo = Some(r);
             }
             Err(e) => record.error = Some(e),
@@ -272,6 +312,36 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
     // Let sockets in TIME_WAIT and the kernel settle between runs.
     std::thread::sleep(Duration::from_millis(300));
     record
+}
+
+/// The runs that failed, as one line naming each server that had any and why, or `None`
+/// when every run went through.
+pub fn failures(r: &CompareReport) -> Option<String> {
+    let mut lines = Vec::new();
+    for server in &r.servers {
+        let mine: Vec<&RunRecord> = r.runs.iter().filter(|x| x.server == server.name).collect();
+        let errors: Vec<&str> = mine.iter().filter_map(|x| x.error.as_deref()).collect();
+        let failed = errors.len();
+        let errors = distinct(errors);
+        let Some(first) = errors.first() else { continue };
+        let others = match errors.len() - 1 {
+            0 => String::new(),
+            n => format!(" (and {n} other errors: see the tables)"),
+        };
+        lines.push(format!("{}: {failed} of {} runs failed: {first}{others}", server.name, mine.len()));
+    }
+    (!lines.is_empty()).then(|| lines.join("; "))
+}
+
+/// `items` without repeats, in their first order.
+fn distinct<T: PartialEq>(items: Vec<T>) -> Vec<T> {
+    let mut out = Vec::new();
+    for item in items {
+        if !out.contains(&item) {
+            out.push(item);
+        }
+    }
+    out
 }
 
 /// The fan-out protocol `--server-protocol` gives server `name` (plain by default).
@@ -339,6 +409,9 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
         let mine: Vec<&RunRecord> =
             runs.iter().filter(|r| r.server == spec.name && r.case == *case).collect();
         let errors: Vec<String> = mine.iter().filter_map(|r| r.error.clone()).collect();
+        // A failed run's figures (wrong echoes, lost deliveries, nothing echoed) are no
+        // measurement: the medians are of the clean runs only.
+        let mine: Vec<&RunRecord> = mine.into_iter().filter(|r| r.error.is_none()).collect();
         let s = if scenario == "connect" {
             let reps: Vec<&ConnectReport> = mine.iter().filter_map(|r| r.connect.as_ref()).collect();
             Summary {
@@ -384,14 +457,21 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
     out
 }
 
-fn latency_medians<'a>(l: impl Iterator<Item = &'a crate::report::Latency> + Clone) -> [u64; 5] {
+fn latency_medians<'a>(l: impl Iterator<Item = &'a crate::report::Latency> + Clone) -> LatencyMedians {
     let pick = |f: fn(&crate::report::Latency) -> u64| {
         median(l.clone().map(|x| f(x) as f64).collect()).unwrap_or(0.0) as u64
     };
-    [pick(|x| x.p50), pick(|x| x.p90), pick(|x| x.p99), pick(|x| x.p999), pick(|x| x.max)]
+    LatencyMedians {
+        p50: pick(|x| x.p50),
+        p90: pick(|x| x.p90),
+        p99: pick(|x| x.p99),
+        p999: pick(|x| x.p999),
+        max: pick(|x| x.max),
+    }
 }
 
-/// The comparison as a Markdown document (also what the terminal shows).
+/// The comparison as a Markdown document (also what the terminal shows). A server without a
+/// result in a case shows `-` in every column, not zeros.
 pub fn markdown(r: &CompareReport) -> String {
     let mut s = String::new();
     let unit = match r.scenario.as_str() {
@@ -399,78 +479,102 @@ pub fn markdown(r: &CompareReport) -> String {
         "fanout" => "deliveries/s",
         _ => "msg/s",
     };
-    for (case, sums) in &r.cases {
+    let wire = r.cases.iter().any(|c| c.summaries.iter().any(|x| x.wire_ratio.is_some()));
+    for CaseSummaries { case, summaries: sums } in &r.cases {
         s.push_str(&format!(
             "### {} — median of {} rounds, {} s each\n\n",
             case.title(&r.scenario),
             r.rounds,
             r.duration_s
         ));
-        if r.scenario == "connect" {
-            s.push_str("| server | conn/s | × first | handshake p50 µs | p99 µs | server bytes/conn |\n|---|---:|---:|---:|---:|---:|\n");
-            for x in sums {
-                s.push_str(&format!(
-                    "| {} | {} | {:.2} | {} | {} | {} |\n",
-                    x.server,
-                    group(x.rate),
-                    x.rate_ratio,
-                    x.latency_us[0],
-                    x.latency_us[2],
-                    x.memory.map_or("-".into(), |m| format!("{m:.0}"))
-                ));
-            }
+        let connect = r.scenario == "connect";
+        let mut header: Vec<&str> = if connect {
+            vec!["conn/s", "× first", "handshake p50 µs", "p99 µs", "server bytes/conn"]
         } else {
-            let wire = r.cases.iter().any(|(_, s)| s.iter().any(|x| x.wire_ratio.is_some()));
+            vec![
+                unit,
+                "× first",
+                "p50 µs",
+                "p99 µs",
+                "p99.9 µs",
+                "server CPU ms / 1k msg",
+                "× first",
+                "server RSS",
+                "loadgen CPU",
+            ]
+        };
+        if wire && !connect {
+            header.push("wire / payload");
+        }
+        let cells = |x: &Summary| if connect { connect_cells(x) } else { throughput_cells(x) };
+        s.push_str(&format!("| server | {} |\n|---|{}\n", header.join(" | "), "---:|".repeat(header.len())));
+        for x in sums {
+            let mut row = if x.rounds > 0 { cells(x) } else { Vec::new() };
+            row.resize(header.len(), "-".into());
+            s.push_str(&format!("| {} | {} |\n", x.server, row.join(" | ")));
+        }
+        let measured: Vec<&Summary> = sums.iter().filter(|x| x.rounds > 0).collect();
+        if !connect && !measured.is_empty() {
+            let mut by_rate = measured.clone();
+            by_rate.sort_by(|a, b| b.rate.total_cmp(&a.rate));
             s.push_str(&format!(
-                "| server | {unit} | × first | p50 µs | p99 µs | p99.9 µs | server CPU ms / 1k msg | × first | server RSS | loadgen CPU |{}\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|{}\n",
-                if wire { " wire / payload |" } else { "" },
-                if wire { "---:|" } else { "" }
+                "\nRanked by {unit}: {}.",
+                by_rate.iter().map(|x| x.server.as_str()).collect::<Vec<_>>().join(" > ")
             ));
-            for x in sums {
-                s.push_str(&format!(
-                    "| {} | {} | {:.2} | {} | {} | {} | {} | {} | {} | {:.0}% |\n",
-                    x.server,
-                    group(x.rate),
-                    x.rate_ratio,
-                    x.latency_us[0],
-                    x.latency_us[2],
-                    x.latency_us[3],
-                    x.cpu_ms_per_1k.map_or("-".into(), |v| format!("{v:.3}")),
-                    x.cpu_ratio.map_or("-".into(), |v| format!("{v:.2}")),
-                    x.memory.map_or("-".into(), human_bytes),
-                    x.loadgen_utilisation * 100.0
-                ));
-                if wire {
-                    s.pop();
-                    s.push_str(&format!(
-                        " {} |\n",
-                        x.wire_ratio.map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
-                    ));
-                }
-            }
-            let mut by_cpu: Vec<&Summary> = sums.iter().filter(|x| x.cpu_ms_per_1k.is_some()).collect();
+            let mut by_cpu: Vec<&Summary> =
+                measured.into_iter().filter(|x| x.cpu_ms_per_1k.is_some()).collect();
             by_cpu.sort_by(|a, b| {
                 a.cpu_ms_per_1k.partial_cmp(&b.cpu_ms_per_1k).unwrap_or(std::cmp::Ordering::Equal)
             });
-            let mut by_rate: Vec<&Summary> = sums.iter().collect();
-            by_rate.sort_by(|a, b| b.rate.total_cmp(&a.rate));
-            s.push_str(&format!(
-                "\nRanked by {unit}: {}. Ranked by server CPU per message (least first): {}.\n",
-                by_rate.iter().map(|x| x.server.as_str()).collect::<Vec<_>>().join(" > "),
-                by_cpu.iter().map(|x| x.server.as_str()).collect::<Vec<_>>().join(" < ")
-            ));
+            if !by_cpu.is_empty() {
+                s.push_str(&format!(
+                    " Ranked by server CPU per message (least first): {}.",
+                    by_cpu.iter().map(|x| x.server.as_str()).collect::<Vec<_>>().join(" < ")
+                ));
+            }
+            s.push('\n');
         }
         for x in sums.iter().filter(|x| !x.errors.is_empty()) {
             s.push_str(&format!(
                 "\n**{}: {} failed round(s)**: {}\n",
                 x.server,
                 x.errors.len(),
-                x.errors.join("; ")
+                distinct(x.errors.iter().map(String::as_str).collect()).join("; ")
             ));
         }
         s.push('\n');
     }
     s
+}
+
+/// A connect summary's table cells, after the server's name.
+fn connect_cells(x: &Summary) -> Vec<String> {
+    vec![
+        group(x.rate),
+        format!("{:.2}", x.rate_ratio),
+        x.latency_us.p50.to_string(),
+        x.latency_us.p99.to_string(),
+        x.memory.map_or("-".into(), |m| format!("{m:.0}")),
+    ]
+}
+
+/// An echo or fanout summary's table cells, after the server's name.
+fn throughput_cells(x: &Summary) -> Vec<String> {
+    let mut cells = vec![
+        group(x.rate),
+        format!("{:.2}", x.rate_ratio),
+        x.latency_us.p50.to_string(),
+        x.latency_us.p99.to_string(),
+        x.latency_us.p999.to_string(),
+        x.cpu_ms_per_1k.map_or("-".into(), |v| format!("{v:.3}")),
+        x.cpu_ratio.map_or("-".into(), |v| format!("{v:.2}")),
+        x.memory.map_or("-".into(), human_bytes),
+        format!("{:.0}%", x.loadgen_utilisation * 100.0),
+    ];
+    if let Some(v) = x.wire_ratio {
+        cells.push(format!("{:.1}%", v * 100.0));
+    }
+    cells
 }
 
 /// Write the outputs `--json`, `--md`, `--plot` ask for.
@@ -488,4 +592,90 @@ pub fn write_outputs(
         crate::plot::write_plots(r, dir)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(server: &str, round: usize, error: Option<&str>) -> RunRecord {
+        RunRecord {
+            server: server.into(),
+            case: Case { connections: 1, size: 20, pipeline: 1, rate: 0 },
+            round,
+            echo: None,
+            connect: None,
+            fanout: None,
+            error: error.map(String::from),
+        }
+    }
+
+    fn report(runs: Vec<RunRecord>) -> CompareReport {
+        CompareReport {
+            scenario: "echo".into(),
+            rounds: 3,
+            duration_s: 1.0,
+            servers: ["a", "b", "c"]
+                .map(|n| ServerEntry { name: n.into(), command: format!("{n} {{port}}") })
+                .into(),
+            cases: Vec::new(),
+            runs,
+        }
+    }
+
+    #[test]
+    fn failures_name_each_failing_server_once_on_one_line() {
+        let r = report(vec![
+            record("a", 0, None),
+            record("b", 0, Some("no message was echoed")),
+            record("c", 0, Some("exited at start")),
+            record("a", 1, None),
+            record("b", 1, Some("no message was echoed")),
+            record("c", 1, Some("did not accept connections")),
+            record("a", 2, None),
+            record("b", 2, None),
+            record("c", 2, Some("exited at start")),
+        ]);
+        assert_eq!(
+            failures(&r).as_deref(),
+            Some(
+                "b: 2 of 3 runs failed: no message was echoed; c: 3 of 3 runs failed: exited at start (and 1 \
+                 other errors: see the tables)"
+            )
+        );
+        assert_eq!(failures(&report(vec![record("a", 0, None)])), None);
+    }
+
+    #[test]
+    fn compare_json_names_its_fields() {
+        let mut r = report(Vec::new());
+        let summary = Summary {
+            server: "a".into(),
+            rounds: 1,
+            rate: 10.0,
+            rate_ratio: 1.0,
+            latency_us: LatencyMedians { p50: 1, p90: 2, p99: 3, p999: 4, max: 5 },
+            cpu_ms_per_1k: None,
+            cpu_ratio: None,
+            memory: None,
+            loadgen_utilisation: 0.5,
+            wire_ratio: None,
+            errors: Vec::new(),
+        };
+        r.cases.push(CaseSummaries {
+            case: Case { connections: 100, size: 20, pipeline: 1, rate: 0 },
+            summaries: vec![summary],
+        });
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["servers"][0], serde_json::json!({"name": "a", "command": "a {port}"}));
+        let case = &json["cases"][0];
+        assert_eq!(
+            (&case["connections"], &case["size"], &case["pipeline"], &case["rate"]),
+            (&100.into(), &20.into(), &1.into(), &0.into())
+        );
+        assert_eq!(
+            case["summaries"][0]["latency_us"],
+            serde_json::json!({"p50": 1, "p90": 2, "p99": 3, "p999": 4, "max": 5})
+        );
+    }
 }

@@ -9,9 +9,9 @@ use gale_frame::handshake::{ClientHandshake, ClientHandshakeError};
 use gale_frame::{Decoder, DecoderConfig, FrameSpec, OpCode, write_header};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::deflate::{ClientDeflate, count_sent};
 use crate::payload::Kind;
-use crate::rng::Rng;
-use crate::zip::{ClientDeflate, count_sent};
+use fastrand::Rng;
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +63,25 @@ impl Failure {
         }
     }
 
+    /// In words, the cause a [`label`](Failure::label) names (reports count failures and
+    /// lost connections by label; people read this).
+    pub fn describe(label: &str) -> String {
+        match label {
+            "refused" => "connection refused".into(),
+            "timeout" => "timed out".into(),
+            "reset" => "connection reset".into(),
+            "no_local_ports" => "no local port left for the source address (spread over --source-ips)".into(),
+            "fd_limit" => "open-files limit reached (use --procs)".into(),
+            "bad_handshake" => "bad handshake".into(),
+            "protocol" => "closed by the server, or a protocol error".into(),
+            "other" => "other error".into(),
+            other => match other.strip_prefix("http_") {
+                Some(status) => format!("HTTP {status} instead of 101"),
+                None => other.into(),
+            },
+        }
+    }
+
     /// Classify an I/O error.
     pub fn from_io(e: &io::Error) -> Failure {
         if e.kind() == io::ErrorKind::InvalidData {
@@ -76,6 +95,16 @@ impl Failure {
             Some(libc::EADDRNOTAVAIL | libc::EADDRINUSE) => Failure::NoPorts,
             Some(libc::EMFILE | libc::ENFILE) => Failure::FdLimit,
             _ => Failure::Other(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Handshake(why) => write!(f, "bad handshake: {why}"),
+            Failure::Protocol(why) | Failure::Other(why) => f.write_str(why),
+            _ => f.write_str(&Failure::describe(&self.label())),
         }
     }
 }
@@ -134,7 +163,7 @@ impl Io {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
     ) {
-        let key = if self.random_masks { rng.mask() } else { [0; 4] };
+        let key = if self.random_masks { rng.u32(..).to_ne_bytes() } else { [0; 4] };
         let mut header = [0u8; gale_frame::MAX_HEADER_LEN];
         let spec = FrameSpec { compressed, ..FrameSpec::client(opcode, key) };
         let n = write_header(&mut header, spec, len);
@@ -337,7 +366,7 @@ impl Conn {
         let mut headers: Vec<(&str, &str)> =
             opts.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         if opts.deflate {
-            headers.push(("Sec-WebSocket-Extensions", crate::zip::OFFER));
+            headers.push(("Sec-WebSocket-Extensions", crate::deflate::OFFER));
         }
         self.handshake.write_request(&mut self.io.out, &opts.host, &opts.path, &protocols, &headers);
         self.state = State::Handshaking;
@@ -406,7 +435,7 @@ impl Conn {
             if let Err(e) = tls.process_new_packets() {
                 // Send the alert, then give up on the connection.
                 let _ = tls.write_tls(&mut self.io.stream);
-                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("TLS: {e}")));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, crate::tls::describe(&e)));
             }
             if tls.wants_write() {
                 // Handshake records to answer with.
@@ -419,5 +448,51 @@ impl Conn {
     /// `WouldBlock`).
     pub fn reads_until_would_block(&self) -> bool {
         self.io.tls.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_read_as_words() {
+        let cases = [
+            (Failure::Refused, "connection refused"),
+            (Failure::Timeout, "timed out"),
+            (Failure::Status(404), "HTTP 404 instead of 101"),
+            (Failure::Reset, "connection reset"),
+            (Failure::FdLimit, "open-files limit reached (use --procs)"),
+            (Failure::Handshake("no Upgrade header".into()), "bad handshake: no Upgrade header"),
+            (
+                Failure::Protocol("server closed with 1001 going away".into()),
+                "server closed with 1001 going away",
+            ),
+            (Failure::from_io(&io::Error::from_raw_os_error(libc::ECONNREFUSED)), "connection refused"),
+        ];
+        for (failure, words) in cases {
+            assert_eq!(failure.to_string(), words, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn every_label_has_words() {
+        let failures = [
+            Failure::Refused,
+            Failure::Timeout,
+            Failure::Status(503),
+            Failure::Reset,
+            Failure::NoPorts,
+            Failure::FdLimit,
+            Failure::Handshake(String::new()),
+            Failure::Protocol(String::new()),
+            Failure::Other(String::new()),
+        ];
+        for f in failures {
+            let label = f.label();
+            let words = Failure::describe(&label);
+            assert_ne!(words, label, "{label} has no words");
+            assert!(!words.contains('_'), "{label}: {words}");
+        }
     }
 }

@@ -13,15 +13,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use gale_frame::deflate::InflateError;
 use gale_frame::{DataKind, Event, OpCode};
 use hdrhistogram::Histogram;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::conn::{Conn, ConnectOptions, Failure, Io, State};
+use crate::deflate::count_received;
 use crate::payload::Kind;
-use crate::rng::Rng;
-use crate::zip::count_received;
+use fastrand::Rng;
 
 /// What a scenario does with its connections.
 pub trait Driver {
@@ -90,7 +91,7 @@ pub struct EngineConfig {
     pub sources: Vec<IpAddr>,
     /// Give up on a connect + handshake after this long.
     pub timeout: Duration,
-    /// Index of this thread (and process), to spread sources and seed randomness.
+    /// Index of this thread (and process), to spread sources.
     pub index: usize,
 }
 
@@ -125,7 +126,7 @@ impl ConnectStats {
 
     fn fail(&mut self, f: &Failure) {
         *self.failures.entry(f.label()).or_default() += 1;
-        self.failure_examples.entry(f.label()).or_insert_with(|| format!("{f:?}"));
+        self.failure_examples.entry(f.label()).or_insert_with(|| f.to_string());
     }
 
     /// Add another thread's figures.
@@ -185,7 +186,8 @@ pub struct Engine<D: Driver> {
 impl<D: Driver> Engine<D> {
     /// An engine for `cfg` with scenario `driver`.
     pub fn new(cfg: EngineConfig, driver: D, progress: Arc<Progress>) -> std::io::Result<Self> {
-        let rng = Rng::seeded(cfg.index as u64 + 1);
+        // Seeded from fastrand's per-thread generator: every client thread masks differently.
+        let rng = Rng::new();
         Ok(Engine {
             poll: Poll::new()?,
             events: Events::with_capacity(1024),
@@ -527,8 +529,18 @@ impl<D: Driver> Engine<D> {
                         ));
                     };
                     let mut plain = std::mem::take(&mut self.inflated);
-                    z.inflate(payload, &mut plain, self.cfg.connect[e.target].max_message as usize)
-                        .map_err(|err| Failure::Protocol(format!("cannot inflate a message: {err:?}")))?;
+                    z.inflate(payload, &mut plain, self.cfg.connect[e.target].max_message as usize).map_err(
+                        |err| {
+                            Failure::Protocol(match err {
+                                InflateError::TooBig => {
+                                    "a compressed message inflates past the size limit".into()
+                                }
+                                InflateError::Corrupt => {
+                                    "a compressed message is not valid DEFLATE data".into()
+                                }
+                            })
+                        },
+                    )?;
                     count_received(plain.len(), payload.len());
                     let kind = if kind == DataKind::Text {
                         // Like the decoder's own check, skipped when the scenario compares

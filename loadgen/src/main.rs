@@ -4,23 +4,19 @@
 mod report;
 
 mod cli;
-mod cmd_connect;
-mod cmd_echo;
-mod cmd_fanout;
 mod common;
 mod compare;
 mod conn;
+mod deflate;
 mod engine;
 mod payload;
 mod plot;
 mod procstat;
-mod rng;
 mod run;
 mod scenario;
 mod servers;
 mod target;
 mod tls;
-mod zip;
 
 use std::process::ExitCode;
 
@@ -38,22 +34,25 @@ fn outcome(interrupted: bool) -> Outcome {
     if interrupted { Outcome::Interrupted } else { Outcome::Done }
 }
 
+/// Run a command; an error is the one line that says what failed.
 fn run(command: &cli::Command) -> Result<Outcome, String> {
     match command {
         cli::Command::Echo(a) => {
-            let r = cmd_echo::run(a, true)?;
-            if r.mismatches > 0 {
-                return Err(format!("{} echoes did not match what was sent", r.mismatches));
+            let r = scenario::echo::run(a, true)?;
+            match scenario::echo::failure(&r) {
+                Some(what) => Err(what),
+                None => Ok(outcome(r.interrupted)),
             }
-            Ok(outcome(r.interrupted))
         }
-        cli::Command::Connect(a) => cmd_connect::run(a, a.worker.is_none()).map(|r| outcome(r.interrupted)),
+        cli::Command::Connect(a) => {
+            scenario::connect::run(a, a.worker.is_none()).map(|r| outcome(r.interrupted))
+        }
         cli::Command::Fanout(a) => {
-            let r = cmd_fanout::run(a, true)?;
-            if r.lost + r.duplicated > 0 && !r.interrupted {
-                return Err(format!("{} deliveries lost, {} duplicated", r.lost, r.duplicated));
+            let r = scenario::fanout::run(a, true)?;
+            match scenario::fanout::failure(&r) {
+                Some(what) => Err(what),
+                None => Ok(outcome(r.interrupted)),
             }
-            Ok(outcome(r.interrupted))
         }
         cli::Command::Compare(a) => {
             let r = compare::run(a)?;
@@ -61,6 +60,9 @@ fn run(command: &cli::Command) -> Result<Outcome, String> {
                 say!("{line}");
             }
             compare::write_outputs(&r, &a.json, &a.md, &a.plot)?;
+            if let Some(what) = compare::failures(&r) {
+                return Err(what);
+            }
             Ok(outcome(run::interrupt_flag().is_ok_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))))
         }
     }

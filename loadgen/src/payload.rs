@@ -4,7 +4,7 @@
 //! Text payloads are real UTF-8 with 1- to 4-byte characters, not only ASCII, so the server's
 //! UTF-8 validation does real work.
 
-use crate::rng::Rng;
+use fastrand::Rng;
 
 /// Text or binary messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl Payloads {
                 }
                 template.extend_from_slice(text.as_bytes());
             }
-            Kind::Binary => template.extend((0..body).map(|_| rng.next_u64() as u8)),
+            Kind::Binary => template.extend((0..body).map(|_| rng.u8(..))),
         }
         Payloads { template, seq_digits, kind }
     }
@@ -108,8 +108,8 @@ const COLORS: [&str; 4] = ["#ffffff", "#ffcc00", "#ff6699", "#66ccff"];
 /// The chat/danmaku message numbered `seq`: a JSON object with repeating keys and Chinese text,
 /// 120 to 250 bytes, always the same for the same `seq` (so echoes can be checked).
 pub fn chat_message(seq: u64) -> String {
-    let mut r = Rng::from_seed(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66);
-    let mut pick = |n: usize| (r.next_u64() % n as u64) as usize;
+    let mut r = Rng::with_seed(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5DEE_CE66);
+    let mut pick = |n: usize| r.usize(..n);
     let uid = 10_000 + pick(90_000);
     let name = NAMES[pick(NAMES.len())];
     let level = 1 + pick(40);
@@ -141,7 +141,7 @@ mod tests {
 
     #[test]
     fn text_payloads_are_valid_utf8_of_exact_size_with_multibyte_chars() {
-        let mut rng = Rng::seeded(1);
+        let mut rng = Rng::with_seed(1);
         for size in [0, 1, 5, 16, 17, 20, 21, 100, 1024, 65536] {
             let p = Payloads::new(Kind::Text, size, &mut rng);
             let mut buf = vec![0; size];
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn corruption_is_detected() {
-        let mut rng = Rng::seeded(2);
+        let mut rng = Rng::with_seed(2);
         let p = Payloads::new(Kind::Binary, 1024, &mut rng);
         let mut buf = vec![0; 1024];
         p.write(7, &mut buf);

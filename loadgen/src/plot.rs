@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::compare::CompareReport;
+use crate::compare::{CaseSummaries, CompareReport, LatencyMedians};
 
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -48,14 +48,22 @@ fn short(case: &crate::compare::Case, scenario: &str) -> String {
     }
 }
 
-/// 1234567 -> "1.2M", 0.25 -> "0.25": axis labels that fit.
+/// Axis labels that fit and read at a glance: 100000 -> "100k", 1234567 -> "1.23M",
+/// 1500 -> "1.5k", 0.25 -> "0.25" (at most three significant digits, no trailing zeros).
 fn short_number(v: f64) -> String {
-    match v.abs() {
-        a if a >= 1e6 => format!("{:.1}M", v / 1e6),
-        a if a >= 1e3 => format!("{:.0}k", v / 1e3),
-        a if a >= 10.0 => format!("{v:.0}"),
-        _ => format!("{v:.2}"),
-    }
+    let (scaled, suffix) = match v.abs() {
+        a if a >= 999_500.0 => (v / 1e6, "M"),
+        a if a >= 999.5 => (v / 1e3, "k"),
+        _ => (v, ""),
+    };
+    let decimals = match scaled.abs() {
+        a if a >= 99.95 => 0,
+        a if a >= 9.995 => 1,
+        _ => 2,
+    };
+    let text = format!("{scaled:.decimals$}");
+    let text = if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.') } else { &text };
+    format!("{text}{suffix}")
 }
 
 type PlotResult = Result<(), Box<dyn std::error::Error>>;
@@ -69,7 +77,8 @@ fn bars(
 ) -> PlotResult {
     let n_cases = r.cases.len().max(1);
     let n_servers = r.servers.len().max(1);
-    let max = r.cases.iter().flat_map(|(_, s)| s.iter().filter_map(&value)).fold(0.0f64, f64::max).max(1e-9);
+    let max =
+        r.cases.iter().flat_map(|c| c.summaries.iter().filter_map(&value)).fold(0.0f64, f64::max).max(1e-9);
     let width = (220 * n_cases as u32).clamp(640, 2400);
     let root = SVGBackend::new(path, (width, 480)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -79,7 +88,7 @@ fn bars(
         .x_label_area_size(40)
         .y_label_area_size(90)
         .build_cartesian_2d(0f64..n_cases as f64, 0f64..max * 1.15)?;
-    let labels: Vec<String> = r.cases.iter().map(|(c, _)| short(c, &r.scenario)).collect();
+    let labels: Vec<String> = r.cases.iter().map(|c| short(&c.case, &r.scenario)).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
@@ -96,21 +105,21 @@ fn bars(
         .y_desc(what)
         .draw()?;
     let bar = 0.8 / n_servers as f64;
-    for (j, (name, _)) in r.servers.iter().enumerate() {
+    for (j, server) in r.servers.iter().enumerate() {
         let color = COLORS[j % COLORS.len()];
         let rects: Vec<Rectangle<(f64, f64)>> = r
             .cases
             .iter()
             .enumerate()
-            .filter_map(|(i, (_, sums))| {
-                let v = value(sums.get(j)?)?;
+            .filter_map(|(i, c)| {
+                let v = value(c.summaries.get(j)?)?;
                 let x0 = i as f64 + 0.1 + j as f64 * bar;
                 Some(Rectangle::new([(x0, 0.0), (x0 + bar * 0.9, v)], color.filled()))
             })
             .collect();
         chart
             .draw_series(rects)?
-            .label(name.clone())
+            .label(server.name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
@@ -120,9 +129,9 @@ fn bars(
 
 /// Latency percentiles of one case: one line per server, log scale.
 fn latency(r: &CompareReport, index: usize, path: &Path) -> PlotResult {
-    let (case, sums) = &r.cases[index];
-    let names = ["p50", "p90", "p99", "p99.9", "max"];
-    let max = sums.iter().flat_map(|s| s.latency_us).max().unwrap_or(1).max(10) as f64;
+    let CaseSummaries { case, summaries: sums } = &r.cases[index];
+    let names = LatencyMedians::NAMES;
+    let max = sums.iter().flat_map(|s| s.latency_us.values()).max().unwrap_or(1).max(10) as f64;
     let root = SVGBackend::new(path, (720, 480)).into_drawing_area();
     root.fill(&WHITE)?;
     let title =
@@ -142,6 +151,7 @@ fn latency(r: &CompareReport, index: usize, path: &Path) -> PlotResult {
                 .filter(|_| (x - x.round()).abs() < 0.01)
                 .map_or(String::new(), |s| s.to_string())
         })
+        .y_label_formatter(&|v| short_number(*v))
         .y_desc("latency µs")
         .draw()?;
     for (j, s) in sums.iter().enumerate() {
@@ -150,7 +160,7 @@ fn latency(r: &CompareReport, index: usize, path: &Path) -> PlotResult {
         }
         let color = COLORS[j % COLORS.len()];
         let points: Vec<(f64, f64)> =
-            s.latency_us.iter().enumerate().map(|(i, v)| (i as f64, (*v).max(1) as f64)).collect();
+            s.latency_us.values().iter().enumerate().map(|(i, v)| (i as f64, (*v).max(1) as f64)).collect();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
             .label(s.server.clone())
@@ -160,4 +170,29 @@ fn latency(r: &CompareReport, index: usize, path: &Path) -> PlotResult {
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_number;
+
+    #[test]
+    fn axis_numbers_are_short() {
+        let cases = [
+            (100_000.0, "100k"),
+            (1_200_000.0, "1.2M"),
+            (1_234_567.0, "1.23M"),
+            (1_500.0, "1.5k"),
+            (20_000.0, "20k"),
+            (999_999.0, "1M"),
+            (250.0, "250"),
+            (12.5, "12.5"),
+            (1.0, "1"),
+            (0.25, "0.25"),
+            (0.0, "0"),
+        ];
+        for (v, text) in cases {
+            assert_eq!(short_number(v), text, "{v}");
+        }
+    }
 }

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use crate::conn::Failure;
+
 /// Latency percentiles in microseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct Latency {
@@ -104,7 +106,7 @@ pub struct WireReport {
 
 impl WireReport {
     /// The figures of all threads.
-    pub fn of(parts: impl Iterator<Item = crate::zip::WireBytes>) -> WireReport {
+    pub fn of(parts: impl Iterator<Item = crate::deflate::WireBytes>) -> WireReport {
         let mut r = WireReport::default();
         for w in parts {
             r.sent_payload_bytes += w.sent_payload;
@@ -297,7 +299,7 @@ pub struct FanoutReport {
 /// Print a fan-out report for a person.
 pub fn print_fanout(r: &FanoutReport) {
     say!(
-        "fanout {} — {} subscribers ({} failed), publishing {} msg/s of {} B to {:?} via {}",
+        "fanout {} — {} subscribers ({} failed), publishing {} msg/s of {} B to topic {} via {}",
         r.url,
         r.subscribers,
         r.failed,
@@ -354,6 +356,26 @@ pub fn group(v: f64) -> String {
     out
 }
 
+/// Causes counted by label, in words: "connection refused ×3, timed out ×1". Each cause is
+/// told by its example when there is one (it carries the detail, e.g. which certificate
+/// check failed), else by what its label means.
+pub fn causes(counts: &BTreeMap<String, u64>, examples: &BTreeMap<String, String>) -> String {
+    counts
+        .iter()
+        .map(|(label, n)| {
+            let words = examples.get(label).cloned().unwrap_or_else(|| Failure::describe(label));
+            format!("{words} ×{n}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "none lost" or "3 lost (connection reset ×3)".
+fn lost_line(lost: &BTreeMap<String, u64>) -> String {
+    let n: u64 = lost.values().sum();
+    if n == 0 { "none lost".into() } else { format!("{n} lost ({})", causes(lost, &BTreeMap::new())) }
+}
+
 /// Print an echo report for a person.
 pub fn print_echo(r: &EchoReport) {
     say!(
@@ -408,7 +430,7 @@ pub fn print_echo(r: &EchoReport) {
         r.loadgen.utilisation * 100.0
     );
     if r.failed > 0 || !r.lost.is_empty() {
-        say!("  connections failed to open: {}; lost: {:?}", r.failed, r.lost);
+        say!("  connections: {} failed to open, {} during the run", r.failed, lost_line(&r.lost));
     }
     if r.mismatches > 0 {
         say!("  WRONG ECHOES: {} ({})", r.mismatches, r.first_mismatch.as_deref().unwrap_or(""));
@@ -429,18 +451,22 @@ pub fn print_connect(r: &ConnectReport) {
         group(r.connect_per_sec),
         r.failed
     );
-    for (cause, n) in &r.failures {
-        say!("  failed: {cause}: {n}  e.g. {}", r.failure_examples.get(cause).map_or("", String::as_str));
+    if r.failed > 0 {
+        say!("  failed: {}", causes(&r.failures, &r.failure_examples));
+    }
+    if r.connected == 0 {
+        // Nothing was held: no latency or hold figures to give.
+        return;
     }
     let l = &r.handshake_latency_us;
     say!("  handshake µs: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}", l.p50, l.p90, l.p99, l.p999, l.max);
     say!(
-        "  held {:.1} s: {} still open, pings {} / pongs {}, lost {:?}",
+        "  held {:.1} s: {} still open, pings {} / pongs {}, {}",
         r.hold_s,
         r.open_after_hold,
         r.pings,
         r.pongs,
-        r.lost
+        lost_line(&r.lost)
     );
     if let (Some(b), Some(a)) = (r.server_rss_before, r.server_rss_after) {
         say!(
@@ -480,6 +506,16 @@ mod tests {
         assert_eq!(group(12.0), "12");
         assert_eq!(human_bytes(512.0), "512 B");
         assert_eq!(human_bytes(1536.0), "1.5 KiB");
+    }
+
+    #[test]
+    fn causes_are_words_with_counts() {
+        let counts = BTreeMap::from([("http_404".to_string(), 2), ("refused".to_string(), 3)]);
+        let examples = BTreeMap::from([("refused".to_string(), "connection refused".to_string())]);
+        assert_eq!(causes(&counts, &examples), "HTTP 404 instead of 101 ×2, connection refused ×3");
+        assert_eq!(lost_line(&BTreeMap::new()), "none lost");
+        let lost = BTreeMap::from([("reset".to_string(), 4)]);
+        assert_eq!(lost_line(&lost), "4 lost (connection reset ×4)");
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub struct ThreadResult<D> {
     /// Connections open at the end.
     pub open: usize,
     /// Bytes before and after compression.
-    pub wire: crate::zip::WireBytes,
+    pub wire: crate::deflate::WireBytes,
 }
 
 enum Msg<D> {
@@ -252,7 +252,7 @@ fn thread_main<D: Driver + Send + 'static>(
     engine.close_all();
     let lost = std::mem::take(&mut engine.lost);
     let driver = engine.into_driver();
-    let wire = crate::zip::wire_bytes();
+    let wire = crate::deflate::wire_bytes();
     let _ = tx.send(Msg::Done(Box::new(ThreadResult { driver, lost, open, wire })));
 }
 

@@ -3,11 +3,15 @@
 //! A server is given as `NAME=COMMAND`. `{port}` in the command is replaced by a free port;
 //! the server's URL is taken from a `listening on ws://…` (or `tcp://…`) line it prints, or is
 //! `ws://127.0.0.1:{port}/` when it prints none. The command runs under `sh -c "exec …"` so
-//! that the PID we measure is the server's own.
+//! that the PID we measure is the server's own. Its stderr goes to an unlinked temporary
+//! file: nothing of it reaches our terminal, and when it exits at start its first line says why.
 
-use std::io::{BufRead, BufReader};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -40,19 +44,22 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Start `spec` and wait until it accepts connections.
+    /// Start `spec` and wait until it accepts connections. The error says why it did not,
+    /// without the server's name (the caller has it).
     pub fn start(spec: &ServerSpec, path: &str) -> Result<RunningServer, String> {
         let port = free_port()?;
         let command = spec.command.replace("{port}", &port.to_string());
-        let mut child = Command::new("sh")
+        let (stderr, mut stderr_log) = unlinked_log()?;
+        let child = Command::new("sh")
             .arg("-c")
             .arg(format!("exec {command}"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("{}: cannot start `{command}`: {e}", spec.name))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
+            .map_err(|e| format!("cannot start `{}`: {e}", spec.command))?;
+        let mut server = RunningServer { child, url: String::new() };
+        let stdout = server.child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -66,10 +73,18 @@ impl RunningServer {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(15);
-        let mut server = RunningServer { child, url: String::new() };
         while Instant::now() < deadline {
             if let Ok(Some(status)) = server.child.try_wait() {
-                return Err(format!("{}: `{command}` exited at start ({status})", spec.name));
+                let first_line = {
+                    let mut text = String::new();
+                    let _ = stderr_log.read_to_string(&mut text);
+                    text.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_string)
+                };
+                return Err(format!(
+                    "`{}` exited at start: {}",
+                    spec.command,
+                    exit_reason(status, first_line)
+                ));
             }
             if let Ok(url) = rx.try_recv() {
                 server.url = if url.starts_with("ws://") { format!("{url}{path}") } else { url };
@@ -85,7 +100,7 @@ impl RunningServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err(format!("{}: `{command}` did not accept connections within 15 s", spec.name))
+        Err(format!("`{}` did not accept connections within 15 s", spec.command))
     }
 
     /// The server's process id.
@@ -96,7 +111,16 @@ impl RunningServer {
 
 impl Drop for RunningServer {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        // Signal only a child not yet reaped: its PID cannot name another process then. A
+        // server that exited since is silently gone (no `kill` complaint on our stderr).
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -107,6 +131,38 @@ impl Drop for RunningServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Why a server exited at start, in words: the shell's statuses for a command that is missing
+/// or cannot run, else the first line the server wrote to stderr, with its exit status.
+fn exit_reason(status: ExitStatus, first_stderr_line: Option<String>) -> String {
+    let how = match (status.code(), status.signal()) {
+        (Some(127), _) => return "command not found (exit status 127)".into(),
+        (Some(126), _) => return "command cannot be run: not executable (exit status 126)".into(),
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "unknown status".into(),
+    };
+    match first_stderr_line {
+        Some(line) => format!("{line} ({how})"),
+        None => how,
+    }
+}
+
+/// A temporary file for a server's stderr, already unlinked (it goes when both ends close):
+/// the end to give the server, and ours to read from.
+fn unlinked_log() -> Result<(File, File), String> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "gale-loadgen-{}-{}.stderr",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let cannot = |e: std::io::Error| format!("cannot create {}: {e}", path.display());
+    let write = File::options().write(true).create_new(true).open(&path).map_err(cannot)?;
+    let read = File::open(&path).map_err(cannot);
+    let _ = std::fs::remove_file(&path);
+    Ok((write, read?))
 }
 
 /// A port that was free a moment ago.
@@ -125,5 +181,26 @@ mod tests {
         assert_eq!((s.name.as_str(), s.command.as_str()), ("gale", "gale echo --port {port}"));
         assert!(ServerSpec::parse("nocommand").is_err());
         assert!(ServerSpec::parse("=x").is_err());
+    }
+
+    fn spec(command: &str) -> ServerSpec {
+        ServerSpec { name: "x".into(), command: command.into() }
+    }
+
+    #[test]
+    fn a_missing_command_is_named() {
+        let e = RunningServer::start(&spec("/nonexistent/bin --port {port}"), "/").err().unwrap();
+        assert_eq!(
+            e,
+            "`/nonexistent/bin --port {port}` exited at start: command not found (exit status 127)"
+        );
+    }
+
+    #[test]
+    fn a_server_that_exits_at_start_is_told_by_its_first_stderr_line() {
+        let e = RunningServer::start(&spec("sh -c 'echo \"bad flag --x\" >&2; echo more >&2; exit 3'"), "/")
+            .err()
+            .unwrap();
+        assert!(e.ends_with("exited at start: bad flag --x (exit status 3)"), "{e}");
     }
 }

@@ -14,6 +14,29 @@ use rustls::crypto::{CryptoProvider, ring::default_provider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
+/// A TLS error in words. rustls names several certificate errors only by their enum variant
+/// (`UnknownIssuer`); those get a sentence, the first one saying what to do about it.
+pub fn describe(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let certificate = match e {
+        rustls::Error::InvalidCertificate(c) => c,
+        e => return format!("TLS: {e}"),
+    };
+    let words = match certificate {
+        C::UnknownIssuer => {
+            "is not signed by a trusted issuer (trust it with --ca-file, or accept any with --insecure)"
+        }
+        C::BadSignature => "has a bad signature",
+        C::BadEncoding => "is malformed",
+        C::Expired => "has expired",
+        C::NotValidYet => "is not valid yet",
+        C::NotValidForName => "is not valid for the URL's host name",
+        C::Revoked => "has been revoked",
+        other => return format!("TLS: invalid server certificate: {other}"),
+    };
+    format!("TLS: the server's certificate {words}")
+}
+
 /// The client configuration for `wss://` URLs.
 pub fn client_config(
     insecure: bool,
@@ -91,5 +114,21 @@ impl ServerCertVerifier for AcceptAnything {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_errors_read_as_words() {
+        let unknown = describe(&rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        assert!(
+            unknown.contains("not signed by a trusted issuer") && unknown.contains("--ca-file"),
+            "{unknown}"
+        );
+        let expired = describe(&rustls::Error::InvalidCertificate(rustls::CertificateError::Expired));
+        assert_eq!(expired, "TLS: the server's certificate has expired");
     }
 }

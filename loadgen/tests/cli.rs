@@ -51,3 +51,42 @@ fn unreachable_server_is_reported_with_its_cause() {
     let e = stderr(&o);
     assert!(e.contains("cannot reach ws://127.0.0.1:1/") && e.contains("refused"), "{e}");
 }
+
+#[test]
+fn connect_to_a_dead_port_reports_causes_in_words() {
+    let o = loadgen(&["connect", "--url", "ws://127.0.0.1:1/", "-c", "2", "--hold", "0.2", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("failed: connection refused ×2"), "{out}");
+    // No Rust debug formatting: enum names, empty maps, quoted strings.
+    for leak in ["Refused", "{}", "{", "\""] {
+        assert!(!out.contains(leak), "summary shows {leak:?}: {out}");
+    }
+    assert_eq!(
+        stderr(&o),
+        "gale-loadgen: cannot reach ws://127.0.0.1:1/: 0 of 2 connections opened: connection refused ×2\n"
+    );
+}
+
+#[test]
+fn a_server_that_cannot_start_fails_the_comparison_in_one_line() {
+    let o =
+        loadgen(&["compare", "--server", "x=/nonexistent/bin --port {port}", "-d", "0.5", "--rounds", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    // Progress lines, then the verdict; nothing from the shell or from `kill`.
+    let lines: Vec<&str> = e.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "[1/2] x — echo 100 conn, 20 B, pipeline 1 (round 1)",
+            "[2/2] x — echo 100 conn, 20 B, pipeline 1 (round 2)",
+            "gale-loadgen: x: 2 of 2 runs failed: `/nonexistent/bin --port {port}` exited at start: command not \
+             found (exit status 127)",
+        ],
+        "{e}"
+    );
+    // The table shows no figures for it, not zeros.
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("| x | - | - | - |"), "{out}");
+}

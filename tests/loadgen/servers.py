@@ -3,12 +3,18 @@
     python3 tests/loadgen/servers.py broadcast
         Subscribers connect to /sub; every message received on /pub is sent to all /sub
         connections (what `gale-loadgen fanout --protocol plain` expects).
+    python3 tests/loadgen/servers.py lossy-broadcast
+        Like broadcast, but drops every 10th message published.
+    python3 tests/loadgen/servers.py doubling-broadcast
+        Like broadcast, but sends every 10th message published twice.
     python3 tests/loadgen/servers.py corrupt-echo
         Echoes every message on any path except /forbidden, but flips a bit of the first
         character (text) or byte (binary) of every 10th message on each connection, so that
         a load generator that does not check its echoes would not notice.
+    python3 tests/loadgen/servers.py silent
+        Completes the handshake on any path, reads every message and never sends one.
 
-Both listen on a free port of 127.0.0.1, print `NAME listening on ws://127.0.0.1:PORT` once
+All listen on a free port of 127.0.0.1, print `NAME listening on ws://127.0.0.1:PORT` once
 ready, answer paths they do not serve with HTTP 404, and exit on SIGTERM or SIGINT.
 """
 
@@ -20,6 +26,8 @@ import sys
 from websockets.asyncio.server import broadcast, serve
 
 CORRUPT_EVERY = 10
+# lossy-broadcast drops, doubling-broadcast repeats, every Nth message published.
+BROADCAST_FAULT_EVERY = 10
 
 
 def corrupted(message):
@@ -47,9 +55,18 @@ def not_found_unless(serves):
     return check
 
 
+async def silent(ws):
+    async for _ in ws:
+        pass
+
+
 class Broadcast:
-    def __init__(self):
+    """`copies(n)` says how many times the nth message published (from 1) is sent out."""
+
+    def __init__(self, copies=lambda n: 1):
         self.subscribers = set()
+        self.copies = copies
+        self.published = 0
 
     async def handler(self, ws):
         if ws.request.path == "/sub":
@@ -60,16 +77,26 @@ class Broadcast:
                 self.subscribers.discard(ws)
         else:
             async for message in ws:
-                broadcast(self.subscribers, message)
+                self.published += 1
+                for _ in range(self.copies(self.published)):
+                    broadcast(self.subscribers, message)
 
 
 def server_for(kind):
     """(handler, process_request) of the server `kind`."""
+    pubsub_paths = not_found_unless(lambda path: path in ("/sub", "/pub"))
+    faulty = lambda n: n % BROADCAST_FAULT_EVERY == 0  # noqa: E731
     if kind == "broadcast":
-        return Broadcast().handler, not_found_unless(lambda path: path in ("/sub", "/pub"))
+        return Broadcast().handler, pubsub_paths
+    if kind == "lossy-broadcast":
+        return Broadcast(lambda n: 0 if faulty(n) else 1).handler, pubsub_paths
+    if kind == "doubling-broadcast":
+        return Broadcast(lambda n: 2 if faulty(n) else 1).handler, pubsub_paths
+    if kind == "silent":
+        return silent, not_found_unless(lambda path: True)
     if kind == "corrupt-echo":
         return corrupt_echo, not_found_unless(lambda path: path != "/forbidden")
-    raise SystemExit(f"usage: {sys.argv[0]} broadcast|corrupt-echo")
+    raise SystemExit(f"usage: {sys.argv[0]} broadcast|lossy-broadcast|doubling-broadcast|corrupt-echo|silent")
 
 
 async def main(kind):

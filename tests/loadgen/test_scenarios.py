@@ -112,7 +112,8 @@ def read_line(stream, timeout: float) -> str:
 
 
 class PythonServer:
-    """A server of servers.py (`kind`: broadcast or corrupt-echo); `url` is its ws:// base."""
+    """A server of servers.py (`kind`: broadcast, corrupt-echo, silent, ...); `url` is its
+    ws:// base."""
 
     def __init__(self, kind: str):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -169,15 +170,22 @@ class ScenarioTest(unittest.TestCase):
     """Running scenarios and checking what every report must satisfy."""
 
     def scenario(self, *args, status=0) -> dict:
-        """Run a scenario with `--json -`, check its exit status, return its report."""
+        """Run a scenario with `--json -`, check its exit status and that its readable summary
+        (on stderr, as stdout carries the JSON) has no Rust debug formatting; return its report."""
         result = loadgen(*args, "--json", "-")
         self.assertEqual(result.returncode, status, f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        self.assert_readable(result.stderr)
         return report_of(result)
+
+    def assert_readable(self, text: str) -> None:
+        """No enum names, empty maps or Option wrappers: what people read is words."""
+        self.assertNotRegex(text, r"\{\}|\{\"|\bSome\(|\bNone\b|\b(Refused|Timeout|Reset|Status)\b", text)
 
     def failing(self, *args, status=1) -> subprocess.CompletedProcess:
         """Run gale-loadgen expecting it to fail with `status`; return the result."""
         result = loadgen(*args)
         self.assertEqual(result.returncode, status, f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        self.assert_readable(result.stdout + result.stderr)
         return result
 
     def assert_latency(self, latency: dict, count: int) -> None:
@@ -281,7 +289,22 @@ class EchoFailures(ScenarioTest):
 
     def test_wrong_echoes_are_named_on_stderr(self):
         result = self.failing("echo", "--url", self.corrupt.url, "-c", 2, "-d", 0.5, "--warmup", 0)
-        self.assertRegex(result.stderr, r"\d+ echoes did not match what was sent")
+        self.assertRegex(
+            result.stderr,
+            r"^gale-loadgen: \d+ echoes did not match what was sent "
+            r"\(first: echo of message 9: payload differs \(20 bytes back\)\)\n$",
+        )
+
+    def test_a_server_that_never_echoes_fails_the_run(self):
+        server = PythonServer("silent")
+        self.addCleanup(server.stop)
+        report = self.scenario("echo", "--url", server.url, "-c", 3, "-d", 0.5, "--warmup", 0, status=1)
+        self.assertEqual((report["connections"], report["messages"], report["mismatches"]), (3, 0, 0))
+        result = self.failing("echo", "--url", server.url, "-c", 3, "-d", 0.5, "--warmup", 0)
+        self.assertEqual(
+            result.stderr,
+            f"gale-loadgen: no message was echoed by {server.url} in the 0.5 s measured (3 connections open)\n",
+        )
 
     def test_unreachable_server(self):
         url, holder = refused_url()
@@ -370,7 +393,7 @@ class RejectedUpgrades(ScenarioTest):
 
     def test_rejection_is_named_on_stderr(self):
         result = self.failing("connect", "--url", f"{self.server.url}/nowhere", "-c", 20, "--hold", 0.5)
-        self.assertIn("http_404 ×20", result.stderr)
+        self.assertIn("HTTP 404 instead of 101 ×20", result.stderr)
 
     def test_rejections_are_counted_by_status(self):
         report = self.scenario(
@@ -412,6 +435,30 @@ class Fanout(ScenarioTest):
         self.fanout("--warmup", 0)
 
 
+class FanoutFailures(ScenarioTest):
+    """A server that loses or repeats deliveries fails the run, with one line saying how."""
+
+    def run_against(self, kind: str) -> tuple[dict, str]:
+        server = PythonServer(kind)
+        self.addCleanup(server.stop)
+        args = ["fanout", "--url", f"{server.url}/sub", "--publish-url", f"{server.url}/pub", "-c", 5,
+                "--rate", 100, "-d", 1, "--warmup", 0]
+        report = self.scenario(*args, status=1)
+        result = self.failing(*args)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        return report, result.stderr
+
+    def test_lost_deliveries(self):
+        report, line = self.run_against("lossy-broadcast")
+        self.assertGreater(report["lost"], 0)
+        self.assertRegex(line, r"^gale-loadgen: \d+ of \d+ deliveries lost\n$")
+
+    def test_duplicated_deliveries(self):
+        report, line = self.run_against("doubling-broadcast")
+        self.assertGreater(report["duplicated"], 0)
+        self.assertRegex(line, r"^gale-loadgen: \d+ duplicated\n$")
+
+
 class FanoutAgainstGateway(ScenarioTest):
     """`--protocol gale` against `gale serve`: JSON subscribe commands, enveloped deliveries,
     HTTP publishing with the API key."""
@@ -444,15 +491,21 @@ class FanoutAgainstGateway(ScenarioTest):
         self.assertEqual((report["lost"], report["duplicated"], report["out_of_order"]), (0, 0, 0))
         self.assertIsNotNone(report["server"])
 
-    def test_a_wrong_api_key_is_counted_as_publish_errors(self):
-        result = loadgen(
+    def test_a_wrong_api_key_fails_the_run_with_publish_errors(self):
+        args = [
             "fanout", "--protocol", "gale", "--url", f"ws://{self.addr}/ws", "--publish-url",
             f"http://{self.addr}", "--api-key", "wrong", "--topic", "chat:lg2", "-c", 5, "--rate", 50,
-            "-d", 0.5, "--warmup", 0, "--json", "-",
-        )
-        report = report_of(result)
+            "-d", 0.5, "--warmup", 0,
+        ]
+        report = self.scenario(*args, status=1)
         self.assertGreater(report["publish_errors"], 0)
         self.assertEqual(report["delivered"], 0)
+        result = self.failing(*args)
+        self.assertRegex(
+            result.stderr,
+            rf"^gale-loadgen: nothing was delivered to the 5 subscribers of ws://{self.addr}/ws: "
+            r"0 published, \d+ publishes failed\n$",
+        )
 
 
 class OverTls(ScenarioTest):
@@ -504,8 +557,7 @@ class OverTls(ScenarioTest):
 
     def test_an_untrusted_certificate_fails_the_handshake(self):
         result = self.failing("echo", "--url", self.server.url, "-c", 3, "-d", 0.5)
-        self.assertIn("bad_handshake", result.stderr)
-        self.assertIn("certificate", result.stderr)
+        self.assertIn("bad handshake: TLS: the server's certificate is not signed by a trusted issuer", result.stderr)
 
 
 class CompareFanout(ScenarioTest):
@@ -523,7 +575,8 @@ class CompareFanout(ScenarioTest):
             )
             self.assertEqual(result.returncode, 0, result.stderr)
             report = json.loads(json_path.read_text())
-        (case, summaries), = report["cases"]
+        case, = report["cases"]
+        summaries = case["summaries"]
         self.assertEqual((case["connections"], case["rate"]), (20, 50))
         self.assertEqual([s["server"] for s in summaries], ["gale", "serve"])
         for s in summaries:
@@ -561,13 +614,25 @@ class Compare(ScenarioTest):
 
     def test_one_summary_per_server_and_case(self):
         cases = self.report["cases"]
-        self.assertEqual([(c["size"], c["connections"]) for c, _ in cases], [(20, 20), (100, 20)])
-        for _, summaries in cases:
+        self.assertEqual(
+            [(c["connections"], c["size"], c["pipeline"], c["rate"]) for c in cases], [(20, 20, 1, 0), (20, 100, 1, 0)]
+        )
+        self.assertEqual(
+            self.report["servers"],
+            [{"name": name, "command": f"{gale_bin()} echo --port {{port}} --threads {threads}"}
+             for threads, name in enumerate(self.SERVERS, start=1)],
+        )
+        for case in cases:
+            summaries = case["summaries"]
             self.assertEqual([s["server"] for s in summaries], list(self.SERVERS))
             self.assertEqual(summaries[0]["rate_ratio"], 1.0)
             for s in summaries:
                 self.assertEqual((s["rounds"], s["errors"]), (2, []))
                 self.assertGreater(s["rate"], 0)
+                latency = s["latency_us"]
+                self.assertEqual(list(latency), ["p50", "p90", "p99", "p999", "max"])
+                self.assertEqual(list(latency.values()), sorted(latency.values()), latency)
+                self.assertGreater(latency["p50"], 0)
 
     def test_every_run_is_recorded_without_error(self):
         runs = self.report["runs"]
@@ -595,6 +660,30 @@ class Compare(ScenarioTest):
             text = (self.plot_dir / name).read_text()
             self.assertTrue(text.startswith(("<svg", "<?xml")), f"{name}: {text[:80]!r}")
             self.assertTrue(text.rstrip().endswith("</svg>"), name)
+
+    def test_plot_axes_have_short_numbers(self):
+        # Axis labels read 20k or 1.2M, never 100000.0.
+        for name in ["throughput.svg", "latency-1.svg"]:
+            svg = (self.plot_dir / name).read_text()
+            labels = [label.strip() for label in re.findall(r"<text[^>]*>([^<]*)</text>", svg)]
+            numbers = [label for label in labels if re.fullmatch(r"[\d.,]+[kM]?", label)]
+            self.assertGreater(len(numbers), 2, f"{name}: {labels}")
+            for label in numbers:
+                self.assertRegex(label, r"^(\d{1,3}(\.\d{1,2})?[kM]?)$", f"{name}: {labels}")
+
+
+class CompareFailures(ScenarioTest):
+    def test_a_server_that_never_echoes_fails_the_comparison(self):
+        command = f"{sys.executable} {HERE / 'servers.py'} silent"
+        result = self.failing(
+            "compare", "--server", f"silent={command}", "-c", 2, "--rounds", 1, "-d", 0.5, "--warmup", 0
+        )
+        self.assertRegex(
+            result.stderr.splitlines()[-1],
+            r"^gale-loadgen: silent: 1 of 1 runs failed: no message was echoed by ws://127\.0\.0\.1:\d+/ "
+            r"in the 0\.5 s measured \(2 connections open\)$",
+        )
+        self.assertIn("| silent | - |", result.stdout)
 
 
 class Interrupt(ScenarioTest):

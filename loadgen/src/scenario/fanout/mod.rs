@@ -1,17 +1,20 @@
 //! `gale-loadgen fanout`: M subscribers, publishers at a fixed rate over WebSocket or HTTP,
 //! delivery rate, end-to-end latency, and lost / duplicated / out-of-order deliveries.
 
+mod driver;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
+
+pub use self::driver::MIN_SIZE;
+use self::driver::{FanoutStats, Gale, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at};
+use clap::ValueEnum;
 
 use crate::cli::{FanoutArgs, ProtocolArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::report::{FanoutReport, Latency, LoadgenCost, ServerCost, WireReport, print_fanout};
 use crate::run::{Run, Samples};
-use crate::scenario::fanout::{
-    FanoutStats, Gale, MIN_SIZE, Plain, Protocol, Publisher, Subscribers, make_payload, ns_at,
-};
 
 /// The protocol adapter for `--protocol`.
 fn protocol(p: ProtocolArg) -> &'static dyn Protocol {
@@ -19,6 +22,32 @@ fn protocol(p: ProtocolArg) -> &'static dyn Protocol {
         ProtocolArg::Plain => &Plain,
         ProtocolArg::Gale => &Gale,
     }
+}
+
+/// What failed in a fan-out run, in one line, if anything: nothing delivered, deliveries lost,
+/// duplicated or out of order, publishes refused. A run cut short by Ctrl-C is not judged (its
+/// last publishes had no time to arrive).
+pub fn failure(r: &FanoutReport) -> Option<String> {
+    if r.interrupted {
+        return None;
+    }
+    if r.delivered == 0 {
+        return Some(format!(
+            "nothing was delivered to the {} subscribers of {}: {} published, {} publishes failed",
+            r.subscribers, r.url, r.published, r.publish_errors
+        ));
+    }
+    let problems: Vec<String> = [
+        (r.lost, format!("{} of {} deliveries lost", r.lost, r.expected)),
+        (r.duplicated, format!("{} duplicated", r.duplicated)),
+        (r.out_of_order, format!("{} out of order", r.out_of_order)),
+        (r.publish_errors, format!("{} publishes failed", r.publish_errors)),
+    ]
+    .into_iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(_, what)| what)
+    .collect();
+    (!problems.is_empty()).then(|| problems.join(", "))
 }
 
 /// Run the fan-out scenario.
@@ -41,7 +70,12 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
     let connect = subs.wait_connected()?;
     if connect.connected == 0 {
         let _ = subs.finish();
-        return Err(unreachable(&c.url_label(), &connect));
+        return Err(unreachable(
+            &c.url_label(),
+            connect.attempted,
+            &connect.failures,
+            &connect.failure_examples,
+        ));
     }
     let publish_url = args.publish_url.clone().unwrap_or_else(|| c.url[0].clone());
     let from = Instant::now() + Duration::from_secs_f64(args.warmup.max(0.0));
@@ -79,7 +113,12 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
             subs.stop();
             let _ = subs.finish();
             let _ = pubs.finish();
-            return Err(unreachable(&publish_url, &pconnect));
+            return Err(unreachable(
+                &publish_url,
+                pconnect.attempted,
+                &pconnect.failures,
+                &pconnect.failure_examples,
+            ));
         }
         subs.go(from, until + drain);
         // Publishers start at once (the warm-up) but count only what is due inside the window.
@@ -118,7 +157,7 @@ pub fn run(args: &FanoutArgs, print: bool) -> Result<FanoutReport, String> {
         scenario: "fanout".into(),
         url: c.url_label(),
         publish_url,
-        protocol: format!("{:?}", args.protocol).to_lowercase(),
+        protocol: args.protocol.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string()),
         topic: args.topic.clone(),
         subscribers: connect.connected,
         failed: connect.failed(),
@@ -373,4 +412,33 @@ fn read_response(reader: &mut impl BufRead) -> std::io::Result<u16> {
     let mut skip = vec![0u8; length];
     reader.read_exact(&mut skip)?;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_fails_on_any_delivery_problem() {
+        let good = FanoutReport {
+            url: "ws://s/sub".into(),
+            subscribers: 5,
+            published: 100,
+            expected: 500,
+            delivered: 500,
+            ..FanoutReport::default()
+        };
+        assert_eq!(failure(&good), None);
+        let lossy = FanoutReport { delivered: 490, lost: 10, duplicated: 2, ..good.clone() };
+        assert_eq!(failure(&lossy).as_deref(), Some("10 of 500 deliveries lost, 2 duplicated"));
+        let refused =
+            FanoutReport { published: 0, expected: 0, delivered: 0, publish_errors: 25, ..good.clone() };
+        assert_eq!(
+            failure(&refused).as_deref(),
+            Some(
+                "nothing was delivered to the 5 subscribers of ws://s/sub: 0 published, 25 publishes failed"
+            )
+        );
+        assert_eq!(failure(&FanoutReport { interrupted: true, ..lossy }), None);
+    }
 }

@@ -2,16 +2,18 @@
 //! worker processes (each has its own open-files limit); the parent samples the server while
 //! all of them hold their connections and adds their reports up.
 
+mod driver;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use self::driver::Hold;
 use crate::cli::ConnectArgs;
-use crate::common::{run_config, write_json};
+use crate::common::{run_config, unreachable, write_json};
 use crate::engine::{ConnectStats, latency_histogram};
 use crate::report::{Buckets, ConnectReport, Latency, print_connect};
 use crate::run::{Run, sample_all};
-use crate::scenario::connect::Hold;
 
 /// Run `connect` and print/write its report.
 pub fn run(args: &ConnectArgs, print: bool) -> Result<ConnectReport, String> {
@@ -39,12 +41,11 @@ pub fn run(args: &ConnectArgs, print: bool) -> Result<ConnectReport, String> {
     }
     write_json(&args.common.json, &report)?;
     if report.connected == 0 {
-        let causes: Vec<String> = report.failures.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
-        return Err(format!(
-            "cannot reach {}: 0 of {} connections opened: {}",
-            args.common.url_label(),
+        return Err(unreachable(
+            &args.common.url_label(),
             report.requested,
-            causes.join(", ")
+            &report.failures,
+            &report.failure_examples,
         ));
     }
     Ok(report)

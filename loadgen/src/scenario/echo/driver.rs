@@ -219,7 +219,7 @@ impl Driver for Echo {
 
     fn on_lost(&mut self, st: &mut EchoConn, why: &Failure, _cx: &mut Cx) {
         if !st.inflight.is_empty() {
-            self.mismatch(format!("connection lost with {} messages in flight: {why:?}", st.inflight.len()));
+            self.mismatch(format!("connection lost with {} messages in flight: {why}", st.inflight.len()));
         }
     }
 }

@@ -1,16 +1,34 @@
 //! `gale-loadgen echo`.
 
+mod driver;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use self::driver::{Echo, EchoStats, Pacing};
 use crate::cli::{EchoArgs, MaskArg, PayloadArg};
 use crate::common::{run_config, unreachable, write_json};
 use crate::payload::{Kind, Payloads};
 use crate::report::{EchoReport, Latency, LoadgenCost, ServerCost, WireReport, print_echo};
-use crate::rng::Rng;
 use crate::run::{Run, Samples};
-use crate::scenario::echo::{Echo, EchoStats, Pacing};
 use crate::target::Scheme;
+use fastrand::Rng;
+
+/// What failed in an echo run, in one line, if anything: echoes that did not match what was
+/// sent, or no echo at all in the measurement (unless Ctrl-C cut it short).
+pub fn failure(r: &EchoReport) -> Option<String> {
+    if r.mismatches > 0 {
+        let first = r.first_mismatch.as_deref().unwrap_or("?");
+        return Some(format!("{} echoes did not match what was sent (first: {first})", r.mismatches));
+    }
+    if r.messages == 0 && !r.interrupted {
+        return Some(format!(
+            "no message was echoed by {} in the {:.1} s measured ({} connections open)",
+            r.url, r.duration_s, r.connections
+        ));
+    }
+    None
+}
 
 /// Run the echo scenario and print/write its report. Returns the report.
 pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
@@ -44,13 +62,18 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
         return Err("--payload chat needs a WebSocket server (its messages vary in size)".into());
     }
     let kind = if args.binary || raw { Kind::Binary } else { Kind::Text };
-    let payloads = Payloads::new(kind, args.size, &mut Rng::seeded(7));
+    let payloads = Payloads::new(kind, args.size, &mut Rng::new());
     let mut run =
         Run::start(&cfg, |_| Echo::new(payloads.clone(), chat, pacing, raw)).map_err(|e| e.to_string())?;
     let connect = run.wait_connected()?;
     if connect.connected == 0 {
         let _ = run.finish();
-        return Err(unreachable(&c.url_label(), &connect));
+        return Err(unreachable(
+            &c.url_label(),
+            connect.attempted,
+            &connect.failures,
+            &connect.failure_examples,
+        ));
     }
     let from = Instant::now() + Duration::from_secs_f64(args.warmup);
     let until = from + Duration::from_secs_f64(c.duration);
@@ -117,4 +140,29 @@ pub fn run(args: &EchoArgs, print: bool) -> Result<EchoReport, String> {
     }
     write_json(&c.json, &report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_fails_on_wrong_echoes_or_on_none_at_all() {
+        let good =
+            EchoReport { url: "ws://s/".into(), messages: 10, duration_s: 1.0, ..EchoReport::default() };
+        assert_eq!(failure(&good), None);
+        let wrong =
+            EchoReport { mismatches: 2, first_mismatch: Some("echo of message 9".into()), ..good.clone() };
+        assert_eq!(
+            failure(&wrong).as_deref(),
+            Some("2 echoes did not match what was sent (first: echo of message 9)")
+        );
+        let silent = EchoReport { messages: 0, connections: 3, ..good.clone() };
+        assert_eq!(
+            failure(&silent).as_deref(),
+            Some("no message was echoed by ws://s/ in the 1.0 s measured (3 connections open)")
+        );
+        // Ctrl-C before the first echo: a partial report, not a failure.
+        assert_eq!(failure(&EchoReport { interrupted: true, ..silent }), None);
+    }
 }
