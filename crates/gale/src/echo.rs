@@ -87,8 +87,8 @@ pub struct EchoArgs {
     /// Bytes held for a connection the kernel will not take yet (echoes, pongs, TLS records).
     /// An echo that would pass it is dropped; past it, the connection is not read until it
     /// catches up.
-    #[arg(long, default_value_t = 1 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1024..))]
-    max_backpressure: u64,
+    #[arg(long, default_value = "1MiB", value_name = "BYTES", value_parser = parse_backpressure)]
+    max_backpressure: usize,
     /// Drop a connection that stays past --max-backpressure (reading nothing) this long.
     #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
     backpressure_timeout: u64,
@@ -180,7 +180,7 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
         compress_min_size: args.compress_min_size,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         message_timeout: (args.message_timeout > 0).then(|| Duration::from_secs(args.message_timeout)),
-        max_backpressure: usize::try_from(args.max_backpressure).unwrap_or(usize::MAX),
+        max_backpressure: args.max_backpressure,
         backpressure_timeout: Duration::from_secs(args.backpressure_timeout),
         ..Behavior::default()
     };
@@ -208,4 +208,14 @@ pub fn run(args: EchoArgs) -> std::io::Result<()> {
     writeln!(stdout, "gale echo listening on {scheme}://{addr} ({threads}, {backend} backend)")?;
     stdout.flush()?;
     running.join()
+}
+
+/// `--max-backpressure`: a size with or without a unit, at least 1 KiB (below it a single
+/// pong or frame header would already count as a slow reader).
+fn parse_backpressure(text: &str) -> Result<usize, String> {
+    let bytes = units::parse_bytes(text)?;
+    if bytes < 1024 {
+        return Err(format!("at least 1024 bytes (1KiB), got {text:?}"));
+    }
+    Ok(bytes)
 }

@@ -32,7 +32,7 @@ fn small_receive_buffer(client: &Client) {
 
 #[test]
 fn a_client_that_floods_pings_and_never_reads_is_dropped_after_the_timeout() {
-    let gale = Gale::echo(&["--max-backpressure", "65536", "--backpressure-timeout", "1"]);
+    let gale = Gale::echo(&["--max-backpressure", "64KiB", "--backpressure-timeout", "1"]);
     let mut client = Client::connect(gale.addr);
     small_receive_buffer(&client);
     // 40,000 pings of 125 bytes (5 MB): their pongs are far more than 64 KiB and what the
