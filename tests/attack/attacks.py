@@ -385,7 +385,7 @@ async def large_no_read(server: Server) -> Outcome:
 # Deflate bombs
 
 
-BOMB_LIMITS = Limits(max_payload=1 * MIB)
+BOMB_LIMITS = Limits(max_payload=1 * MIB, partial_message_budget=1 * MIB)
 _bomb: bytes | None = None
 
 

@@ -69,9 +69,10 @@ pub struct Behavior {
     pub max_backpressure: usize,
     /// What a send over [`max_backpressure`](Self::max_backpressure) does.
     pub backpressure_policy: BackpressurePolicy,
-    /// A connection whose held bytes stay past [`max_backpressure`](Self::max_backpressure)
-    /// (so it is not read) for this long is dropped without a close frame (it reads nothing,
-    /// so it could not receive one); the handler's `close` gets 1006.
+    /// A connection that is not read for this long — its held bytes past
+    /// [`max_backpressure`](Self::max_backpressure), or not yet empty after a message to it
+    /// was refused — is dropped without a close frame (it reads nothing, so it could not
+    /// receive one); the handler's `close` gets 1006.
     pub backpressure_timeout: Duration,
     /// After sending a close frame, how long to wait for the client's before dropping TCP.
     pub close_timeout: Duration,

@@ -158,13 +158,17 @@ impl Conn {
         if self.paused_since == 0 || self.output_over_limit() {
             return false;
         }
+        let paused = now.saturating_sub(self.paused_since);
         self.paused_since = 0;
         // The peer read what we held: it is alive. The input that waited meanwhile (a pong
         // among it) was not ours to see, so neither the idle nor the pong timeout runs from
-        // before the pause.
+        // before the pause; nor does the time we did not read count against a message.
         self.last_seen = now;
         if let Phase::Ws(ws) = &mut self.phase {
             ws.app.ping_at = 0;
+            if ws.app.message_since != 0 {
+                ws.app.message_since += paused;
+            }
         }
         true
     }
@@ -579,11 +583,19 @@ impl Conn {
                 }
             };
             let total = head_len + body_len as usize;
+            let upgrade = is_upgrade_request(&req);
+            let ws_route = cx.routes.find_ws(path);
+            let http_route = cx.routes.find_http(req.method, path);
             if bytes.len() - pos < total {
                 if expects_continue
                     && let Phase::Http(http) = &mut self.phase
                     && !http.continued
                 {
+                    if !(matches!(http_route, HttpMatch::Found(_)) || upgrade && ws_route.is_some()) {
+                        // No route would take it: answer now, so the client never sends it.
+                        self.refuse_unrouted(cx, path, ws_route.is_some(), &http_route);
+                        break;
+                    }
                     // The client waits for this before it sends the body.
                     http.continued = true;
                     self.link
@@ -594,10 +606,7 @@ impl Conn {
             if let Phase::Http(http) = &mut self.phase {
                 http.continued = false;
             }
-            let upgrade = is_upgrade_request(&req);
-            let ws_route = cx.routes.find_ws(path);
-            let http_route = cx.routes.find_http(req.method, path);
-            match (upgrade, ws_route, http_route) {
+            match (upgrade, ws_route, &http_route) {
                 (true, Some(route), _) => {
                     if self.upgrade(route, &req, cx) {
                         let rest = pos + total;
@@ -606,7 +615,7 @@ impl Conn {
                     }
                     break;
                 }
-                (_, _, HttpMatch::Found(i)) => {
+                (_, _, &HttpMatch::Found(i)) => {
                     let body = &bytes[pos + head_len..pos + total];
                     let deferred = std::cell::Cell::new(false);
                     let hreq = HttpRequest {
@@ -626,19 +635,8 @@ impl Conn {
                         self.http_respond(cx, &req, &response);
                     }
                 }
-                (_, _, HttpMatch::WrongMethod(allowed)) => {
-                    let allow = [("Allow", allowed.as_str())];
-                    self.http_error(cx, Some(path), 405, "method not allowed for this path", &allow);
-                    break;
-                }
-                (false, Some(_), HttpMatch::NotFound) => {
-                    self.http_error(
-                        cx,
-                        Some(path),
-                        426,
-                        "this resource requires a WebSocket upgrade (Upgrade: websocket)",
-                        &[("Upgrade", "websocket")],
-                    );
+                (_, _, HttpMatch::WrongMethod(_)) | (false, Some(_), HttpMatch::NotFound) => {
+                    self.refuse_unrouted(cx, path, ws_route.is_some(), &http_route);
                     break;
                 }
                 (_, _, HttpMatch::NotFound) => {
@@ -654,6 +652,26 @@ impl Conn {
             self.since = cx.now;
         }
         pos
+    }
+
+    /// Answer a request that awaits `100 Continue` but that no route would serve (404, 405,
+    /// or 426 for a WebSocket route asked without an upgrade), and close: its body is never
+    /// read.
+    fn refuse_unrouted(&mut self, cx: &mut ConnCx<'_>, path: &str, ws_route: bool, http_route: &HttpMatch) {
+        match http_route {
+            HttpMatch::WrongMethod(allowed) => {
+                let allow = [("Allow", allowed.as_str())];
+                self.http_error(cx, Some(path), 405, "method not allowed for this path", &allow);
+            }
+            _ if ws_route => self.http_error(
+                cx,
+                Some(path),
+                426,
+                "this resource requires a WebSocket upgrade (Upgrade: websocket)",
+                &[("Upgrade", "websocket")],
+            ),
+            _ => self.http_error(cx, Some(path), 404, &format!("no route for {path}"), &[]),
+        }
     }
 
     /// Whether a deferred answer is pending.

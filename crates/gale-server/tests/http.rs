@@ -257,7 +257,12 @@ fn expectations_that_cannot_be_met_are_refused_without_100() {
         "POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 2000000\r\n\r\n";
     // Anything but 100-continue: 417 Expectation Failed.
     let unknown = "POST /upload HTTP/1.1\r\nHost: test\r\nExpect: 200-ok\r\nContent-Length: 2\r\n\r\n";
-    for (request, status) in [(too_large, 413), (unknown, 417)] {
+    // No route would take the body: its answer at once, never a 100 first.
+    let no_route =
+        "POST /nope HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n";
+    let wrong_method =
+        "POST /items/7 HTTP/1.1\r\nHost: test\r\nExpect: 100-continue\r\nContent-Length: 1000\r\n\r\n";
+    for (request, status) in [(too_large, 413), (unknown, 417), (no_route, 404), (wrong_method, 405)] {
         let mut stream = connect_tcp(server.addr);
         stream.write_all(request.as_bytes()).expect("send the head");
         let mut buf = Vec::new();

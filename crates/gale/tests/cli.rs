@@ -178,7 +178,7 @@ fn the_printed_configuration_and_sizes_with_units_start_the_gateway() {
     std::fs::write(
         &units,
         "[server]\npartial_message_budget = \"16MiB\"\n[websocket]\nmax_payload = \"64KiB\"\n\
-         max_backpressure = \"1MB\"\n[history]\ntopic_bytes = \"1MiB\"\ntotal_bytes = \"1GiB\"\n",
+         max_backpressure = \"4MB\"\n[history]\ntopic_bytes = \"1MiB\"\ntotal_bytes = \"1GiB\"\n",
     )
     .unwrap();
     drop(Gale::start(serve_command().arg("--config").arg(&units)));

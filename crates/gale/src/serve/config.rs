@@ -378,6 +378,15 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     if ws.backpressure_timeout == 0 {
         return Err("websocket.backpressure_timeout: must be at least 1 second".into());
     }
+    // A message that arrives in pieces takes its bytes from the loop's budget: one of the
+    // largest a client may send must fit, or every such message would be refused with 1013.
+    if c.server.partial_message_budget < ws.max_payload {
+        return Err(format!(
+            "server.partial_message_budget: {} bytes cannot hold one message of websocket.max_payload \
+             = {} bytes; set it to at least {}",
+            c.server.partial_message_budget, ws.max_payload, ws.max_payload
+        ));
+    }
     let policy = match ws.backpressure.as_str() {
         "drop" => gale_server::BackpressurePolicy::Drop,
         "close" => gale_server::BackpressurePolicy::Close,
@@ -510,6 +519,9 @@ mod tests {
         let e = load(Some(("g.toml", "[websocket]\nmessage_timeout = -1\n")), None, &Overrides::default())
             .unwrap_err();
         assert!(e.contains("websocket.message_timeout"), "{e}");
+        let file = "[server]\npartial_message_budget = 1000\n[websocket]\nmax_payload = 4096\n";
+        let e = load(Some(("g.toml", file)), None, &Overrides::default()).unwrap_err();
+        assert!(e.contains("server.partial_message_budget") && e.contains("websocket.max_payload"), "{e}");
     }
 
     #[test]
