@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from gale_process import READY_LINE, START_TIMEOUT, backend_args, gale_bin  # noqa: E402
+from gale_process import START_TIMEOUT, backend_args, gale_bin, read_ready_line  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOG_DIR = REPO_ROOT / "target" / "test-output" / "attack"
@@ -188,15 +188,7 @@ class Server:
         self.url = f"ws://{self.host}:{self.port}{self.path}"
 
     def _read_address(self):
-        result = {}
-        reader = threading.Thread(target=lambda: result.update(line=self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(START_TIMEOUT)
-        line = result.get("line", b"").decode("utf-8", "replace").strip()
-        match = READY_LINE.match(line)
-        if not match:
-            self.kill()
-            raise RuntimeError(f"gale {self.kind} did not start (got {line!r}); see {self.log_path}")
+        match = read_ready_line(self.proc, self.kind, self.log_path, self.kill)
         return match.group(2), int(match.group(3))
 
     def alive(self) -> bool:

@@ -22,6 +22,22 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 
 
+def read_ready_line(proc: subprocess.Popen, what: str, log_path, kill) -> re.Match:
+    """The first line a starting gale prints on stdout, matched by READY_LINE (url, host,
+    port); if none comes within START_TIMEOUT, `kill()` and raise naming `log_path`."""
+    # readline() blocks, so it runs in a thread that the timeout can give up on.
+    result = {}
+    reader = threading.Thread(target=lambda: result.update(line=proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(START_TIMEOUT)
+    line = result.get("line", b"").decode("utf-8", "replace").strip()
+    match = READY_LINE.match(line)
+    if not match:
+        kill()
+        raise RuntimeError(f"gale {what} did not report its address (got {line!r}); see {log_path}")
+    return match
+
+
 def gale_bin() -> Path:
     path = Path(os.environ.get("GALE_BIN", "target/debug/gale"))
     return path if path.is_absolute() else REPO_ROOT / path
@@ -54,17 +70,7 @@ class GaleEcho:
         self.http_url = f"{scheme}://{self.host}:{self.port}"
 
     def _read_address(self):
-        # readline() blocks, so it runs in a thread that the timeout can give up on.
-        result = {}
-        reader = threading.Thread(target=lambda: result.update(line=self.proc.stdout.readline()))
-        reader.daemon = True
-        reader.start()
-        reader.join(START_TIMEOUT)
-        line = result.get("line", b"").decode("utf-8", "replace").strip()
-        match = READY_LINE.match(line)
-        if not match:
-            self.kill()
-            raise RuntimeError(f"gale {self.COMMAND[0]} did not report its address (got {line!r}); see {self.log_path}")
+        match = read_ready_line(self.proc, self.COMMAND[0], self.log_path, self.kill)
         return match.group(1), match.group(2), int(match.group(3))
 
     def terminate(self) -> None:
