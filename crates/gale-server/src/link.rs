@@ -229,6 +229,12 @@ impl Link {
         self.out.len() + self.tls.as_ref().map_or(0, |t| t.sealed.len())
     }
 
+    /// Whether a message was refused since the held bytes were last empty.
+    #[inline]
+    pub(crate) fn refused(&self) -> bool {
+        self.refused
+    }
+
     /// Whether the peer's input must wait: the held bytes are past the limit, or a message
     /// was refused and they have not emptied since (with the drop policy the held bytes never
     /// pass the limit, yet a peer that sends without reading must still be held back).

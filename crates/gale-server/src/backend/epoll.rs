@@ -407,12 +407,12 @@ impl EpollLoop {
         self.env.pool.topics.recipients(msg, &mut keys);
         for &key in &keys {
             let Some(conn) = self.conns.get_mut(key as usize) else { continue };
-            let (was_dirty, was_over) = (conn.link.dirty, conn.output_over_limit());
+            let (was_dirty, was_refused) = (conn.link.dirty, conn.link.refused());
             conn.deliver(msg, &mut self.env.cx());
-            // Settled once more when this delivery put it past its limit (a refused delivery
-            // leaves `dirty` as it was), so that reading pauses and the timeout applies.
-            let now_over = !was_over && conn.output_over_limit() && !conn.reading_paused();
-            if (!was_dirty && conn.link.dirty) || now_over || conn.link.finishing() {
+            // A refused delivery leaves `dirty` as it was: settle the first one all the same,
+            // so that reading pauses and the backpressure timeout applies.
+            let refused = !was_refused && conn.link.refused();
+            if (!was_dirty && conn.link.dirty) || refused || conn.link.finishing() {
                 self.touched.push(key as usize);
             }
         }
