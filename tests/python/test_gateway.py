@@ -332,6 +332,175 @@ class RecoveryTest(AsyncTest):
         self.assertEqual([(await c.delivery())["data"] for _ in range(5)], [100, 101, 102, 103, 104])
 
 
+HISTORY_CONFIG = """
+[history]
+size = 50
+default_limit = 10
+max_limit = 20
+
+[[namespaces]]
+pattern = "chat:*"
+subscribe = true
+publish = true
+
+[[namespaces]]
+pattern = "feed:*"
+subscribe = true
+history = false
+"""
+
+
+class HistoryTest(AsyncTest):
+    """The history read API and command, on a gateway of its own: a history of 50 messages,
+    reads of 10 by default and 20 at most, and a namespace whose history is off."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(HISTORY_CONFIG)
+        cls.config = f.name
+        cls.server = GaleServe("gateway-history", "--config", f.name, "--jwt-secret", SECRET,
+                               env={"GALE_API_KEY": API_KEY})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        os.unlink(cls.config)
+
+    def get(self, path, key=API_KEY):
+        status, text = http("GET", path, key=key, base=self.server.http_url)
+        return status, json.loads(text)
+
+    def publish(self, topic, values):
+        """Publish each of `values` over one keep-alive connection; their positions."""
+        import http.client
+
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=TIMEOUT)
+        out = []
+        for v in values:
+            conn.request("POST", f"/api/publish/{topic}", body=json.dumps(v).encode(),
+                         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+            r = conn.getresponse()
+            out.append(json.loads(r.read()))
+            assert r.status == 200, out[-1]
+        conn.close()
+        return out
+
+    async def open(self, query=""):
+        c = await GatewayClient.open(self.server.url + "/ws" + query)
+        self.clients.append(c)
+        return c
+
+    def test_the_http_api_reads_pages_of_the_retained_messages(self):
+        self.assertEqual(self.get("/api/history/chat:h", key=None)[0], 401)
+        self.assertEqual(self.get("/api/history/chat:h", key="wrong")[0], 401)
+        for query, named in [("limit=0", "limit"), ("limit=21", "limit"), ("since_seq=x", "since_seq"),
+                             ("since_seq=-1", "since_seq"), ("sinceseq=1", "sinceseq")]:
+            status, body = self.get(f"/api/history/chat:h?{query}")
+            self.assertEqual((status, body["error"]["code"]), (400, 400), query)
+            self.assertIn(named, body["error"]["reason"], query)
+        self.assertEqual(self.get("/api/history/bad%20topic")[0], 400)
+        # A topic without state: no epoch, nothing retained, nothing dropped.
+        status, body = self.get("/api/history/chat:h")
+        self.assertEqual((status, body["epoch"], body["seq"], body["messages"]), (200, None, 0, []))
+        self.assertEqual((body["first_seq"], body["truncated"], body["more"]), (None, False, False))
+        epoch = self.publish("chat:h", range(1, 61))[0]["epoch"]
+        # 60 published, the newest 50 retained: by default the oldest 10 of them.
+        status, body = self.get("/api/history/chat%3Ah")
+        self.assertEqual((status, body["topic"], body["epoch"], body["seq"]), (200, "chat:h", epoch, 60))
+        self.assertEqual((body["first_seq"], body["truncated"], body["more"]), (11, True, True))
+        self.assertEqual([m["seq"] for m in body["messages"]], list(range(11, 21)))
+        self.assertEqual(body["messages"][0], {"topic": "chat:h", "epoch": epoch, "seq": 11, "data": 11})
+        # A page after since_seq, within the history: nothing dropped before it.
+        _, body = self.get("/api/history/chat:h?since_seq=30&limit=20")
+        self.assertEqual([m["data"] for m in body["messages"]], list(range(31, 51)))
+        self.assertEqual((body["truncated"], body["more"]), (False, True))
+        _, body = self.get("/api/history/chat:h?limit=5&since_seq=57")
+        self.assertEqual([m["seq"] for m in body["messages"]], [58, 59, 60])
+        self.assertEqual((body["truncated"], body["more"]), (False, False))
+        _, body = self.get("/api/history/chat:h?since_seq=60")
+        self.assertEqual((body["messages"], body["truncated"], body["more"], body["seq"]), ([], False, False, 60))
+        _, body = self.get("/api/history/chat:h?since_seq=5")
+        self.assertTrue(body["truncated"])
+        status, text = http("GET", "/metrics", base=self.server.http_url)
+        self.assertRegex(text, r'gale_history_reads_total\{source="http"\} (\d{2}|[5-9])')
+
+    async def test_the_history_command_is_allowed_where_subscribing_and_the_namespace_allow_it(self):
+        self.publish("chat:cmd", ["a", "b", "c"])
+        self.publish("feed:x", ["a"])
+        c = await self.open()
+        reply = await c.command("history", topic="chat:cmd", since_seq=1, limit=5)
+        self.assertEqual((reply["ok"], reply["op"], reply["topic"], reply["seq"]), (True, "history", "chat:cmd", 3))
+        self.assertEqual([m["data"] for m in reply["messages"]], ["b", "c"])
+        self.assertEqual((reply["truncated"], reply["more"]), (False, False))
+        # The namespace with history off: subscribing works, reading the history does not.
+        reply = await c.command("history", topic="feed:x")
+        self.assertEqual(reply["error"]["code"], 403, reply)
+        self.assertEqual(reply["id"], c.next_id - 1)
+        self.assertTrue((await c.command("subscribe", topic="feed:x"))["ok"])
+        # A topic no namespace lets it subscribe to.
+        self.assertEqual((await c.command("history", topic="private:ann"))["error"]["code"], 403)
+        for bad in [{"limit": 0}, {"limit": 21}, {"since_seq": -1}, {"limit": "x"}]:
+            reply = await c.command("history", topic="chat:cmd", **bad)
+            self.assertEqual(reply["error"]["code"], 400, bad)
+        self.assertIn("limit", (await c.command("history", topic="chat:cmd", limit=21))["error"]["reason"])
+        self.assertEqual((await c.command("history"))["error"]["code"], 400)
+        # A token's subscribe patterns let it read the history of those topics, not of others.
+        self.publish("private:ann", ["secret"])
+        token = make_token({"sub": "ann", "exp": int(time.time()) + 60, "subscribe": ["private:ann"]})
+        t = await self.open(f"?token={token}")
+        reply = await t.command("history", topic="private:ann")
+        self.assertEqual([m["data"] for m in reply["messages"]], ["secret"])
+        self.assertEqual((await t.command("history", topic="private:bob"))["error"]["code"], 403)
+        status, text = await asyncio.to_thread(http, "GET", "/metrics", base=self.server.http_url)
+        self.assertRegex(text, r'gale_history_reads_total\{source="client"\} [2-9]')
+
+    async def test_history_then_subscribe_with_since_misses_nothing_and_repeats_nothing(self):
+        topic, total = "chat:flow", 300
+        subscribed = []
+
+        async def read_then_subscribe(c):
+            """Render a page, then subscribe from its last message; what was rendered."""
+            page = await c.command("history", topic=topic)
+            last = page["messages"][-1]["seq"] if page["messages"] else page["seq"]
+            reply = await c.command("subscribe", topic=topic, since={"epoch": page["epoch"], "seq": last})
+            self.assertTrue(reply["recovered"], (page, reply))
+            subscribed.append((c, page))
+
+        # Before the topic has state the page has no epoch; `since` with a null epoch then
+        # recovers whatever the topic's first epoch holds.
+        first = await self.open()
+        page = await first.command("history", topic=topic)
+        self.assertEqual((page["epoch"], page["seq"], page["messages"]), (None, 0, []))
+        await asyncio.to_thread(self.publish, topic, [0, 1, 2])
+        reply = await first.command("subscribe", topic=topic, since={"epoch": None, "seq": 0})
+        self.assertEqual((reply["recovered"], reply["missed"]), (True, 3), reply)
+        subscribed.append((first, page))
+
+        def publisher():
+            for i in range(3, total):
+                self.publish(topic, [i])
+                time.sleep(0.002)
+
+        task = asyncio.get_running_loop().run_in_executor(None, publisher)
+        # More readers while the publisher goes on.
+        for pause in (0.1, 0.2, 0.2):
+            await asyncio.sleep(pause)
+            await read_then_subscribe(await self.open())
+        await task
+        self.assertEqual(len(subscribed), 4)
+        for c, page in subscribed:
+            seen = [m["data"] for m in page["messages"]]
+            while not seen or seen[-1] != total - 1:
+                seen.append((await c.delivery())["data"])
+            self.assertEqual(seen, list(range(seen[0], total)), "no gap, no duplicate, in order")
+            self.assertEqual(seen[0], page["messages"][0]["data"] if page["messages"] else 0)
+        # The later pages were read mid-stream, past the start of the history.
+        self.assertGreater(subscribed[-1][1]["seq"], 10)
+
+
 class HttpApiTest(unittest.TestCase):
     def test_api_key_is_required(self):
         self.assertEqual(http("POST", "/api/publish/chat:k", b"{}", key=None)[0], 401)

@@ -1,5 +1,5 @@
-//! The gateway's HTTP endpoints: the publish API for backends, topic info, health, metrics,
-//! and the demo page.
+//! The gateway's HTTP endpoints: the publish API for backends, topic info and history, health,
+//! metrics, and the demo page.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -10,8 +10,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::auth::key_matches;
-use super::broker::{BrokerRequest, PublishReply};
+use super::broker::{BrokerRequest, HistoryReply, PublishReply};
 use super::gateway::Gateway;
+use super::history::{HistoryQuery, parse_query};
 use super::protocol::{CommandError, MAX_FRAGMENT, Payload, check_topic, fragment, fragment_len};
 use super::topics::PublishError;
 
@@ -199,6 +200,32 @@ pub fn topic_info(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     )
 }
 
+/// `GET /api/history/{topic}?since_seq=N&limit=M`: the topic's retained messages after
+/// `since_seq`, oldest first.
+pub fn history(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    if let Some(refused) = check_key(g, req) {
+        return refused;
+    }
+    let topic = match topic_from_path(req.path(), "/api/history/") {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let (since, limit) = match parse_query(req.query(), &g.settings.history_read) {
+        Ok(q) => q,
+        Err(e) => return json_error(e.code, &e.reason),
+    };
+    // The same bound as a client's `history` answer: what one connection may queue.
+    let max_bytes = g.settings.behavior.max_backpressure / 2;
+    let query = HistoryQuery { since, limit, max_bytes };
+    if let Some(b) = g.broker.get() {
+        b.send(BrokerRequest::History { topic, query, reply: HistoryReply::Http(req.defer()) });
+        return HttpResponse::text(202, "deferred");
+    }
+    let page = g.topics.history(&topic, &query);
+    g.stats.http_histories.fetch_add(1, Ordering::Relaxed);
+    HttpResponse::json(200, page.http_body(&topic))
+}
+
 /// `GET /healthz`: 200 when the gateway works; 503 in cluster mode while Redis is
 /// unreachable (so that a load balancer sends clients elsewhere).
 pub fn health(g: &Arc<Gateway>) -> HttpResponse {
@@ -288,6 +315,12 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         "# HELP gale_recoveries_total Subscriptions with a position to recover from.\n# TYPE gale_recoveries_total counter\ngale_recoveries_total{{result=\"recovered\"}} {}\ngale_recoveries_total{{result=\"impossible\"}} {}",
         load(&s.recovered),
         load(&s.not_recovered)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_history_reads_total History reads answered (HTTP API, client commands).\n# TYPE gale_history_reads_total counter\ngale_history_reads_total{{source=\"http\"}} {}\ngale_history_reads_total{{source=\"client\"}} {}",
+        load(&s.http_histories),
+        load(&s.client_histories)
     );
     let _ = writeln!(
         out,

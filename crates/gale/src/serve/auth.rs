@@ -44,15 +44,21 @@ pub struct Rights {
     pub expires: Option<u64>,
     subscribe: Vec<Pattern>,
     publish: Vec<Pattern>,
+    /// Topics whose history may be read: each also in `subscribe`.
+    history: Vec<Pattern>,
 }
 
 impl Rights {
-    /// The rights of a client without a token.
-    pub fn anonymous(namespaces: &[(Pattern, bool, bool)]) -> Rights {
+    /// The rights of a client without a token, from the namespaces' (pattern, subscribe,
+    /// publish, history).
+    pub fn anonymous(namespaces: &[(Pattern, bool, bool, bool)]) -> Rights {
         let mut r = Rights::default();
-        for (p, sub, publ) in namespaces {
+        for (p, sub, publ, history) in namespaces {
             if *sub {
                 r.subscribe.push(p.clone());
+                if *history {
+                    r.history.push(p.clone());
+                }
             }
             if *publ {
                 r.publish.push(p.clone());
@@ -64,6 +70,11 @@ impl Rights {
     /// May subscribe to `topic`.
     pub fn may_subscribe(&self, topic: &str) -> bool {
         self.subscribe.iter().any(|p| p.matches(topic))
+    }
+
+    /// May read the history of `topic`: never a topic it may not subscribe to.
+    pub fn may_read_history(&self, topic: &str) -> bool {
+        self.history.iter().any(|p| p.matches(topic)) && self.may_subscribe(topic)
     }
 
     /// May publish to `topic`.
@@ -79,7 +90,7 @@ struct Claims {
     sub: String,
     /// Expiry, seconds since the Unix epoch.
     exp: u64,
-    /// Topic patterns the holder may subscribe to.
+    /// Topic patterns the holder may subscribe to, and read the history of.
     #[serde(default)]
     subscribe: Vec<String>,
     /// Topic patterns the holder may publish to.
@@ -114,6 +125,9 @@ pub fn verify_token(token: &str, secret: Option<&[u8]>, anonymous: &Rights) -> R
             into.push(Pattern::parse(&p).map_err(|e| format!("token claims: {e}"))?);
         }
     }
+    // What a token lets its holder subscribe to, it lets it read the history of (a
+    // subscription with `since` would replay it anyway).
+    rights.history.extend_from_slice(&rights.subscribe[anonymous.subscribe.len()..]);
     Ok(rights)
 }
 
@@ -175,7 +189,7 @@ mod tests {
 
     #[test]
     fn tokens_grant_rights_and_bad_ones_are_refused_with_a_reason() {
-        let anon = Rights::anonymous(&[(p("chat:*"), true, false)]);
+        let anon = Rights::anonymous(&[(p("chat:*"), true, false, false)]);
         let secret = b"s3cret".as_slice();
         let good = token(
             secret,
@@ -187,6 +201,9 @@ mod tests {
         assert!(r.may_subscribe("vip:1") && r.may_subscribe("chat:x") && r.may_publish("chat:x"));
         assert!(!r.may_publish("vip:1"));
         assert!(!anon.may_publish("chat:x"));
+        // History: where the token grants subscribing, not where a namespace turned it off.
+        assert!(r.may_read_history("vip:1") && !r.may_read_history("chat:x"));
+        assert!(!anon.may_read_history("chat:x") && !anon.may_read_history("vip:1"));
 
         let expired = token(secret, serde_json::json!({"sub": "ann", "exp": exp(-10)}));
         assert_eq!(verify_token(&expired, Some(secret), &anon).unwrap_err(), "token expired");

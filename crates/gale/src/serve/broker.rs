@@ -1,7 +1,7 @@
 //! Cluster mode: several gateways share topics through Redis.
 //!
 //! Two broker threads per node, each with its own Redis connection: one runs commands (publishes,
-//! pipelined; subscriptions; topic info) as soon as the event loops ask, the other is
+//! pipelined; subscriptions; topic info and history reads) as soon as the event loops ask, the other is
 //! subscribed to the channels of the topics this node has local subscribers for and forwards
 //! their messages as they come. Event loops never wait for
 //! Redis: they send requests to the broker over a channel, and the broker answers through the
@@ -36,6 +36,7 @@ use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 
 use super::api::json_error;
 use super::gateway::{Client, GatewayStats};
+use super::history::{HistoryPage, HistoryQuery};
 use super::protocol::{CommandError, Reply, error_reply};
 use super::topics::{Position, PublishError, new_epoch};
 use serde_json::value::RawValue;
@@ -160,6 +161,14 @@ pub enum PublishReply {
     Client(ConnId, Option<Box<RawValue>>),
 }
 
+/// Where a history read's answer goes.
+pub enum HistoryReply {
+    /// `GET /api/history/{topic}`.
+    Http(Responder),
+    /// A client's `history` command: its connection and command id.
+    Client(ConnId, Option<Box<RawValue>>),
+}
+
 /// What the event loops ask the broker.
 pub enum BrokerRequest {
     /// Publish `fragment` (`"data":…` or `"binary":…`) to each topic, in order.
@@ -174,6 +183,8 @@ pub enum BrokerRequest {
     },
     /// Answer `GET /api/topics/{topic}`.
     TopicInfo { topic: String, subscribers: usize, reply: Responder },
+    /// Read a page of a topic's history from its stream.
+    History { topic: String, query: HistoryQuery, reply: HistoryReply },
 }
 
 /// What other threads can see of the broker.
@@ -220,7 +231,10 @@ impl BrokerHandle {
                     BrokerRequest::Publish { reply: PublishReply::Http(r), .. } => {
                         r.respond(json_error(503, busy))
                     }
-                    BrokerRequest::TopicInfo { reply, .. } => reply.respond(json_error(503, busy)),
+                    BrokerRequest::TopicInfo { reply, .. }
+                    | BrokerRequest::History { reply: HistoryReply::Http(reply), .. } => {
+                        reply.respond(json_error(503, busy))
+                    }
                     _ => {}
                 }
                 false
@@ -504,6 +518,46 @@ fn entry_id(id: &str) -> Option<(u64, String)> {
     let (seq, n) = id.split_once('-')?;
     let (seq, n): (u64, u64) = (seq.parse().ok()?, n.parse().ok()?);
     Some((seq, format!("{seq}-{}", n.checked_add(1)?)))
+}
+
+/// A page of `topic`'s history from its stream, read as `query` asks: the position and the
+/// oldest entry in one round trip, then the entries after `query.since` up to that position,
+/// page by page, until the page is full. A topic without an epoch has no state: an empty page.
+fn read_history(
+    cmd: &mut redis::Connection,
+    topic: &str,
+    query: &HistoryQuery,
+) -> redis::RedisResult<HistoryPage> {
+    type Entries = Vec<(String, Vec<(String, String)>)>;
+    let (seq_key, log, epoch_key, _) = keys(topic);
+    let (seq, epoch, oldest, newest): (Option<u64>, Option<String>, Entries, Entries) = redis::pipe()
+        .get(&seq_key)
+        .get(&epoch_key)
+        .cmd("XRANGE")
+        .arg(&log)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(1)
+        .cmd("XREVRANGE")
+        .arg(&log)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query(cmd)?;
+    let Some(epoch) = epoch else {
+        return Ok(HistoryPage::new(None, 0, None, query));
+    };
+    let seq_of = |entries: &Entries| entries.first().and_then(|(id, _)| entry_id(id)).map(|(seq, _)| seq);
+    // As a publish numbers: a sequence key lost while the log survived goes on from the log.
+    let seq = seq.unwrap_or(0).max(seq_of(&newest).unwrap_or(0));
+    let mut page = HistoryPage::new(Some(epoch.clone()), seq, seq_of(&oldest), query);
+    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d| {
+        // An entry of another epoch (the topic expired and started again meanwhile) ends it.
+        position_of(&d).is_some_and(|(e, _)| e == epoch) && page.offer(query, n, d)
+    })?;
+    Ok(page)
 }
 
 /// The deliveries a client at `since` missed, up to `last`, read page by page: refused as soon
@@ -835,8 +889,44 @@ impl Broker {
                         .to_string(),
                 ));
             }
+            BrokerRequest::History { topic, query, reply } => match read_history(cmd, &topic, &query) {
+                Ok(page) => self.answer_history(reply, &topic, Ok(page)),
+                Err(e) if connection_lost(&e) => {
+                    self.refuse(BrokerRequest::History { topic, query, reply });
+                    return Err(e);
+                }
+                Err(e) => self.answer_history(reply, &topic, Err(redis_failed(&e))),
+            },
         }
         Ok(())
+    }
+
+    /// Answer a history read with its page, or with why it failed.
+    fn answer_history(&self, reply: HistoryReply, topic: &str, page: Result<HistoryPage, CommandError>) {
+        let stats = &self.shared.stats;
+        match (reply, page) {
+            (HistoryReply::Http(responder), Ok(page)) => {
+                stats.http_histories.fetch_add(1, Ordering::Relaxed);
+                responder.respond(HttpResponse::json(200, page.http_body(topic)));
+            }
+            (HistoryReply::Http(responder), Err(e)) => responder.respond(json_error(e.code, &e.reason)),
+            (HistoryReply::Client(conn, id), Ok(page)) => {
+                stats.client_histories.fetch_add(1, Ordering::Relaxed);
+                let text = Reply::ok(id.as_deref(), "history")
+                    .str("topic", topic)
+                    .fields(|out| page.write_fields(out))
+                    .finish();
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+                    ws.send_text(&text);
+                });
+            }
+            (HistoryReply::Client(conn, id), Err(e)) => {
+                stats.command_errors.fetch_add(1, Ordering::Relaxed);
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+                    ws.send_text(&error_reply(id.as_deref(), &e));
+                });
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -893,7 +983,7 @@ impl Broker {
         let mut replay: Vec<String> = Vec::new();
         let recovery: Option<Result<(), &'static str>> = match &since {
             None => None,
-            Some(p) if p.epoch != epoch => Some(Err("epoch changed: the topic's history was reset")),
+            Some(p) if !p.in_epoch(&epoch) => Some(Err("epoch changed: the topic's history was reset")),
             Some(p) if p.seq > last => Some(Err("position is ahead of the topic")),
             Some(p) if p.seq == last => Some(Ok(())),
             Some(p) => match read_replay(cmd, &log, p.seq, last, max_replay)? {
@@ -1006,6 +1096,9 @@ impl Broker {
             }
             BrokerRequest::TopicInfo { reply, .. } => {
                 reply.respond(json_error(503, "the broker is unavailable: Redis is unreachable"))
+            }
+            BrokerRequest::History { topic, reply, .. } => {
+                self.answer_history(reply, &topic, Err(unavailable(why)))
             }
         }
     }

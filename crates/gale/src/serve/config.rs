@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::auth::Pattern;
+use super::history::ReadLimits;
 use super::topics::HistoryLimits;
 use crate::units;
 
@@ -121,6 +122,10 @@ pub struct LimitsSection {
     pub client_subscribe_rate: f64,
     /// Subscribe commands a client may save up.
     pub client_subscribe_burst: u32,
+    /// Client history commands per second.
+    pub client_history_rate: f64,
+    /// History commands a client may save up.
+    pub client_history_burst: u32,
     /// Topics with state.
     pub max_topics: usize,
 }
@@ -139,6 +144,10 @@ pub struct HistorySection {
     /// Bytes kept over all topics.
     #[serde(deserialize_with = "units::bytes")]
     pub total_bytes: usize,
+    /// Messages a history read returns when it names no limit.
+    pub default_limit: usize,
+    /// The largest limit a history read may name.
+    pub max_limit: usize,
 }
 
 /// `[[namespaces]]`: anonymous rights on topics matching a pattern.
@@ -153,6 +162,9 @@ pub struct Namespace {
     /// Anonymous clients may publish.
     #[serde(default)]
     pub publish: bool,
+    /// Clients that may subscribe may read the history too; left out: as `subscribe`.
+    #[serde(default)]
+    pub history: Option<bool>,
 }
 
 /// Overrides from the command line.
@@ -219,12 +231,18 @@ pub struct Settings {
     pub subscribe_rate: f64,
     /// Burst of client subscribe commands.
     pub subscribe_burst: u32,
+    /// Client history commands per second.
+    pub history_rate: f64,
+    /// Burst of client history commands.
+    pub history_burst: u32,
+    /// How many messages a history read returns.
+    pub history_read: ReadLimits,
     /// Topics with state.
     pub max_topics: usize,
     /// History kept for recovery.
     pub history: HistoryLimits,
-    /// Anonymous rights.
-    pub namespaces: Vec<(Pattern, bool, bool)>,
+    /// Anonymous rights: pattern, subscribe, publish, history.
+    pub namespaces: Vec<(Pattern, bool, bool, bool)>,
 }
 
 /// Read the configuration: the embedded default, `file` over it, `env_api_key` (the
@@ -422,6 +440,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     for (key, rate) in [
         ("client_publish_rate", limits.client_publish_rate),
         ("client_subscribe_rate", limits.client_subscribe_rate),
+        ("client_history_rate", limits.client_history_rate),
     ] {
         if !(rate >= 0.0 && rate.is_finite()) {
             return Err(format!("limits.{key}: {rate} is not a rate of zero or more per second"));
@@ -434,6 +453,15 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
             h.total_bytes, h.topic_bytes
         ));
     }
+    if h.max_limit == 0 {
+        return Err("history.max_limit: must be at least 1".into());
+    }
+    if h.default_limit == 0 || h.default_limit > h.max_limit {
+        return Err(format!(
+            "history.default_limit: {} is not from 1 to history.max_limit ({})",
+            h.default_limit, h.max_limit
+        ));
+    }
     if limits.max_topics == 0 {
         return Err("limits.max_topics: must be at least 1".into());
     }
@@ -443,7 +471,13 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     let mut namespaces = Vec::new();
     for (i, ns) in c.namespaces.into_iter().enumerate() {
         let pattern = Pattern::parse(&ns.pattern).map_err(|e| format!("namespaces[{i}].pattern: {e}"))?;
-        namespaces.push((pattern, ns.subscribe, ns.publish));
+        if ns.history == Some(true) && !ns.subscribe {
+            return Err(format!(
+                "namespaces[{i}].history: needs subscribe = true (a client never reads the history of a \
+                 topic it may not subscribe to)"
+            ));
+        }
+        namespaces.push((pattern, ns.subscribe, ns.publish, ns.history.unwrap_or(ns.subscribe)));
     }
     for (i, origin) in c.auth.allowed_origins.iter().enumerate() {
         if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
@@ -474,6 +508,9 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         publish_burst: limits.client_publish_burst.max(1),
         subscribe_rate: limits.client_subscribe_rate,
         subscribe_burst: limits.client_subscribe_burst.max(1),
+        history_rate: limits.client_history_rate,
+        history_burst: limits.client_history_burst.max(1),
+        history_read: ReadLimits { default_limit: h.default_limit, max_limit: h.max_limit },
         max_topics: limits.max_topics,
         history: HistoryLimits {
             size: o.history_size.unwrap_or(h.size),
@@ -497,6 +534,8 @@ mod tests {
         assert!(s.api_key.is_none());
         assert_eq!(s.history.size, 100);
         assert_eq!(s.namespaces.len(), 2);
+        assert!(s.namespaces.iter().all(|(_, _, _, history)| *history), "history follows subscribe");
+        assert_eq!((s.history_read.default_limit, s.history_read.max_limit), (100, 1000));
         assert_eq!(s.partial_message_budget, 64 << 20);
         assert_eq!(s.behavior.message_timeout, Some(Duration::from_secs(60)));
         assert_eq!(s.behavior.backpressure_timeout, Duration::from_secs(30));
@@ -564,6 +603,12 @@ mod tests {
         assert!(e.contains("websocket.backpressure_timeout"), "{e}");
         let e = err("[history]\ntotal_bytes = 10\n");
         assert!(e.contains("history.total_bytes"), "{e}");
+        let e = err("[history]\ndefault_limit = 2000\n");
+        assert!(e.contains("history.default_limit"), "{e}");
+        let e = err("[history]\nmax_limit = 0\n");
+        assert!(e.contains("history.max_limit"), "{e}");
+        let e = err("[[namespaces]]\npattern = \"a:*\"\nhistory = true\n");
+        assert!(e.contains("namespaces[0].history") && e.contains("subscribe"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");
         assert!(e.contains("auth.allowed_origins[0]"), "{e}");
     }

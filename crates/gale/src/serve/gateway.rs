@@ -1,5 +1,5 @@
 //! The gateway's shared state and its WebSocket endpoint: authentication at the upgrade, then
-//! JSON commands (subscribe with recovery, unsubscribe, publish, ping).
+//! JSON commands (subscribe with recovery, unsubscribe, publish, history, ping).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -8,8 +8,9 @@ use std::time::Instant;
 use gale_server::{Accept, Message, Reject, ServerHandle, UpgradeRequest, WebSocket, WsHandler};
 
 use super::auth::{Rights, origin_allowed, verify_token};
-use super::broker::{BrokerRequest, PublishReply};
+use super::broker::{BrokerRequest, HistoryReply, PublishReply};
 use super::config::Settings;
+use super::history::HistoryQuery;
 use super::protocol::{
     Command, CommandError, Payload, Reply, check_topic, error_reply, fragment, parse_command,
 };
@@ -26,6 +27,10 @@ pub struct GatewayStats {
     pub recovered: AtomicU64,
     /// Subscriptions with `since` that could not be recovered.
     pub not_recovered: AtomicU64,
+    /// History reads answered through the HTTP API.
+    pub http_histories: AtomicU64,
+    /// History reads answered to clients' `history` commands.
+    pub client_histories: AtomicU64,
     /// Commands answered with an error.
     pub command_errors: AtomicU64,
     /// Upgrades refused (origin, token).
@@ -112,6 +117,7 @@ pub struct Client {
     rights: Arc<Rights>,
     publishes: Bucket,
     subscribes: Bucket,
+    histories: Bucket,
     /// Cluster mode: subscriptions sent to the broker and not answered yet.
     pub(crate) pending: Vec<String>,
 }
@@ -148,6 +154,7 @@ impl WsHandler for Endpoint {
             rights,
             publishes: Bucket::full(s.publish_burst),
             subscribes: Bucket::full(s.subscribe_burst),
+            histories: Bucket::full(s.history_burst),
             pending: Vec::new(),
         }))
     }
@@ -223,7 +230,10 @@ impl Endpoint {
                         format!("at most {} subscriptions per connection", g.settings.max_subscriptions),
                     ));
                 }
-                let since = cmd.since.as_ref().map(|s| Position { epoch: s.epoch.clone(), seq: s.seq });
+                let since = cmd
+                    .since
+                    .as_ref()
+                    .map(|s| Position { epoch: s.epoch.clone().unwrap_or_default(), seq: s.seq });
                 // A replay must fit in what the connection may queue.
                 let max_replay = ws.behavior().max_backpressure / 2;
                 if let Some(b) = g.broker.get() {
@@ -268,6 +278,36 @@ impl Endpoint {
                     }
                 }
             }
+            "history" => {
+                let topic = topic()?;
+                if !ws.data().rights.may_read_history(topic) {
+                    return Err(CommandError::new(
+                        403,
+                        format!("not allowed to read the history of {topic}"),
+                    ));
+                }
+                let s = &g.settings;
+                let limit = s.history_read.limit(cmd.limit)?;
+                ws.data().histories.spend("history", s.history_rate, s.history_burst)?;
+                // An answer must fit in what the connection may queue, as a replay must.
+                let max_bytes = ws.behavior().max_backpressure / 2;
+                let query = HistoryQuery { since: cmd.since_seq.unwrap_or(0), limit, max_bytes };
+                if let Some(b) = g.broker.get() {
+                    let reply = HistoryReply::Client(ws.id(), cmd.id.map(ToOwned::to_owned));
+                    if !b.send(BrokerRequest::History { topic: topic.to_string(), query, reply }) {
+                        return Err(CommandError::new(503, "the broker is unavailable"));
+                    }
+                    return Ok(());
+                }
+                let page = g.topics.history(topic, &query);
+                g.stats.client_histories.fetch_add(1, Ordering::Relaxed);
+                ws.send_text(
+                    &Reply::ok(cmd.id, "history")
+                        .str("topic", topic)
+                        .fields(|out| page.write_fields(out))
+                        .finish(),
+                );
+            }
             "unsubscribe" => {
                 let topic = topic()?;
                 if !ws.unsubscribe(topic) {
@@ -308,7 +348,9 @@ impl Endpoint {
             other => {
                 return Err(CommandError::new(
                     400,
-                    format!("unknown op {other:?}: expected subscribe, unsubscribe, publish or ping"),
+                    format!(
+                        "unknown op {other:?}: expected subscribe, unsubscribe, publish, history or ping"
+                    ),
                 ));
             }
         }

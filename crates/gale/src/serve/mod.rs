@@ -7,6 +7,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod gateway;
+pub mod history;
 pub mod protocol;
 pub mod topics;
 
@@ -131,6 +132,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .post("/api/publish/*", g(api::publish))
         .post("/api/broadcast", g(api::broadcast))
         .get("/api/topics/*", g(api::topic_info))
+        .get("/api/history/*", g(api::history))
         // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
         .render_errors("/api/*", api::json_error)
         .listen(s.listen)?;

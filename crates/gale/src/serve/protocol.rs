@@ -131,7 +131,8 @@ fn payload_len(p: &Payload<'_>) -> usize {
     }
 }
 
-fn push_json_string(out: &mut String, s: &str) {
+/// Append `s` as a JSON string.
+pub(super) fn push_json_string(out: &mut String, s: &str) {
     // serde_json escapes exactly as JSON requires; writing into a String cannot fail.
     out.push_str(&serde_json::to_string(s).unwrap_or_default());
 }
@@ -140,8 +141,9 @@ fn push_json_string(out: &mut String, s: &str) {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Since {
-    /// The topic's epoch the client saw.
-    pub epoch: String,
+    /// The topic's epoch the client saw; `null` (or `""`) with `seq` 0: the topic had no
+    /// state when the client looked (a `history` reply with `"epoch": null`).
+    pub epoch: Option<String>,
     /// The last sequence number it received.
     pub seq: u64,
 }
@@ -154,7 +156,7 @@ pub struct Command<'a> {
     /// included (`None` only when the command has no `id`).
     #[serde(borrow, default, deserialize_with = "present")]
     pub id: Option<&'a RawValue>,
-    /// `subscribe`, `unsubscribe`, `publish` or `ping`.
+    /// `subscribe`, `unsubscribe`, `publish`, `history` or `ping`.
     pub op: String,
     /// The topic (all but `ping`).
     #[serde(default)]
@@ -165,6 +167,12 @@ pub struct Command<'a> {
     /// What to publish (`publish`): any JSON value.
     #[serde(borrow, default)]
     pub data: Option<&'a RawValue>,
+    /// The messages to read come after this sequence number (`history`).
+    #[serde(default)]
+    pub since_seq: Option<u64>,
+    /// The most messages to read (`history`).
+    #[serde(default)]
+    pub limit: Option<u64>,
 }
 
 /// A command that cannot be carried out: the code (HTTP-like) and a one-line reason.
@@ -251,6 +259,14 @@ impl Reply {
     pub fn raw(mut self, key: &str, value: impl std::fmt::Display) -> Reply {
         use std::fmt::Write;
         let _ = write!(self.out, ",\"{key}\":{value}");
+        self
+    }
+
+    /// Add fields written by `write`, which appends them (`"key":value`, comma-separated)
+    /// to the reply's text.
+    pub fn fields(mut self, write: impl FnOnce(&mut String)) -> Reply {
+        self.out.push(',');
+        write(&mut self.out);
         self
     }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::history::{HistoryPage, HistoryQuery};
 use super::protocol::{CommandError, Payload, delivery};
 
 /// Where a client stands in a topic's stream.
@@ -21,6 +22,15 @@ pub struct Position {
     pub epoch: String,
     /// The last sequence number received.
     pub seq: u64,
+}
+
+impl Position {
+    /// Whether this position, given to recover from, is in the numbering `epoch`. An empty
+    /// epoch with `seq` 0 is: the client saw the topic without state (no epoch yet), so
+    /// whatever the current epoch holds came after.
+    pub fn in_epoch(&self, epoch: &str) -> bool {
+        self.epoch == epoch || (self.epoch.is_empty() && self.seq == 0)
+    }
 }
 
 /// One topic.
@@ -216,7 +226,7 @@ impl Topics {
             s.last_activity = now;
             let recovery = match since {
                 None => Recovery::NotAsked,
-                Some(p) if p.epoch != s.epoch => {
+                Some(p) if !p.in_epoch(&s.epoch) => {
                     Recovery::Impossible("epoch changed: the topic's history was reset")
                 }
                 Some(p) if p.seq > s.seq => Recovery::Impossible("position is ahead of the topic"),
@@ -237,6 +247,26 @@ impl Topics {
             (Position { epoch: s.epoch.clone(), seq: s.seq }, recovery)
         })?;
         Ok(found.expect("created"))
+    }
+
+    /// Read the retained messages of `topic` that `query` asks for, under the topic's lock
+    /// (so the page and the position it gives are one moment of the topic). A topic without
+    /// state gets an empty page without an epoch; reading creates no state and does not
+    /// count as activity.
+    pub fn history(&self, topic: &str, query: &HistoryQuery) -> HistoryPage {
+        let found = self.with_state(topic, false, |s| {
+            self.expire(s, Instant::now());
+            let first = s.history.front().map(|(seq, _, _)| *seq);
+            let mut page = HistoryPage::new(Some(s.epoch.clone()), s.seq, first, query);
+            let start = s.history.partition_point(|(seq, _, _)| *seq <= query.since);
+            for (seq, _, text) in s.history.range(start..) {
+                if !page.offer(query, *seq, text.clone()) {
+                    break;
+                }
+            }
+            page
+        });
+        found.ok().flatten().unwrap_or_else(|| HistoryPage::new(None, 0, None, query))
     }
 
     /// The current position of `topic`, if it has state.
@@ -340,6 +370,40 @@ mod tests {
         assert!(matches!(r, Recovery::Impossible(_)));
         let other = Position { epoch: "x".into(), seq: 1 };
         let (_, r) = topics.subscribe("t", Some(&other), usize::MAX, || {}).unwrap();
+        assert!(matches!(r, Recovery::Impossible(why) if why.contains("epoch")));
+    }
+
+    #[test]
+    fn history_reads_the_retained_messages_and_recovery_goes_on_from_them() {
+        let topics = Topics::new(limits(3, None), 10);
+        let q = |since, limit| HistoryQuery { since, limit, max_bytes: usize::MAX };
+        // No state: no epoch, and reading creates none.
+        let page = topics.history("t", &q(0, 10));
+        assert_eq!((page.epoch.clone(), page.seq, page.truncated()), (None, 0, false));
+        assert_eq!(topics.len(), 0);
+        let mut sent = Vec::new();
+        for m in ["a", "b", "c", "d", "e"] {
+            topics.publish("t", &text(m), |d| sent.push(d.to_string())).unwrap();
+        }
+        let page = topics.history("t", &q(0, 2));
+        let body: serde_json::Value = serde_json::from_str(&page.http_body("t")).unwrap();
+        assert_eq!((body["seq"].as_u64(), body["first_seq"].as_u64()), (Some(5), Some(3)));
+        assert_eq!((body["truncated"].as_bool(), body["more"].as_bool()), (Some(true), Some(true)));
+        let parse = |d: &String| serde_json::from_str::<serde_json::Value>(d).unwrap();
+        assert_eq!(body["messages"].as_array().unwrap(), &sent[2..4].iter().map(parse).collect::<Vec<_>>());
+        // Recovery from the last message read gives exactly the rest.
+        let pos = Position { epoch: page.epoch.clone().unwrap(), seq: 4 };
+        let (_, r) = topics.subscribe("t", Some(&pos), usize::MAX, || {}).unwrap();
+        assert_eq!(r, Recovery::Recovered(vec![sent[4].clone().into()]));
+        let page = topics.history("t", &q(3, 10));
+        assert!(!page.truncated() && !page.more());
+        // A client that saw the topic without state recovers from its first message.
+        let fresh = Topics::new(limits(3, None), 10);
+        fresh.publish("n", &text("x"), |_| {}).unwrap();
+        let nothing = Position { epoch: String::new(), seq: 0 };
+        let (_, r) = fresh.subscribe("n", Some(&nothing), usize::MAX, || {}).unwrap();
+        assert!(matches!(r, Recovery::Recovered(m) if m.len() == 1));
+        let (_, r) = fresh.subscribe("n", Some(&Position { seq: 1, ..nothing }), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(why) if why.contains("epoch")));
     }
 
