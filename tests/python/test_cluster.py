@@ -3,7 +3,8 @@
 
 Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
 different node than the one a client left, a publish Redis refuses failing alone in its
-pipelined batch, `limits.max_topics` over the cluster, replays read in pages, and the faults: Redis killed and
+pipelined batch, `limits.max_topics` over the cluster, replays read in pages, history read
+from Redis alike on every node, and the faults: Redis killed and
 restarted (publishes get 503 while it is away, /healthz and /metrics say so, nodes reconnect,
 and a client told its epoch is gone, and a node refusing publishes meanwhile does not grow in
 memory), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
@@ -480,6 +481,72 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         finally:
             node.kill()
             node.proc.stdout.close()
+
+    async def test_history_is_read_from_redis_the_same_on_every_node(self):
+        a, b, c = self.nodes
+        status, text = await asyncio.to_thread(http, b, "GET", "/api/history/chat:h", None, None)
+        self.assertEqual(status, 401, text)
+        status, text = await asyncio.to_thread(http, b, "GET", "/api/history/chat:h?limit=1001")
+        self.assertEqual(status, 400, text)
+        self.assertIn("limit", json.loads(text)["error"]["reason"])
+        _, text = await asyncio.to_thread(http, b, "GET", "/api/history/chat:h")
+        self.assertEqual(json.loads(text)["epoch"], None)
+        # More than one page of the stream (32 entries), published on node A.
+        self.assertEqual(await asyncio.to_thread(publish_many, a, "chat:h", 40, b'{"n": 1}'), [200] * 40)
+
+        async def read(node, query):
+            status, text = await asyncio.to_thread(http, node, "GET", f"/api/history/chat:h{query}")
+            self.assertEqual(status, 200, text)
+            return json.loads(text)
+
+        whole = await read(b, "")
+        self.assertEqual([m["seq"] for m in whole["messages"]], list(range(1, 41)))
+        self.assertEqual((whole["seq"], whole["first_seq"], whole["truncated"], whole["more"]), (40, 1, False, False))
+        self.assertEqual(whole, await read(c, ""))
+        page = await read(c, "?since_seq=30&limit=4")
+        self.assertEqual(([m["seq"] for m in page["messages"]], page["more"]), ([31, 32, 33, 34], True))
+        self.assertEqual(page, await read(b, "?since_seq=30&limit=4"))
+        # The command reads the same, on any node.
+        client = await Client.open(c)
+        reply = await client.command("history", topic="chat:h", since_seq=30, limit=4)
+        self.assertEqual({k: reply[k] for k in page}, page)
+        self.assertEqual((await client.command("history", topic="private:x"))["error"]["code"], 403)
+        # A topic without state has no epoch; `since` with a null epoch recovers its first one.
+        fresh = await Client.open(c)
+        self.assertEqual((await fresh.command("history", topic="chat:new"))["epoch"], None)
+        for i in range(2):
+            await asyncio.to_thread(publish, a, "chat:new", i)
+        reply = await fresh.command("subscribe", topic="chat:new", since={"epoch": None, "seq": 0})
+        self.assertEqual((reply["recovered"], reply["missed"]), (True, 2), reply)
+        self.assertEqual([(await fresh.delivery())["data"] for _ in range(2)], [0, 1])
+        # Trimmed from the stream: said so.
+        self.redis.cli("XTRIM", "gale:chat:h:log", "MAXLEN", 10)
+        page = await read(b, "?since_seq=5&limit=3")
+        self.assertEqual(([m["seq"] for m in page["messages"]], page["first_seq"], page["truncated"]),
+                         ([31, 32, 33], 31, True))
+        # History then subscribe with since, on another node, while node A publishes.
+        done = threading.Event()
+
+        def publisher():
+            for i in range(41, 141):
+                publish(a, "chat:h", {"n": i})
+                time.sleep(0.002)
+            done.set()
+
+        task = asyncio.get_running_loop().run_in_executor(None, publisher)
+        await asyncio.sleep(0.1)
+        page = await client.command("history", topic="chat:h", since_seq=35)
+        last = page["messages"][-1]["seq"]
+        reply = await client.command("subscribe", topic="chat:h", since={"epoch": page["epoch"], "seq": last})
+        self.assertTrue(reply["recovered"], reply)
+        await task
+        seqs = [m["seq"] for m in page["messages"]]
+        while seqs[-1] != 140:
+            seqs.append((await client.delivery())["seq"])
+        self.assertEqual(seqs, list(range(36, 141)))
+        metrics = [(await asyncio.to_thread(http, n, "GET", "/metrics", None, None))[1] for n in self.nodes]
+        self.assertIn('gale_history_reads_total{source="client"} 3', metrics[2])
+        self.assertIn('gale_history_reads_total{source="http"} 4', metrics[1])
 
     async def test_a_killed_node_does_not_disturb_the_others(self):
         subs = [await Client.open(n) for n in self.nodes[1:]]

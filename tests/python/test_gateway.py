@@ -4,8 +4,10 @@ Covers the JSON protocol (subscribe, unsubscribe, publish, ping, every error), t
 publish API and its API key, 1 MB publishes to a subscriber that pings meanwhile, topic
 info, /healthz and /metrics, JWT connection tokens (valid, expired, forged), the origin
 allowlist, anonymous namespaces, the client publish
-rate limit, ordering of concurrent publishes, and recovery: a subscriber whose connection
-dies mid-stream reconnects with `since` and gets exactly what it missed.
+rate limit, ordering of concurrent publishes, recovery (a subscriber whose connection
+dies mid-stream reconnects with `since` and gets exactly what it missed), and history reads
+(the HTTP API and the `history` command: pages, limits, truncation, who may read, and a page
+read then a subscribe with `since` from it missing nothing while a publisher goes on).
 
 Run: python3 tests/python/test_gateway.py   (GALE_BIN overrides target/debug/gale)
 """
