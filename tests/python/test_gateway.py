@@ -335,6 +335,10 @@ class RecoveryTest(AsyncTest):
 
 
 HISTORY_CONFIG = """
+[limits]
+client_history_rate = 0.5
+client_history_burst = 3
+
 [history]
 size = 50
 default_limit = 10
@@ -354,7 +358,8 @@ history = false
 
 class HistoryTest(AsyncTest):
     """The history read API and command, on a gateway of its own: a history of 50 messages,
-    reads of 10 by default and 20 at most, and a namespace whose history is off."""
+    reads of 10 by default and 20 at most, bursts of 3 history commands, and a namespace whose
+    history is off."""
 
     @classmethod
     def setUpClass(cls):
@@ -456,6 +461,10 @@ class HistoryTest(AsyncTest):
         reply = await t.command("history", topic="private:ann")
         self.assertEqual([m["data"] for m in reply["messages"]], ["secret"])
         self.assertEqual((await t.command("history", topic="private:bob"))["error"]["code"], 403)
+        # Past the burst of history commands: 429.
+        r = await self.open()
+        codes = [(await r.command("history", topic="chat:cmd")).get("error", {}).get("code") for _ in range(4)]
+        self.assertEqual(codes, [None, None, None, 429])
         status, text = await asyncio.to_thread(http, "GET", "/metrics", base=self.server.http_url)
         self.assertRegex(text, r'gale_history_reads_total\{source="client"\} [2-9]')
 
