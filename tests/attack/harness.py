@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
-from gale_process import START_TIMEOUT, backend_args, gale_bin, read_ready_line  # noqa: E402
+from gale_process import START_TIMEOUT, backend_args, gale_bin, output_dir, read_ready_line  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_DIR = REPO_ROOT / "target" / "test-output" / "attack"
+LOG_DIR = output_dir("attack")
 
 KIB = 1024
 MIB = 1024 * KIB

@@ -11,14 +11,14 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chromium } from 'playwright-core';
 
-import { REPO_ROOT, makeCertificate, startGaleServe } from '../lib/gale-process.mjs';
+import { makeCertificate, outputDir, startGaleServe } from '../lib/gale-process.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
 ];
-const OUTPUT_DIR = join(REPO_ROOT, 'target', 'test-output', 'browser');
+const OUTPUT_DIR = outputDir('browser');
 const TIMEOUT_MS = 90_000;
 const TEST = { timeout: 2 * TIMEOUT_MS };
 
@@ -83,15 +83,15 @@ describe('gale serve demo page with headless Chromium', () => {
     assert.deepEqual((await received(alice)).at(-1), [5, 'back again']);
     assert.equal(await bob.evaluate(() => window.galeDemo.ws.bufferedAmount), 0);
 
-    await alice.screenshot({ path: join(OUTPUT_DIR, `demo-alice-${process.env.GALE_BACKEND || 'auto'}.png`) });
-    await bob.screenshot({ path: join(OUTPUT_DIR, `demo-bob-${process.env.GALE_BACKEND || 'auto'}.png`) });
+    await alice.screenshot({ path: join(OUTPUT_DIR, `demo-alice.png`) });
+    await bob.screenshot({ path: join(OUTPUT_DIR, `demo-bob.png`) });
   });
 });
 
 describe('gale serve demo page over https and wss with headless Chromium', () => {
   let browser, gale;
   before(async () => {
-    const { cert, key } = makeCertificate(join(OUTPUT_DIR, `tls-${process.env.GALE_BACKEND || 'auto'}`));
+    const { cert, key } = makeCertificate(join(OUTPUT_DIR, `tls`));
     gale = await startGaleServe('demo-tls', 'browser', ['--tls-cert', cert, '--tls-key', key]);
     browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, timeout: TIMEOUT_MS });
   });
@@ -118,7 +118,7 @@ describe('gale serve demo page over https and wss with headless Chromium', () =>
     await say(alice, 'over TLS 🔒');
     await bob.waitForFunction(() => window.galeDemo.received.length === 1);
     assert.deepEqual(await received(bob), [[1, 'over TLS 🔒']]);
-    await bob.screenshot({ path: join(OUTPUT_DIR, `demo-tls-${process.env.GALE_BACKEND || 'auto'}.png`) });
+    await bob.screenshot({ path: join(OUTPUT_DIR, `demo-tls.png`) });
     await context.close();
   });
 });

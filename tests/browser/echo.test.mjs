@@ -15,14 +15,14 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chromium } from 'playwright-core';
 
-import { REPO_ROOT, onceWithin, startGale } from '../lib/gale-process.mjs';
+import { onceWithin, outputDir, startGale } from '../lib/gale-process.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
   '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
   '--disable-background-networking', '--disable-component-update', '--disable-sync',
 ];
-const OUTPUT_DIR = join(REPO_ROOT, 'target', 'test-output', 'browser');
+const OUTPUT_DIR = outputDir('browser');
 const PAGE = readFileSync(new URL('./echo-page.html', import.meta.url));
 // Generous: Chromium starts slowly on a 2-core machine shared with builds.
 const TIMEOUT_MS = 90_000;

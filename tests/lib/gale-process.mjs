@@ -14,6 +14,16 @@ import { fileURLToPath } from 'node:url';
 
 export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 
+/**
+ * Where a suite's logs and screenshots go: target/test-output/SUITE/LANE. The lane keeps runs
+ * side by side apart (the test command runs both backends at once): GALE_TEST_LANE if set,
+ * else the backend.
+ */
+export function outputDir(suite) {
+  const lane = process.env.GALE_TEST_LANE || process.env.GALE_BACKEND || 'auto';
+  return join(REPO_ROOT, 'target', 'test-output', suite, lane);
+}
+
 // Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
 const START_TIMEOUT_MS = 60_000;
 const STOP_TIMEOUT_MS = 30_000;
@@ -41,7 +51,7 @@ export async function onceWithin(emitter, event, ms, what = event) {
  * `logDir` receives the server's stderr (tracing logs), for investigating failures.
  */
 export async function startGale(name, logDir, extraArgs = [], { command = ['echo', '--port', '0'], env = {} } = {}) {
-  const dir = join(REPO_ROOT, 'target', 'test-output', logDir);
+  const dir = outputDir(logDir);
   mkdirSync(dir, { recursive: true });
   const log = createWriteStream(join(dir, `gale-${name}.log`));
   // GALE_BACKEND (epoll, uring or auto) picks the backend; the test command runs each suite

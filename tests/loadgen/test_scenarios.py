@@ -37,9 +37,10 @@ from gale_process import (  # noqa: E402
     GaleEcho,
     gale_bin,
     make_certificate,
+    output_dir,
 )
 
-LOG_DIR = REPO_ROOT / "target" / "test-output" / "loadgen"
+LOG_DIR = output_dir("loadgen")
 # Every scenario here lasts a few seconds; the bound is generous because the machine is shared.
 RUN_TIMEOUT = 120.0
 
@@ -718,6 +719,19 @@ class JsonOutput(ScenarioTest):
         except json.JSONDecodeError as e:
             self.fail(f"stdout is not one JSON document ({e}):\n{result.stdout}")
         self.assertEqual(report["scenario"], "echo")
+
+
+def load_tests(loader, tests, pattern):
+    """GALE_TEST_SHARD=I/N keeps only the test classes whose position is I modulo N, so that N
+    processes run the whole suite side by side (each with its own `gale echo`)."""
+    shard = os.environ.get("GALE_TEST_SHARD")
+    if not shard:
+        return tests
+    index, _, count = shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise SystemExit(f"GALE_TEST_SHARD={shard!r}: expected I/N with 0 <= I < N")
+    classes = [suite for suite in tests if suite.countTestCases()]
+    return unittest.TestSuite(c for i, c in enumerate(classes) if i % int(count) == int(index))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,19 @@ import threading
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-LOG_DIR = REPO_ROOT / "target" / "test-output" / "python"
+
+
+def output_dir(suite: str) -> Path:
+    """Where a suite's logs and other outputs go: target/test-output/SUITE/LANE.
+
+    The lane keeps runs side by side apart (the test command runs the backends, and the load
+    generator's test classes, at the same time): GALE_TEST_LANE if set, else the backend.
+    """
+    lane = os.environ.get("GALE_TEST_LANE") or os.environ.get("GALE_BACKEND") or "auto"
+    return REPO_ROOT / "target" / "test-output" / suite / lane
+
+
+LOG_DIR = output_dir("python")
 READY_LINE = re.compile(r"^gale (?:echo|serve) listening on (wss?://([^\s/]+):(\d+))\S* \(")
 
 # Generous: the machine is shared with concurrent builds, and a debug binary starts slowly.
