@@ -46,9 +46,12 @@ export function isFatalCloseCode(code) {
   return code >= 4000 && code < 4500 && code !== TOKEN_EXPIRED;
 }
 
-/** Whether an HTTP status refusing the upgrade means that retrying would fail the same way. */
+/**
+ * Whether an HTTP status answering the upgrade means that retrying would fail the same way:
+ * all but 408, 429 and 5xx (a 2xx or 3xx says that the URL is not a WebSocket endpoint).
+ */
 function isFatalStatus(status) {
-  return status >= 400 && status < 500 && status !== 408 && status !== 429;
+  return status < 500 && status !== 408 && status !== 429;
 }
 
 /**
@@ -360,7 +363,7 @@ export class GaleClient {
     if (!ws || ws.readyState === 3) return Promise.resolve();
     return new Promise((resolve) => {
       ws.onclose = () => resolve();
-      ws.onerror = null;
+      ws.onerror = () => {}; // closing while connecting is reported as an error: expected here
       try {
         ws.close(1000);
       } catch {
@@ -544,10 +547,13 @@ export class GaleClient {
         let body = '';
         res.setEncoding('utf8');
         res.on('data', (chunk) => {
-          if (body.length < 500) body += chunk;
+          if (body.length < 1000) body += chunk;
         });
         const end = () => {
-          if (this.#ws === ws) this.#refused = { status: res.statusCode, reason: body.trim() || `HTTP ${res.statusCode}` };
+          // The gateway's reasons are one line; anything else is cut to its first line.
+          const line = body.trim().split('\n', 1)[0].slice(0, 200);
+          const reason = res.statusCode >= 200 && res.statusCode < 400 ? `${ws.url} is not a WebSocket endpoint` : line;
+          if (this.#ws === ws) this.#refused = { status: res.statusCode, reason: reason || `HTTP ${res.statusCode}` };
           ws.terminate();
         };
         res.once('end', end);
@@ -655,36 +661,35 @@ export class GaleClient {
     clearTimeout(this.#connectTimer);
     clearInterval(this.#liveTimer);
     this.#leaving.clear();
-    this.#release(new GaleError('DISCONNECTED', `the connection was lost before the reply (${code}${reason ? ` ${reason}` : ''})`), false);
     for (const sub of this.#subs.values()) if (sub.state === 'subscribed') sub.state = 'subscribing';
     if (wasOpen && now() - this.#openedAt >= this.#opts.maxReconnectDelay) this.#attempt = 0;
 
     const event = { code, reason, url, willReconnect: true };
+    // What retrying cannot mend ends the client, with this error.
+    let fatal = null;
+    let sameUrl = false;
     if (refused) {
       event.status = refused.status;
       event.reason = refused.reason;
+      // A token kept from earlier is asked for again; one just fetched and refused is final.
       const retryToken = refused.status === 401 && this.#opts.getToken && !this.#tokenFresh;
-      if (isFatalStatus(refused.status) && !retryToken) {
-        this.#fail(new GaleError(refused.status, refused.reason), event);
-        return;
-      }
-      if (refused.status === 401) this.#tokenStale = true;
+      if (retryToken) this.#tokenStale = true;
+      else if (isFatalStatus(refused.status)) fatal = new GaleError(refused.status, refused.reason);
     } else if (code === TOKEN_EXPIRED && wasOpen) {
-      if (this.#opts.getToken) {
-        this.#tokenStale = true;
-        this.#retry(event, true, 0);
-        return;
-      }
-      this.#fail(new GaleError(code, reason || 'token expired'), event);
-      return;
+      if (!this.#opts.getToken) fatal = new GaleError(code, reason || 'token expired');
+      this.#tokenStale = true;
+      sameUrl = true;
+      delay = 0;
     } else if (isFatalCloseCode(code)) {
-      this.#fail(new GaleError(code, reason || `closed with ${code}`), event);
-      return;
+      fatal = new GaleError(code, reason || `closed with ${code}`);
     } else if (!wasOpen && !this.#tellsStatus && this.#opts.getToken) {
       // Browsers do not say why an upgrade failed: it may have been the token.
       this.#tokenStale = true;
     }
-    this.#retry(event, false, delay);
+    const lost = fatal ?? new GaleError('DISCONNECTED', `the connection was lost before the reply (${code}${reason ? ` ${reason}` : ''})`);
+    this.#release(lost, false);
+    if (fatal) this.#fail(fatal, event);
+    else this.#retry(event, sameUrl, delay);
   }
 
   /** Report the drop and schedule the next attempt (on the next URL unless `sameUrl`). */
