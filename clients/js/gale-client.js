@@ -171,7 +171,9 @@ export class Subscription {
       if (d.seq > this.seq + 1) {
         this.#broken(d, `messages ${this.seq + 1} to ${d.seq - 1} were not delivered`);
       }
-    } else {
+    } else if (this.seq > 0 || d.seq !== 1) {
+      // (From seq 0, a first message numbered 1 loses nothing: in cluster mode a topic gets its
+      // epoch at its first publish.)
       this.#broken(d, 'the topic started a new epoch');
     }
     this.epoch = d.epoch;
