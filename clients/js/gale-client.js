@@ -57,7 +57,7 @@ function isFatalStatus(status) {
 /**
  * An error from the gateway (`code` is its numeric code, an HTTP status refusing the upgrade,
  * or a close code) or from the client itself (`code` is one of the strings `TIMEOUT`,
- * `DISCONNECTED`, `CLOSED`, `QUEUE_FULL`, `PROTOCOL`).
+ * `DISCONNECTED`, `CLOSED`, `QUEUE_FULL`, `UNSUBSCRIBED`, `TOKEN`, `PROTOCOL`).
  */
 export class GaleError extends Error {
   constructor(code, reason) {
