@@ -169,7 +169,8 @@ export class Subscription {
     if (d.epoch === this.epoch) {
       if (d.seq <= this.seq) return;
       if (d.seq > this.seq + 1) {
-        this.#broken(d, `messages ${this.seq + 1} to ${d.seq - 1} were not delivered`);
+        const [from, to] = [this.seq + 1, d.seq - 1];
+        this.#broken(d, from === to ? `message ${from} was not delivered` : `messages ${from} to ${to} were not delivered`);
       }
     } else if (this.seq > 0 || d.seq !== 1) {
       // (From seq 0, a first message numbered 1 loses nothing: in cluster mode a topic gets its

@@ -4,7 +4,8 @@
 // timeouts and the bounded queue, close codes that stop the client, exact recovery across a
 // TCP connection cut under the client and across a stalled (silent) connection, a server
 // SIGKILLed and restarted on the same port, and token expiry (4001) answered with a fresh
-// token from getToken().
+// token from getToken(); and, against a scripted server, that the client itself drops
+// duplicate and stale deliveries and reports a gap.
 //
 // Run: node --test tests/node/   (GALE_BIN overrides target/debug/gale)
 
@@ -12,7 +13,7 @@ import assert from 'node:assert/strict';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import WebSocket from 'ws';
+import WebSocket, { WebSocketServer } from 'ws';
 
 import { GaleClient } from '../../clients/js/gale-client.js';
 import { REPO_ROOT, startGale, startGaleServe } from '../lib/gale-process.mjs';
@@ -379,5 +380,35 @@ describe('gale-client with expiring tokens', () => {
     await assert.rejects(sub.ready, (err) => err.code === 401 && /expired/.test(err.reason));
     assert.equal(sub.state, 'failed');
     assert.equal(c.state, 'closed');
+  });
+});
+
+describe('gale-client against a scripted server', () => {
+  it('drops deliveries at or below the last seq and reports a gap', TEST, async () => {
+    // A server that misbehaves on purpose: repeats, reorders and skips messages.
+    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    await new Promise((r) => wss.once('listening', r));
+    wss.on('connection', (ws) => {
+      ws.on('message', (text) => {
+        const cmd = JSON.parse(text);
+        if (cmd.op !== 'subscribe') return;
+        ws.send(JSON.stringify({ id: cmd.id, ok: true, op: 'subscribe', topic: cmd.topic, epoch: 'e1', seq: 0 }));
+        for (const seq of [1, 1, 2, 1, 4, 3, 5]) ws.send(JSON.stringify({ topic: cmd.topic, epoch: 'e1', seq, data: { n: seq } }));
+      });
+    });
+    const c = new GaleClient(`ws://127.0.0.1:${wss.address().port}/ws`, FAST);
+    try {
+      const rec = recorder();
+      c.subscribe('chat:scripted', rec);
+      await waitFor(() => rec.got.length === 4, WAIT_MS, 'four deliveries');
+      await sleep(50);
+      assert.deepEqual(rec.got.map((g) => g.seq), [1, 2, 4, 5]);
+      assert.equal(rec.recoveries.length, 1);
+      assert.equal(rec.recoveries[0].recovered, false);
+      assert.equal(rec.recoveries[0].reason, 'message 3 was not delivered');
+    } finally {
+      await c.close();
+      await new Promise((r) => wss.close(r));
+    }
   });
 });
