@@ -1,5 +1,5 @@
 //! The gateway's HTTP endpoints: the publish API for backends, topic info and history, health,
-//! metrics, and the demo page.
+//! metrics, the demo page and the JavaScript client.
 
 use std::fmt::Write;
 use std::sync::Arc;
@@ -18,6 +18,21 @@ use super::topics::PublishError;
 
 /// The demo page, embedded.
 pub const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// The JavaScript client (`clients/js/gale-client.js`), embedded: pages import it from
+/// `/gale-client.js` without a bundler.
+pub const CLIENT_JS: &str = include_str!("../../../../clients/js/gale-client.js");
+
+/// `GET /gale-client.js`: the client library as an ES module. `no-cache` makes browsers
+/// revalidate it, so a page never runs a client older than the gateway it talks to; any
+/// origin may import it (it holds nothing private), as pages on other origins listed in
+/// `auth.allowed_origins` do.
+pub(super) fn client_js() -> HttpResponse {
+    HttpResponse::new(200, "text/javascript; charset=utf-8", CLIENT_JS)
+        .header("Cache-Control", "no-cache")
+        .header("Access-Control-Allow-Origin", "*")
+        .header("X-Content-Type-Options", "nosniff")
+}
 
 /// An error answer: `{"error": {"code", "reason"}}`.
 pub(super) fn json_error(status: u16, reason: &str) -> HttpResponse {

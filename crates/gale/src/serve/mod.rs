@@ -127,6 +127,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
     let server = app
         .ws(&s.ws_path, s.behavior.clone(), Endpoint(gateway.clone()))
         .get("/", |_req: &HttpRequest<'_>| gale_server::HttpResponse::html(200, api::DEMO_PAGE))
+        .get("/gale-client.js", |_req: &HttpRequest<'_>| api::client_js())
         .get("/healthz", g(|g, _| api::health(g)))
         .get("/metrics", g(|g, _| api::metrics(g)))
         .post("/api/publish/*", g(api::publish))
