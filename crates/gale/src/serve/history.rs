@@ -107,6 +107,14 @@ impl HistoryPage {
         self.messages.len() < query.limit
     }
 
+    /// The message `seq`, read in order, has expired: it and the messages before it are no
+    /// longer retained, so the page starts again after it.
+    pub fn expired(&mut self, seq: u64) {
+        self.messages.clear();
+        self.bytes = 0;
+        self.first_seq = Some(seq + 1).filter(|first| *first <= self.seq);
+    }
+
     /// Messages after `since` were dropped from retention: the page does not start right
     /// after it.
     pub fn truncated(&self) -> bool {
