@@ -774,6 +774,12 @@ fn keys(topic: &str) -> (String, String, String, String) {
     )
 }
 
+/// The Redis key of an idempotency key of `topic`: `gale:T#idem:KEY`. `#` is in no topic name
+/// (nor in idempotency keys), so it is never another topic's key, whatever the `:` in either.
+fn idempotency_key(topic: &str, key: &str) -> String {
+    format!("gale:{topic}#idem:{key}")
+}
+
 /// Epoch and sequence number of a delivery (the broker's own format).
 fn position_of(delivery: &str) -> Option<(String, u64)> {
     let epoch = delivery.split_once("\"epoch\":\"")?.1.split_once('"')?.0;
@@ -937,7 +943,7 @@ impl Broker {
             script.arg(seq_key).arg(log).arg(epoch_key);
         }
         if let Some(key) = idem {
-            script.arg(format!("gale:{}:idem:{key}", topics[0]));
+            script.arg(idempotency_key(&topics[0], key));
         }
         let window_ms = self.idempotency_window.as_millis().max(1) as u64;
         let msg_ttl_ms = opts.ttl.map_or(0, |t| t.as_millis().max(1) as u64);
@@ -1244,6 +1250,17 @@ mod tests {
         assert_eq!(super::split_exclusion(&message, "00bb"), (d, None));
         assert_eq!(super::split_exclusion(d, "00aa"), (d, None));
         assert_eq!(super::exclusion_prefix("00aa", None), "");
+    }
+
+    #[test]
+    fn idempotency_keys_are_never_the_keys_of_a_topic() {
+        // Topic "a" with key "seq" must not be topic "a:idem"'s sequence number.
+        let name = super::idempotency_key("a", "seq");
+        assert_eq!(name, "gale:a#idem:seq");
+        assert!(super::super::protocol::check_topic("a#idem").is_err());
+        assert!(super::super::publish::check_key("x#y").is_err());
+        let (seq, log, epoch, _) = super::keys("a:idem");
+        assert!(![seq, log, epoch].contains(&name));
     }
 
     #[test]
