@@ -614,6 +614,11 @@ class PublishOptionsTest(AsyncTest):
             status, _, body = await asyncio.to_thread(post, "/api/publish_batch", bad)
             self.assertEqual(status, 400)
             self.assertIn(says, body["error"]["reason"])
+        # A broadcast cannot be made idempotent: refused rather than the key ignored.
+        status, _, body = await asyncio.to_thread(post, "/api/broadcast", {"topics": ["chat:b1"], "data": 1},
+                                                  {"Idempotency-Key": "k"})
+        self.assertEqual(status, 400)
+        self.assertIn("publish_batch", body["error"]["reason"])
 
     async def test_an_expired_message_is_neither_replayed_nor_read(self):
         topic = "chat:ttl"

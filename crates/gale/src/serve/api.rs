@@ -203,6 +203,13 @@ pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     if let Some(refused) = check_key(g, req) {
         return refused;
     }
+    if req.header("idempotency-key").is_some() {
+        // Silently ignored, a retried broadcast would be published twice.
+        return json_error(
+            400,
+            "a broadcast takes no Idempotency-Key: publish to each topic with POST /api/publish_batch",
+        );
+    }
     let body: Broadcast<'_> = match std::str::from_utf8(req.body()).map_err(|e| e.to_string()).and_then(|t| {
         serde_json::from_str(t).map_err(|e| format!("body must be {{\"topics\": [...], \"data\": ...}}: {e}"))
     }) {

@@ -209,6 +209,18 @@ mod tests {
     }
 
     #[test]
+    fn an_expired_message_starts_the_page_again_after_it() {
+        let q = HistoryQuery { since: 0, limit: 100, max_bytes: usize::MAX };
+        let mut p = HistoryPage::new(Some("e".into()), 4, Some(1), &q);
+        assert!(p.offer(&q, 1, "a"));
+        p.expired(2);
+        assert!(p.offer(&q, 3, "c") && p.offer(&q, 4, "d"));
+        assert_eq!((seqs(&p), p.first_seq, p.truncated()), (vec![3, 4], Some(3), true));
+        p.expired(4);
+        assert_eq!((seqs(&p), p.first_seq), (vec![], None));
+    }
+
+    #[test]
     fn a_gap_ends_the_page() {
         let q = HistoryQuery { since: 0, limit: 100, max_bytes: usize::MAX };
         let mut p = HistoryPage::new(Some("e".into()), 9, Some(1), &q);

@@ -395,6 +395,11 @@ impl Topics {
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         for (topic, state) in all {
+            if self.remembered.load(Ordering::Relaxed) > 0 {
+                // Keys past their window go even from topics that publish no more with keys,
+                // so that they do not hold places of the bound over all topics.
+                self.forget_keys(&mut state.lock().unwrap_or_else(|e| e.into_inner()), now);
+            }
             if subscribers(&topic) > 0 {
                 continue;
             }
@@ -536,6 +541,15 @@ mod tests {
         assert_eq!(topics.remembered_keys(), 2);
         assert!(!topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
         assert_eq!(topics.position("t").unwrap().seq, 3);
+        // Past the window, a sweep forgets keys even of topics that stay.
+        let brief =
+            PublishLimits { idempotency_window: Duration::from_millis(1), ..PublishLimits::default() };
+        let topics = Topics::new(limits(10, None), 10).with_publish_limits(brief);
+        topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        topics.sweep(|_| 1);
+        assert_eq!((topics.remembered_keys(), topics.len()), (0, 1));
+        assert!(!topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
     }
 
     #[test]
