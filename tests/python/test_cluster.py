@@ -482,6 +482,70 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             node.kill()
             node.proc.stdout.close()
 
+    async def test_publish_options_hold_across_nodes(self):
+        def post(node, path, data, headers):
+            req = urllib.request.Request(node.http_url + path, data=json.dumps(data).encode(), method="POST")
+            for name, value in {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                                **headers}.items():
+                req.add_header(name, value)
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+                return r.status, r.headers, json.loads(r.read())
+
+        subs = [await Client.open(n) for n in self.nodes]
+        for s in subs:
+            self.assertTrue((await s.command("subscribe", topic="chat:opt"))["ok"])
+        # An idempotent publish retried on another node: the original position, delivered once.
+        key = {"Idempotency-Key": "retry-1"}
+        _, _, first = await asyncio.to_thread(post, self.nodes[0], "/api/publish/chat:opt", {"n": 1}, key)
+        status, headers, again = await asyncio.to_thread(post, self.nodes[1], "/api/publish/chat:opt", {"n": 1}, key)
+        self.assertEqual((status, again["seq"], again["epoch"], again["duplicate"]), (200, 1, first["epoch"], True))
+        self.assertEqual(headers["Idempotent-Replayed"], "true")
+        self.assertEqual(first["seq"], 1)
+        self.assertRegex(self.redis.cli("GET", "gale:chat:opt#idem:retry-1"), r"^[0-9a-f]+:1$")
+        self.assertGreater(int(self.redis.cli("PTTL", "gale:chat:opt#idem:retry-1")), 0)
+        # exclude_self: the publisher (on node 2) does not get its message; the others do.
+        reply = await subs[2].command("publish", topic="chat:opt", data={"n": 2}, exclude_self=True)
+        self.assertEqual(reply["seq"], 2)
+        # A batch on node 1, its repeated item a duplicate; then a client retry on node 2.
+        items = [{"topic": "chat:opt", "data": {"n": 3}, "idempotency_key": "b-3"},
+                 {"topic": "chat:opt", "data": {"n": 3}, "idempotency_key": "b-3"},
+                 {"topic": "no good", "data": 0}]
+        _, _, body = await asyncio.to_thread(post, self.nodes[1], "/api/publish_batch", items, {})
+        results = body["results"]
+        self.assertEqual((results[0]["seq"], results[1]["seq"], results[1]["duplicate"]), (3, 3, True))
+        self.assertEqual(results[2]["error"]["code"], 400)
+        retry = await subs[2].command("publish", topic="chat:opt", data={"n": 3}, idempotency_key="b-3")
+        self.assertEqual((retry["seq"], retry["duplicate"]), (3, True))
+        for i, s in enumerate(subs):
+            expected = [1, 3] if i == 2 else [1, 2, 3]
+            got = [await s.delivery() for _ in expected]
+            self.assertEqual([d["seq"] for d in got], expected)
+        await asyncio.sleep(0.3)
+        for s in subs:
+            await s.command("ping")
+        self.assertEqual([s.deliveries for s in subs], [[], [], []], "nothing twice")
+        metrics = (await asyncio.to_thread(http, self.nodes[1], "GET", "/metrics", None, None))[1]
+        self.assertIn("gale_idempotent_replays_total 2", metrics)
+        self.assertIn("gale_batch_items_total 3", metrics)
+        # A message's time to live, kept with its entry in Redis: once past, history reads on any
+        # node leave it out, and recovery from before it is refused.
+        await asyncio.to_thread(post, self.nodes[0], "/api/publish/chat:brief?ttl=1", "brief", {})
+        _, _, last = await asyncio.to_thread(post, self.nodes[0], "/api/publish/chat:brief", "after", {})
+        self.assertEqual(last["seq"], 2)
+        page = json.loads((await asyncio.to_thread(http, self.nodes[1], "GET", "/api/history/chat:brief"))[1])
+        self.assertEqual([m["data"] for m in page["messages"]], ["brief", "after"])
+        await asyncio.sleep(1.2)
+        for n in self.nodes:
+            page = json.loads((await asyncio.to_thread(http, n, "GET", "/api/history/chat:brief"))[1])
+            self.assertEqual([m["data"] for m in page["messages"]], ["after"])
+            self.assertEqual((page["first_seq"], page["truncated"]), (2, True))
+        c = await Client.open(self.nodes[2])
+        reply = await c.command("subscribe", topic="chat:brief", since={"epoch": last["epoch"], "seq": 0})
+        self.assertIs(reply["recovered"], False, reply)
+        c = await Client.open(self.nodes[1])
+        reply = await c.command("subscribe", topic="chat:brief", since={"epoch": last["epoch"], "seq": 1})
+        self.assertEqual((reply["recovered"], reply["missed"]), (True, 1), reply)
+
     async def test_history_is_read_from_redis_the_same_on_every_node(self):
         a, b, c = self.nodes
         status, text = await asyncio.to_thread(http, b, "GET", "/api/history/chat:h", None, None)

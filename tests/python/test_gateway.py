@@ -512,6 +512,163 @@ class HistoryTest(AsyncTest):
         self.assertGreater(subscribed[-1][1]["seq"], 10)
 
 
+def post(path, data, headers=None):
+    """(status, headers, JSON body) of a POST of `data` as JSON with the API key."""
+    req = urllib.request.Request(server.http_url + path, data=json.dumps(data).encode(), method="POST")
+    req.add_header("Authorization", f"Bearer {API_KEY}")
+    req.add_header("Content-Type", "application/json")
+    for name, value in (headers or {}).items():
+        req.add_header(name, value)
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+def metric(name):
+    """The value of one line of /metrics (a name with its labels)."""
+    _, text = http("GET", "/metrics", key=None)
+    return int(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+class PublishOptionsTest(AsyncTest):
+    """Idempotent publishes, exclude_self, batches, message time to live, token refresh."""
+
+    async def test_a_retried_publish_with_its_idempotency_key_is_answered_not_delivered_again(self):
+        c = await self.client()
+        self.assertTrue((await c.command("subscribe", topic="chat:idem"))["ok"])
+        replays = await asyncio.to_thread(metric, "gale_idempotent_replays_total")
+        key = {"Idempotency-Key": "order-7f3a"}
+        status, headers, first = await asyncio.to_thread(post, "/api/publish/chat:idem", {"n": 1}, key)
+        self.assertEqual((status, first["seq"]), (200, 1), first)
+        self.assertNotIn("duplicate", first)
+        status, headers, again = await asyncio.to_thread(post, "/api/publish/chat:idem", {"n": 1}, key)
+        self.assertEqual((status, again["seq"], again["epoch"], again["duplicate"]), (200, 1, first["epoch"], True))
+        self.assertEqual(headers["Idempotent-Replayed"], "true")
+        # A client publish with a key of its own, retried.
+        r1 = await c.command("publish", topic="chat:idem", data={"n": 2}, idempotency_key="c-1")
+        r2 = await c.command("publish", topic="chat:idem", data={"n": 2}, idempotency_key="c-1")
+        self.assertEqual((r1["seq"], r2["seq"], r2["duplicate"]), (2, 2, True))
+        self.assertNotIn("duplicate", r1)
+        self.assertEqual([(d["seq"], d["data"]) for d in [await c.delivery(), await c.delivery()]],
+                         [(1, {"n": 1}), (2, {"n": 2})])
+        await c.command("ping")
+        self.assertEqual(c.deliveries, [], "nothing delivered twice")
+        self.assertEqual(await asyncio.to_thread(metric, "gale_idempotent_replays_total"), replays + 2)
+        # Bad keys: 400 naming the problem; nothing is published.
+        for bad, named in [("a b", "' '"), ("k" * 129, "1 to 128")]:
+            status, _, body = await asyncio.to_thread(post, "/api/publish/chat:idem", 1, {"Idempotency-Key": bad})
+            self.assertEqual(status, 400)
+            self.assertIn("idempotency key", body["error"]["reason"])
+            self.assertIn(named, body["error"]["reason"])
+        reply = await c.command("publish", topic="chat:idem", data=1, idempotency_key="")
+        self.assertEqual(reply["error"]["code"], 400)
+        status, _, body = await asyncio.to_thread(post, "/api/publish/chat:idem?ttl=x", 1)
+        self.assertEqual(status, 400)
+        self.assertIn("ttl", body["error"]["reason"])
+        self.assertEqual(json.loads((await asyncio.to_thread(http, "GET", "/api/topics/chat:idem"))[1])["seq"], 2)
+
+    async def test_exclude_self_leaves_out_the_publisher_only(self):
+        a = await self.client()
+        b = await self.client()
+        for c in (a, b):
+            self.assertTrue((await c.command("subscribe", topic="chat:self"))["ok"])
+        r = await a.command("publish", topic="chat:self", data="mine", exclude_self=True)
+        self.assertEqual(r["seq"], 1)
+        self.assertEqual((await b.delivery())["data"], "mine")
+        await a.command("publish", topic="chat:self", data="echoed")
+        # The first delivery `a` gets is its second publish: the first went to everyone else.
+        self.assertEqual(((await a.delivery())["seq"]), 2)
+        self.assertEqual((await b.delivery())["seq"], 2)
+        # The message is in the history all the same.
+        status, text = await asyncio.to_thread(http, "GET", "/api/history/chat:self")
+        self.assertEqual([m["data"] for m in json.loads(text)["messages"]], ["mine", "echoed"])
+
+    async def test_a_batch_publishes_each_item_and_answers_each_in_order(self):
+        c = await self.client()
+        for t in ("chat:b1", "chat:b2"):
+            self.assertTrue((await c.command("subscribe", topic=t))["ok"])
+        items = [
+            {"topic": "chat:b1", "data": {"i": 0}},
+            {"topic": "bad topic", "data": 1},
+            {"topic": "chat:b2", "data": {"i": 2}, "idempotency_key": "b-2"},
+            {"topic": "chat:b2", "data": {"i": 2}, "idempotency_key": "b-2"},
+            {"topic": "chat:b1", "data": {"i": 4}, "ttl": 0},
+        ]
+        before = await asyncio.to_thread(metric, "gale_batch_items_total")
+        status, _, body = await asyncio.to_thread(post, "/api/publish_batch", items)
+        self.assertEqual(status, 200, body)
+        results = body["results"]
+        self.assertEqual([r["topic"] for r in results], [i["topic"] for i in items])
+        self.assertEqual((results[0]["seq"], results[2]["seq"], results[3]["seq"]), (1, 1, 1))
+        self.assertEqual((results[3]["duplicate"], results[1]["error"]["code"]), (True, 400))
+        self.assertIn("ttl", results[4]["error"]["reason"])
+        got = sorted((d["topic"], d["data"]["i"]) for d in [await c.delivery(), await c.delivery()])
+        self.assertEqual(got, [("chat:b1", 0), ("chat:b2", 2)])
+        await c.command("ping")
+        self.assertEqual(c.deliveries, [])
+        self.assertEqual(await asyncio.to_thread(metric, "gale_batch_items_total"), before + 5)
+        for bad, says in [([], "1 to 100"), ([{"topic": "chat:b1", "data": 1}] * 101, "1 to 100"),
+                          ({"topic": "chat:b1"}, "body must be"), ([{"topic": "chat:b1"}], "data")]:
+            status, _, body = await asyncio.to_thread(post, "/api/publish_batch", bad)
+            self.assertEqual(status, 400)
+            self.assertIn(says, body["error"]["reason"])
+        # A broadcast cannot be made idempotent: refused rather than the key ignored.
+        status, _, body = await asyncio.to_thread(post, "/api/broadcast", {"topics": ["chat:b1"], "data": 1},
+                                                  {"Idempotency-Key": "k"})
+        self.assertEqual(status, 400)
+        self.assertIn("publish_batch", body["error"]["reason"])
+
+    async def test_an_expired_message_is_neither_replayed_nor_read(self):
+        topic = "chat:ttl"
+        first = await asyncio.to_thread(publish, topic, "kept")
+        status, _, short = await asyncio.to_thread(post, f"/api/publish/{topic}?ttl=1", "brief")
+        self.assertEqual(status, 200, short)
+        c = await self.client()
+        last = await c.command("publish", topic=topic, data="after", ttl=60)
+        self.assertEqual(last["seq"], 3)
+        page = json.loads((await asyncio.to_thread(http, "GET", f"/api/history/{topic}"))[1])
+        self.assertEqual([m["data"] for m in page["messages"]], ["kept", "brief", "after"])
+        await asyncio.sleep(1.2)
+        page = json.loads((await asyncio.to_thread(http, "GET", f"/api/history/{topic}"))[1])
+        self.assertEqual([m["data"] for m in page["messages"]], ["after"])
+        self.assertEqual((page["first_seq"], page["truncated"]), (3, True))
+        since = {"epoch": first["epoch"], "seq": 1}
+        reply = await c.command("subscribe", topic=topic, since=since)
+        self.assertIs(reply["recovered"], False)
+        self.assertIn("history", reply["reason"])
+        await c.command("unsubscribe", topic=topic)
+        reply = await c.command("subscribe", topic=topic, since={**since, "seq": 2})
+        self.assertEqual((reply["recovered"], reply["missed"]), (True, 1))
+        self.assertEqual((await c.delivery())["data"], "after")
+
+    async def test_refresh_replaces_the_token_of_the_same_user(self):
+        exp = int(time.time()) + 2
+        c = await self.client(f"?token={make_token({'sub': 'rae', 'exp': exp, 'subscribe': ['private:rae']})}")
+        self.assertEqual((await c.command("subscribe", topic="private:rae2"))["error"]["code"], 403)
+        refused = await asyncio.to_thread(metric, 'gale_token_refreshes_total{result="refused"}')
+        for token, code in [(make_token({"sub": "bob", "exp": exp + 60}), 403),
+                            (make_token({"sub": "rae", "exp": exp + 60}, secret="wrong"), 401),
+                            (make_token({"sub": "rae", "exp": int(time.time()) - 5}), 401)]:
+            reply = await c.command("refresh", token=token)
+            self.assertEqual(reply["error"]["code"], code, reply)
+        self.assertEqual((await c.command("refresh"))["error"]["code"], 400)
+        new = make_token({"sub": "rae", "exp": exp + 60, "subscribe": ["private:rae2"]})
+        reply = await c.command("refresh", token=new)
+        self.assertEqual((reply["ok"], reply["expires"]), (True, exp + 60))
+        # The new scopes replace the old ones for later commands.
+        self.assertTrue((await c.command("subscribe", topic="private:rae2"))["ok"])
+        self.assertEqual((await c.command("subscribe", topic="private:rae"))["error"]["code"], 403)
+        # Past the first token's expiry the connection lives on.
+        await asyncio.sleep(max(0.0, exp - time.time()) + 0.3)
+        self.assertTrue((await c.command("ping"))["ok"])
+        anonymous = await self.client()
+        self.assertEqual((await anonymous.command("refresh", token=new))["error"]["code"], 403)
+        self.assertEqual(await asyncio.to_thread(metric, 'gale_token_refreshes_total{result="refused"}'), refused + 5)
+        self.assertGreaterEqual(await asyncio.to_thread(metric, 'gale_token_refreshes_total{result="ok"}'), 1)
+
+
 class HttpApiTest(unittest.TestCase):
     def test_api_key_is_required(self):
         self.assertEqual(http("POST", "/api/publish/chat:k", b"{}", key=None)[0], 401)

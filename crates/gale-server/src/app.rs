@@ -571,6 +571,12 @@ impl ServerHandle {
         self.publish(topic, gale_frame::OpCode::Text, text.as_bytes(), true, None)
     }
 
+    /// Publish a text message to `topic` from any thread to every subscriber but `exclude`
+    /// (the connection it came from; see [`publish_text`](Self::publish_text)).
+    pub fn publish_text_except(&self, topic: &str, text: &str, exclude: ConnId) -> usize {
+        self.publish(topic, gale_frame::OpCode::Text, text.as_bytes(), true, Some(exclude))
+    }
+
     /// Publish a binary message to `topic` from any thread (see [`publish_text`](Self::publish_text)).
     pub fn publish_binary(&self, topic: &str, data: &[u8]) -> usize {
         self.publish(topic, gale_frame::OpCode::Binary, data, true, None)

@@ -36,6 +36,18 @@ impl ConnId {
         ConnId(((index as u64 & 0xFFFF) << 48) | ((key as u64 & 0xFF_FFFF) << 24) | (serial & 0xFF_FFFF))
     }
 
+    /// The id as a number, to name the connection outside the process (a message that
+    /// comes back through a broker, to be delivered to everyone but its publisher).
+    pub fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    /// The id [`to_bits`](Self::to_bits) gave. A number that names no connection only fails
+    /// to match one.
+    pub fn from_bits(bits: u64) -> Self {
+        ConnId(bits)
+    }
+
     /// The loop the connection belongs to.
     pub(crate) fn loop_index(self) -> usize {
         (self.0 >> 48) as usize

@@ -14,6 +14,7 @@ use super::broker::{BrokerRequest, HistoryReply, PublishReply};
 use super::gateway::Gateway;
 use super::history::{HistoryQuery, parse_query};
 use super::protocol::{CommandError, MAX_FRAGMENT, Payload, check_topic, fragment, fragment_len};
+use super::publish::{BatchReply, PublishOptions, http_options, item_result, parse_batch};
 use super::topics::PublishError;
 
 /// The demo page, embedded.
@@ -94,7 +95,26 @@ fn publish_failed(e: PublishError) -> HttpResponse {
     json_error(e.code, &e.reason)
 }
 
-/// `POST /api/publish/{topic}`: the body is the payload.
+/// The answer to a publish of one topic: `{"topic", "epoch", "seq", "subscribers"}`; for an
+/// idempotent retry also `"duplicate": true` and the header `Idempotent-Replayed: true`.
+pub(super) fn published(
+    topic: &str,
+    epoch: &str,
+    seq: u64,
+    subscribers: usize,
+    duplicate: bool,
+) -> HttpResponse {
+    let mut body =
+        serde_json::json!({"topic": topic, "epoch": epoch, "seq": seq, "subscribers": subscribers});
+    if duplicate {
+        body["duplicate"] = true.into();
+        return HttpResponse::json(200, body.to_string()).header("Idempotent-Replayed", "true");
+    }
+    HttpResponse::json(200, body.to_string())
+}
+
+/// `POST /api/publish/{topic}`: the body is the payload; `Idempotency-Key` and `?ttl=` are
+/// its options.
 pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     if let Some(refused) = check_key(g, req) {
         return refused;
@@ -102,6 +122,10 @@ pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     let topic = match topic_from_path(req.path(), "/api/publish/") {
         Ok(t) => t,
         Err(r) => return r,
+    };
+    let opts = match http_options(req.header("idempotency-key"), req.query()) {
+        Ok(o) => o,
+        Err(e) => return json_error(e.code, &e.reason),
     };
     let payload = match Payload::from_body(req.header("content-type"), req.body()) {
         Ok(p) => p,
@@ -119,21 +143,66 @@ pub fn publish(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
         // Cluster mode: answered (and counted) once Redis has numbered it.
         let reply = PublishReply::Http(req.defer());
         // Refused requests are answered by `send` itself.
-        b.send(BrokerRequest::Publish { topics: vec![topic], fragment: fragment(&payload), reply });
+        b.send(BrokerRequest::Publish { topics: vec![topic], fragment: fragment(&payload), reply, opts });
         return HttpResponse::text(202, "deferred");
     }
-    match g.publish(&topic, &payload) {
-        Ok(pos) => {
-            g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+    match g.publish_with(&topic, &payload, &opts) {
+        Ok(done) => {
+            if !done.duplicate {
+                g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+            }
             let subscribers = g.handle.get().map_or(0, |h| h.num_subscribers(&topic));
-            HttpResponse::json(
-                200,
-                serde_json::json!({"topic": topic, "epoch": pos.epoch, "seq": pos.seq, "subscribers": subscribers})
-                    .to_string(),
-            )
+            published(&topic, &done.pos.epoch, done.pos.seq, subscribers, done.duplicate)
         }
         Err(e) => publish_failed(e),
     }
+}
+
+/// `POST /api/publish_batch`: `[{"topic", "data", "idempotency_key"?, "ttl"?}, ...]`, each
+/// item published on its own (different data to different topics); the answer lists each
+/// item's result in order.
+pub fn publish_batch(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    if let Some(refused) = check_key(g, req) {
+        return refused;
+    }
+    let items = match parse_batch(req.body(), g.settings.publish.max_batch_items) {
+        Ok(items) => items,
+        Err(e) => return json_error(e.code, &e.reason),
+    };
+    g.stats.batch_items.fetch_add(items.len() as u64, Ordering::Relaxed);
+    // Items refused before publishing are answered in place; the others are published.
+    let mut results = vec![serde_json::Value::Null; items.len()];
+    let mut publishable = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match check_topic(&item.topic).and_then(|()| item.options()) {
+            Ok(opts) => publishable.push((i, opts)),
+            Err(e) => results[i] = item_result(&item.topic, Err(&e)),
+        }
+    }
+    if let Some(b) = g.broker.get() {
+        let batch = BatchReply::new(req.defer(), results, publishable.len());
+        for (i, opts) in publishable {
+            let item = &items[i];
+            let reply = PublishReply::Batch(batch.clone(), i);
+            let fragment = fragment(&Payload::Json(item.data.get()));
+            // A refused request's item is answered by `send` itself.
+            b.send(BrokerRequest::Publish { topics: vec![item.topic.clone()], fragment, reply, opts });
+        }
+        return HttpResponse::text(202, "deferred");
+    }
+    for (i, opts) in publishable {
+        let item = &items[i];
+        results[i] = match g.publish_with(&item.topic, &Payload::Json(item.data.get()), &opts) {
+            Ok(done) => {
+                if !done.duplicate {
+                    g.stats.http_publishes.fetch_add(1, Ordering::Relaxed);
+                }
+                item_result(&item.topic, Ok((&done.pos.epoch, done.pos.seq, done.duplicate)))
+            }
+            Err(e) => item_result(&item.topic, Err(&CommandError::from(e))),
+        };
+    }
+    HttpResponse::json(200, serde_json::json!({ "results": results }).to_string())
 }
 
 #[derive(Deserialize)]
@@ -148,6 +217,13 @@ struct Broadcast<'a> {
 pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     if let Some(refused) = check_key(g, req) {
         return refused;
+    }
+    if req.header("idempotency-key").is_some() {
+        // Silently ignored, a retried broadcast would be published twice.
+        return json_error(
+            400,
+            "a broadcast takes no Idempotency-Key: publish to each topic with POST /api/publish_batch",
+        );
     }
     let body: Broadcast<'_> = match std::str::from_utf8(req.body()).map_err(|e| e.to_string()).and_then(|t| {
         serde_json::from_str(t).map_err(|e| format!("body must be {{\"topics\": [...], \"data\": ...}}: {e}"))
@@ -166,7 +242,12 @@ pub fn broadcast(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     if let Some(b) = g.broker.get() {
         let reply = PublishReply::Http(req.defer());
         let fragment = fragment(&Payload::Json(body.data.get()));
-        b.send(BrokerRequest::Publish { topics: body.topics, fragment, reply });
+        b.send(BrokerRequest::Publish {
+            topics: body.topics,
+            fragment,
+            reply,
+            opts: PublishOptions::default(),
+        });
         return HttpResponse::text(202, "deferred");
     }
     // All or nothing (as in cluster mode, where one script publishes to all the topics): a
@@ -318,6 +399,11 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
             "# HELP gale_history_bytes Bytes of history kept for recovery.\n# TYPE gale_history_bytes gauge\ngale_history_bytes {}",
             g.topics.history_bytes()
         );
+        let _ = writeln!(
+            out,
+            "# HELP gale_idempotency_keys Idempotency keys remembered.\n# TYPE gale_idempotency_keys gauge\ngale_idempotency_keys {}",
+            g.topics.remembered_keys()
+        );
     }
     let _ = writeln!(
         out,
@@ -336,6 +422,22 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         "# HELP gale_history_reads_total History reads answered (HTTP API, client commands).\n# TYPE gale_history_reads_total counter\ngale_history_reads_total{{source=\"http\"}} {}\ngale_history_reads_total{{source=\"client\"}} {}",
         load(&s.http_histories),
         load(&s.client_histories)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_idempotent_replays_total Publishes answered from a remembered idempotency key, not published again.\n# TYPE gale_idempotent_replays_total counter\ngale_idempotent_replays_total {}",
+        load(&s.idempotent_replays)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_batch_items_total Items of POST /api/publish_batch requests.\n# TYPE gale_batch_items_total counter\ngale_batch_items_total {}",
+        load(&s.batch_items)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_token_refreshes_total refresh commands.\n# TYPE gale_token_refreshes_total counter\ngale_token_refreshes_total{{result=\"ok\"}} {}\ngale_token_refreshes_total{{result=\"refused\"}} {}",
+        load(&s.refreshes),
+        load(&s.refused_refreshes)
     );
     let _ = writeln!(
         out,

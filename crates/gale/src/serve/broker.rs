@@ -34,10 +34,11 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 
-use super::api::json_error;
+use super::api::{json_error, published};
 use super::gateway::{Client, GatewayStats};
 use super::history::{HistoryPage, HistoryQuery};
 use super::protocol::{CommandError, Reply, error_reply};
+use super::publish::{BatchReply, PublishOptions, item_result};
 use super::topics::{Position, PublishError, new_epoch};
 use serde_json::value::RawValue;
 
@@ -67,16 +68,21 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 }
 
 /// The publish script: one per request, for all its topics. KEYS: the registry, then three
-/// per topic (its sequence number, its log, its epoch); ARGV: the payload fragment, the history
-/// size, the TTL in ms (0: none), the most topics the cluster holds, then four per topic (its
-/// name, its name as JSON, its channel, a fresh epoch). Everything is checked before anything
-/// is written: a refused publish leaves no trace, and a publish to several topics goes to all
-/// of them or none.
+/// per topic (its sequence number, its log, its epoch), then for a publish to one topic with an
+/// idempotency key, that key's key; ARGV: the payload fragment, the history size, the TTL in
+/// ms (0: none), the most topics the cluster holds, the idempotency window in ms, the
+/// message's time to live in ms (0: none), what goes before the delivery on the channel (who
+/// not to deliver it to, or nothing), then four per topic (its name, its name as JSON, its
+/// channel, a fresh epoch). Everything is checked before anything is written: a refused publish
+/// leaves no trace, and a publish to several topics goes to all of them or none. Each topic's
+/// answer is {seq, epoch, 1 if it is an idempotent retry (nothing published) else 0}.
 const PUBLISH_LUA: &str = concat!(
     r#"
-local n = (#KEYS - 1) / 3
+local n = math.floor((#KEYS - 1) / 3)
+local idem = nil
+if (#KEYS - 1) % 3 == 1 then idem = KEYS[#KEYS] end
 local function key(i, k) return KEYS[1 + 3 * (i - 1) + k] end
-local function arg(i, k) return ARGV[4 + 4 * (i - 1) + k] end
+local function arg(i, k) return ARGV[7 + 4 * (i - 1) + k] end
 local kinds = {'string', 'stream', 'string'}
 for i = 1, n do
   for k = 1, 3 do
@@ -88,6 +94,14 @@ for i = 1, n do
   local seq = redis.call('GET', key(i, 1))
   if seq and not string.match(seq, '^%d+$') then
     return redis.error_reply('WRONGTYPE ' .. key(i, 1) .. ' holds no sequence number')
+  end
+end
+-- A retry of a remembered idempotency key: the first publish's position, nothing published.
+if idem then
+  local prior = redis.call('GET', idem)
+  if prior then
+    local e, s = string.match(prior, '^(%x+):(%d+)$')
+    if e then return {{tonumber(s), e, 1}} end
   end
 end
 -- The last sequence number in a topic's log (0 when empty): a sequence key lost while its log
@@ -112,6 +126,7 @@ end
 local ttl = tonumber(ARGV[3])
 local expires = '+inf'
 if ttl > 0 then expires = now + ttl end
+local msg_ttl = tonumber(ARGV[6])
 local out = {}
 for i = 1, n do
   local seq_key, log, epoch_key = key(i, 1), key(i, 2), key(i, 3)
@@ -123,7 +138,13 @@ for i = 1, n do
   local seq = math.max(tonumber(redis.call('GET', seq_key) or '0'), last_logged(log)) + 1
   redis.call('SET', seq_key, seq)
   local d = '{"topic":' .. arg(i, 2) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
-  redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
+  if msg_ttl > 0 then
+    -- Its expiry (ms, Redis's clock) goes with it: reads leave it out once past.
+    redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d, 'x', now + msg_ttl)
+  else
+    redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
+  end
+  if idem then redis.call('SET', idem, epoch .. ':' .. seq, 'PX', ARGV[5]) end
   for _, k in ipairs({seq_key, log, epoch_key}) do
     if ttl > 0 then
       -- An idle topic is forgotten whole: the next publish starts a new epoch.
@@ -134,8 +155,8 @@ for i = 1, n do
     end
   end
   redis.call('ZADD', KEYS[1], expires, arg(i, 1))
-  redis.call('PUBLISH', arg(i, 3), d)
-  out[i] = {seq, epoch}
+  redis.call('PUBLISH', arg(i, 3), ARGV[7] .. d)
+  out[i] = {seq, epoch, 0}
 end
 return out
 "#
@@ -159,6 +180,8 @@ pub enum PublishReply {
     Http(Responder),
     /// A client's `publish` command: its connection and command id.
     Client(ConnId, Option<Box<RawValue>>),
+    /// Item `.1` of `POST /api/publish_batch`.
+    Batch(Arc<BatchReply>, usize),
 }
 
 /// Where a history read's answer goes.
@@ -171,8 +194,9 @@ pub enum HistoryReply {
 
 /// What the event loops ask the broker.
 pub enum BrokerRequest {
-    /// Publish `fragment` (`"data":…` or `"binary":…`) to each topic, in order.
-    Publish { topics: Vec<String>, fragment: String, reply: PublishReply },
+    /// Publish `fragment` (`"data":…` or `"binary":…`) to each topic, in order; `opts` only
+    /// with one topic.
+    Publish { topics: Vec<String>, fragment: String, reply: PublishReply, opts: PublishOptions },
     /// Subscribe a connection, recovering from `since`.
     Subscribe {
         conn: ConnId,
@@ -231,6 +255,10 @@ impl BrokerHandle {
                     BrokerRequest::Publish { reply: PublishReply::Http(r), .. } => {
                         r.respond(json_error(503, busy))
                     }
+                    BrokerRequest::Publish { topics, reply: PublishReply::Batch(b, i), .. } => {
+                        let topic = topics.first().map_or("", String::as_str);
+                        b.fill(i, item_result(topic, Err(&CommandError::new(503, busy))))
+                    }
                     BrokerRequest::TopicInfo { reply, .. }
                     | BrokerRequest::History { reply: HistoryReply::Http(reply), .. } => {
                         reply.respond(json_error(503, busy))
@@ -269,21 +297,37 @@ pub fn start(
     history: usize,
     ttl: Option<Duration>,
     max_topics: usize,
+    idempotency_window: Duration,
     stats: Arc<GatewayStats>,
 ) -> Result<BrokerHandle, String> {
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
-    let shared =
-        Arc::new(Shared { handle, status: status.clone(), stats, topics: Mutex::new(HashMap::new()) });
+    let node = u64::from_str_radix(&new_epoch(), 16).unwrap_or_default();
+    let shared = Arc::new(Shared {
+        handle,
+        status: status.clone(),
+        stats,
+        topics: Mutex::new(HashMap::new()),
+        node: format!("{node:016x}"),
+    });
     let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
     std::thread::Builder::new()
         .name("gale-broker-listen".into())
         .spawn(move || listener.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
     let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
-    let broker = Broker { client, shared, rx, listen: ctl_tx, history: history.max(1), ttl_ms, max_topics };
+    let broker = Broker {
+        client,
+        shared,
+        rx,
+        listen: ctl_tx,
+        history: history.max(1),
+        ttl_ms,
+        max_topics,
+        idempotency_window,
+    };
     std::thread::Builder::new()
         .name("gale-broker".into())
         .spawn(move || broker.run())
@@ -301,6 +345,30 @@ struct Shared {
     /// The topics this node listens to. Locked while a message is forwarded and while a
     /// subscription is set up, so that the two never interleave.
     topics: Mutex<HashMap<String, Forwarding>>,
+    /// This node's name in the channel messages of publishes that leave out their publisher.
+    node: String,
+}
+
+/// The start of a channel message that is not to be delivered to one connection: `\u{1}`,
+/// the node, `:`, the connection's id, a newline; then the delivery.
+const EXCLUDE_MARK: char = '\u{1}';
+
+/// What goes before a delivery on the channel for a publish that leaves out `exclude` on
+/// `node`.
+fn exclusion_prefix(node: &str, exclude: Option<ConnId>) -> String {
+    exclude.map_or_else(String::new, |c| format!("{EXCLUDE_MARK}{node}:{}\n", c.to_bits()))
+}
+
+/// A channel message's delivery, and the connection of `node` not to deliver it to.
+fn split_exclusion<'a>(message: &'a str, node: &str) -> (&'a str, Option<ConnId>) {
+    let Some(rest) = message.strip_prefix(EXCLUDE_MARK) else { return (message, None) };
+    let Some((head, delivery)) = rest.split_once('\n') else { return (message, None) };
+    let exclude = head
+        .split_once(':')
+        .filter(|(n, _)| *n == node)
+        .and_then(|(_, c)| c.parse().ok())
+        .map(ConnId::from_bits);
+    (delivery, exclude)
 }
 
 impl Shared {
@@ -308,14 +376,24 @@ impl Shared {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hand a delivery from Redis to this node's subscribers, once and in order.
-    fn forward(&self, topics: &mut HashMap<String, Forwarding>, topic: &str, delivery: &str) {
+    /// Hand a delivery from Redis to this node's subscribers (but `exclude`), once and in
+    /// order.
+    fn forward(
+        &self,
+        topics: &mut HashMap<String, Forwarding>,
+        topic: &str,
+        delivery: &str,
+        exclude: Option<ConnId>,
+    ) {
         let Some((epoch, seq)) = position_of(delivery) else { return };
         let Some(f) = topics.get_mut(topic) else { return };
         f.set_epoch(&epoch);
         if seq > f.last {
             f.last = seq;
-            self.handle.publish_text(topic, delivery);
+            match exclude {
+                Some(publisher) => self.handle.publish_text_except(topic, delivery, publisher),
+                None => self.handle.publish_text(topic, delivery),
+            };
             self.status.forwarded.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -334,8 +412,8 @@ impl Shared {
             f.set_epoch(&e);
         }
         let from = topics.get(topic).map_or(0, |f| f.last) + 1;
-        read_log(cmd, &log, from, None, |_, d| {
-            self.forward(topics, topic, &d);
+        read_log(cmd, &log, from, None, |_, d, _| {
+            self.forward(topics, topic, &d, None);
             true
         })
     }
@@ -456,8 +534,9 @@ impl Listener {
                         continue;
                     };
                     if let Some(topic) = channel.strip_prefix("gale:") {
+                        let (delivery, exclude) = split_exclusion(&payload, &self.shared.node);
                         let mut topics = self.shared.topics();
-                        self.shared.forward(&mut topics, topic, &payload);
+                        self.shared.forward(&mut topics, topic, delivery, exclude);
                     }
                 }
                 Err(e) if e.is_timeout() => {}
@@ -480,14 +559,15 @@ fn command_connection(client: &redis::Client) -> redis::RedisResult<redis::Conne
 const LOG_PAGE: usize = 32;
 
 /// Read the deliveries of a topic's log from sequence number `from` to `to` (inclusive; `None`:
-/// to its end), page by page, handing each with its sequence number to `each` until it returns
+/// to its end), page by page, handing each with its sequence number and its expiry (ms,
+/// Redis's clock; for messages published with a time to live) to `each` until it returns
 /// false. Entries without a delivery are skipped.
 fn read_log(
     cmd: &mut redis::Connection,
     log: &str,
     from: u64,
     to: Option<u64>,
-    mut each: impl FnMut(u64, String) -> bool,
+    mut each: impl FnMut(u64, String, Option<u64>) -> bool,
 ) -> redis::RedisResult<()> {
     let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
     let mut start = format!("{from}-1");
@@ -500,8 +580,9 @@ fn read_log(
             // An id not of the form `seq-n` is none of ours: the log ends there.
             let Some((seq, next)) = entry_id(&id) else { return Ok(()) };
             (start, reached) = (next, seq);
+            let expires = fields.iter().find(|(k, _)| k == "x").and_then(|(_, x)| x.parse().ok());
             if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d")
-                && !each(seq, d)
+                && !each(seq, d, expires)
             {
                 return Ok(());
             }
@@ -530,22 +611,25 @@ fn read_history(
 ) -> redis::RedisResult<HistoryPage> {
     type Entries = Vec<(String, Vec<(String, String)>)>;
     let (seq_key, log, epoch_key, _) = keys(topic);
-    let (seq, epoch, oldest, newest): (Option<u64>, Option<String>, Entries, Entries) = redis::pipe()
-        .get(&seq_key)
-        .get(&epoch_key)
-        .cmd("XRANGE")
-        .arg(&log)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .cmd("XREVRANGE")
-        .arg(&log)
-        .arg("+")
-        .arg("-")
-        .arg("COUNT")
-        .arg(1)
-        .query(cmd)?;
+    let (seq, epoch, oldest, newest, time): (Option<u64>, Option<String>, Entries, Entries, (u64, u64)) =
+        redis::pipe()
+            .get(&seq_key)
+            .get(&epoch_key)
+            .cmd("XRANGE")
+            .arg(&log)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("XREVRANGE")
+            .arg(&log)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .cmd("TIME")
+            .query(cmd)?;
+    let now = redis_ms(time);
     let Some(epoch) = epoch else {
         return Ok(HistoryPage::new(None, 0, None, query));
     };
@@ -553,7 +637,12 @@ fn read_history(
     // As a publish numbers: a sequence key lost while the log survived goes on from the log.
     let seq = seq.unwrap_or(0).max(seq_of(&newest).unwrap_or(0));
     let mut page = HistoryPage::new(Some(epoch.clone()), seq, seq_of(&oldest), query);
-    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d| {
+    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d, expires| {
+        // A message whose time to live has passed ends the retention of those before it.
+        if expires.is_some_and(|x| x <= now) {
+            page.expired(n);
+            return true;
+        }
         // An entry of another epoch (the topic expired and started again meanwhile) ends it.
         position_of(&d).is_some_and(|(e, _)| e == epoch) && page.offer(query, n, d)
     })?;
@@ -571,10 +660,12 @@ fn read_replay(
     max_bytes: usize,
 ) -> redis::RedisResult<Result<Vec<String>, &'static str>> {
     const GONE: &str = "missed messages are no longer in the history";
+    let now = redis_ms(redis::cmd("TIME").query(cmd)?);
     let (mut missed, mut bytes, mut refused) = (Vec::new(), 0, None);
-    read_log(cmd, log, since + 1, Some(last), |seq, d| {
+    read_log(cmd, log, since + 1, Some(last), |seq, d, expires| {
         bytes += d.len();
-        if seq != since + 1 + missed.len() as u64 {
+        // A missed message whose time to live has passed is no longer in the history.
+        if seq != since + 1 + missed.len() as u64 || expires.is_some_and(|x| x <= now) {
             refused = Some(GONE);
         } else if bytes > max_bytes {
             refused = Some("missed messages are more than a connection may queue");
@@ -590,18 +681,25 @@ fn read_replay(
     })
 }
 
-/// A publish waiting for the broker: its topics, its payload fragment, where its answer goes.
-type Publish = (Vec<String>, String, PublishReply);
+/// Redis's `TIME` in milliseconds.
+fn redis_ms((secs, micros): (u64, u64)) -> u64 {
+    secs * 1000 + micros / 1000
+}
 
-/// The topics of a request with their positions (sequence number, epoch), read from its
-/// script's answer; or why they were not published.
-fn positions(
-    topics: Vec<String>,
-    answer: Option<redis::Value>,
-) -> Result<Vec<(String, u64, String)>, CommandError> {
+/// A publish waiting for the broker: its topics, its payload fragment, where its answer goes,
+/// its options.
+type Publish = (Vec<String>, String, PublishReply, PublishOptions);
+
+/// A topic published to: its name, sequence number, epoch, and whether it was an idempotent
+/// retry (nothing published, the first publish's position).
+type Placed = (String, u64, String, bool);
+
+/// The topics of a request with their positions, read from its script's answer; or why they
+/// were not published.
+fn positions(topics: &[String], answer: Option<redis::Value>) -> Result<Vec<Placed>, CommandError> {
     let refused = |why: String| CommandError::new(500, format!("Redis refused the publish: {why}"));
     let answer = answer.ok_or_else(|| refused("no answer".into()))?;
-    let found: Vec<(u64, String)> = match redis::from_redis_value::<redis::RedisResult<_>>(answer) {
+    let found: Vec<(u64, String, u8)> = match redis::from_redis_value::<redis::RedisResult<_>>(answer) {
         Ok(Ok(found)) => found,
         Ok(Err(e)) if e.code() == Some(FULL) => return Err(PublishError::TooManyTopics.into()),
         Ok(Err(e)) if is_transient(&e) => return Err(unavailable(&server_reason(&e))),
@@ -611,7 +709,7 @@ fn positions(
     if found.len() != topics.len() {
         return Err(refused(format!("{} positions for {} topics", found.len(), topics.len())));
     }
-    Ok(topics.into_iter().zip(found).map(|(t, (seq, epoch))| (t, seq, epoch)).collect())
+    Ok(topics.iter().zip(found).map(|(t, (seq, epoch, dup))| (t.clone(), seq, epoch, dup == 1)).collect())
 }
 
 /// An error Redis answered, as one line: its code and what it said.
@@ -663,6 +761,8 @@ struct Broker {
     ttl_ms: u64,
     /// The most topics with state in Redis (`limits.max_topics`, over the cluster).
     max_topics: usize,
+    /// How long Redis keeps an idempotency key (`publish.idempotency_window`).
+    idempotency_window: Duration,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -672,6 +772,12 @@ fn keys(topic: &str) -> (String, String, String, String) {
         format!("gale:{topic}:epoch"),
         format!("gale:{topic}"),
     )
+}
+
+/// The Redis key of an idempotency key of `topic`: `gale:T#idem:KEY`. `#` is in no topic name
+/// (nor in idempotency keys), so it is never another topic's key, whatever the `:` in either.
+fn idempotency_key(topic: &str, key: &str) -> String {
+    format!("gale:{topic}#idem:{key}")
 }
 
 /// Epoch and sequence number of a delivery (the broker's own format).
@@ -749,8 +855,8 @@ impl Broker {
             let mut next = first;
             for _ in 0..256 {
                 match next.take() {
-                    Some(BrokerRequest::Publish { topics, fragment, reply }) => {
-                        publishes.push((topics, fragment, reply))
+                    Some(BrokerRequest::Publish { topics, fragment, reply, opts }) => {
+                        publishes.push((topics, fragment, reply, opts))
                     }
                     Some(request) => {
                         if let Err(e) = self.publish_batch(cmd, std::mem::take(&mut publishes)) {
@@ -797,29 +903,29 @@ impl Broker {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (topics, fragment, _) in &batch {
-            pipe.add_command(self.publish_script(topics, fragment));
+        for (topics, fragment, _, opts) in &batch {
+            pipe.add_command(self.publish_script(topics, fragment, opts));
         }
         // Errors stay in their own slots instead of failing the whole pipeline.
         let answers: Vec<redis::Value> = match pipe.ignore_errors().query(cmd) {
             Ok(a) => a,
             Err(e) => {
-                for (_, _, reply) in batch {
+                for (topics, _, reply, _) in batch {
                     self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
-                    self.answer_publish_error(reply, unavailable(&e.to_string()));
+                    self.answer_publish_error(reply, &topics, unavailable(&e.to_string()));
                 }
                 return Err(e);
             }
         };
         let mut answers = answers.into_iter();
-        for (topics, _, reply) in batch {
-            match positions(topics, answers.next()) {
+        for (topics, _, reply, _) in batch {
+            match positions(&topics, answers.next()) {
                 Ok(positions) => self.answer_published(reply, &positions),
                 Err(e) => {
                     if e.code == 503 {
                         self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.answer_publish_error(reply, e)
+                    self.answer_publish_error(reply, &topics, e)
                 }
             }
         }
@@ -827,14 +933,22 @@ impl Broker {
     }
 
     /// The publish script's call for one request.
-    fn publish_script(&self, topics: &[String], fragment: &str) -> redis::Cmd {
+    fn publish_script(&self, topics: &[String], fragment: &str, opts: &PublishOptions) -> redis::Cmd {
         let mut script = redis::cmd("EVAL");
-        script.arg(PUBLISH_LUA).arg(1 + topics.len() * 3).arg(REGISTRY);
+        // An idempotency key is for a publish to one topic (a publish or a batch item).
+        let idem = opts.idempotency_key.as_ref().filter(|_| topics.len() == 1);
+        script.arg(PUBLISH_LUA).arg(1 + topics.len() * 3 + usize::from(idem.is_some())).arg(REGISTRY);
         let keyed: Vec<_> = topics.iter().map(|t| keys(t)).collect();
         for (seq_key, log, epoch_key, _) in &keyed {
             script.arg(seq_key).arg(log).arg(epoch_key);
         }
+        if let Some(key) = idem {
+            script.arg(idempotency_key(&topics[0], key));
+        }
+        let window_ms = self.idempotency_window.as_millis().max(1) as u64;
+        let msg_ttl_ms = opts.ttl.map_or(0, |t| t.as_millis().max(1) as u64);
         script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(self.max_topics);
+        script.arg(window_ms).arg(msg_ttl_ms).arg(exclusion_prefix(&self.shared.node, opts.exclude));
         for (topic, (_, _, _, channel)) in topics.iter().zip(&keyed) {
             let json = serde_json::to_string(topic).unwrap_or_default();
             script.arg(topic).arg(json).arg(channel).arg(new_epoch());
@@ -854,8 +968,8 @@ impl Broker {
         request: BrokerRequest,
     ) -> redis::RedisResult<()> {
         match request {
-            BrokerRequest::Publish { topics, fragment, reply } => {
-                self.publish_batch(cmd, vec![(topics, fragment, reply)])?;
+            BrokerRequest::Publish { topics, fragment, reply, opts } => {
+                self.publish_batch(cmd, vec![(topics, fragment, reply, opts)])?;
             }
             BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
                 if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
@@ -1036,44 +1150,58 @@ impl Broker {
         });
     }
 
-    fn answer_published(&self, reply: PublishReply, results: &[(String, u64, String)]) {
+    fn answer_published(&self, reply: PublishReply, results: &[Placed]) {
         let stats = &self.shared.stats;
+        let replays = results.iter().filter(|(.., dup)| *dup).count() as u64;
+        if replays > 0 {
+            stats.idempotent_replays.fetch_add(replays, Ordering::Relaxed);
+        }
+        let fresh = results.len() as u64 - replays;
         match reply {
             PublishReply::Http(responder) => {
-                stats.http_publishes.fetch_add(results.len() as u64, Ordering::Relaxed);
-                let body = if results.len() == 1 {
-                    let (topic, seq, epoch) = &results[0];
+                stats.http_publishes.fetch_add(fresh, Ordering::Relaxed);
+                if let [(topic, seq, epoch, dup)] = results {
                     let subscribers = self.shared.handle.num_subscribers(topic);
-                    serde_json::json!({"topic": topic, "epoch": epoch, "seq": seq, "subscribers": subscribers})
-                } else {
-                    let list: Vec<_> = results
-                        .iter()
-                        .map(|(t, s, e)| serde_json::json!({"topic": t, "epoch": e, "seq": s}))
-                        .collect();
-                    serde_json::json!({ "results": list })
-                };
-                responder.respond(HttpResponse::json(200, body.to_string()));
+                    responder.respond(published(topic, epoch, *seq, subscribers, *dup));
+                    return;
+                }
+                let list: Vec<_> = results
+                    .iter()
+                    .map(|(t, s, e, _)| serde_json::json!({"topic": t, "epoch": e, "seq": s}))
+                    .collect();
+                responder
+                    .respond(HttpResponse::json(200, serde_json::json!({ "results": list }).to_string()));
+            }
+            PublishReply::Batch(batch, i) => {
+                stats.http_publishes.fetch_add(fresh, Ordering::Relaxed);
+                if let Some((topic, seq, epoch, dup)) = results.first() {
+                    batch.fill(i, item_result(topic, Ok((epoch, *seq, *dup))));
+                }
             }
             PublishReply::Client(conn, id) => {
-                stats.client_publishes.fetch_add(1, Ordering::Relaxed);
-                let Some((topic, seq, epoch)) = results.first().cloned() else { return };
+                stats.client_publishes.fetch_add(fresh, Ordering::Relaxed);
+                let Some((topic, seq, epoch, dup)) = results.first().cloned() else { return };
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(
-                        &Reply::ok(id.as_deref(), "publish")
-                            .str("topic", &topic)
-                            .str("epoch", &epoch)
-                            .raw("seq", seq)
-                            .finish(),
-                    );
+                    let mut reply = Reply::ok(id.as_deref(), "publish")
+                        .str("topic", &topic)
+                        .str("epoch", &epoch)
+                        .raw("seq", seq);
+                    if dup {
+                        reply = reply.raw("duplicate", true);
+                    }
+                    ws.send_text(&reply.finish());
                 });
             }
         }
     }
 
     /// Answer a publish that was not carried out.
-    fn answer_publish_error(&self, reply: PublishReply, e: CommandError) {
+    fn answer_publish_error(&self, reply: PublishReply, topics: &[String], e: CommandError) {
         match reply {
             PublishReply::Http(responder) => responder.respond(json_error(e.code, &e.reason)),
+            PublishReply::Batch(batch, i) => {
+                batch.fill(i, item_result(topics.first().map_or("", String::as_str), Err(&e)))
+            }
             PublishReply::Client(conn, id) => {
                 self.shared.stats.command_errors.fetch_add(1, Ordering::Relaxed);
                 let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
@@ -1087,9 +1215,9 @@ impl Broker {
     fn refuse(&self, request: BrokerRequest) {
         let why = "Redis is unreachable";
         match request {
-            BrokerRequest::Publish { reply, .. } => {
+            BrokerRequest::Publish { reply, topics, .. } => {
                 self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
-                self.answer_publish_error(reply, unavailable(why));
+                self.answer_publish_error(reply, &topics, unavailable(why));
             }
             BrokerRequest::Subscribe { conn, topic, id, .. } => {
                 self.reply_error(conn, &topic, id, unavailable(why));
@@ -1114,6 +1242,28 @@ mod tests {
     }
 
     #[test]
+    fn a_publisher_left_out_is_named_on_the_channel_for_its_own_node_only() {
+        let conn = gale_server::ConnId::from_bits(0x0001_0000_0200_0003);
+        let d = r#"{"topic":"t","epoch":"e","seq":1,"data":1}"#;
+        let message = format!("{}{d}", super::exclusion_prefix("00aa", Some(conn)));
+        assert_eq!(super::split_exclusion(&message, "00aa"), (d, Some(conn)));
+        assert_eq!(super::split_exclusion(&message, "00bb"), (d, None));
+        assert_eq!(super::split_exclusion(d, "00aa"), (d, None));
+        assert_eq!(super::exclusion_prefix("00aa", None), "");
+    }
+
+    #[test]
+    fn idempotency_keys_are_never_the_keys_of_a_topic() {
+        // Topic "a" with key "seq" must not be topic "a:idem"'s sequence number.
+        let name = super::idempotency_key("a", "seq");
+        assert_eq!(name, "gale:a#idem:seq");
+        assert!(super::super::protocol::check_topic("a#idem").is_err());
+        assert!(super::super::publish::check_key("x#y").is_err());
+        let (seq, log, epoch, _) = super::keys("a:idem");
+        assert!(![seq, log, epoch].contains(&name));
+    }
+
+    #[test]
     fn log_pages_continue_after_the_last_entry() {
         assert_eq!(super::entry_id("42-1"), Some((42, "42-2".to_string())));
         for bad in ["42", "x-1", "42-", "42-18446744073709551615"] {
@@ -1125,20 +1275,22 @@ mod tests {
     fn each_publish_gets_its_own_answer() {
         let topics = || vec!["a".to_string(), "b".to_string()];
         let answer = |resp: &[u8]| Some(redis::parse_redis_value(resp).unwrap());
-        let ok =
-            super::positions(topics(), answer(b"*2\r\n*2\r\n:7\r\n$2\r\ne1\r\n*2\r\n:1\r\n$2\r\ne2\r\n"));
-        assert_eq!(ok.unwrap(), [("a".into(), 7, "e1".into()), ("b".into(), 1, "e2".into())]);
+        let ok = super::positions(
+            &topics(),
+            answer(b"*2\r\n*3\r\n:7\r\n$2\r\ne1\r\n:0\r\n*3\r\n:1\r\n$2\r\ne2\r\n:1\r\n"),
+        );
+        assert_eq!(ok.unwrap(), [("a".into(), 7, "e1".into(), false), ("b".into(), 1, "e2".into(), true)]);
         let refused =
-            super::positions(topics(), answer(b"-WRONGTYPE gale:a:log holds a string\r\n")).unwrap_err();
+            super::positions(&topics(), answer(b"-WRONGTYPE gale:a:log holds a string\r\n")).unwrap_err();
         assert_eq!((refused.code, refused.reason.contains("WRONGTYPE gale:a:log")), (500, true));
         // The cluster's topic limit is told as a single node tells it.
-        let full = super::positions(topics(), answer(b"-GALEFULL the cluster is full\r\n")).unwrap_err();
+        let full = super::positions(&topics(), answer(b"-GALEFULL the cluster is full\r\n")).unwrap_err();
         assert_eq!(full, super::PublishError::TooManyTopics.into());
         // Never trust the shape of an answer: too few positions, or none at all.
         assert_eq!(
-            super::positions(topics(), answer(b"*1\r\n*2\r\n:7\r\n$2\r\ne1\r\n")).unwrap_err().code,
+            super::positions(&topics(), answer(b"*1\r\n*3\r\n:7\r\n$2\r\ne1\r\n:0\r\n")).unwrap_err().code,
             500
         );
-        assert_eq!(super::positions(topics(), None).unwrap_err().code, 500);
+        assert_eq!(super::positions(&topics(), None).unwrap_err().code, 500);
     }
 }

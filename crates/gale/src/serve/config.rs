@@ -8,6 +8,7 @@ use serde::Deserialize;
 
 use super::auth::Pattern;
 use super::history::ReadLimits;
+use super::publish::PublishLimits;
 use super::topics::HistoryLimits;
 use crate::units;
 
@@ -32,6 +33,8 @@ pub struct Config {
     pub limits: LimitsSection,
     /// Per-topic history for recovery.
     pub history: HistorySection,
+    /// Publish options: idempotency keys, batches.
+    pub publish: PublishSection,
     /// What anonymous clients may do, by topic pattern.
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
@@ -150,6 +153,18 @@ pub struct HistorySection {
     pub max_limit: usize,
 }
 
+/// `[publish]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishSection {
+    /// Seconds an idempotency key is remembered per topic.
+    pub idempotency_window: u64,
+    /// Idempotency keys remembered over all topics (single node).
+    pub idempotency_max_keys: usize,
+    /// Items of one `POST /api/publish_batch`.
+    pub max_batch_items: usize,
+}
+
 /// `[[namespaces]]`: anonymous rights on topics matching a pattern.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +256,8 @@ pub struct Settings {
     pub max_topics: usize,
     /// History kept for recovery.
     pub history: HistoryLimits,
+    /// Idempotency keys and batches.
+    pub publish: PublishLimits,
     /// Anonymous rights: pattern, subscribe, publish, history.
     pub namespaces: Vec<(Pattern, bool, bool, bool)>,
 }
@@ -465,6 +482,20 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     if limits.max_topics == 0 {
         return Err("limits.max_topics: must be at least 1".into());
     }
+    let p = c.publish;
+    if p.idempotency_window == 0 || p.idempotency_window > super::publish::MAX_TTL_SECS {
+        return Err(format!(
+            "publish.idempotency_window: {} is not from 1 to {} seconds",
+            p.idempotency_window,
+            super::publish::MAX_TTL_SECS
+        ));
+    }
+    if p.idempotency_max_keys == 0 {
+        return Err("publish.idempotency_max_keys: must be at least 1".into());
+    }
+    if p.max_batch_items == 0 || p.max_batch_items > 10_000 {
+        return Err(format!("publish.max_batch_items: {} is not from 1 to 10000", p.max_batch_items));
+    }
     let nonempty = |s: String| (!s.is_empty()).then_some(s);
     let api_key = o.api_key.clone().or(env_api_key).or(nonempty(c.auth.api_key)).and_then(nonempty);
     let jwt_secret = o.jwt_secret.clone().or(nonempty(c.auth.jwt_secret)).and_then(nonempty);
@@ -518,6 +549,11 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
             topic_bytes: h.topic_bytes,
             total_bytes: h.total_bytes,
         },
+        publish: PublishLimits {
+            idempotency_window: Duration::from_secs(p.idempotency_window),
+            idempotency_max_keys: p.idempotency_max_keys,
+            max_batch_items: p.max_batch_items,
+        },
         namespaces,
     })
 }
@@ -536,6 +572,8 @@ mod tests {
         assert_eq!(s.namespaces.len(), 2);
         assert!(s.namespaces.iter().all(|(_, _, _, history)| *history), "history follows subscribe");
         assert_eq!((s.history_read.default_limit, s.history_read.max_limit), (100, 1000));
+        assert_eq!(s.publish.idempotency_window, Duration::from_secs(300));
+        assert_eq!((s.publish.idempotency_max_keys, s.publish.max_batch_items), (100_000, 100));
         assert_eq!(s.partial_message_budget, 64 << 20);
         assert_eq!(s.behavior.message_timeout, Some(Duration::from_secs(60)));
         assert_eq!(s.behavior.backpressure_timeout, Duration::from_secs(30));
@@ -609,6 +647,10 @@ mod tests {
         assert!(e.contains("history.max_limit"), "{e}");
         let e = err("[[namespaces]]\npattern = \"a:*\"\nhistory = true\n");
         assert!(e.contains("namespaces[0].history") && e.contains("subscribe"), "{e}");
+        let e = err("[publish]\nidempotency_window = 0\n");
+        assert!(e.contains("publish.idempotency_window"), "{e}");
+        let e = err("[publish]\nmax_batch_items = 0\n");
+        assert!(e.contains("publish.max_batch_items"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");
         assert!(e.contains("auth.allowed_origins[0]"), "{e}");
     }

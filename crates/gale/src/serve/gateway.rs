@@ -14,7 +14,8 @@ use super::history::HistoryQuery;
 use super::protocol::{
     Command, CommandError, Payload, Reply, check_topic, error_reply, fragment, parse_command,
 };
-use super::topics::{Position, PublishError, Recovery, Topics};
+use super::publish::{PublishOptions, check_key, check_ttl};
+use super::topics::{Position, PublishError, Published, Recovery, Topics};
 
 /// Counters the gateway adds to the server's own in `/metrics`.
 #[derive(Default)]
@@ -35,6 +36,14 @@ pub struct GatewayStats {
     pub command_errors: AtomicU64,
     /// Upgrades refused (origin, token).
     pub rejected_upgrades: AtomicU64,
+    /// Publishes with an idempotency key already remembered: answered, not published again.
+    pub idempotent_replays: AtomicU64,
+    /// Items of `POST /api/publish_batch` requests.
+    pub batch_items: AtomicU64,
+    /// `refresh` commands that replaced a connection's token.
+    pub refreshes: AtomicU64,
+    /// `refresh` commands refused (bad token, another user, no token to refresh).
+    pub refused_refreshes: AtomicU64,
 }
 
 /// Everything the endpoints share.
@@ -56,7 +65,7 @@ pub struct Gateway {
 impl Gateway {
     /// The gateway for these settings.
     pub fn new(settings: Settings) -> Arc<Gateway> {
-        let topics = Topics::new(settings.history, settings.max_topics);
+        let topics = Topics::new(settings.history, settings.max_topics).with_publish_limits(settings.publish);
         let anonymous = Arc::new(Rights::anonymous(&settings.namespaces));
         Arc::new(Gateway {
             settings,
@@ -76,6 +85,28 @@ impl Gateway {
                 h.publish_text(topic, delivery);
             }
         })
+    }
+
+    /// Publish with options: an idempotency key, a time to live, a connection left out.
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        payload: &Payload<'_>,
+        opts: &PublishOptions,
+    ) -> Result<Published, PublishError> {
+        let handle = self.handle.get();
+        let done = self.topics.publish_with(topic, payload, opts, |delivery| {
+            if let Some(h) = handle {
+                match opts.exclude {
+                    Some(publisher) => h.publish_text_except(topic, delivery, publisher),
+                    None => h.publish_text(topic, delivery),
+                };
+            }
+        })?;
+        if done.duplicate {
+            self.stats.idempotent_replays.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(done)
     }
 }
 
@@ -321,6 +352,17 @@ impl Endpoint {
                     return Err(CommandError::new(403, format!("not allowed to publish to {topic}")));
                 }
                 let data = cmd.data.ok_or_else(|| CommandError::new(400, "publish needs data"))?;
+                let mut opts = PublishOptions::default();
+                if let Some(key) = &cmd.idempotency_key {
+                    check_key(key)?;
+                    opts.idempotency_key = Some(key.clone());
+                }
+                if let Some(ttl) = cmd.ttl {
+                    opts.ttl = Some(check_ttl(ttl)?);
+                }
+                if cmd.exclude_self == Some(true) {
+                    opts.exclude = Some(ws.id());
+                }
                 let s = &g.settings;
                 ws.data().publishes.spend("publish", s.publish_rate, s.publish_burst)?;
                 if let Some(b) = g.broker.get() {
@@ -328,6 +370,7 @@ impl Endpoint {
                         topics: vec![topic.to_string()],
                         fragment: fragment(&Payload::Json(data.get())),
                         reply: PublishReply::Client(ws.id(), cmd.id.map(ToOwned::to_owned)),
+                        opts,
                     };
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
@@ -335,21 +378,52 @@ impl Endpoint {
                     // Counted by the broker once Redis has numbered it.
                     return Ok(());
                 }
-                let pos = g.publish(topic, &Payload::Json(data.get())).map_err(CommandError::from)?;
-                g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
-                ws.send_text(
-                    &Reply::ok(cmd.id, "publish")
-                        .str("topic", topic)
-                        .str("epoch", &pos.epoch)
-                        .raw("seq", pos.seq)
-                        .finish(),
-                );
+                let done =
+                    g.publish_with(topic, &Payload::Json(data.get()), &opts).map_err(CommandError::from)?;
+                let mut reply = Reply::ok(cmd.id, "publish")
+                    .str("topic", topic)
+                    .str("epoch", &done.pos.epoch)
+                    .raw("seq", done.pos.seq);
+                if done.duplicate {
+                    reply = reply.raw("duplicate", true);
+                } else {
+                    g.stats.client_publishes.fetch_add(1, Ordering::Relaxed);
+                }
+                ws.send_text(&reply.finish());
+            }
+            "refresh" => {
+                let refused = |e: CommandError| {
+                    g.stats.refused_refreshes.fetch_add(1, Ordering::Relaxed);
+                    e
+                };
+                let token = cmd
+                    .token
+                    .as_deref()
+                    .ok_or_else(|| refused(CommandError::new(400, "refresh needs a token")))?;
+                let Some(user) = ws.data().rights.user.clone() else {
+                    return Err(refused(CommandError::new(
+                        403,
+                        "this connection has no token to refresh: connect with ?token=",
+                    )));
+                };
+                let rights = verify_token(token, g.settings.jwt_secret.as_deref(), &g.anonymous)
+                    .map_err(|why| refused(CommandError::new(401, why)))?;
+                if rights.user.as_deref() != Some(user.as_str()) {
+                    return Err(refused(CommandError::new(
+                        403,
+                        format!("the token is for another user: its sub must be {user:?}"),
+                    )));
+                }
+                let expires = rights.expires.unwrap_or(0);
+                ws.data().rights = Arc::new(rights);
+                g.stats.refreshes.fetch_add(1, Ordering::Relaxed);
+                ws.send_text(&Reply::ok(cmd.id, "refresh").raw("expires", expires).finish());
             }
             other => {
                 return Err(CommandError::new(
                     400,
                     format!(
-                        "unknown op {other:?}: expected subscribe, unsubscribe, publish, history or ping"
+                        "unknown op {other:?}: expected subscribe, unsubscribe, publish, history, refresh or ping"
                     ),
                 ));
             }

@@ -107,6 +107,14 @@ impl HistoryPage {
         self.messages.len() < query.limit
     }
 
+    /// The message `seq`, read in order, has expired: it and the messages before it are no
+    /// longer retained, so the page starts again after it.
+    pub fn expired(&mut self, seq: u64) {
+        self.messages.clear();
+        self.bytes = 0;
+        self.first_seq = Some(seq + 1).filter(|first| *first <= self.seq);
+    }
+
     /// Messages after `since` were dropped from retention: the page does not start right
     /// after it.
     pub fn truncated(&self) -> bool {
@@ -198,6 +206,18 @@ mod tests {
         let q = HistoryQuery { since: 0, limit: 100, max_bytes: usize::MAX };
         let p = HistoryPage::new(Some("e".into()), 4, None, &q);
         assert!(p.truncated() && !p.more());
+    }
+
+    #[test]
+    fn an_expired_message_starts_the_page_again_after_it() {
+        let q = HistoryQuery { since: 0, limit: 100, max_bytes: usize::MAX };
+        let mut p = HistoryPage::new(Some("e".into()), 4, Some(1), &q);
+        assert!(p.offer(&q, 1, "a"));
+        p.expired(2);
+        assert!(p.offer(&q, 3, "c") && p.offer(&q, 4, "d"));
+        assert_eq!((seqs(&p), p.first_seq, p.truncated()), (vec![3, 4], Some(3), true));
+        p.expired(4);
+        assert_eq!((seqs(&p), p.first_seq), (vec![], None));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod config;
 pub mod gateway;
 pub mod history;
 pub mod protocol;
+pub mod publish;
 pub mod topics;
 
 use std::io::{self, Write};
@@ -132,6 +133,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .get("/metrics", g(|g, _| api::metrics(g)))
         .post("/api/publish/*", g(api::publish))
         .post("/api/broadcast", g(api::broadcast))
+        .post("/api/publish_batch", g(api::publish_batch))
         .get("/api/topics/*", g(api::topic_info))
         .get("/api/history/*", g(api::history))
         // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
@@ -153,6 +155,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
             s.history.size,
             s.history.ttl,
             s.max_topics,
+            s.publish.idempotency_window,
             gateway.stats.clone(),
         )
         .map_err(invalid)?;

@@ -156,7 +156,7 @@ pub struct Command<'a> {
     /// included (`None` only when the command has no `id`).
     #[serde(borrow, default, deserialize_with = "present")]
     pub id: Option<&'a RawValue>,
-    /// `subscribe`, `unsubscribe`, `publish`, `history` or `ping`.
+    /// `subscribe`, `unsubscribe`, `publish`, `history`, `refresh` or `ping`.
     pub op: String,
     /// The topic (all but `ping`).
     #[serde(default)]
@@ -173,6 +173,18 @@ pub struct Command<'a> {
     /// The most messages to read (`history`).
     #[serde(default)]
     pub limit: Option<u64>,
+    /// A retried `publish` with this key is answered, not published again.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// `publish`: the publishing connection does not get the message.
+    #[serde(default)]
+    pub exclude_self: Option<bool>,
+    /// `publish`: seconds the message stays in the history.
+    #[serde(default)]
+    pub ttl: Option<u64>,
+    /// `refresh`: the connection's new token.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// A command that cannot be carried out: the code (HTTP-like) and a one-line reason.

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::history::{HistoryPage, HistoryQuery};
 use super::protocol::{CommandError, Payload, delivery};
+use super::publish::{PublishLimits, PublishOptions, RememberedKeys};
 
 /// Where a client stands in a topic's stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +46,29 @@ struct TopicState {
     last_activity: Instant,
     /// Forgotten by a sweep: whoever locked it after that must look the topic up again.
     removed: bool,
+    /// (seq, when it expires) of the retained messages published with a time to live, oldest
+    /// first.
+    deadlines: VecDeque<(u64, Instant)>,
+    /// Idempotency keys of recent publishes.
+    keys: RememberedKeys,
+}
+
+impl TopicState {
+    /// The newest message whose time to live has passed at `now`: messages up to it are no
+    /// longer retained.
+    fn expired_until(&self, now: Instant) -> Option<u64> {
+        self.deadlines.iter().rev().find(|(_, at)| *at <= now).map(|(seq, _)| *seq)
+    }
+}
+
+/// What a publish did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Published {
+    /// The message's position.
+    pub pos: Position,
+    /// A retry with a remembered idempotency key: `pos` is the first publish's, and nothing
+    /// was published now.
+    pub duplicate: bool,
 }
 
 /// What a subscription with `since` found.
@@ -96,12 +120,29 @@ pub struct Topics {
     max_topics: usize,
     /// Bytes of history over all topics.
     total: AtomicUsize,
+    /// Idempotency keys and their bounds.
+    publish: PublishLimits,
+    /// Idempotency keys remembered over all topics.
+    remembered: AtomicUsize,
 }
 
 impl Topics {
     /// Topics keeping history within `limits`; at most `max_topics` of them.
     pub fn new(limits: HistoryLimits, max_topics: usize) -> Self {
-        Topics { map: Mutex::default(), limits, max_topics, total: AtomicUsize::new(0) }
+        Topics {
+            map: Mutex::default(),
+            limits,
+            max_topics,
+            total: AtomicUsize::new(0),
+            publish: PublishLimits::default(),
+            remembered: AtomicUsize::new(0),
+        }
+    }
+
+    /// The same, remembering idempotency keys within `publish`'s window and bound.
+    pub fn with_publish_limits(mut self, publish: PublishLimits) -> Self {
+        self.publish = publish;
+        self
     }
 
     /// Run `f` on the state of `topic` (created when `create`), under the topic's lock.
@@ -126,6 +167,8 @@ impl Topics {
                             bytes: 0,
                             last_activity: Instant::now(),
                             removed: false,
+                            deadlines: VecDeque::new(),
+                            keys: RememberedKeys::default(),
                         }));
                         map.insert(topic.to_string(), state.clone());
                         state
@@ -157,16 +200,69 @@ impl Topics {
         payload: &Payload<'_>,
         send: impl FnOnce(&str),
     ) -> Result<Position, PublishError> {
-        let pos = self.with_state(topic, true, |s| {
-            s.seq += 1;
+        Ok(self.publish_with(topic, payload, &PublishOptions::default(), send)?.pos)
+    }
+
+    /// Publish with `opts`: a remembered idempotency key answers the first publish's position
+    /// and publishes nothing; a time to live is recorded with the history entry. (`exclude`
+    /// is for `send`.)
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        payload: &Payload<'_>,
+        opts: &PublishOptions,
+        send: impl FnOnce(&str),
+    ) -> Result<Published, PublishError> {
+        let done = self.with_state(topic, true, |s| {
             let now = Instant::now();
+            if let Some(key) = &opts.idempotency_key {
+                self.forget_keys(s, now);
+                if let Some(seq) = s.keys.get(key) {
+                    return Published { pos: Position { epoch: s.epoch.clone(), seq }, duplicate: true };
+                }
+            }
+            s.seq += 1;
             s.last_activity = now;
             let text: Arc<str> = delivery(topic, &s.epoch, s.seq, payload).into();
             self.keep(s, text.clone(), now);
+            if let Some(ttl) = opts.ttl
+                && s.history.back().is_some_and(|(seq, _, _)| *seq == s.seq)
+            {
+                s.deadlines.push_back((s.seq, now + ttl));
+            }
+            if let Some(key) = &opts.idempotency_key {
+                self.remember(s, key, now);
+            }
             send(&text);
-            Position { epoch: s.epoch.clone(), seq: s.seq }
+            Published { pos: Position { epoch: s.epoch.clone(), seq: s.seq }, duplicate: false }
         })?;
-        Ok(pos.expect("created"))
+        Ok(done.expect("created"))
+    }
+
+    /// Forget the topic's keys older than the window.
+    fn forget_keys(&self, s: &mut TopicState, now: Instant) {
+        let Some(limit) = now.checked_sub(self.publish.idempotency_window) else { return };
+        while s.keys.oldest_before(limit) && s.keys.forget_oldest() {
+            self.remembered.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Remember `key` for the message just published, within the bound over all topics: past
+    /// it the topic's own oldest keys go first, and a topic with none does not remember it.
+    fn remember(&self, s: &mut TopicState, key: &str, now: Instant) {
+        while self.remembered.load(Ordering::Relaxed) >= self.publish.idempotency_max_keys {
+            if !s.keys.forget_oldest() {
+                return;
+            }
+            self.remembered.fetch_sub(1, Ordering::Relaxed);
+        }
+        s.keys.insert(key, s.seq, now);
+        self.remembered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Idempotency keys remembered over all topics.
+    pub fn remembered_keys(&self) -> usize {
+        self.remembered.load(Ordering::Relaxed)
     }
 
     /// Add the newest message to the history within the limits, dropping the oldest first.
@@ -197,9 +293,12 @@ impl Topics {
     }
 
     fn pop_oldest(&self, s: &mut TopicState) {
-        if let Some((_, _, t)) = s.history.pop_front() {
+        if let Some((seq, _, t)) = s.history.pop_front() {
             s.bytes -= t.len();
             self.total.fetch_sub(t.len(), Ordering::Relaxed);
+            while s.deadlines.front().is_some_and(|(d, _)| *d <= seq) {
+                s.deadlines.pop_front();
+            }
         }
     }
 
@@ -296,6 +395,11 @@ impl Topics {
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
         for (topic, state) in all {
+            if self.remembered.load(Ordering::Relaxed) > 0 {
+                // Keys past their window go even from topics that publish no more with keys,
+                // so that they do not hold places of the bound over all topics.
+                self.forget_keys(&mut state.lock().unwrap_or_else(|e| e.into_inner()), now);
+            }
             if subscribers(&topic) > 0 {
                 continue;
             }
@@ -313,6 +417,9 @@ impl Topics {
             map.remove(&topic);
             s.removed = true;
             self.clear(&mut s);
+            while s.keys.forget_oldest() {
+                self.remembered.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -321,6 +428,15 @@ impl Topics {
             while s.history.front().is_some_and(|(_, at, _)| now.duration_since(*at) > ttl) {
                 self.pop_oldest(s);
             }
+        }
+        // Messages up to the newest expired one are no longer retained: drop them.
+        if !s.deadlines.is_empty()
+            && let Some(cut) = s.expired_until(now)
+        {
+            while s.history.front().is_some_and(|(seq, _, _)| *seq <= cut) {
+                self.pop_oldest(s);
+            }
+            s.deadlines.retain(|(seq, _)| *seq > cut);
         }
     }
 }
@@ -405,6 +521,56 @@ mod tests {
         assert!(matches!(r, Recovery::Recovered(m) if m.len() == 1));
         let (_, r) = fresh.subscribe("n", Some(&Position { seq: 1, ..nothing }), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(why) if why.contains("epoch")));
+    }
+
+    #[test]
+    fn a_remembered_idempotency_key_answers_the_first_position_and_publishes_nothing() {
+        let bound = PublishLimits { idempotency_max_keys: 2, ..PublishLimits::default() };
+        let topics = Topics::new(limits(10, None), 10).with_publish_limits(bound);
+        let keyed = |k: &str| PublishOptions { idempotency_key: Some(k.into()), ..PublishOptions::default() };
+        let mut sent = 0;
+        let first = topics.publish_with("t", &text("a"), &keyed("k1"), |_| sent += 1).unwrap();
+        let again = topics.publish_with("t", &text("a"), &keyed("k1"), |_| sent += 1).unwrap();
+        assert_eq!((first.duplicate, again.duplicate, sent), (false, true, 1));
+        assert_eq!(again.pos, first.pos);
+        // Keys are per topic.
+        assert!(!topics.publish_with("u", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
+        // Past the bound, the publishing topic's own oldest key goes first.
+        assert_eq!(topics.remembered_keys(), 2);
+        topics.publish_with("t", &text("b"), &keyed("k2"), |_| {}).unwrap();
+        assert_eq!(topics.remembered_keys(), 2);
+        assert!(!topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
+        assert_eq!(topics.position("t").unwrap().seq, 3);
+        // Past the window, a sweep forgets keys even of topics that stay.
+        let brief =
+            PublishLimits { idempotency_window: Duration::from_millis(1), ..PublishLimits::default() };
+        let topics = Topics::new(limits(10, None), 10).with_publish_limits(brief);
+        topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        topics.sweep(|_| 1);
+        assert_eq!((topics.remembered_keys(), topics.len()), (0, 1));
+        assert!(!topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
+    }
+
+    #[test]
+    fn an_expired_message_ends_the_history_before_it() {
+        let topics = Topics::new(limits(10, None), 10);
+        let short = PublishOptions { ttl: Some(Duration::from_millis(1)), ..PublishOptions::default() };
+        topics.publish("t", &text("a"), |_| {}).unwrap();
+        topics.publish_with("t", &text("b"), &short, |_| {}).unwrap();
+        topics.publish("t", &text("c"), |_| {}).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let page = topics.history("t", &HistoryQuery { since: 0, limit: 10, max_bytes: usize::MAX });
+        let body: serde_json::Value = serde_json::from_str(&page.http_body("t")).unwrap();
+        assert_eq!((body["first_seq"].as_u64(), body["truncated"].as_bool()), (Some(3), Some(true)));
+        assert_eq!(body["messages"].as_array().unwrap().len(), 1);
+        let epoch = topics.position("t").unwrap().epoch;
+        let (_, r) = topics
+            .subscribe("t", Some(&Position { epoch: epoch.clone(), seq: 1 }), usize::MAX, || {})
+            .unwrap();
+        assert!(matches!(r, Recovery::Impossible(why) if why.contains("no longer")));
+        let (_, r) = topics.subscribe("t", Some(&Position { epoch, seq: 2 }), usize::MAX, || {}).unwrap();
+        assert!(matches!(r, Recovery::Recovered(m) if m.len() == 1));
     }
 
     #[test]
