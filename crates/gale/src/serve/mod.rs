@@ -8,6 +8,7 @@ pub mod broker;
 pub mod config;
 pub mod gateway;
 pub mod history;
+pub mod presence;
 pub mod protocol;
 pub mod topics;
 
@@ -133,6 +134,8 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .post("/api/broadcast", g(api::broadcast))
         .get("/api/topics/*", g(api::topic_info))
         .get("/api/history/*", g(api::history))
+        .get("/api/presence/*", g(api::presence))
+        .get("/api/presence_stats/*", g(api::presence_stats))
         // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
         .render_errors("/api/*", api::json_error)
         .listen(s.listen)?;
@@ -153,6 +156,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
             s.history.ttl,
             s.max_topics,
             gateway.stats.clone(),
+            broker::PresenceConfig { node: gateway.client_ids.node().to_string(), ttl: s.presence.ttl },
         )
         .map_err(invalid)?;
         let _ = gateway.broker.set(b);
