@@ -1270,7 +1270,7 @@ impl Broker {
             pipe.add_command(script);
         }
         let alive: Vec<redis::Value> = pipe.ignore_errors().query(cmd)?;
-        let mut rejoin = redis::pipe();
+        let (mut rejoin, mut rejoins) = (redis::pipe(), 0);
         for (topic, answer) in topics.iter().zip(alive) {
             if redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
                 continue;
@@ -1289,8 +1289,13 @@ impl Broker {
                     .arg("")
                     .to_owned();
                 rejoin.add_command(script).ignore();
+                rejoins += 1;
             }
         }
+        if rejoins == 0 {
+            return Ok(());
+        }
+        tracing::info!(members = rejoins, "broker: presence joined again in Redis");
         rejoin.query::<()>(cmd)
     }
 
