@@ -561,7 +561,8 @@ PRESENCE_CONFIG = """
 max_clients = 3
 
 [limits]
-client_presence_burst = 100
+client_presence_rate = 1.0
+client_presence_burst = 3
 
 [[namespaces]]
 pattern = "room:*"
@@ -697,6 +698,10 @@ class PresenceTest(AsyncTest):
         self.assertIn("presence", body["error"]["reason"])
         self.assertEqual((await self.get("/api/presence_stats/chat:np"))[0], 404)
         self.assertEqual((await self.get("/api/presence_stats/room:x?limit=1"))[0], 400)
+        # Past the burst of presence commands: 429.
+        r = await self.open()
+        codes = [(await r.command("presence_stats", topic="room:x")).get("error", {}).get("code") for _ in range(4)]
+        self.assertEqual(codes, [None, None, None, 429])
         status, body = await self.get("/api/presence_stats/room:nobody")
         self.assertEqual((status, body), (200, {"topic": "room:nobody", "connections": 0, "users": 0}))
 
