@@ -26,6 +26,7 @@ import urllib.request
 
 from gale_process import LOG_DIR, GaleServe
 from gateway_client import GatewayClient
+from test_gateway import SECRET, make_token
 
 TIMEOUT = 20.0
 API_KEY = "cluster-key"
@@ -501,8 +502,8 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual((status, again["seq"], again["epoch"], again["duplicate"]), (200, 1, first["epoch"], True))
         self.assertEqual(headers["Idempotent-Replayed"], "true")
         self.assertEqual(first["seq"], 1)
-        self.assertRegex(self.redis.cli("GET", "gale:chat:opt#idem:retry-1"), r"^[0-9a-f]+:1$")
-        self.assertGreater(int(self.redis.cli("PTTL", "gale:chat:opt#idem:retry-1")), 0)
+        self.assertRegex(self.redis.cli("GET", "gale:chat:opt|idem:retry-1"), r"^[0-9a-f]+:1$")
+        self.assertGreater(int(self.redis.cli("PTTL", "gale:chat:opt|idem:retry-1")), 0)
         # exclude_self: the publisher (on node 2) does not get its message; the others do.
         reply = await subs[2].command("publish", topic="chat:opt", data={"n": 2}, exclude_self=True)
         self.assertEqual(reply["seq"], 2)
@@ -622,6 +623,108 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         r = await asyncio.to_thread(publish, self.nodes[1], "chat:survive", "still here")
         for s in subs:
             self.assertEqual((await s.delivery())["seq"], r["seq"])
+
+
+
+PRESENCE_CONFIG = """
+[presence]
+ttl = 2
+
+[[namespaces]]
+pattern = "room:*"
+subscribe = true
+presence = true
+join_leave = true
+"""
+PRESENCE_TTL = 2.0
+
+
+class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
+    """Presence over two nodes: kept in Redis, the same on both, join/leave events crossing
+    nodes, and a SIGKILLed node's clients gone within `presence.ttl` (2 s here)."""
+
+    def setUp(self):
+        import tempfile
+
+        self.redis = Redis()
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(PRESENCE_CONFIG)
+        self.config = f.name
+        env = {"GALE_API_KEY": API_KEY}
+        self.nodes = [GaleServe(f"cluster-presence-{i}", "--config", f.name, "--broker", self.redis.url,
+                                "--jwt-secret", SECRET, env=env) for i in range(2)]
+
+    def tearDown(self):
+        for n in self.nodes:
+            n.kill()
+            n.proc.stdout.close()
+        self.redis.stop()
+        os.unlink(self.config)
+
+    async def open(self, node, user=None, **claims):
+        url = node.url + "/ws"
+        if user is not None:
+            url += "?token=" + make_token({"sub": user, "exp": int(time.time()) + 60, **claims})
+        return await GatewayClient.open(url)
+
+    async def presence(self, node, topic, kind="presence"):
+        status, text = await asyncio.to_thread(http, node, "GET", f"/api/{kind}/{topic}")
+        self.assertEqual(status, 200, text)
+        return json.loads(text)
+
+    async def test_presence_spans_the_nodes_and_a_killed_nodes_clients_expire(self):
+        watcher = await self.open(self.nodes[0])
+        self.assertTrue((await watcher.command("subscribe", topic="room:c"))["ok"])
+        ann = await self.open(self.nodes[0], "ann", info={"name": "Ann"})
+        bob = await self.open(self.nodes[1], "bob")
+        cat = await self.open(self.nodes[1], "cat")
+        anon = await self.open(self.nodes[1])
+        for c in (ann, bob, cat, anon):
+            self.assertTrue((await c.command("subscribe", topic="room:c"))["ok"])
+        # Join events cross nodes: the watcher on node 0 hears of those on node 1.
+        joins = [await watcher.recv() for _ in range(3)]
+        self.assertEqual([(e["op"], e["user"]) for e in joins], [("join", "ann"), ("join", "bob"), ("join", "cat")])
+        for node in self.nodes:
+            body = await self.presence(node, "room:c")
+            self.assertEqual((body["connections"], body["users"], body["more"]), (5, 3, False), node.port)
+            self.assertEqual(sorted((c["user"], c.get("info")) for c in body["clients"]),
+                             [("ann", {"name": "Ann"}), ("bob", None), ("cat", None)])
+            self.assertEqual(len({c["client"] for c in body["clients"]}), 3, "client ids differ across nodes")
+        reply = await anon.command("presence_stats", topic="room:c")
+        self.assertEqual((reply["connections"], reply["users"]), (5, 3))
+        # An unsubscribe on node 1: stats and a leave event on node 0.
+        self.assertTrue((await cat.command("unsubscribe", topic="room:c"))["ok"])
+        leave = await watcher.recv()
+        self.assertEqual((leave["op"], leave["user"], leave["client"]), ("leave", "cat", joins[2]["client"]))
+        self.assertEqual(await self.presence(self.nodes[0], "room:c", "presence_stats"),
+                         {"topic": "room:c", "connections": 4, "users": 2})
+        # Node 1 dies without a word: its clients disappear within presence.ttl.
+        killed = time.monotonic()
+        self.nodes[1].kill()
+        while True:
+            body = await self.presence(self.nodes[0], "room:c", "presence_stats")
+            if (body["connections"], body["users"]) == (2, 1):
+                break
+            self.assertLess(time.monotonic() - killed, PRESENCE_TTL + 1.0, body)
+            await asyncio.sleep(0.05)
+        gone_after = time.monotonic() - killed
+        self.assertLessEqual(gone_after, PRESENCE_TTL + 1.0)
+        body = await self.presence(self.nodes[0], "room:c")
+        self.assertEqual([c["user"] for c in body["clients"]], ["ann"])
+        # The live node keeps its own clients past the TTL (it refreshes them).
+        await asyncio.sleep(PRESENCE_TTL + 0.5)
+        body = await self.presence(self.nodes[0], "room:c", "presence_stats")
+        self.assertEqual((body["connections"], body["users"]), (2, 1))
+        await ann.close()
+        await watcher.close()
+        deadline = time.monotonic() + 5
+        while (await self.presence(self.nodes[0], "room:c", "presence_stats"))["connections"] != 0:
+            self.assertLess(time.monotonic(), deadline)
+            await asyncio.sleep(0.05)
+        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
+        self.assertRegex(text, r'gale_presence_requests_total\{source="http",kind="stats"\} [1-9]')
+        self.assertIn("gale_presence_members 0", text)
+
 
 
 if __name__ == "__main__":

@@ -713,6 +713,209 @@ class HttpApiTest(unittest.TestCase):
             other.stop()
 
 
+PRESENCE_CONFIG = """
+[presence]
+max_clients = 3
+
+[limits]
+client_presence_rate = 1.0
+client_presence_burst = 3
+
+[[namespaces]]
+pattern = "room:*"
+subscribe = true
+publish = true
+presence = true
+join_leave = true
+
+[[namespaces]]
+pattern = "chat:*"
+subscribe = true
+publish = true
+
+[[namespaces]]
+pattern = "staff:*"
+presence = true
+
+[[namespaces]]
+pattern = "user:*"
+subscribe = true
+personal = true
+"""
+
+
+class PresenceTest(AsyncTest):
+    """Presence, join/leave events and personal topics, on a gateway of its own: `room:*` keeps
+    presence and sends join/leave events, `chat:*` keeps none, `staff:*` keeps presence but
+    only tokens may subscribe, `user:*` is personal; lists show at most 3 clients."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(PRESENCE_CONFIG)
+        cls.config = f.name
+        cls.server = GaleServe("gateway-presence", "--config", f.name, "--jwt-secret", SECRET,
+                               env={"GALE_API_KEY": API_KEY})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        os.unlink(cls.config)
+
+    async def open(self, user=None, **claims):
+        query = ""
+        if user is not None:
+            query = "?token=" + make_token({"sub": user, "exp": int(time.time()) + 60, **claims})
+        c = await GatewayClient.open(self.server.url + "/ws" + query)
+        self.clients.append(c)
+        return c
+
+    async def get(self, path, key=API_KEY):
+        status, text = await asyncio.to_thread(http, "GET", path, key=key, base=self.server.http_url)
+        return status, json.loads(text)
+
+    async def stats_become(self, topic, expected):
+        """Poll presence_stats until it is `expected` (a close is handled after the client's
+        close returns)."""
+        deadline = time.monotonic() + 5
+        while True:
+            _, body = await self.get(f"/api/presence_stats/{topic}")
+            got = (body["connections"], body["users"])
+            if got == expected or time.monotonic() > deadline:
+                return got
+            await asyncio.sleep(0.02)
+
+    async def next_message(self, c):
+        return c.deliveries.pop(0) if c.deliveries else await c.recv()
+
+    async def test_presence_lists_users_with_their_info_and_counts_anonymous_connections(self):
+        ann = await self.open("ann", info={"name": "Ann", "role": "admin"})
+        ann2 = await self.open("ann")
+        bob = await self.open("bob", info={"name": "Bob"})
+        anon = await self.open()
+        for c in (ann, ann2, bob, anon):
+            self.assertTrue((await c.command("subscribe", topic="room:p"))["ok"])
+        status, body = await self.get("/api/presence/room%3Ap")
+        self.assertEqual((status, body["topic"], body["connections"], body["users"]), (200, "room:p", 4, 2))
+        self.assertFalse(body["more"])
+        clients = body["clients"]
+        self.assertEqual(len(clients), 3, "the anonymous connection is counted, not listed")
+        self.assertEqual(len({c["client"] for c in clients}), 3)
+        for c in clients:
+            self.assertRegex(c["client"], r"^[0-9a-f]{16}-\d+$")
+        listed = sorted((c["user"], json.dumps(c.get("info"), sort_keys=True)) for c in clients)
+        self.assertEqual(listed, [("ann", "null"), ("ann", json.dumps({"name": "Ann", "role": "admin"}, sort_keys=True)),
+                                  ("bob", json.dumps({"name": "Bob"}))])
+        # The same through the commands, for any client that may subscribe.
+        reply = await anon.command("presence", topic="room:p")
+        self.assertEqual((reply["ok"], reply["op"], reply["connections"], reply["users"]), (True, "presence", 4, 2))
+        self.assertEqual(sorted(c["client"] for c in reply["clients"]), sorted(c["client"] for c in clients))
+        reply = await ann.command("presence_stats", topic="room:p")
+        self.assertEqual((reply["op"], reply["connections"], reply["users"], "clients" in reply),
+                         ("presence_stats", 4, 2, False))
+        # Past presence.max_clients the list stops; the counts stay whole.
+        cat = await self.open("cat")
+        self.assertTrue((await cat.command("subscribe", topic="room:p"))["ok"])
+        _, body = await self.get("/api/presence/room:p")
+        self.assertEqual((len(body["clients"]), body["more"], body["connections"], body["users"]), (3, True, 5, 3))
+        # Disconnects and unsubscribes leave; a user with another connection stays.
+        await ann2.close()
+        await anon.close()
+        self.assertEqual((await bob.command("unsubscribe", topic="room:p"))["ok"], True)
+        self.assertEqual(await self.stats_become("room:p", (2, 2)), (2, 2))
+        await cat.close()
+        self.assertEqual(await self.stats_become("room:p", (1, 1)), (1, 1))
+        _, body = await self.get("/api/presence/room:p")
+        self.assertEqual([(c["user"], c["info"]) for c in body["clients"]], [("ann", {"name": "Ann", "role": "admin"})])
+        status, text = await asyncio.to_thread(http, "GET", "/metrics", base=self.server.http_url)
+        self.assertRegex(text, r'gale_presence_requests_total\{source="http",kind="list"\} [3-9]')
+        self.assertRegex(text, r'gale_presence_requests_total\{source="client",kind="stats"\} [1-9]')
+        self.assertRegex(text, r"gale_presence_members [1-9]")
+
+    async def test_presence_is_refused_where_the_namespace_or_the_rights_do_not_allow_it(self):
+        c = await self.open()
+        self.assertTrue((await c.command("subscribe", topic="chat:np"))["ok"])
+        for op in ("presence", "presence_stats"):
+            reply = await c.command(op, topic="chat:np")
+            self.assertEqual(reply["error"]["code"], 403, (op, reply))
+            # A namespace with presence, but this client may not subscribe there.
+            self.assertEqual((await c.command(op, topic="staff:ops"))["error"]["code"], 403, op)
+        self.assertEqual((await c.command("presence"))["error"]["code"], 400)
+        # A token that may subscribe there may read it.
+        staff = await self.open("sam", subscribe=["staff:*"])
+        self.assertTrue((await staff.command("subscribe", topic="staff:ops"))["ok"])
+        reply = await staff.command("presence", topic="staff:ops")
+        self.assertEqual((reply["connections"], [x["user"] for x in reply["clients"]]), (1, ["sam"]))
+        # The HTTP API: the key, and a topic that keeps presence.
+        self.assertEqual((await self.get("/api/presence/room:x", key=None))[0], 401)
+        status, body = await self.get("/api/presence/chat:np")
+        self.assertEqual(status, 404, body)
+        self.assertIn("presence", body["error"]["reason"])
+        self.assertEqual((await self.get("/api/presence_stats/chat:np"))[0], 404)
+        self.assertEqual((await self.get("/api/presence_stats/room:x?limit=1"))[0], 400)
+        # Past the burst of presence commands: 429.
+        r = await self.open()
+        codes = [(await r.command("presence_stats", topic="room:x")).get("error", {}).get("code") for _ in range(4)]
+        self.assertEqual(codes, [None, None, None, 429])
+        status, body = await self.get("/api/presence_stats/room:nobody")
+        self.assertEqual((status, body), (200, {"topic": "room:nobody", "connections": 0, "users": 0}))
+
+    async def test_join_and_leave_events_are_delivered_but_not_numbered_kept_or_replayed(self):
+        watcher = await self.open()
+        reply = await watcher.command("subscribe", topic="room:j")
+        epoch = reply["epoch"]
+        await asyncio.to_thread(http, "POST", "/api/publish/room:j", b'"one"', content_type="application/json",
+                                base=self.server.http_url)
+        ann = await self.open("ann", info={"name": "Ann"})
+        self.assertTrue((await ann.command("subscribe", topic="room:j"))["ok"])
+        anon = await self.open()
+        self.assertTrue((await anon.command("subscribe", topic="room:j"))["ok"])
+        await asyncio.to_thread(http, "POST", "/api/publish/room:j", b'"two"', content_type="application/json",
+                                base=self.server.http_url)
+        await ann.close()
+        got = [await self.next_message(watcher) for _ in range(4)]
+        self.assertEqual((got[0]["seq"], got[0]["data"]), (1, "one"))
+        client = got[1]["client"]
+        self.assertEqual(got[1], {"op": "join", "topic": "room:j", "client": client, "user": "ann", "info": {"name": "Ann"}})
+        self.assertEqual((got[2]["seq"], got[2]["data"]), (2, "two"), "an anonymous client joins silently")
+        self.assertEqual(got[3], {"op": "leave", "topic": "room:j", "client": client, "user": "ann", "info": {"name": "Ann"}})
+        # Not in the history, and recovery replays only the numbered messages.
+        _, body = await self.get("/api/history/room:j")
+        self.assertEqual([m["data"] for m in body["messages"]], ["one", "two"])
+        late = await self.open()
+        reply = await late.command("subscribe", topic="room:j", since={"epoch": epoch, "seq": 0})
+        self.assertEqual((reply["recovered"], reply["missed"]), (True, 2))
+        self.assertEqual([(await self.next_message(late))["seq"] for _ in range(2)], [1, 2])
+        self.assertTrue((await late.command("ping"))["ok"])
+        self.assertEqual(late.deliveries, [], "nothing but the two messages before the ping's reply")
+        # Topics whose namespace sends no events: none.
+        quiet = await self.open()
+        self.assertTrue((await quiet.command("subscribe", topic="chat:quiet"))["ok"])
+        bob = await self.open("bob")
+        self.assertTrue((await bob.command("subscribe", topic="chat:quiet"))["ok"])
+        await bob.close()
+        self.assertTrue((await quiet.command("ping"))["ok"])
+        self.assertEqual(quiet.deliveries, [])
+        status, text = await asyncio.to_thread(http, "GET", "/metrics", base=self.server.http_url)
+        self.assertRegex(text, r"gale_join_leave_events_total [2-9]")
+
+    async def test_personal_topics_are_only_their_owners(self):
+        owner = await self.open("42")
+        self.assertTrue((await owner.command("subscribe", topic="user:#42"))["ok"])
+        for c, topic in [(owner, "user:#43"), (owner, "user:42"), (await self.open("4"), "user:#42"),
+                         (await self.open(), "user:#42"), (await self.open("42x"), "user:#42")]:
+            reply = await c.command("subscribe", topic=topic)
+            self.assertEqual(reply["error"]["code"], 403, (topic, reply))
+        # A backend pushes to the user (the # percent-encoded in the path).
+        status, text = await asyncio.to_thread(http, "POST", "/api/publish/user:%2342", b'{"n": 1}',
+                                               content_type="application/json", base=self.server.http_url)
+        self.assertEqual(status, 200, text)
+        d = await owner.delivery()
+        self.assertEqual((d["topic"], d["data"]), ("user:#42", {"n": 1}))
+
+
 class ConfigTest(unittest.TestCase):
     def test_bad_configuration_is_refused_with_the_key_named(self):
         import subprocess

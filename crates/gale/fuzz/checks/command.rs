@@ -92,7 +92,7 @@ pub fn check(data: &[u8]) -> Verdict {
         let ok = check_topic(topic).is_ok();
         let valid = !topic.is_empty()
             && topic.len() <= MAX_TOPIC_LEN
-            && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b":_-./@".contains(&b));
+            && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b":_-./@#".contains(&b));
         assert_eq!(ok, valid, "check_topic({topic:?})");
         let text = Reply::ok(cmd.id, "subscribe").str("topic", topic).finish();
         assert_eq!(json(&text).str("topic").as_deref(), Some(topic));

@@ -10,9 +10,10 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::auth::key_matches;
-use super::broker::{BrokerRequest, HistoryReply, PublishReply};
+use super::broker::{BrokerRequest, HistoryReply, PresenceReply, PublishReply};
 use super::gateway::Gateway;
 use super::history::{HistoryQuery, parse_query};
+use super::presence::ListLimit;
 use super::protocol::{CommandError, MAX_FRAGMENT, Payload, check_topic, fragment, fragment_len};
 use super::publish::{BatchReply, PublishOptions, http_options, item_result, parse_batch};
 use super::topics::PublishError;
@@ -322,6 +323,51 @@ pub fn history(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
     HttpResponse::json(200, page.http_body(&topic))
 }
 
+/// `GET /api/presence/{topic}`: who is subscribed (the connections with a token, up to
+/// `presence.max_clients`) and the counts.
+pub fn presence(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    presence_read(g, req, "/api/presence/", true)
+}
+
+/// `GET /api/presence_stats/{topic}`: how many connections and distinct users are subscribed.
+pub fn presence_stats(g: &Arc<Gateway>, req: &HttpRequest<'_>) -> HttpResponse {
+    presence_read(g, req, "/api/presence_stats/", false)
+}
+
+fn presence_read(g: &Arc<Gateway>, req: &HttpRequest<'_>, prefix: &str, list: bool) -> HttpResponse {
+    if let Some(refused) = check_key(g, req) {
+        return refused;
+    }
+    let topic = match topic_from_path(req.path(), prefix) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    if req.query().is_some_and(|q| !q.is_empty()) {
+        return json_error(400, "presence reads take no query parameters");
+    }
+    if g.settings.presence.rules.tracked(&topic).is_none() {
+        let e = super::presence::not_tracked(&topic);
+        return json_error(e.code, &e.reason);
+    }
+    let p = &g.settings.presence;
+    // The same bound as a client's answer: what one connection may queue.
+    let limit = ListLimit { max_clients: p.max_clients, max_bytes: g.settings.behavior.max_backpressure / 2 };
+    if let Some(b) = g.broker.get() {
+        let reply = PresenceReply::Http(req.defer());
+        b.send(BrokerRequest::Presence { topic, list, limit, reply });
+        return HttpResponse::text(202, "deferred");
+    }
+    g.stats.presence_reads.of(true, list).fetch_add(1, Ordering::Relaxed);
+    let body = if list {
+        let page = g.presence.list(&topic, &limit);
+        super::presence::body(&topic, |out| page.write_fields(out))
+    } else {
+        let stats = g.presence.stats(&topic);
+        super::presence::body(&topic, |out| stats.write_fields(out))
+    };
+    HttpResponse::json(200, body)
+}
+
 /// `GET /healthz`: 200 when the gateway works; 503 in cluster mode while Redis is
 /// unreachable (so that a load balancer sends clients elsewhere).
 pub fn health(g: &Arc<Gateway>) -> HttpResponse {
@@ -422,6 +468,25 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         "# HELP gale_history_reads_total History reads answered (HTTP API, client commands).\n# TYPE gale_history_reads_total counter\ngale_history_reads_total{{source=\"http\"}} {}\ngale_history_reads_total{{source=\"client\"}} {}",
         load(&s.http_histories),
         load(&s.client_histories)
+    );
+    let pr = &s.presence_reads;
+    let _ = writeln!(
+        out,
+        "# HELP gale_presence_requests_total Presence reads answered (HTTP API, client commands; lists and counts).\n# TYPE gale_presence_requests_total counter\ngale_presence_requests_total{{source=\"http\",kind=\"list\"}} {}\ngale_presence_requests_total{{source=\"http\",kind=\"stats\"}} {}\ngale_presence_requests_total{{source=\"client\",kind=\"list\"}} {}\ngale_presence_requests_total{{source=\"client\",kind=\"stats\"}} {}",
+        load(&pr.http_list),
+        load(&pr.http_stats),
+        load(&pr.client_list),
+        load(&pr.client_stats)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_join_leave_events_total Join and leave events sent to subscribers.\n# TYPE gale_join_leave_events_total counter\ngale_join_leave_events_total {}",
+        load(&s.join_leave_events)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gale_presence_members Subscriptions of this node kept in presence (to topics whose namespace keeps it).\n# TYPE gale_presence_members gauge\ngale_presence_members {}",
+        g.presence_members()
     );
     let _ = writeln!(
         out,

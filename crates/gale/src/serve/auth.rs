@@ -46,6 +46,10 @@ pub struct Rights {
     publish: Vec<Pattern>,
     /// Topics whose history may be read: each also in `subscribe`.
     history: Vec<Pattern>,
+    /// The token's `info` claim (a JSON object), shown with the user in presence.
+    pub info: Option<std::sync::Arc<str>>,
+    /// Personal namespaces: their topics are only their owner's (see [`Rights::owns`]).
+    personal: Vec<Pattern>,
 }
 
 impl Rights {
@@ -67,9 +71,24 @@ impl Rights {
         r
     }
 
+    /// Make the topics of these namespaces personal: only their owner may use them.
+    pub fn with_personal(mut self, personal: Vec<Pattern>) -> Rights {
+        self.personal = personal;
+        self
+    }
+
+    /// Whether `topic` is not personal, or is this connection's own: a connection with a
+    /// token whose `sub` is the part of the topic after its last `#`.
+    pub fn owns(&self, topic: &str) -> bool {
+        if self.personal.is_empty() || !self.personal.iter().any(|p| p.matches(topic)) {
+            return true;
+        }
+        matches!((&self.user, super::presence::owner(topic)), (Some(u), Some(o)) if u == o)
+    }
+
     /// May subscribe to `topic`.
     pub fn may_subscribe(&self, topic: &str) -> bool {
-        self.subscribe.iter().any(|p| p.matches(topic))
+        self.subscribe.iter().any(|p| p.matches(topic)) && self.owns(topic)
     }
 
     /// May read the history of `topic`: never a topic it may not subscribe to.
@@ -79,7 +98,7 @@ impl Rights {
 
     /// May publish to `topic`.
     pub fn may_publish(&self, topic: &str) -> bool {
-        self.publish.iter().any(|p| p.matches(topic))
+        self.publish.iter().any(|p| p.matches(topic)) && self.owns(topic)
     }
 }
 
@@ -96,6 +115,9 @@ struct Claims {
     /// Topic patterns the holder may publish to.
     #[serde(default)]
     publish: Vec<String>,
+    /// What presence shows of the holder besides `sub`: a JSON object.
+    #[serde(default)]
+    info: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Check a token and return the rights it grants on top of the anonymous ones. The error is
@@ -120,6 +142,12 @@ pub fn verify_token(token: &str, secret: Option<&[u8]>, anonymous: &Rights) -> R
     let mut rights = anonymous.clone();
     rights.user = Some(c.sub);
     rights.expires = Some(c.exp);
+    if let Some(info) = c.info {
+        if !info.get().trim_start().starts_with('{') {
+            return Err("token claim `info` must be a JSON object".into());
+        }
+        rights.info = Some(info.get().into());
+    }
     for (list, into) in [(c.subscribe, &mut rights.subscribe), (c.publish, &mut rights.publish)] {
         for p in list {
             into.push(Pattern::parse(&p).map_err(|e| format!("token claims: {e}"))?);
@@ -215,6 +243,22 @@ mod tests {
         assert!(verify_token(&no_exp, Some(secret), &anon).unwrap_err().contains("exp"));
         assert!(verify_token("garbage", Some(secret), &anon).unwrap_err().contains("malformed"));
         assert!(verify_token(&good, None, &anon).unwrap_err().contains("no jwt_secret"));
+    }
+
+    #[test]
+    fn personal_topics_are_their_owners_only_and_info_is_an_object() {
+        let anon = Rights::anonymous(&[(p("user:*"), true, true, true), (p("chat:*"), true, false, true)])
+            .with_personal(vec![p("user:*")]);
+        let secret = b"s3cret".as_slice();
+        let t = token(secret, serde_json::json!({"sub": "42", "exp": exp(60), "info": {"name": "Ann"}}));
+        let r = verify_token(&t, Some(secret), &anon).unwrap();
+        assert!(r.may_subscribe("user:#42") && r.may_publish("user:#42") && r.may_read_history("user:#42"));
+        assert!(!r.may_subscribe("user:#43") && !r.may_subscribe("user:42") && !r.may_subscribe("user:#42x"));
+        assert!(r.may_subscribe("chat:#43"), "other namespaces are not personal");
+        assert!(!anon.may_subscribe("user:#42"), "anonymous connections own no topic");
+        assert_eq!(r.info.as_deref(), Some(r#"{"name":"Ann"}"#));
+        let bad = token(secret, serde_json::json!({"sub": "42", "exp": exp(60), "info": "Ann"}));
+        assert!(verify_token(&bad, Some(secret), &anon).unwrap_err().contains("info"));
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! forwards what it missed from the streams, so live subscribers see no gap as long as the history
 //! covers the outage.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +38,7 @@ use gale_server::{ConnId, HttpResponse, Responder, ServerHandle};
 use super::api::{json_error, published};
 use super::gateway::{Client, GatewayStats};
 use super::history::{HistoryPage, HistoryQuery};
+use super::presence::{ListLimit, Member, PresencePage, Stats, event, is_event};
 use super::protocol::{CommandError, Reply, error_reply};
 use super::publish::{BatchReply, PublishOptions, item_result};
 use super::topics::{Position, PublishError, new_epoch};
@@ -174,6 +176,143 @@ return 0
 "#
 );
 
+/// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
+/// (`gale:T:p:`). Sets `now` (ms) and the topic's keys, and first forgets the nodes whose
+/// presence expired (their score, the time of their last refresh plus the TTL, is past):
+/// their members leave the counts and their hashes are deleted.
+macro_rules! presence_lua {
+    () => {
+        r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local p = KEYS[1]
+local nodes, users, conns = p .. 'nodes', p .. 'users', p .. 'conns'
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
+  local members, tally = p .. 'n:' .. dead, p .. 'u:' .. dead
+  local gone = redis.call('HLEN', members)
+  if gone > 0 and redis.call('DECRBY', conns, gone) <= 0 then redis.call('DEL', conns) end
+  local t = redis.call('HGETALL', tally)
+  for i = 1, #t, 2 do
+    if redis.call('HINCRBY', users, t[i], -tonumber(t[i + 1])) <= 0 then redis.call('HDEL', users, t[i]) end
+  end
+  redis.call('DEL', members, tally)
+  redis.call('ZREM', nodes, dead)
+end
+"#
+    };
+}
+
+/// Lua, after `presence_lua!` in scripts of one node (ARGV[1], the node; ARGV[2], the TTL in
+/// ms): the node's keys, and a function that marks the node alive and keeps the topic's keys
+/// for three TTLs (a dead node's hashes outlive its score, so that they are reaped, not lost).
+macro_rules! node_lua {
+    () => {
+        r#"
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+local members, tally = p .. 'n:' .. node, p .. 'u:' .. node
+local function alive()
+  redis.call('ZADD', nodes, now + ttl, node)
+  for _, k in ipairs({nodes, users, conns, members, tally}) do redis.call('PEXPIRE', k, 3 * ttl) end
+end
+"#
+    };
+}
+
+/// A member joins: ARGV after the node's: the client id, the user (`''`: anonymous), the
+/// member's JSON (`''`: not listed), the channel, the join event (`''`: none).
+const JOIN_LUA: &str = concat!(
+    presence_lua!(),
+    node_lua!(),
+    r#"
+local client, user, member, channel, ev = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+if redis.call('HSET', members, client, member) == 1 then
+  redis.call('INCR', conns)
+  if user ~= '' then
+    redis.call('HINCRBY', tally, user, 1)
+    redis.call('HINCRBY', users, user, 1)
+  end
+end
+alive()
+if ev ~= '' then redis.call('PUBLISH', channel, ev) end
+return 1
+"#
+);
+
+/// A member leaves: ARGV as for a join (the event is the leave event).
+const LEAVE_LUA: &str = concat!(
+    presence_lua!(),
+    node_lua!(),
+    r#"
+local client, user, channel, ev = ARGV[3], ARGV[4], ARGV[6], ARGV[7]
+if redis.call('HDEL', members, client) == 1 then
+  if redis.call('DECR', conns) <= 0 then redis.call('DEL', conns) end
+  if user ~= '' then
+    if redis.call('HINCRBY', tally, user, -1) <= 0 then redis.call('HDEL', tally, user) end
+    if redis.call('HINCRBY', users, user, -1) <= 0 then redis.call('HDEL', users, user) end
+  end
+  if ev ~= '' then redis.call('PUBLISH', channel, ev) end
+end
+return 1
+"#
+);
+
+/// The node's periodic refresh of a topic: 1, or 0 if its presence there was forgotten (the
+/// node was silent past the TTL, or Redis lost it): the node then joins its members again.
+const REFRESH_LUA: &str = concat!(
+    presence_lua!(),
+    node_lua!(),
+    r#"
+if not redis.call('ZSCORE', nodes, node) then return 0 end
+alive()
+return 1
+"#
+);
+
+/// Read a topic's presence: ARGV: 1 to list the members too, the most to list. Answers
+/// `{connections, users, more, {member JSON…}}`.
+const READ_PRESENCE_LUA: &str = concat!(
+    presence_lua!(),
+    r#"
+local c = tonumber(redis.call('GET', conns) or '0')
+local u = redis.call('HLEN', users)
+local out, more, max = {}, 0, tonumber(ARGV[2])
+if ARGV[1] == '1' then
+  for _, node in ipairs(redis.call('ZRANGE', nodes, 0, -1)) do
+    local cursor = '0'
+    repeat
+      local r = redis.call('HSCAN', p .. 'n:' .. node, cursor, 'COUNT', 256)
+      cursor = r[1]
+      for i = 2, #r[2], 2 do
+        if r[2][i] ~= '' then
+          if #out >= max then more = 1 else out[#out + 1] = r[2][i] end
+        end
+      end
+    until cursor == '0' or more == 1
+    if more == 1 then break end
+  end
+end
+return {c, u, more, out}
+"#
+);
+
+/// How this node keeps its clients' presence in Redis.
+#[derive(Clone, Debug)]
+pub struct PresenceConfig {
+    /// This node's id (the prefix of its client ids).
+    pub node: String,
+    /// A node silent this long has its clients' presence forgotten; it refreshes it every
+    /// quarter of it.
+    pub ttl: Duration,
+}
+
+/// Where a presence read's answer goes.
+pub enum PresenceReply {
+    /// `GET /api/presence/{topic}` or `/api/presence_stats/{topic}`.
+    Http(Responder),
+    /// A client's `presence` or `presence_stats` command: its connection and command id.
+    Client(ConnId, Option<Box<RawValue>>),
+}
+
 /// Where a publish's answer goes.
 pub enum PublishReply {
     /// An HTTP request (one publish, or a broadcast to several topics).
@@ -204,7 +343,13 @@ pub enum BrokerRequest {
         since: Option<Position>,
         id: Option<Box<RawValue>>,
         max_replay: usize,
+        /// The topic keeps presence: the connection's, and whether to send a join event.
+        presence: Option<(Member, bool)>,
     },
+    /// A connection left a topic that keeps presence; send a leave event if asked.
+    Leave { topic: String, member: Member, join_leave: bool },
+    /// Read a topic's presence: the list of members too, or only the counts.
+    Presence { topic: String, list: bool, limit: ListLimit, reply: PresenceReply },
     /// Answer `GET /api/topics/{topic}`.
     TopicInfo { topic: String, subscribers: usize, reply: Responder },
     /// Read a page of a topic's history from its stream.
@@ -220,6 +365,8 @@ pub struct BrokerStatus {
     pub failed_publishes: AtomicU64,
     /// Messages forwarded from Redis into this node.
     pub forwarded: AtomicU64,
+    /// This node's subscriptions kept in presence.
+    pub presence_members: AtomicU64,
     /// The listening connection is up.
     listen_up: AtomicBool,
     /// The command connection is up.
@@ -260,6 +407,7 @@ impl BrokerHandle {
                         b.fill(i, item_result(topic, Err(&CommandError::new(503, busy))))
                     }
                     BrokerRequest::TopicInfo { reply, .. }
+                    | BrokerRequest::Presence { reply: PresenceReply::Http(reply), .. }
                     | BrokerRequest::History { reply: HistoryReply::Http(reply), .. } => {
                         reply.respond(json_error(503, busy))
                     }
@@ -299,6 +447,7 @@ pub fn start(
     max_topics: usize,
     idempotency_window: Duration,
     stats: Arc<GatewayStats>,
+    presence: PresenceConfig,
 ) -> Result<BrokerHandle, String> {
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
@@ -327,6 +476,9 @@ pub fn start(
         ttl_ms,
         max_topics,
         idempotency_window,
+        presence,
+        present: HashMap::new(),
+        leaves: RefCell::new(Vec::new()),
     };
     std::thread::Builder::new()
         .name("gale-broker".into())
@@ -385,6 +537,13 @@ impl Shared {
         delivery: &str,
         exclude: Option<ConnId>,
     ) {
+        if is_event(delivery) {
+            // A join or leave event: not numbered, delivered as it comes.
+            if topics.contains_key(topic) {
+                self.handle.publish_text(topic, delivery);
+            }
+            return;
+        }
         let Some((epoch, seq)) = position_of(delivery) else { return };
         let Some(f) = topics.get_mut(topic) else { return };
         f.set_epoch(&epoch);
@@ -763,6 +922,13 @@ struct Broker {
     max_topics: usize,
     /// How long Redis keeps an idempotency key (`publish.idempotency_window`).
     idempotency_window: Duration,
+    /// How this node keeps its presence.
+    presence: PresenceConfig,
+    /// This node's members of topics that keep presence: per topic, by client id, the user and
+    /// the member's JSON; refreshed in Redis periodically, joined again if Redis forgot them.
+    present: HashMap<String, HashMap<Arc<str>, (String, String)>>,
+    /// Leaves not carried out while Redis was unreachable: done once it answers again.
+    leaves: RefCell<Vec<(String, Member)>>,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -774,10 +940,42 @@ fn keys(topic: &str) -> (String, String, String, String) {
     )
 }
 
-/// The Redis key of an idempotency key of `topic`: `gale:T#idem:KEY`. `#` is in no topic name
-/// (nor in idempotency keys), so it is never another topic's key, whatever the `:` in either.
+/// The Redis key of an idempotency key of `topic`: `gale:T|idem:KEY`. `|` is in no topic name
+/// (nor in idempotency keys), so it is never another topic's key, whatever the `:` or `#` in
+/// either.
 fn idempotency_key(topic: &str, key: &str) -> String {
-    format!("gale:{topic}#idem:{key}")
+    format!("gale:{topic}|idem:{key}")
+}
+
+/// The prefix of a topic's presence keys (`KEYS[1]` of the presence scripts).
+fn presence_prefix(topic: &str) -> String {
+    format!("gale:{topic}:p:")
+}
+
+/// A topic's presence as Redis holds it: the counts, and the members if `list`.
+fn read_presence(
+    cmd: &mut redis::Connection,
+    topic: &str,
+    list: bool,
+    limit: &ListLimit,
+) -> redis::RedisResult<PresencePage> {
+    let (connections, users, more, members): (u64, u64, u8, Vec<String>) = redis::cmd("EVAL")
+        .arg(READ_PRESENCE_LUA)
+        .arg(1)
+        .arg(presence_prefix(topic))
+        .arg(u8::from(list))
+        .arg(limit.max_clients)
+        .query(cmd)?;
+    let mut page = PresencePage::new(Stats { connections, users });
+    for m in members {
+        if !page.offer(limit, m) {
+            break;
+        }
+    }
+    if more == 1 {
+        page.mark_more();
+    }
+    Ok(page)
 }
 
 /// Epoch and sequence number of a delivery (the broker's own format).
@@ -844,6 +1042,9 @@ impl Broker {
     /// Serve while connected; `Ok` when the gateway shuts down.
     fn serve(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
         let mut last_check = Instant::now();
+        // At once after a (re)connect: leaves that waited, and presence Redis may have lost.
+        self.refresh_presence(cmd)?;
+        let mut last_refresh = Instant::now();
         loop {
             let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(request) => Some(request),
@@ -880,6 +1081,10 @@ impl Broker {
                 self.handle_request(cmd, request)?;
             }
             self.publish_batch(cmd, publishes)?;
+            if last_refresh.elapsed() >= self.presence.ttl / 4 {
+                last_refresh = Instant::now();
+                self.refresh_presence(cmd)?;
+            }
             if last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
                 redis::cmd("PING").query::<String>(cmd)?;
@@ -971,14 +1176,35 @@ impl Broker {
             BrokerRequest::Publish { topics, fragment, reply, opts } => {
                 self.publish_batch(cmd, vec![(topics, fragment, reply, opts)])?;
             }
-            BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
-                if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
-                    // Every request gets an answer, even when Redis fails under it; only a
-                    // lost connection is made again.
-                    self.reply_error(conn, &topic, id, redis_failed(&e));
-                    if connection_lost(&e) {
+            BrokerRequest::Subscribe { conn, topic, since, id, max_replay, presence } => {
+                match self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
+                    Ok(true) => {
+                        if let Some((member, join_leave)) = presence {
+                            self.join(cmd, &topic, member, join_leave)?;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        // Every request gets an answer, even when Redis fails under it; only a
+                        // lost connection is made again.
+                        self.reply_error(conn, &topic, id, redis_failed(&e));
+                        if connection_lost(&e) {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            BrokerRequest::Leave { topic, member, join_leave } => {
+                self.leave(cmd, &topic, member, join_leave)?;
+            }
+            BrokerRequest::Presence { topic, list, limit, reply } => {
+                match read_presence(cmd, &topic, list, &limit) {
+                    Ok(page) => self.answer_presence(reply, &topic, list, Ok(page)),
+                    Err(e) if connection_lost(&e) => {
+                        self.refuse(BrokerRequest::Presence { topic, list, limit, reply });
                         return Err(e);
                     }
+                    Err(e) => self.answer_presence(reply, &topic, list, Err(redis_failed(&e))),
                 }
             }
             BrokerRequest::TopicInfo { topic, subscribers, reply } => {
@@ -1043,6 +1269,183 @@ impl Broker {
         }
     }
 
+    /// The presence script `script` (join or leave) of `member` on `topic`, with `event` for
+    /// the subscribers (`""`: none).
+    fn presence_script(&self, script: &str, topic: &str, member: &Member, event: &str) -> redis::Cmd {
+        let mut c = redis::cmd("EVAL");
+        let json = if member.user.is_some() { member.to_json() } else { String::new() };
+        c.arg(script)
+            .arg(1)
+            .arg(presence_prefix(topic))
+            .arg(&self.presence.node)
+            .arg(self.presence.ttl.as_millis() as u64)
+            .arg(&*member.client)
+            .arg(member.user.as_deref().unwrap_or(""))
+            .arg(json)
+            .arg(keys(topic).3)
+            .arg(event);
+        c
+    }
+
+    /// A connection of this node subscribed to a topic that keeps presence.
+    fn join(
+        &mut self,
+        cmd: &mut redis::Connection,
+        topic: &str,
+        member: Member,
+        join_leave: bool,
+    ) -> redis::RedisResult<()> {
+        let json = if member.user.is_some() { member.to_json() } else { String::new() };
+        let user = member.user.as_deref().unwrap_or("").to_string();
+        let mine = self.present.entry(topic.to_string()).or_default();
+        if mine.insert(member.client.clone(), (user, json)).is_none() {
+            self.shared.status.presence_members.fetch_add(1, Ordering::Relaxed);
+        }
+        let ev = if join_leave { event("join", topic, &member.to_json()) } else { String::new() };
+        match self.presence_script(JOIN_LUA, topic, &member, &ev).query::<i64>(cmd) {
+            Ok(_) => {
+                if join_leave {
+                    self.shared.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            // The refresh joins it again once Redis answers.
+            Err(e) if connection_lost(&e) => Err(e),
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "cannot record presence");
+                Ok(())
+            }
+        }
+    }
+
+    /// A connection of this node left a topic that keeps presence.
+    fn leave(
+        &mut self,
+        cmd: &mut redis::Connection,
+        topic: &str,
+        member: Member,
+        join_leave: bool,
+    ) -> redis::RedisResult<()> {
+        if let Some(mine) = self.present.get_mut(topic) {
+            if mine.remove(&member.client).is_some() {
+                self.shared.status.presence_members.fetch_sub(1, Ordering::Relaxed);
+            }
+            if mine.is_empty() {
+                self.present.remove(topic);
+            }
+        }
+        let ev = if join_leave { event("leave", topic, &member.to_json()) } else { String::new() };
+        match self.presence_script(LEAVE_LUA, topic, &member, &ev).query::<i64>(cmd) {
+            Ok(_) => {
+                if join_leave {
+                    self.shared.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Err(e) if connection_lost(&e) => {
+                self.leaves.borrow_mut().push((topic.to_string(), member));
+                Err(e)
+            }
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "cannot record presence");
+                Ok(())
+            }
+        }
+    }
+
+    /// Mark this node's presence alive on every topic it has members of; where Redis forgot it
+    /// (the node was silent past the TTL, or Redis lost its data), join its members again.
+    fn refresh_presence(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
+        let leaves = std::mem::take(&mut *self.leaves.borrow_mut());
+        for (topic, member) in leaves {
+            self.leave(cmd, &topic, member, false)?;
+        }
+        if self.present.is_empty() {
+            return Ok(());
+        }
+        let ttl = self.presence.ttl.as_millis() as u64;
+        let topics: Vec<String> = self.present.keys().cloned().collect();
+        let mut pipe = redis::pipe();
+        for t in &topics {
+            let script = redis::cmd("EVAL")
+                .arg(REFRESH_LUA)
+                .arg(1)
+                .arg(presence_prefix(t))
+                .arg(&self.presence.node)
+                .arg(ttl)
+                .to_owned();
+            pipe.add_command(script);
+        }
+        let alive: Vec<redis::Value> = pipe.ignore_errors().query(cmd)?;
+        let (mut rejoin, mut rejoins) = (redis::pipe(), 0);
+        for (topic, answer) in topics.iter().zip(alive) {
+            if redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
+                continue;
+            }
+            for (client, (user, json)) in &self.present[topic] {
+                let script = redis::cmd("EVAL")
+                    .arg(JOIN_LUA)
+                    .arg(1)
+                    .arg(presence_prefix(topic))
+                    .arg(&self.presence.node)
+                    .arg(ttl)
+                    .arg(&**client)
+                    .arg(user)
+                    .arg(json)
+                    .arg(keys(topic).3)
+                    .arg("")
+                    .to_owned();
+                rejoin.add_command(script).ignore();
+                rejoins += 1;
+            }
+        }
+        if rejoins == 0 {
+            return Ok(());
+        }
+        tracing::info!(members = rejoins, "broker: presence joined again in Redis");
+        rejoin.query::<()>(cmd)
+    }
+
+    /// Answer a presence read with what Redis holds, or with why it failed.
+    fn answer_presence(
+        &self,
+        reply: PresenceReply,
+        topic: &str,
+        list: bool,
+        page: Result<PresencePage, CommandError>,
+    ) {
+        let stats = &self.shared.stats;
+        let fields = |page: &PresencePage, out: &mut String| {
+            if list { page.write_fields(out) } else { page.stats.write_fields(out) }
+        };
+        match (reply, page) {
+            (PresenceReply::Http(responder), Ok(page)) => {
+                stats.presence_reads.of(true, list).fetch_add(1, Ordering::Relaxed);
+                let body = super::presence::body(topic, |out| fields(&page, out));
+                responder.respond(HttpResponse::json(200, body));
+            }
+            (PresenceReply::Http(responder), Err(e)) => responder.respond(json_error(e.code, &e.reason)),
+            (PresenceReply::Client(conn, id), Ok(page)) => {
+                stats.presence_reads.of(false, list).fetch_add(1, Ordering::Relaxed);
+                let op = if list { "presence" } else { "presence_stats" };
+                let text = Reply::ok(id.as_deref(), op)
+                    .str("topic", topic)
+                    .fields(|out| fields(&page, out))
+                    .finish();
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+                    ws.send_text(&text);
+                });
+            }
+            (PresenceReply::Client(conn, id), Err(e)) => {
+                stats.command_errors.fetch_add(1, Ordering::Relaxed);
+                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+                    ws.send_text(&error_reply(id.as_deref(), &e));
+                });
+            }
+        }
+    }
+
+    /// Subscribe a connection; true if it is subscribed (false: it was answered an error).
     #[allow(clippy::too_many_arguments)]
     fn subscribe(
         &mut self,
@@ -1052,12 +1455,12 @@ impl Broker {
         since: Option<Position>,
         id: Option<Box<RawValue>>,
         max_replay: usize,
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<bool> {
         let (seq_key, log, epoch_key, _) = keys(topic);
         let listening = self.shared.topics().contains_key(topic);
         if !listening && !self.has_room(cmd, topic)? {
             self.reply_error(conn, topic, id, PublishError::TooManyTopics.into());
-            return Ok(());
+            return Ok(false);
         }
         if !listening {
             // Listen first: whatever is published from now on arrives on the channel, and
@@ -1068,7 +1471,7 @@ impl Broker {
                 Ok(Ok(())) => {}
                 _ => {
                     self.reply_error(conn, topic, id, unavailable("cannot subscribe in Redis"));
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         }
@@ -1137,7 +1540,7 @@ impl Broker {
         let _ =
             self.shared.handle.post_to::<Client>(conn, move |ws| ws.data().pending.retain(|t| *t != name));
         drop(topics);
-        Ok(())
+        Ok(true)
     }
 
     /// Answer a subscribe with an error; the topic is no longer pending for the connection.
@@ -1228,6 +1631,11 @@ impl Broker {
             BrokerRequest::History { topic, reply, .. } => {
                 self.answer_history(reply, &topic, Err(unavailable(why)))
             }
+            BrokerRequest::Presence { topic, list, reply, .. } => {
+                self.answer_presence(reply, &topic, list, Err(unavailable(why)))
+            }
+            // Carried out once Redis answers again.
+            BrokerRequest::Leave { topic, member, .. } => self.leaves.borrow_mut().push((topic, member)),
         }
     }
 }
@@ -1256,9 +1664,9 @@ mod tests {
     fn idempotency_keys_are_never_the_keys_of_a_topic() {
         // Topic "a" with key "seq" must not be topic "a:idem"'s sequence number.
         let name = super::idempotency_key("a", "seq");
-        assert_eq!(name, "gale:a#idem:seq");
-        assert!(super::super::protocol::check_topic("a#idem").is_err());
-        assert!(super::super::publish::check_key("x#y").is_err());
+        assert_eq!(name, "gale:a|idem:seq");
+        assert!(super::super::protocol::check_topic("a|idem").is_err());
+        assert!(super::super::publish::check_key("x|y").is_err());
         let (seq, log, epoch, _) = super::keys("a:idem");
         assert!(![seq, log, epoch].contains(&name));
     }

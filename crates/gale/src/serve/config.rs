@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::auth::Pattern;
 use super::history::ReadLimits;
 use super::publish::PublishLimits;
+use super::presence::PresenceRules;
 use super::topics::HistoryLimits;
 use crate::units;
 
@@ -35,6 +36,8 @@ pub struct Config {
     pub history: HistorySection,
     /// Publish options: idempotency keys, batches.
     pub publish: PublishSection,
+    /// Who is subscribed: list sizes, and the cluster's expiry of a silent node's clients.
+    pub presence: PresenceSection,
     /// What anonymous clients may do, by topic pattern.
     #[serde(default)]
     pub namespaces: Vec<Namespace>,
@@ -129,6 +132,10 @@ pub struct LimitsSection {
     pub client_history_rate: f64,
     /// History commands a client may save up.
     pub client_history_burst: u32,
+    /// Client presence commands per second.
+    pub client_presence_rate: f64,
+    /// Presence commands a client may save up.
+    pub client_presence_burst: u32,
     /// Topics with state.
     pub max_topics: usize,
 }
@@ -163,6 +170,15 @@ pub struct PublishSection {
     pub idempotency_max_keys: usize,
     /// Items of one `POST /api/publish_batch`.
     pub max_batch_items: usize,
+/// `[presence]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceSection {
+    /// Clients one presence list shows at most.
+    pub max_clients: usize,
+    /// Cluster mode: seconds after which a node that stopped refreshing its clients' presence
+    /// (killed, cut off) has them forgotten.
+    pub ttl: u64,
 }
 
 /// `[[namespaces]]`: anonymous rights on topics matching a pattern.
@@ -180,6 +196,16 @@ pub struct Namespace {
     /// Clients that may subscribe may read the history too; left out: as `subscribe`.
     #[serde(default)]
     pub history: Option<bool>,
+    /// Presence is kept for the topics, and clients that may subscribe may read it.
+    #[serde(default)]
+    pub presence: bool,
+    /// Subscribers get join and leave events.
+    #[serde(default)]
+    pub join_leave: bool,
+    /// Each topic belongs to the user named after its last `#`: only that user's connections
+    /// may use it.
+    #[serde(default)]
+    pub personal: bool,
 }
 
 /// Overrides from the command line.
@@ -260,6 +286,25 @@ pub struct Settings {
     pub publish: PublishLimits,
     /// Anonymous rights: pattern, subscribe, publish, history.
     pub namespaces: Vec<(Pattern, bool, bool, bool)>,
+    /// Presence, join/leave events and personal topics.
+    pub presence: PresenceSettings,
+}
+
+/// What the namespaces and `[presence]` say of presence and personal topics.
+#[derive(Clone, Debug)]
+pub struct PresenceSettings {
+    /// Topics that keep presence, or send join/leave events.
+    pub rules: PresenceRules,
+    /// Patterns of personal namespaces.
+    pub personal: Vec<Pattern>,
+    /// Clients one presence list shows at most.
+    pub max_clients: usize,
+    /// Cluster mode: how long a node's presence lives in Redis without a refresh.
+    pub ttl: Duration,
+    /// Client presence commands per second.
+    pub rate: f64,
+    /// Burst of client presence commands.
+    pub burst: u32,
 }
 
 /// Read the configuration: the embedded default, `file` over it, `env_api_key` (the
@@ -458,6 +503,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         ("client_publish_rate", limits.client_publish_rate),
         ("client_subscribe_rate", limits.client_subscribe_rate),
         ("client_history_rate", limits.client_history_rate),
+        ("client_presence_rate", limits.client_presence_rate),
     ] {
         if !(rate >= 0.0 && rate.is_finite()) {
             return Err(format!("limits.{key}: {rate} is not a rate of zero or more per second"));
@@ -500,6 +546,34 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     let api_key = o.api_key.clone().or(env_api_key).or(nonempty(c.auth.api_key)).and_then(nonempty);
     let jwt_secret = o.jwt_secret.clone().or(nonempty(c.auth.jwt_secret)).and_then(nonempty);
     let mut namespaces = Vec::new();
+    let (mut presence_rules, mut personal) = (Vec::new(), Vec::new());
+    for (i, ns) in c.namespaces.iter().enumerate() {
+        let pattern = Pattern::parse(&ns.pattern).map_err(|e| format!("namespaces[{i}].pattern: {e}"))?;
+        if ns.personal && !ns.subscribe {
+            return Err(format!(
+                "namespaces[{i}].personal: needs subscribe = true (it lets each user subscribe to \
+                 their own topics)"
+            ));
+        }
+        if ns.personal {
+            personal.push(pattern.clone());
+        }
+        presence_rules.push((pattern, ns.presence, ns.join_leave));
+    }
+    if c.presence.max_clients == 0 {
+        return Err("presence.max_clients: must be at least 1".into());
+    }
+    if c.presence.ttl < 2 {
+        return Err(format!("presence.ttl: {} is below 2 seconds", c.presence.ttl));
+    }
+    let presence = PresenceSettings {
+        rules: PresenceRules::new(presence_rules),
+        personal,
+        max_clients: c.presence.max_clients,
+        ttl: Duration::from_secs(c.presence.ttl),
+        rate: limits.client_presence_rate,
+        burst: limits.client_presence_burst.max(1),
+    };
     for (i, ns) in c.namespaces.into_iter().enumerate() {
         let pattern = Pattern::parse(&ns.pattern).map_err(|e| format!("namespaces[{i}].pattern: {e}"))?;
         if ns.history == Some(true) && !ns.subscribe {
@@ -555,6 +629,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
             max_batch_items: p.max_batch_items,
         },
         namespaces,
+        presence,
     })
 }
 
@@ -651,6 +726,12 @@ mod tests {
         assert!(e.contains("publish.idempotency_window"), "{e}");
         let e = err("[publish]\nmax_batch_items = 0\n");
         assert!(e.contains("publish.max_batch_items"), "{e}");
+        let e = err("[[namespaces]]\npattern = \"u:*\"\npersonal = true\n");
+        assert!(e.contains("namespaces[0].personal") && e.contains("subscribe"), "{e}");
+        let e = err("[presence]\nttl = 1\n");
+        assert!(e.contains("presence.ttl"), "{e}");
+        let e = err("[presence]\nmax_clients = 0\n");
+        assert!(e.contains("presence.max_clients"), "{e}");
         let e = err("[auth]\nallowed_origins = [\"example.com\"]\n");
         assert!(e.contains("auth.allowed_origins[0]"), "{e}");
     }

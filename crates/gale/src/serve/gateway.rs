@@ -1,5 +1,5 @@
 //! The gateway's shared state and its WebSocket endpoint: authentication at the upgrade, then
-//! JSON commands (subscribe with recovery, unsubscribe, publish, history, ping).
+//! JSON commands (subscribe with recovery, unsubscribe, publish, history, presence, ping).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -8,9 +8,10 @@ use std::time::Instant;
 use gale_server::{Accept, Message, Reject, ServerHandle, UpgradeRequest, WebSocket, WsHandler};
 
 use super::auth::{Rights, origin_allowed, verify_token};
-use super::broker::{BrokerRequest, HistoryReply, PublishReply};
+use super::broker::{BrokerRequest, HistoryReply, PresenceReply, PublishReply};
 use super::config::Settings;
 use super::history::HistoryQuery;
+use super::presence::{ClientIds, ListLimit, Member, Presence, Tracked};
 use super::protocol::{
     Command, CommandError, Payload, Reply, check_topic, error_reply, fragment, parse_command,
 };
@@ -44,6 +45,35 @@ pub struct GatewayStats {
     pub refreshes: AtomicU64,
     /// `refresh` commands refused (bad token, another user, no token to refresh).
     pub refused_refreshes: AtomicU64,
+    /// Presence reads answered: lists and counts, through the HTTP API and to clients.
+    pub presence_reads: PresenceReads,
+    /// Join and leave events sent.
+    pub join_leave_events: AtomicU64,
+}
+
+/// Presence reads answered, by source and kind.
+#[derive(Default)]
+pub struct PresenceReads {
+    /// `GET /api/presence/{topic}`.
+    pub http_list: AtomicU64,
+    /// `GET /api/presence_stats/{topic}`.
+    pub http_stats: AtomicU64,
+    /// `presence` commands.
+    pub client_list: AtomicU64,
+    /// `presence_stats` commands.
+    pub client_stats: AtomicU64,
+}
+
+impl PresenceReads {
+    /// The counter of a read: HTTP or client, list or counts.
+    pub fn of(&self, http: bool, list: bool) -> &AtomicU64 {
+        match (http, list) {
+            (true, true) => &self.http_list,
+            (true, false) => &self.http_stats,
+            (false, true) => &self.client_list,
+            (false, false) => &self.client_stats,
+        }
+    }
 }
 
 /// Everything the endpoints share.
@@ -60,13 +90,19 @@ pub struct Gateway {
     pub stats: Arc<GatewayStats>,
     /// The Redis broker, in cluster mode.
     pub broker: OnceLock<super::broker::BrokerHandle>,
+    /// Who is subscribed to the topics that keep presence (single-node mode).
+    pub presence: Presence,
+    /// Client ids, unique across the nodes of a cluster.
+    pub client_ids: ClientIds,
 }
 
 impl Gateway {
     /// The gateway for these settings.
     pub fn new(settings: Settings) -> Arc<Gateway> {
         let topics = Topics::new(settings.history, settings.max_topics).with_publish_limits(settings.publish);
-        let anonymous = Arc::new(Rights::anonymous(&settings.namespaces));
+        let anonymous = Arc::new(
+            Rights::anonymous(&settings.namespaces).with_personal(settings.presence.personal.clone()),
+        );
         Arc::new(Gateway {
             settings,
             topics,
@@ -74,7 +110,52 @@ impl Gateway {
             handle: OnceLock::new(),
             stats: Arc::default(),
             broker: OnceLock::new(),
+            presence: Presence::default(),
+            client_ids: ClientIds::new(super::topics::new_epoch()),
         })
+    }
+
+    /// This node's subscriptions kept in presence.
+    pub fn presence_members(&self) -> u64 {
+        match self.broker.get() {
+            Some(b) => b.status.presence_members.load(Ordering::Relaxed),
+            None => self.presence.members.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The presence of a connection: its client id, its token's `sub` and `info`.
+    fn member(&self, client: &Client) -> Member {
+        Member {
+            client: self.client_ids.client_id(client.serial),
+            user: client.rights.user.as_deref().map(Into::into),
+            info: client.rights.info.clone(),
+        }
+    }
+
+    /// A connection left a topic that keeps presence (unsubscribed, or closed).
+    fn left(&self, client: &Client, topic: &str, tracked: Tracked) {
+        let member = self.member(client);
+        if let Some(b) = self.broker.get() {
+            let join_leave = tracked.join_leave && member.user.is_some();
+            b.send(BrokerRequest::Leave { topic: topic.to_string(), member, join_leave });
+            return;
+        }
+        self.presence.leave(topic, &member);
+        if tracked.join_leave {
+            self.join_leave_event("leave", topic, &member);
+        }
+    }
+
+    /// Tell a topic's subscribers that a client with a token joined or left (single node; the
+    /// broker does it in cluster mode). Not numbered, not kept in the history.
+    fn join_leave_event(&self, op: &str, topic: &str, member: &Member) {
+        if member.user.is_none() {
+            return;
+        }
+        if let Some(h) = self.handle.get() {
+            h.publish_text(topic, &super::presence::event(op, topic, &member.to_json()));
+            self.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Publish `payload` to `topic` (numbered, kept in history, delivered everywhere).
@@ -149,6 +230,9 @@ pub struct Client {
     publishes: Bucket,
     subscribes: Bucket,
     histories: Bucket,
+    presences: Bucket,
+    /// Numbers the connection's client id (see `ClientIds`).
+    serial: u64,
     /// Cluster mode: subscriptions sent to the broker and not answered yet.
     pub(crate) pending: Vec<String>,
 }
@@ -186,6 +270,8 @@ impl WsHandler for Endpoint {
             publishes: Bucket::full(s.publish_burst),
             subscribes: Bucket::full(s.subscribe_burst),
             histories: Bucket::full(s.history_burst),
+            presences: Bucket::full(s.presence.burst),
+            serial: g.client_ids.next(),
             pending: Vec::new(),
         }))
     }
@@ -194,6 +280,28 @@ impl WsHandler for Endpoint {
     /// even if it only listens.
     fn pong(&self, ws: &mut WebSocket<'_, Client>, _payload: &[u8]) {
         close_if_expired(ws);
+    }
+
+    /// The connection's presence ends with it.
+    fn close(&self, ws: &mut WebSocket<'_, Client>, _code: gale_server::CloseCode, _reason: &str) {
+        let g = &self.0;
+        let rules = &g.settings.presence.rules;
+        if rules.is_empty() {
+            return;
+        }
+        // Cluster mode: a subscription the broker has not answered yet may still join; the
+        // broker handles the leave after it.
+        let mut topics: Vec<String> = ws.topics().map(str::to_string).collect();
+        for t in &ws.data().pending {
+            if !topics.contains(t) {
+                topics.push(t.clone());
+            }
+        }
+        for topic in topics {
+            if let Some(tracked) = rules.tracked(&topic) {
+                g.left(ws.data(), &topic, tracked);
+            }
+        }
     }
 
     fn message(&self, ws: &mut WebSocket<'_, Client>, msg: Message<'_>) {
@@ -269,13 +377,17 @@ impl Endpoint {
                 let max_replay = ws.behavior().max_backpressure / 2;
                 if let Some(b) = g.broker.get() {
                     // Cluster mode: the broker answers (and subscribes) once Redis has.
-                    let request = BrokerRequest::Subscribe {
-                        conn: ws.id(),
-                        topic: topic.to_string(),
-                        since,
-                        id: cmd.id.map(ToOwned::to_owned),
-                        max_replay,
-                    };
+                    let request =
+                        BrokerRequest::Subscribe {
+                            conn: ws.id(),
+                            topic: topic.to_string(),
+                            since,
+                            id: cmd.id.map(ToOwned::to_owned),
+                            max_replay,
+                            presence: g.settings.presence.rules.tracked(topic).map(|t| {
+                                (g.member(ws.data()), t.join_leave && ws.data().rights.user.is_some())
+                            }),
+                        };
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
                     }
@@ -308,6 +420,46 @@ impl Endpoint {
                         ws.send_text(&reply.raw("recovered", false).str("reason", why).finish());
                     }
                 }
+                if let Some(tracked) = g.settings.presence.rules.tracked(topic) {
+                    let member = g.member(ws.data());
+                    g.presence.join(topic, &member);
+                    if tracked.join_leave {
+                        g.join_leave_event("join", topic, &member);
+                    }
+                }
+            }
+            "presence" | "presence_stats" => {
+                let topic = topic()?;
+                let list = cmd.op == "presence";
+                let allowed = g.settings.presence.rules.tracked(topic).is_some_and(|t| t.presence);
+                if !allowed || !ws.data().rights.may_subscribe(topic) {
+                    return Err(CommandError::new(
+                        403,
+                        format!("not allowed to read the presence of {topic}"),
+                    ));
+                }
+                let p = &g.settings.presence;
+                ws.data().presences.spend("presence", p.rate, p.burst)?;
+                // An answer must fit in what the connection may queue, as a history page must.
+                let limit =
+                    ListLimit { max_clients: p.max_clients, max_bytes: ws.behavior().max_backpressure / 2 };
+                if let Some(b) = g.broker.get() {
+                    let reply = PresenceReply::Client(ws.id(), cmd.id.map(ToOwned::to_owned));
+                    if !b.send(BrokerRequest::Presence { topic: topic.to_string(), list, limit, reply }) {
+                        return Err(CommandError::new(503, "the broker is unavailable"));
+                    }
+                    return Ok(());
+                }
+                g.stats.presence_reads.of(false, list).fetch_add(1, Ordering::Relaxed);
+                let reply = Reply::ok(cmd.id, &cmd.op).str("topic", topic);
+                let reply = if list {
+                    let page = g.presence.list(topic, &limit);
+                    reply.fields(|out| page.write_fields(out))
+                } else {
+                    let stats = g.presence.stats(topic);
+                    reply.fields(|out| stats.write_fields(out))
+                };
+                ws.send_text(&reply.finish());
             }
             "history" => {
                 let topic = topic()?;
@@ -343,6 +495,9 @@ impl Endpoint {
                 let topic = topic()?;
                 if !ws.unsubscribe(topic) {
                     return Err(CommandError::new(404, format!("not subscribed to {topic}")));
+                }
+                if let Some(tracked) = g.settings.presence.rules.tracked(topic) {
+                    g.left(ws.data(), topic, tracked);
                 }
                 ws.send_text(&Reply::ok(cmd.id, "unsubscribe").str("topic", topic).finish());
             }
@@ -423,7 +578,7 @@ impl Endpoint {
                 return Err(CommandError::new(
                     400,
                     format!(
-                        "unknown op {other:?}: expected subscribe, unsubscribe, publish, history, refresh or ping"
+                        "unknown op {other:?}: expected subscribe, unsubscribe, publish, history, presence, presence_stats, refresh or ping"
                     ),
                 ));
             }

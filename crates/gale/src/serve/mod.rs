@@ -8,6 +8,7 @@ pub mod broker;
 pub mod config;
 pub mod gateway;
 pub mod history;
+pub mod presence;
 pub mod protocol;
 pub mod publish;
 pub mod topics;
@@ -136,6 +137,8 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .post("/api/publish_batch", g(api::publish_batch))
         .get("/api/topics/*", g(api::topic_info))
         .get("/api/history/*", g(api::history))
+        .get("/api/presence/*", g(api::presence))
+        .get("/api/presence_stats/*", g(api::presence_stats))
         // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
         .render_errors("/api/*", api::json_error)
         .listen(s.listen)?;
@@ -157,6 +160,7 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
             s.max_topics,
             s.publish.idempotency_window,
             gateway.stats.clone(),
+            broker::PresenceConfig { node: gateway.client_ids.node().to_string(), ttl: s.presence.ttl },
         )
         .map_err(invalid)?;
         let _ = gateway.broker.set(b);

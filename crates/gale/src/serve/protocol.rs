@@ -156,7 +156,8 @@ pub struct Command<'a> {
     /// included (`None` only when the command has no `id`).
     #[serde(borrow, default, deserialize_with = "present")]
     pub id: Option<&'a RawValue>,
-    /// `subscribe`, `unsubscribe`, `publish`, `history`, `refresh` or `ping`.
+    /// `subscribe`, `unsubscribe`, `publish`, `history`, `presence`, `presence_stats`, `refresh` or
+    /// `ping`.
     pub op: String,
     /// The topic (all but `ping`).
     #[serde(default)]
@@ -227,13 +228,14 @@ pub fn parse_command(text: &str) -> Result<Command<'_>, (Option<&RawValue>, Comm
     })
 }
 
-/// Check a topic name: 1..=200 bytes of letters, digits and `:_-./@`.
+/// Check a topic name: 1..=200 bytes of letters, digits and `:_-./@#` (`#` ends a personal
+/// topic's owner: see `presence::owner`).
 pub fn check_topic(topic: &str) -> Result<(), CommandError> {
     if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
         return Err(CommandError::new(400, format!("topic must be 1 to {MAX_TOPIC_LEN} bytes long")));
     }
-    if let Some(c) = topic.chars().find(|c| !(c.is_ascii_alphanumeric() || ":_-./@".contains(*c))) {
-        return Err(CommandError::new(400, format!("topic contains {c:?}: use letters, digits and :_-./@")));
+    if let Some(c) = topic.chars().find(|c| !(c.is_ascii_alphanumeric() || ":_-./@#".contains(*c))) {
+        return Err(CommandError::new(400, format!("topic contains {c:?}: use letters, digits and :_-./@#")));
     }
     Ok(())
 }
