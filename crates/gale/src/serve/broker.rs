@@ -437,18 +437,28 @@ impl Forwarding {
     }
 }
 
-/// Start the broker threads for Redis at `url`, keeping `history` messages per topic for `ttl`,
-/// and state for at most `max_topics` topics over the cluster; counting into `stats`.
+/// What the broker keeps in Redis, per topic and over the cluster.
+pub struct RedisLimits {
+    /// Messages kept per topic for recovery (`history.size`).
+    pub history: usize,
+    /// How long a topic's keys live after its last publish (`history.ttl`).
+    pub ttl: Option<Duration>,
+    /// The most topics with state in Redis (`limits.max_topics`, over the cluster).
+    pub max_topics: usize,
+    /// How long an idempotency key is remembered (`publish.idempotency_window`).
+    pub idempotency_window: Duration,
+}
+
+/// Start the broker threads for Redis at `url`, keeping what `limits` say; counting into
+/// `stats`.
 pub fn start(
     url: &str,
     handle: ServerHandle,
-    history: usize,
-    ttl: Option<Duration>,
-    max_topics: usize,
-    idempotency_window: Duration,
+    limits: RedisLimits,
     stats: Arc<GatewayStats>,
     presence: PresenceConfig,
 ) -> Result<BrokerHandle, String> {
+    let RedisLimits { history, ttl, max_topics, idempotency_window } = limits;
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
     let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();

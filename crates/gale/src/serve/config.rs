@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use super::auth::Pattern;
 use super::history::ReadLimits;
-use super::publish::PublishLimits;
 use super::presence::PresenceRules;
+use super::publish::PublishLimits;
 use super::topics::HistoryLimits;
 use crate::units;
 
@@ -170,6 +170,8 @@ pub struct PublishSection {
     pub idempotency_max_keys: usize,
     /// Items of one `POST /api/publish_batch`.
     pub max_batch_items: usize,
+}
+
 /// `[presence]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

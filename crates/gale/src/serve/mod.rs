@@ -155,10 +155,12 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         let b = broker::start(
             url,
             handle.clone(),
-            s.history.size,
-            s.history.ttl,
-            s.max_topics,
-            s.publish.idempotency_window,
+            broker::RedisLimits {
+                history: s.history.size,
+                ttl: s.history.ttl,
+                max_topics: s.max_topics,
+                idempotency_window: s.publish.idempotency_window,
+            },
             gateway.stats.clone(),
             broker::PresenceConfig { node: gateway.client_ids.node().to_string(), ttl: s.presence.ttl },
         )
