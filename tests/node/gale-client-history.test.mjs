@@ -184,13 +184,23 @@ describe('gale-client history when the gateway is SIGKILLed and restarted', () =
   it('reads the history again, and shows the new epoch exactly', TEST, async () => {
     let gale = await startGaleServe('history-restart', 'node-client', ['--api-key', API_KEY]);
     const listen = `127.0.0.1:${new URL(gale.url).port}`;
-    const restart = () =>
-      startGale('history-restart-2', 'node-client', ['--api-key', API_KEY], { command: ['serve', '--listen', listen] });
+    // The killed process's port may take a moment to be free again (io_uring tears its ring
+    // down asynchronously): try again for a few seconds.
+    const restart = async () => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await startGale('history-restart-2', 'node-client', ['--api-key', API_KEY], { command: ['serve', '--listen', listen] });
+        } catch (err) {
+          if (attempt === 30) throw err;
+          await sleep(100);
+        }
+      }
+    };
     const c = new GaleClient(`${gale.url}/ws`, FAST);
     const topic = 'chat:restart';
+    const pub = publisher(gale, topic);
     try {
       const rec = recorder();
-      const pub = publisher(gale, topic);
       const sub = c.subscribe(topic, { ...rec, history: 100 });
       await sub.ready;
       await waitFor(() => rec.got.length >= 20, WAIT_MS, 'messages before the kill');
@@ -215,6 +225,7 @@ describe('gale-client history when the gateway is SIGKILLed and restarted', () =
       const reread = rec.histories[1].messages.length;
       assert.ok(afterRestart.slice(0, reread).every((g) => g.history), 'the history read comes first');
     } finally {
+      await pub.stop();
       await c.close();
       await gale.stop();
     }
