@@ -1,8 +1,11 @@
 // Type declarations for gale-client (gale-client.js).
 
-/** A position in a topic's numbering: what a subscription resumes from. */
+/**
+ * A position in a topic's numbering: what a subscription resumes from. `epoch` is null (with
+ * `seq` 0) when the topic had no state at the history read it comes from.
+ */
 export interface Position {
-  epoch: string;
+  epoch: string | null;
   seq: number;
 }
 
@@ -66,6 +69,29 @@ export interface Delivery {
   binary?: string;
 }
 
+/** The gateway's answer to a history read (`client.history`, the `history` option). */
+export interface HistoryReply {
+  topic: string;
+  /** The topic's epoch when it was read; null when the topic has no state. */
+  epoch: string | null;
+  /** The topic's last seq when it was read (0 without state). */
+  seq: number;
+  /** The oldest message retained, or null. */
+  first_seq: number | null;
+  /** Messages after `sinceSeq` are no longer retained: the answer does not start right after it. */
+  truncated: boolean;
+  /** Retained messages follow the last one returned: read on with `sinceSeq` = its seq. */
+  more: boolean;
+  /** Oldest first, without a gap: each exactly the delivery subscribers received. */
+  messages: Delivery[];
+}
+
+/** Where a message handed to `onMessage` comes from. */
+export interface MessageInfo {
+  /** True for the messages of a history read (the `history` option), false otherwise. */
+  history: boolean;
+}
+
 /** What a subscribe reply said, and, after a `since`, whether recovery worked. */
 export interface SubscribeInfo {
   topic: string;
@@ -77,13 +103,26 @@ export interface SubscribeInfo {
   missed?: number;
   /** Why recovery was impossible: the application should reload its state. */
   reason?: string;
+  /**
+   * Recovery was impossible and the subscription (with the `history` option) reads the
+   * history again: `onHistory` with `reload: true` and its messages follow.
+   */
+  reloading?: boolean;
 }
 
 export interface SubscribeOptions {
-  /** Resume from this position (kept from an earlier `subscription.position`). */
+  /** Resume from this position (kept from an earlier `subscription.position`, or a history read). */
   since?: Position;
-  /** Each message, once, in order: `data` (or a Uint8Array for bytes) and the delivery. */
-  onMessage?: (data: any, delivery: Delivery) => void;
+  /**
+   * Read this many of the topic's most recent messages first (at most the gateway's
+   * `history.max_limit`, 1000), then subscribe from the last of them; read them again when
+   * recovery is impossible. Ignored when `since` is given.
+   */
+  history?: number;
+  /** Each message, once, in order: `data` (or a Uint8Array for bytes), the delivery, and whether it came from a history read. */
+  onMessage?: (data: any, delivery: Delivery, info: MessageInfo) => void;
+  /** A history read answered (the `history` option); its messages then go to `onMessage`. `reload`: a read after a failed recovery. */
+  onHistory?: (reply: HistoryReply, info: { reload: boolean }) => void;
   /** After every subscribe with a position, and when continuity breaks while subscribed. */
   onRecovered?: (info: SubscribeInfo) => void;
   /** A subscribe the gateway refused (final unless the code is 429, 500 or 503). */
@@ -92,6 +131,8 @@ export interface SubscribeOptions {
 
 export class Subscription {
   readonly topic: string;
+  /** The `history` option (0 without it). */
+  readonly history: number;
   /** The epoch of the last message delivered (or of the position subscribed from). */
   readonly epoch: string | null;
   /** The seq of the last message delivered (or of the position subscribed from). */
@@ -99,7 +140,7 @@ export class Subscription {
   readonly state: 'subscribing' | 'subscribed' | 'unsubscribed' | 'failed';
   /** Settles with the first subscribe reply, or the error that ended the subscription. */
   readonly ready: Promise<SubscribeInfo>;
-  /** `{ epoch, seq }` of the last message delivered, or null before the first reply. */
+  /** `{ epoch, seq }` of the last message delivered, or null before the first reply (or history read). */
   readonly position: Position | null;
   /** Stop receiving; resolves once the gateway confirmed (at once when not connected). */
   unsubscribe(): Promise<void>;
@@ -135,10 +176,17 @@ export class GaleClient {
   readonly state: 'idle' | 'connecting' | 'connected' | 'waiting' | 'closed';
   /** The URL in use, or tried next. */
   readonly url: string;
+  /**
+   * The current WebSocket (open or opening), or null: for reading `readyState`,
+   * `bufferedAmount`, `protocol`, `extensions`, `url`. Do not send on it or close it.
+   */
+  readonly socket: any | null;
   on<E extends keyof GaleClientEvents>(event: E, listener: (arg: GaleClientEvents[E]) => void): this;
   off<E extends keyof GaleClientEvents>(event: E, listener: (arg: GaleClientEvents[E]) => void): this;
   subscribe(topic: string, options?: SubscribeOptions): Subscription;
   publish(topic: string, data: unknown): Promise<{ topic: string; epoch: string; seq: number }>;
+  /** Read the retained messages after `sinceSeq` (0), at most `limit` (the gateway's default, 100). */
+  history(topic: string, options?: { sinceSeq?: number; limit?: number }): Promise<HistoryReply>;
   /** A round trip; resolves to its time in ms. */
   ping(): Promise<number>;
   /** Drop the current connection (if any) and connect again now, recovering. */

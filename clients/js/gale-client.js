@@ -10,6 +10,9 @@
 // - each subscription remembers the epoch and last seq it delivered; after a drop the client
 //   reconnects (exponential backoff with jitter, moving through a list of URLs), subscribes
 //   again with `since`, delivers what was missed once and in order, and drops duplicates;
+// - a subscription with `history: N` first reads the topic's N most recent messages, then
+//   subscribes `since` the last of them, so nothing is missed or doubled in between; when
+//   recovery is impossible after a reconnect it reads the history again;
 // - tokens come from `getToken()`, asked again when the gateway closes with 4001;
 // - a connection that receives nothing (its own pings included) for `idleTimeout` is
 //   treated as dead and replaced;
@@ -100,6 +103,9 @@ const SUBSCRIBED = Symbol('subscribed');
 const DELIVER = Symbol('deliver');
 const END = Symbol('end');
 const SINCE = Symbol('since');
+const LOADED = Symbol('loaded');
+const RELOAD = Symbol('reload');
+const NEEDS_HISTORY = Symbol('needsHistory');
 
 /** One topic's subscription; made by {@link GaleClient#subscribe}. */
 export class Subscription {
@@ -108,16 +114,28 @@ export class Subscription {
   #settleReady;
   /** Whether this subscription asked for recovery (it had a position) the last time. */
   #asked = false;
+  /** Whether it has a position to resume from (`since`, a subscribe reply or a history read). */
+  #positioned = false;
+  /** Whether its position comes from a history read not yet followed by a subscribe reply. */
+  #justLoaded = false;
+  /** Whether it has read the history before (a read now is a reload). */
+  #loadedBefore = false;
 
-  constructor(client, topic, { since, onMessage, onRecovered, onError } = {}) {
+  constructor(client, topic, { since, history, onMessage, onHistory, onRecovered, onError } = {}) {
+    if (history !== undefined && !(Number.isInteger(history) && history > 0)) {
+      throw new RangeError('subscribe: history must be a whole number of messages, at least 1');
+    }
     this.#client = client;
-    this.#handlers = { onMessage, onRecovered, onError };
+    this.#handlers = { onMessage, onHistory, onRecovered, onError };
     /** The topic. */
     this.topic = topic;
+    /** How many recent messages to read before subscribing (the `history` option), or 0. */
+    this.history = history ?? 0;
     /** The epoch of the last message delivered (or of the position subscribed from). */
-    this.epoch = since ? String(since.epoch) : null;
+    this.epoch = since ? (since.epoch == null ? null : String(since.epoch)) : null;
     /** The seq of the last message delivered (or of the position subscribed from). */
     this.seq = since ? Number(since.seq) : 0;
+    this.#positioned = Boolean(since);
     /** `subscribing`, `subscribed`, `unsubscribed` or `failed`. */
     this.state = 'subscribing';
     /** Settles with the first subscribe reply, or the error that ended the subscription. */
@@ -127,9 +145,12 @@ export class Subscription {
     this.ready.catch(() => {}); // awaiting it is optional
   }
 
-  /** `{ epoch, seq }` of the last message delivered: what to keep to resume later. */
+  /**
+   * `{ epoch, seq }` of the last message delivered: what to keep to resume later (`epoch` is
+   * null when the topic had no state at the history read it comes from), or null.
+   */
   get position() {
-    return this.epoch === null ? null : { epoch: this.epoch, seq: this.seq };
+    return this.#positioned ? { epoch: this.epoch, seq: this.seq } : null;
   }
 
   /** Stop receiving. Resolves once the gateway has confirmed (at once if not connected). */
@@ -139,8 +160,43 @@ export class Subscription {
 
   /** The `since` of the next subscribe command (or undefined), noting whether it asked. */
   [SINCE]() {
-    this.#asked = this.epoch !== null;
+    this.#asked = this.#positioned;
     return this.#asked ? { epoch: this.epoch, seq: this.seq } : undefined;
+  }
+
+  /** Whether the next subscribe must first read the history (the `history` option). */
+  get [NEEDS_HISTORY]() {
+    return this.history > 0 && !this.#positioned;
+  }
+
+  /** A history read answered: hand its messages over, and subscribe from its last one. */
+  [LOADED](reply) {
+    const reload = this.#loadedBefore;
+    this.#loadedBefore = true;
+    const last = reply.messages.at(-1);
+    this.epoch = last ? last.epoch : reply.epoch;
+    this.seq = last ? last.seq : reply.seq;
+    this.#positioned = true;
+    this.#justLoaded = true;
+    callSafely(this.#client, this.#handlers.onHistory, reply, { reload });
+    for (const m of reply.messages) {
+      if (this.state === 'unsubscribed') return; // left from a callback
+      callSafely(this.#client, this.#handlers.onMessage, payloadOf(m), m, { history: true });
+    }
+  }
+
+  /**
+   * Whether a subscribe reply that could not recover should make this subscription read the
+   * history again (it has the `history` option, and its position is not a history read of
+   * this very moment: that would only fail again). If so, report it and forget the position.
+   */
+  [RELOAD](reply) {
+    if (!(this.history > 0 && this.#asked && reply.recovered === false && !this.#justLoaded)) return false;
+    this.#positioned = false;
+    this.state = 'subscribing';
+    const info = { topic: this.topic, epoch: reply.epoch, seq: reply.seq, recovered: false, reason: reply.reason, reloading: true };
+    callSafely(this.#client, this.#handlers.onRecovered, info);
+    return true;
   }
 
   /** The gateway answered a subscribe command. */
@@ -151,6 +207,11 @@ export class Subscription {
       this.epoch = reply.epoch;
       this.seq = reply.seq;
     }
+    this.#positioned = true;
+    // The subscribe that follows a history read is one step of loading: only its failure
+    // is news.
+    const quiet = this.#justLoaded && reply.recovered === true;
+    this.#justLoaded = false;
     this.state = 'subscribed';
     const info = { topic: this.topic, epoch: reply.epoch, seq: reply.seq };
     if (this.#asked) {
@@ -160,7 +221,7 @@ export class Subscription {
     }
     this.#settleReady?.resolve(info);
     this.#settleReady = null;
-    if (this.#asked) callSafely(this.#client, this.#handlers.onRecovered, info);
+    if (this.#asked && !quiet) callSafely(this.#client, this.#handlers.onRecovered, info);
   }
 
   /** A delivery for this topic; duplicates (seq at or below the last, same epoch) are dropped. */
@@ -179,7 +240,7 @@ export class Subscription {
     }
     this.epoch = d.epoch;
     this.seq = d.seq;
-    callSafely(this.#client, this.#handlers.onMessage, payloadOf(d), d);
+    callSafely(this.#client, this.#handlers.onMessage, payloadOf(d), d, { history: false });
   }
 
   /** Continuity was lost while subscribed (the gateway dropped messages, or a new epoch). */
@@ -239,6 +300,8 @@ export class GaleClient {
   #leaving = new Map();
   /** Subscriptions left while their subscribe was in flight -> what resolves their leaving. */
   #undo = new Map();
+  /** Subscriptions reading their history on this connection (not subscribed at the gateway). */
+  #loading = new Set();
   #browserHooks = null;
 
   /**
@@ -275,6 +338,15 @@ export class GaleClient {
   /** The URL in use (or tried next). */
   get url() {
     return this.#urls[this.#urlIndex].href;
+  }
+
+  /**
+   * The current WebSocket (open or opening), or null: for reading its figures
+   * (`readyState`, `bufferedAmount`, `protocol`, `extensions`, `url`). Sending on it or
+   * closing it bypasses the client; use the client's methods.
+   */
+  get socket() {
+    return this.#ws;
   }
 
   // ---- events ------------------------------------------------------------------------
@@ -329,6 +401,21 @@ export class GaleClient {
   async publish(topic, data) {
     const reply = await this.#command({ op: 'publish', topic, data });
     return { topic: reply.topic, epoch: reply.epoch, seq: reply.seq };
+  }
+
+  /**
+   * Read the retained messages of `topic` numbered after `sinceSeq` (default 0: from the
+   * oldest retained), at most `limit` (default: the gateway's, 100). Resolves to the gateway's
+   * answer: `{ topic, epoch, seq, first_seq, truncated, more, messages }`. Subscribe with
+   * `since: { epoch, seq: <the last message's seq, or seq when there are none> }` to follow
+   * on from it exactly (or use the `history` option of `subscribe`).
+   */
+  async history(topic, { sinceSeq, limit } = {}) {
+    const cmd = { op: 'history', topic };
+    if (sinceSeq !== undefined) cmd.since_seq = sinceSeq;
+    if (limit !== undefined) cmd.limit = limit;
+    const { topic: t, epoch, seq, first_seq, truncated, more, messages } = await this.#command(cmd);
+    return { topic: t, epoch, seq, first_seq, truncated, more, messages };
   }
 
   /** A round trip to the gateway; resolves to the time it took, in milliseconds. */
@@ -439,6 +526,10 @@ export class GaleClient {
       leaving.then(go, go);
       return;
     }
+    if (sub[NEEDS_HISTORY]) {
+      this.#loadHistory(sub);
+      return;
+    }
     const entry = this.#entry({ op: 'subscribe', topic: sub.topic, since: sub[SINCE]() }, (err, reply) =>
       // Synchronous: the deliveries that follow the reply may be in the same read.
       this.#subscribed(sub, generation, err, reply),
@@ -457,9 +548,51 @@ export class GaleClient {
     }
     if (generation !== this.#generation) return; // that connection is gone; resubscribed on the next
     if (!err) {
+      if (sub[RELOAD](reply)) {
+        // Recovery is impossible: leave, and read the history again before subscribing.
+        this.#loading.add(sub);
+        const go = () => {
+          if (generation === this.#generation && this.#subs.get(sub.topic) === sub) this.#loadHistory(sub);
+        };
+        this.#sendUnsubscribe(sub.topic).then(go, go);
+        return;
+      }
       sub[SUBSCRIBED](reply);
       return;
     }
+    this.#subscribeFailed(sub, generation, err);
+  }
+
+  /**
+   * Read the `history` most recent messages of a subscription's topic, hand them over, then
+   * subscribe from the last one. One read from the oldest retained message is enough when the
+   * topic holds at most that many; otherwise a second one reads the newest.
+   */
+  #loadHistory(sub) {
+    const generation = this.#generation;
+    this.#loading.add(sub);
+    const read = (sinceSeq, then) =>
+      this.#send(
+        this.#entry({ op: 'history', topic: sub.topic, since_seq: sinceSeq, limit: sub.history }, (err, reply) => {
+          if (generation !== this.#generation || this.#subs.get(sub.topic) !== sub) return; // read again on the next connection
+          if (err) {
+            this.#loading.delete(sub);
+            this.#subscribeFailed(sub, generation, err);
+          } else {
+            then(reply);
+          }
+        }),
+      );
+    const loaded = (reply) => {
+      this.#loading.delete(sub);
+      sub[LOADED](reply);
+      if (generation === this.#generation && this.#subs.get(sub.topic) === sub) this.#sendSubscribe(sub);
+    };
+    read(0, (first) => (first.more ? read(Math.max(0, first.seq - sub.history), loaded) : loaded(first)));
+  }
+
+  /** The gateway refused a subscription's subscribe or history read. */
+  #subscribeFailed(sub, generation, err) {
     if (err.code === 'TIMEOUT') {
       // The connection is not answering: replace it (the subscription is kept).
       this.#drop(`subscribe to ${sub.topic} timed out`);
@@ -480,7 +613,8 @@ export class GaleClient {
     this.#subs.delete(sub.topic);
     const wasSubscribed = sub.state === 'subscribed';
     sub[END](new GaleError('UNSUBSCRIBED', `unsubscribed from ${sub.topic} before the gateway answered`), true, 'unsubscribed');
-    if (this.#state !== 'connected') return Promise.resolve();
+    // Reading its history: not subscribed at the gateway.
+    if (this.#loading.delete(sub) || this.#state !== 'connected') return Promise.resolve();
     if (wasSubscribed) return this.#sendUnsubscribe(sub.topic);
     // The subscribe is in flight: it is undone when its reply comes (see #subscribed), and a
     // new subscription to the topic waits for that.
@@ -664,6 +798,7 @@ export class GaleClient {
     clearTimeout(this.#connectTimer);
     clearInterval(this.#liveTimer);
     this.#leaving.clear();
+    this.#loading.clear();
     for (const sub of this.#subs.values()) if (sub.state === 'subscribed') sub.state = 'subscribing';
     if (wasOpen && now() - this.#openedAt >= this.#opts.maxReconnectDelay) this.#attempt = 0;
 
