@@ -127,6 +127,18 @@ export interface SubscribeOptions {
   onRecovered?: (info: SubscribeInfo) => void;
   /** A subscribe the gateway refused (final unless the code is 429, 500 or 503). */
   onError?: (error: GaleError) => void;
+  /** An event of the topic (`join`, `leave` in namespaces with join/leave events): not numbered, not in the history. */
+  onEvent?: (event: GaleEvent) => void;
+}
+
+/** An event the gateway sends outside a topic's numbering (`join`, `leave`). */
+export interface GaleEvent {
+  op: string;
+  topic?: string;
+  client?: string;
+  user?: string;
+  info?: Record<string, unknown>;
+  [field: string]: unknown;
 }
 
 export class Subscription {
@@ -169,6 +181,8 @@ export interface GaleClientEvents {
   connected: ConnectedEvent;
   disconnected: DisconnectedEvent;
   error: Error;
+  /** Every event the gateway sends (join, leave), whether or not a subscription takes it. */
+  event: GaleEvent;
 }
 
 export class GaleClient {

@@ -101,6 +101,7 @@ function callSafely(client, fn, ...args) {
 // Symbols for what the client calls on a subscription and the application does not.
 const SUBSCRIBED = Symbol('subscribed');
 const DELIVER = Symbol('deliver');
+const EVENT = Symbol('event');
 const END = Symbol('end');
 const SINCE = Symbol('since');
 const LOADED = Symbol('loaded');
@@ -121,12 +122,12 @@ export class Subscription {
   /** Whether it has read the history before (a read now is a reload). */
   #loadedBefore = false;
 
-  constructor(client, topic, { since, history, onMessage, onHistory, onRecovered, onError } = {}) {
+  constructor(client, topic, { since, history, onMessage, onHistory, onRecovered, onError, onEvent } = {}) {
     if (history !== undefined && !(Number.isInteger(history) && history > 0)) {
       throw new RangeError('subscribe: history must be a whole number of messages, at least 1');
     }
     this.#client = client;
-    this.#handlers = { onMessage, onHistory, onRecovered, onError };
+    this.#handlers = { onMessage, onHistory, onRecovered, onError, onEvent };
     /** The topic. */
     this.topic = topic;
     /** How many recent messages to read before subscribing (the `history` option), or 0. */
@@ -241,6 +242,12 @@ export class Subscription {
     this.epoch = d.epoch;
     this.seq = d.seq;
     callSafely(this.#client, this.#handlers.onMessage, payloadOf(d), d, { history: false });
+  }
+
+  /** An event of this topic (join, leave): handed on as it comes, outside the numbering. */
+  [EVENT](event) {
+    if (this.state !== 'subscribed') return;
+    callSafely(this.#client, this.#handlers.onEvent, event);
   }
 
   /** Continuity was lost while subscribed (the gateway dropped messages, or a new epoch). */
@@ -771,7 +778,13 @@ export class GaleClient {
       }
       return;
     }
-    if (typeof msg.topic === 'string') this.#subs.get(msg.topic)?.[DELIVER](msg);
+    if (typeof msg.op === 'string') {
+      // An event (a join or leave): not numbered, not in the history, never a delivery.
+      if (typeof msg.topic === 'string') this.#subs.get(msg.topic)?.[EVENT](msg);
+      this.#emit('event', msg);
+      return;
+    }
+    if (typeof msg.topic === 'string' && typeof msg.seq === 'number') this.#subs.get(msg.topic)?.[DELIVER](msg);
   }
 
   /** The current connection is dead (or unwanted): end it and go on as if it had closed. */

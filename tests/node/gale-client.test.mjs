@@ -411,4 +411,47 @@ describe('gale-client against a scripted server', () => {
       await new Promise((r) => wss.close(r));
     }
   });
+
+  it('hands join and leave events to onEvent, outside the numbering', TEST, async () => {
+    // Events have no seq: taken for deliveries, they would break the numbering (a "new epoch")
+    // and leave the subscription without a position to recover from.
+    const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+    await new Promise((r) => wss.once('listening', r));
+    const subscribes = [];
+    wss.on('connection', (ws) => {
+      ws.on('message', (text) => {
+        const cmd = JSON.parse(text);
+        if (cmd.op !== 'subscribe') return;
+        subscribes.push(cmd);
+        const topic = cmd.topic;
+        if (subscribes.length > 1) {
+          ws.send(JSON.stringify({ id: cmd.id, ok: true, op: 'subscribe', topic, epoch: 'e1', seq: 2, recovered: true, missed: 0 }));
+          return;
+        }
+        ws.send(JSON.stringify({ id: cmd.id, ok: true, op: 'subscribe', topic, epoch: 'e1', seq: 0 }));
+        ws.send(JSON.stringify({ topic, epoch: 'e1', seq: 1, data: { n: 1 } }));
+        ws.send(JSON.stringify({ op: 'join', topic, client: 'n-1', user: 'ann', info: { name: 'Ann' } }));
+        ws.send(JSON.stringify({ topic, epoch: 'e1', seq: 2, data: { n: 2 } }));
+        ws.send(JSON.stringify({ op: 'leave', topic, client: 'n-1', user: 'ann' }));
+        setTimeout(() => ws.terminate(), 50);
+      });
+    });
+    const c = new GaleClient(`ws://127.0.0.1:${wss.address().port}/ws`, FAST);
+    const all = [];
+    c.on('event', (e) => all.push(e.op));
+    try {
+      const rec = recorder();
+      const events = [];
+      c.subscribe('room:scripted', { ...rec, onEvent: (e) => events.push([e.op, e.user]) });
+      await waitFor(() => subscribes.length === 2, WAIT_MS, 'a resubscribe after the drop');
+      assert.deepEqual(rec.got.map((g) => g.seq), [1, 2]);
+      assert.deepEqual(events, [['join', 'ann'], ['leave', 'ann']]);
+      assert.deepEqual(all, ['join', 'leave']);
+      assert.deepEqual(subscribes[1].since, { epoch: 'e1', seq: 2 });
+      assert.ok(rec.recoveries.every((r) => r.recovered !== false), JSON.stringify(rec.recoveries));
+    } finally {
+      await c.close();
+      await new Promise((r) => wss.close(r));
+    }
+  });
 });
