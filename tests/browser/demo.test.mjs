@@ -17,7 +17,7 @@ import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import { chromium } from 'playwright-core';
 
-import { makeCertificate, outputDir, startGale, startGaleServe } from '../lib/gale-process.mjs';
+import { makeCertificate, outputDir, restartGaleServe, startGaleServe } from '../lib/gale-process.mjs';
 
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const CHROMIUM_ARGS = [
@@ -192,17 +192,7 @@ describe('gale serve demo page with headless Chromium', () => {
     process.kill(gale.pid, 'SIGKILL');
     await gale.exited;
     await alice.waitForFunction(() => window.galeDemo.state !== 'connected');
-    // The killed process's port may take a moment to be free again (io_uring tears its ring
-    // down asynchronously): try again for a few seconds.
-    for (let attempt = 1; ; attempt++) {
-      try {
-        gale = await startGale('demo-restarted', 'browser', [], { command: ['serve', '--listen', `127.0.0.1:${port}`] });
-        break;
-      } catch (err) {
-        if (attempt === 30) throw err;
-        await alice.waitForTimeout(100);
-      }
-    }
+    gale = await restartGaleServe('demo-restarted', 'browser', `127.0.0.1:${port}`);
     for (const page of [alice, bob, carol]) {
       await page.waitForFunction(() => window.galeDemo.state === 'connected' && window.galeDemo.historyLoads === 2);
       assert.match(await page.textContent('#log'), /could not recover: reloaded history \(no recent messages\)/);

@@ -105,6 +105,22 @@ export function startGaleServe(name, logDir, extraArgs = [], env = {}) {
   return startGale(name, logDir, extraArgs, { command: ['serve', '--listen', '127.0.0.1:0'], env });
 }
 
+/**
+ * Start `gale serve` again on `listen` (`127.0.0.1:PORT`), after the process that held it was
+ * killed: the port may take a moment to be free again (io_uring tears its ring down, listening
+ * socket included, asynchronously after the process dies), so try for up to 3 s.
+ */
+export async function restartGaleServe(name, logDir, listen, extraArgs = []) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startGale(name, logDir, extraArgs, { command: ['serve', '--listen', listen] });
+    } catch (err) {
+      if (attempt === 30) throw err;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  }
+}
+
 /** A throwaway self-signed certificate for localhost and 127.0.0.1 in `dir` (openssl). */
 export function makeCertificate(dir) {
   mkdirSync(dir, { recursive: true });

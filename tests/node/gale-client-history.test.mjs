@@ -12,7 +12,7 @@ import { after, before, describe, it } from 'node:test';
 import WebSocket from 'ws';
 
 import { GaleClient } from '../../clients/js/gale-client.js';
-import { startGale, startGaleServe } from '../lib/gale-process.mjs';
+import { restartGaleServe, startGaleServe } from '../lib/gale-process.mjs';
 import { httpPublish, sleep, waitFor } from '../lib/gateway-helpers.mjs';
 
 const API_KEY = 'history-suite-key';
@@ -184,18 +184,7 @@ describe('gale-client history when the gateway is SIGKILLed and restarted', () =
   it('reads the history again, and shows the new epoch exactly', TEST, async () => {
     let gale = await startGaleServe('history-restart', 'node-client', ['--api-key', API_KEY]);
     const listen = `127.0.0.1:${new URL(gale.url).port}`;
-    // The killed process's port may take a moment to be free again (io_uring tears its ring
-    // down asynchronously): try again for a few seconds.
-    const restart = async () => {
-      for (let attempt = 1; ; attempt++) {
-        try {
-          return await startGale('history-restart-2', 'node-client', ['--api-key', API_KEY], { command: ['serve', '--listen', listen] });
-        } catch (err) {
-          if (attempt === 30) throw err;
-          await sleep(100);
-        }
-      }
-    };
+    const restart = () => restartGaleServe('history-restart-2', 'node-client', listen, ['--api-key', API_KEY]);
     const c = new GaleClient(`${gale.url}/ws`, FAST);
     const topic = 'chat:restart';
     const pub = publisher(gale, topic);

@@ -16,7 +16,7 @@ import { after, before, describe, it } from 'node:test';
 import WebSocket, { WebSocketServer } from 'ws';
 
 import { GaleClient } from '../../clients/js/gale-client.js';
-import { REPO_ROOT, startGale, startGaleServe } from '../lib/gale-process.mjs';
+import { REPO_ROOT, restartGaleServe, startGaleServe } from '../lib/gale-process.mjs';
 import { httpPublish, makeToken, sleep, startProxy, waitFor } from '../lib/gateway-helpers.mjs';
 
 const API_KEY = 'client-suite-key';
@@ -261,7 +261,7 @@ describe('gale-client when the gateway is SIGKILLed and restarted', () => {
     let gale = await startGaleServe('client-restart', 'node-client');
     const listen = `127.0.0.1:${new URL(gale.url).port}`;
     const wsUrl = `${gale.url}/ws`;
-    const restart = () => startGale('client-restart-2', 'node-client', [], { command: ['serve', '--listen', listen] });
+    const restart = () => restartGaleServe('client-restart-2', 'node-client', listen);
     const subscriber = new GaleClient(wsUrl, FAST);
     const publisher = new GaleClient(wsUrl, { ...FAST, timeout: 500 });
     try {
@@ -279,7 +279,6 @@ describe('gale-client when the gateway is SIGKILLed and restarted', () => {
       await waitFor(() => rec.got.length >= 20, WAIT_MS, 'deliveries before the kill');
       process.kill(gale.pid, 'SIGKILL');
       await gale.exited;
-      await sleep(200);
       gale = await restart();
       await waitFor(() => rec.recoveries.length === 1, WAIT_MS, 'the recovery report');
       const resumedAt = rec.got.length;
