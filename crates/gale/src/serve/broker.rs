@@ -204,12 +204,29 @@ pub enum BrokerRequest {
         since: Option<Position>,
         id: Option<Box<RawValue>>,
         max_replay: usize,
+        /// Asked by the server (`POST /api/subscribe`), not by the client: answered with
+        /// `"op": "subscribed"`.
+        server: bool,
     },
     /// Answer `GET /api/topics/{topic}`.
     TopicInfo { topic: String, subscribers: usize, reply: Responder },
     /// Read a page of a topic's history from its stream.
     History { topic: String, query: HistoryQuery, reply: HistoryReply },
+    /// Send a control command (`message`) to the other nodes over [`CONTROL_CHANNEL`]; `done`
+    /// learns how many nodes listen (this one included), or why it was not sent.
+    Control { message: String, done: ControlDone },
 }
+
+/// Told the outcome of a [`BrokerRequest::Control`].
+pub type ControlDone = Box<dyn FnOnce(Result<u64, CommandError>) + Send>;
+
+/// What a node does with a control command from another node.
+pub type ControlHandler = Box<dyn Fn(&str) + Send + Sync>;
+
+/// The channel of control commands (server-side disconnects and subscriptions) between the
+/// nodes: a message is the sending node's name, a newline, the command. No topic's channel
+/// (`gale:T`) is this one.
+pub const CONTROL_CHANNEL: &str = "gale#control";
 
 /// What other threads can see of the broker.
 #[derive(Default)]
@@ -238,6 +255,7 @@ pub struct BrokerHandle {
     tx: Sender<BrokerRequest>,
     /// The broker's state.
     pub status: Arc<BrokerStatus>,
+    shared: Arc<Shared>,
 }
 
 /// Requests waiting for the broker past this are refused with 503 (Redis cannot keep up).
@@ -268,6 +286,12 @@ impl BrokerHandle {
                 false
             }
         }
+    }
+
+    /// Hand the control commands other nodes send to `handler` (those that come before are
+    /// ignored: this node has no connections yet).
+    pub fn on_control(&self, handler: ControlHandler) {
+        let _ = self.shared.control.set(handler);
     }
 }
 
@@ -311,6 +335,7 @@ pub fn start(
         stats,
         topics: Mutex::new(HashMap::new()),
         node: format!("{node:016x}"),
+        control: std::sync::OnceLock::new(),
     });
     let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
     std::thread::Builder::new()
@@ -320,7 +345,7 @@ pub fn start(
     let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
     let broker = Broker {
         client,
-        shared,
+        shared: shared.clone(),
         rx,
         listen: ctl_tx,
         history: history.max(1),
@@ -332,7 +357,7 @@ pub fn start(
         .name("gale-broker".into())
         .spawn(move || broker.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
-    Ok(BrokerHandle { tx, status })
+    Ok(BrokerHandle { tx, status, shared })
 }
 
 /// What the two broker threads share.
@@ -347,6 +372,8 @@ struct Shared {
     topics: Mutex<HashMap<String, Forwarding>>,
     /// This node's name in the channel messages of publishes that leave out their publisher.
     node: String,
+    /// Applies control commands from other nodes.
+    control: std::sync::OnceLock<ControlHandler>,
 }
 
 /// The start of a channel message that is not to be delivered to one connection: `\u{1}`,
@@ -416,6 +443,17 @@ impl Shared {
             self.forward(topics, topic, &d, None);
             true
         })
+    }
+
+    /// Apply a control command from the control channel, unless this node sent it (and has
+    /// applied it already).
+    fn control(&self, message: &str) {
+        let Some((node, command)) = message.split_once('\n') else { return };
+        if node != self.node
+            && let Some(handler) = self.control.get()
+        {
+            handler(command);
+        }
     }
 
     /// Record whether one thread's connection is up (the broker is up when both are).
@@ -488,12 +526,12 @@ impl Listener {
             // After a reconnect: listen again, then forward what was missed meanwhile.
             let mut topics = self.shared.topics();
             let names: Vec<String> = topics.keys().cloned().collect();
-            if !names.is_empty() {
-                // Confirmations take a round trip: not the short poll timeout.
-                pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-                pubsub.subscribe(names.iter().map(|t| keys(t).3).collect::<Vec<_>>())?;
-                pubsub.set_read_timeout(Some(POLL))?;
-            }
+            // Confirmations take a round trip: not the short poll timeout.
+            pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+            let mut channels: Vec<String> = names.iter().map(|t| keys(t).3).collect();
+            channels.push(CONTROL_CHANNEL.to_string());
+            pubsub.subscribe(channels)?;
+            pubsub.set_read_timeout(Some(POLL))?;
             for topic in &names {
                 match self.shared.catch_up(cmd, &mut topics, topic) {
                     Err(e) if connection_lost(&e) => return Err(e),
@@ -533,7 +571,9 @@ impl Listener {
                         tracing::warn!(channel, "ignoring a message that is not UTF-8 text");
                         continue;
                     };
-                    if let Some(topic) = channel.strip_prefix("gale:") {
+                    if channel == CONTROL_CHANNEL {
+                        self.shared.control(&payload);
+                    } else if let Some(topic) = channel.strip_prefix("gale:") {
                         let (delivery, exclude) = split_exclusion(&payload, &self.shared.node);
                         let mut topics = self.shared.topics();
                         self.shared.forward(&mut topics, topic, delivery, exclude);
@@ -971,8 +1011,8 @@ impl Broker {
             BrokerRequest::Publish { topics, fragment, reply, opts } => {
                 self.publish_batch(cmd, vec![(topics, fragment, reply, opts)])?;
             }
-            BrokerRequest::Subscribe { conn, topic, since, id, max_replay } => {
-                if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
+            BrokerRequest::Subscribe { conn, topic, since, id, max_replay, server } => {
+                if let Err(e) = self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay, server) {
                     // Every request gets an answer, even when Redis fails under it; only a
                     // lost connection is made again.
                     self.reply_error(conn, &topic, id, redis_failed(&e));
@@ -1002,6 +1042,21 @@ impl Broker {
                     serde_json::json!({"topic": topic, "subscribers": subscribers, "seq": seq.unwrap_or(0), "epoch": epoch})
                         .to_string(),
                 ));
+            }
+            BrokerRequest::Control { message, done } => {
+                let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                    .arg(CONTROL_CHANNEL)
+                    .arg(format!("{}\n{message}", self.shared.node))
+                    .query(cmd);
+                match sent {
+                    Ok(nodes) => done(Ok(nodes)),
+                    Err(e) => {
+                        done(Err(redis_failed(&e)));
+                        if connection_lost(&e) {
+                            return Err(e);
+                        }
+                    }
+                }
             }
             BrokerRequest::History { topic, query, reply } => match read_history(cmd, &topic, &query) {
                 Ok(page) => self.answer_history(reply, &topic, Ok(page)),
@@ -1052,6 +1107,7 @@ impl Broker {
         since: Option<Position>,
         id: Option<Box<RawValue>>,
         max_replay: usize,
+        server: bool,
     ) -> redis::RedisResult<()> {
         let (seq_key, log, epoch_key, _) = keys(topic);
         let listening = self.shared.topics().contains_key(topic);
@@ -1108,8 +1164,12 @@ impl Broker {
                 Err(why) => Some(Err(why)),
             },
         };
+        let op = if server { "subscribed" } else { "subscribe" };
         let mut reply =
-            Reply::ok(id.as_deref(), "subscribe").str("topic", topic).str("epoch", &epoch).raw("seq", last);
+            Reply::ok(id.as_deref(), op).str("topic", topic).str("epoch", &epoch).raw("seq", last);
+        if server {
+            reply = reply.raw("server", true);
+        }
         let stats = &self.shared.stats;
         reply = match recovery {
             None => reply,
@@ -1228,6 +1288,7 @@ impl Broker {
             BrokerRequest::History { topic, reply, .. } => {
                 self.answer_history(reply, &topic, Err(unavailable(why)))
             }
+            BrokerRequest::Control { done, .. } => done(Err(unavailable(why))),
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Gateway {
     pub stats: Arc<GatewayStats>,
     /// The Redis broker, in cluster mode.
     pub broker: OnceLock<super::broker::BrokerHandle>,
+    /// Users' connections, for the server-side control API.
+    pub control: super::control::Control,
 }
 
 impl Gateway {
@@ -74,6 +76,7 @@ impl Gateway {
             handle: OnceLock::new(),
             stats: Arc::default(),
             broker: OnceLock::new(),
+            control: Default::default(),
         })
     }
 
@@ -190,6 +193,14 @@ impl WsHandler for Endpoint {
         }))
     }
 
+    fn open(&self, ws: &mut WebSocket<'_, Client>) {
+        self.0.control.opened(ws.id(), ws.data().rights.user.as_deref());
+    }
+
+    fn close(&self, ws: &mut WebSocket<'_, Client>, _code: gale_server::CloseCode, _reason: &str) {
+        self.0.control.closed(ws.id(), ws.data().rights.user.as_deref());
+    }
+
     /// Pongs answer the automatic pings: a connection whose token has expired ends here
     /// even if it only listens.
     fn pong(&self, ws: &mut WebSocket<'_, Client>, _payload: &[u8]) {
@@ -275,6 +286,7 @@ impl Endpoint {
                         since,
                         id: cmd.id.map(ToOwned::to_owned),
                         max_replay,
+                        server: false,
                     };
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));

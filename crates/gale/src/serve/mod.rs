@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod gateway;
 pub mod history;
 pub mod protocol;
@@ -136,6 +137,9 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .post("/api/publish_batch", g(api::publish_batch))
         .get("/api/topics/*", g(api::topic_info))
         .get("/api/history/*", g(api::history))
+        .post("/api/disconnect", g(control::handle))
+        .post("/api/unsubscribe", g(control::handle))
+        .post("/api/subscribe", g(control::handle))
         // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
         .render_errors("/api/*", api::json_error)
         .listen(s.listen)?;
@@ -159,6 +163,12 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
             gateway.stats.clone(),
         )
         .map_err(invalid)?;
+        let weak = Arc::downgrade(&gateway);
+        b.on_control(Box::new(move |command| {
+            if let Some(g) = weak.upgrade() {
+                control::apply_remote(&g, command);
+            }
+        }));
         let _ = gateway.broker.set(b);
         tracing::info!(broker = %url, "cluster mode: topics are shared through Redis");
     }
