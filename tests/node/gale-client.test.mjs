@@ -355,6 +355,37 @@ describe('gale-client with expiring tokens', () => {
     }
   });
 
+  it('stops on a server disconnect with 4403 and reconnects after one with 4500', TEST, async () => {
+    const disconnect = async (body) => {
+      const res = await fetch(`${gale.httpUrl}/api/disconnect`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${API_KEY}`, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+      assert.equal(res.status, 200);
+      return res.json();
+    };
+    const getToken = async () => makeToken(SECRET, 'kit', Math.floor(Date.now() / 1000) + 60);
+    const c = new GaleClient(gale.ws, { ...FAST, getToken });
+    try {
+      const seen = events(c);
+      await c.ping();
+      assert.equal((await disconnect({ user: 'kit', reconnect: true })).connections, 1);
+      await waitFor(() => seen.filter(([name]) => name === 'connected').length === 2, WAIT_MS, 'a reconnect');
+      const first = seen.find(([name]) => name === 'disconnected')[1];
+      assert.equal(first.code, 4500);
+      assert.equal(first.willReconnect, true);
+      await c.ping();
+      assert.equal((await disconnect({ user: 'kit', reason: 'banned' })).connections, 1);
+      await waitFor(() => c.state === 'closed', WAIT_MS, 'the client to stop');
+      const last = seen.filter(([name]) => name === 'disconnected').at(-1)[1];
+      assert.deepEqual([last.code, last.reason, last.willReconnect], [4403, 'banned', false]);
+      await assert.rejects(c.ping(), (err) => err.code === 'CLOSED' || err.code === 4403);
+    } finally {
+      await c.close();
+    }
+  });
+
   it('stops on a token that getToken has just given and the gateway refuses', TEST, async () => {
     let asked = 0;
     const getToken = async () => {

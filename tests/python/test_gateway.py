@@ -676,6 +676,13 @@ class ControlTest(AsyncTest):
     async def user(self, sub):
         return await self.client(f"?token={make_token({'sub': sub, 'exp': int(time.time()) + 600})}")
 
+    @staticmethod
+    async def counter(name):
+        """A counter of /metrics, or None when it is missing."""
+        _, text = await asyncio.to_thread(http, "GET", "/metrics", None, None)
+        found = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+        return int(found[0]) if found else None
+
     async def closed(self, c):
         """The close code and reason the gateway ended `c` with."""
         with self.assertRaises(ConnectionClosed):
@@ -686,13 +693,14 @@ class ControlTest(AsyncTest):
     async def test_disconnect_closes_every_connection_of_the_user_only(self):
         ann1, ann2, bob = await self.user("dora"), await self.user("dora"), await self.user("dan")
         self.assertTrue((await ann1.command("ping"))["ok"])
-        before = await asyncio.to_thread(metric, "gale_server_disconnects_total")
+        before = await self.counter("gale_server_disconnects_total")
+        self.assertIsNotNone(before)
         status, _, body = await asyncio.to_thread(post, "/api/disconnect", {"user": "dora", "reason": "banned"})
         self.assertEqual((status, body), (200, {"user": "dora", "connections": 2}))
         for c in (ann1, ann2):
             self.assertEqual(await self.closed(c), (4403, "banned"))
         self.assertTrue((await bob.command("ping"))["ok"])
-        self.assertEqual(await asyncio.to_thread(metric, "gale_server_disconnects_total"), before + 2)
+        self.assertEqual(await self.counter("gale_server_disconnects_total"), before + 2)
         # Nobody left to close; a reconnecting close code and the default reason.
         status, _, body = await asyncio.to_thread(post, "/api/disconnect", {"user": "dora"})
         self.assertEqual((status, body["connections"]), (200, 0))
@@ -747,7 +755,17 @@ class ControlTest(AsyncTest):
         # Already subscribed: left alone.
         status, _, body = await asyncio.to_thread(post, "/api/subscribe", {"user": "sal", "topic": topic})
         self.assertEqual((status, body["connections"]), (200, 0))
-        self.assertGreaterEqual(await asyncio.to_thread(metric, "gale_server_subscribes_total"), 1)
+        self.assertGreaterEqual(await self.counter("gale_server_subscribes_total"), 1)
+
+    async def test_subscribe_keeps_the_limit_of_subscriptions_per_connection(self):
+        full = await self.user("max")
+        for i in range(64):  # websocket.max_subscriptions
+            self.assertTrue((await full.command("subscribe", topic=f"chat:ctl-full-{i}"))["ok"])
+        status, _, body = await asyncio.to_thread(post, "/api/subscribe", {"user": "max", "topic": "chat:ctl-more"})
+        self.assertEqual((status, body["connections"]), (200, 0))
+        error = (await full.recv())["error"]
+        self.assertEqual(error["code"], 413)
+        self.assertIn("chat:ctl-more", error["reason"])
 
 class HttpApiTest(unittest.TestCase):
     def test_api_key_is_required(self):
