@@ -4,7 +4,8 @@
 // timeouts and the bounded queue, close codes that stop the client, exact recovery across a
 // TCP connection cut under the client and across a stalled (silent) connection, a server
 // SIGKILLed and restarted on the same port, and token expiry (4001) answered with a fresh
-// token from getToken(); and, against a scripted server, that the client itself drops
+// token from getToken(), and a server-side disconnect that stops the client (4403) or lets it
+// reconnect (4500); and, against a scripted server, that the client itself drops
 // duplicate and stale deliveries and reports a gap.
 //
 // Run: node --test tests/node/   (GALE_BIN overrides target/debug/gale)

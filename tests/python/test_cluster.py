@@ -7,7 +7,8 @@ pipelined batch, `limits.max_topics` over the cluster, replays read in pages, hi
 from Redis alike on every node, and the faults: Redis killed and
 restarted (publishes get 503 while it is away, /healthz and /metrics say so, nodes reconnect,
 and a client told its epoch is gone, and a node refusing publishes meanwhile does not grow in
-memory), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
+memory), Redis stalled (SIGSTOP), a node killed with SIGKILL, and server-side control commands
+sent to one node acting on a user's connections on another.
 
 Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gale)
 """

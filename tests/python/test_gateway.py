@@ -7,7 +7,8 @@ allowlist, anonymous namespaces, the client publish
 rate limit, ordering of concurrent publishes, recovery (a subscriber whose connection
 dies mid-stream reconnects with `since` and gets exactly what it missed), and history reads
 (the HTTP API and the `history` command: pages, limits, truncation, who may read, and a page
-read then a subscribe with `since` from it missing nothing while a publisher goes on).
+read then a subscribe with `since` from it missing nothing while a publisher goes on), and the
+server-side control API (disconnect, unsubscribe and subscribe a user's connections).
 
 Run: python3 tests/python/test_gateway.py   (GALE_BIN overrides target/debug/gale)
 """
