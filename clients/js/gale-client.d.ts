@@ -52,11 +52,16 @@ export interface GaleClientOptions {
   maxQueued?: number;
   /** In browsers, reconnect at once on `online` and when the page becomes visible (true). */
   browserEvents?: boolean;
+  /**
+   * A subscription the server made (`POST /api/subscribe`): return handlers to receive its
+   * messages (the client then keeps the subscription across reconnects), or nothing to ignore it.
+   */
+  onServerSubscribe?: (notice: GaleEvent) => Omit<SubscribeOptions, 'since' | 'history'> | undefined;
 }
 
 /** The defaults of every option. */
-export const DEFAULTS: Readonly<Required<Omit<GaleClientOptions, 'token' | 'getToken' | 'WebSocket'>>> &
-  Readonly<Pick<GaleClientOptions, 'token' | 'getToken' | 'WebSocket'>>;
+export const DEFAULTS: Readonly<Required<Omit<GaleClientOptions, 'token' | 'getToken' | 'WebSocket' | 'onServerSubscribe'>>> &
+  Readonly<Pick<GaleClientOptions, 'token' | 'getToken' | 'WebSocket' | 'onServerSubscribe'>>;
 
 /** A message as the gateway delivers it. */
 export interface Delivery {

@@ -35,6 +35,7 @@ export const DEFAULTS = Object.freeze({
   idleTimeout: 45_000,
   maxQueued: 1000,
   browserEvents: true,
+  onServerSubscribe: undefined,
 });
 
 /** Subscribe errors worth retrying on the same connection: rate limit, broker trouble. */
@@ -767,6 +768,10 @@ export class GaleClient {
       return;
     }
     if (msg === null || typeof msg !== 'object') return;
+    if (msg.id == null && msg.ok === true && (msg.op === 'subscribed' || msg.op === 'unsubscribed')) {
+      this.#serverChanged(msg);
+      return;
+    }
     if ('ok' in msg || 'error' in msg) {
       const entry = msg.id == null ? undefined : this.#pending.get(msg.id);
       if (msg.error) {
@@ -785,6 +790,35 @@ export class GaleClient {
       return;
     }
     if (typeof msg.topic === 'string' && typeof msg.seq === 'number') this.#subs.get(msg.topic)?.[DELIVER](msg);
+  }
+
+  /**
+   * The gateway's server-side API changed this connection's subscriptions: `unsubscribed`
+   * ends the subscription (not resubscribed after a reconnect); `subscribed` becomes a
+   * subscription if `onServerSubscribe` gives it handlers.
+   */
+  #serverChanged(notice) {
+    const sub = this.#subs.get(notice.topic);
+    if (notice.op === 'unsubscribed') {
+      if (sub) {
+        sub[EVENT](notice);
+        this.#subs.delete(sub.topic);
+        sub[END](new GaleError('UNSUBSCRIBED', `unsubscribed from ${sub.topic} by the server`), true, 'unsubscribed');
+      }
+    } else if (!sub && typeof this.#opts.onServerSubscribe === 'function') {
+      let handlers;
+      try {
+        handlers = this.#opts.onServerSubscribe(notice);
+      } catch (err) {
+        this.#emit('error', err);
+      }
+      if (handlers) {
+        const adopted = new Subscription(this, notice.topic, { ...handlers, since: undefined, history: undefined });
+        this.#subs.set(notice.topic, adopted);
+        adopted[SUBSCRIBED](notice);
+      }
+    }
+    this.#emit('event', notice);
   }
 
   /** The current connection is dead (or unwanted): end it and go on as if it had closed. */

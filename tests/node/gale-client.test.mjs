@@ -4,7 +4,8 @@
 // timeouts and the bounded queue, close codes that stop the client, exact recovery across a
 // TCP connection cut under the client and across a stalled (silent) connection, a server
 // SIGKILLed and restarted on the same port, and token expiry (4001) answered with a fresh
-// token from getToken(); and, against a scripted server, that the client itself drops
+// token from getToken(), and a server-side disconnect that stops the client (4403) or lets it
+// reconnect (4500); and, against a scripted server, that the client itself drops
 // duplicate and stale deliveries and reports a gap.
 //
 // Run: node --test tests/node/   (GALE_BIN overrides target/debug/gale)
@@ -40,6 +41,17 @@ function recorder() {
   rec.onRecovered = (info) => rec.recoveries.push(info);
   rec.onError = (err) => rec.errors.push(err);
   return rec;
+}
+
+/** A server-side control request (`POST /api/OP`) to `gale`; its JSON answer. */
+async function control(gale, op, body) {
+  const res = await fetch(`${gale.httpUrl}/api/${op}`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${API_KEY}`, 'Content-Type': 'application/json' },
+    body: JSON.stringify(body),
+  });
+  assert.equal(res.status, 200, await res.clone().text());
+  return res.json();
 }
 
 /** Deliveries of one epoch numbered 1..n, each carrying `{ n: seq }`, once and in order. */
@@ -349,6 +361,65 @@ describe('gale-client with expiring tokens', () => {
       assert.equal(rec.recoveries.length, 1);
       assert.equal(rec.recoveries[0].recovered, true);
       assert.equal(c.state, 'connected');
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('adopts a subscription the server makes, and ends one the server removes', TEST, async () => {
+    const getToken = async () => makeToken(SECRET, 'lea', Math.floor(Date.now() / 1000) + 60);
+    const adopted = recorder();
+    const notices = [];
+    const c = new GaleClient(gale.ws, {
+      ...FAST,
+      getToken,
+      onServerSubscribe: (notice) => (notice.topic === 'chat:pushed' ? { ...adopted, onEvent: (e) => notices.push(e.op) } : undefined),
+    });
+    try {
+      const all = [];
+      c.on('event', (e) => all.push([e.op, e.topic]));
+      const own = recorder();
+      const mine = c.subscribe('chat:own', { ...own, onEvent: (e) => notices.push(e.op) });
+      await mine.ready;
+      assert.equal((await control(gale, 'subscribe', { user: 'lea', topic: 'chat:pushed' })).connections, 1);
+      await waitFor(() => all.length === 1, WAIT_MS, 'the subscribed notice');
+      for (let n = 1; n <= 3; n++) await httpPublish(gale.httpUrl, API_KEY, 'chat:pushed', { n });
+      await waitFor(() => adopted.got.length === 3, WAIT_MS, 'deliveries of the adopted subscription');
+      assertExactly(adopted.got, 3);
+      assert.equal((await control(gale, 'unsubscribe', { user: 'lea', topic: 'chat:own' })).connections, 1);
+      await waitFor(() => mine.state === 'unsubscribed', WAIT_MS, 'the subscription ended by the server');
+      assert.deepEqual(all, [['subscribed', 'chat:pushed'], ['unsubscribed', 'chat:own']]);
+      assert.deepEqual(notices, ['unsubscribed']);
+      // After a reconnect the adopted subscription recovers; the ended one is not renewed.
+      c.reconnect();
+      await httpPublish(gale.httpUrl, API_KEY, 'chat:pushed', { n: 4 });
+      await httpPublish(gale.httpUrl, API_KEY, 'chat:own', { n: 1 });
+      await waitFor(() => adopted.got.length === 4, WAIT_MS, 'the adopted subscription after a reconnect');
+      assertExactly(adopted.got, 4);
+      assert.equal(own.got.length, 0);
+    } finally {
+      await c.close();
+    }
+  });
+
+  it('stops on a server disconnect with 4403 and reconnects after one with 4500', TEST, async () => {
+    const disconnect = (body) => control(gale, 'disconnect', body);
+    const getToken = async () => makeToken(SECRET, 'kit', Math.floor(Date.now() / 1000) + 60);
+    const c = new GaleClient(gale.ws, { ...FAST, getToken });
+    try {
+      const seen = events(c);
+      await c.ping();
+      assert.equal((await disconnect({ user: 'kit', reconnect: true })).connections, 1);
+      await waitFor(() => seen.filter(([name]) => name === 'connected').length === 2, WAIT_MS, 'a reconnect');
+      const first = seen.find(([name]) => name === 'disconnected')[1];
+      assert.equal(first.code, 4500);
+      assert.equal(first.willReconnect, true);
+      await c.ping();
+      assert.equal((await disconnect({ user: 'kit', reason: 'banned' })).connections, 1);
+      await waitFor(() => c.state === 'closed', WAIT_MS, 'the client to stop');
+      const last = seen.filter(([name]) => name === 'disconnected').at(-1)[1];
+      assert.deepEqual([last.code, last.reason, last.willReconnect], [4403, 'banned', false]);
+      await assert.rejects(c.ping(), (err) => err.code === 'CLOSED' || err.code === 4403);
     } finally {
       await c.close();
     }

@@ -7,7 +7,8 @@ pipelined batch, `limits.max_topics` over the cluster, replays read in pages, hi
 from Redis alike on every node, and the faults: Redis killed and
 restarted (publishes get 503 while it is away, /healthz and /metrics say so, nodes reconnect,
 and a client told its epoch is gone, and a node refusing publishes meanwhile does not grow in
-memory), Redis stalled (SIGSTOP), and a node killed with SIGKILL.
+memory), Redis stalled (SIGSTOP), a node killed with SIGKILL, and server-side control commands
+sent to one node acting on a user's connections on another.
 
 Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gale)
 """
@@ -27,6 +28,7 @@ import urllib.request
 from gale_process import LOG_DIR, GaleServe
 from gateway_client import GatewayClient
 from test_gateway import SECRET, make_token
+from websockets.exceptions import ConnectionClosed
 
 TIMEOUT = 20.0
 API_KEY = "cluster-key"
@@ -725,6 +727,62 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertRegex(text, r'gale_presence_requests_total\{source="http",kind="stats"\} [1-9]')
         self.assertIn("gale_presence_members 0", text)
 
+
+
+class ControlClusterTest(unittest.IsolatedAsyncioTestCase):
+    """The server-side control API sent to one node acts on the user's connections on every node."""
+
+    def setUp(self):
+        self.redis = Redis()
+        env = {"GALE_API_KEY": API_KEY}
+        self.nodes = [GaleServe(f"cluster-control-{i}", "--broker", self.redis.url, "--jwt-secret", SECRET,
+                                env=env) for i in range(2)]
+
+    def tearDown(self):
+        for n in self.nodes:
+            n.kill()
+            n.proc.stdout.close()
+        self.redis.stop()
+
+    async def user(self, node, sub):
+        token = make_token({"sub": sub, "exp": int(time.time()) + 600})
+        return await GatewayClient.open(f"{node.url}/ws?token={token}")
+
+    def command(self, node, op, body):
+        status, text = http(node, "POST", f"/api/{op}", json.dumps(body).encode())
+        return status, json.loads(text)
+
+    async def test_commands_sent_to_one_node_act_on_the_other(self):
+        a, b = self.nodes
+        topic = "chat:ctl"
+        on_b, on_a, other = await self.user(b, "kim"), await self.user(a, "kim"), await self.user(b, "lee")
+        self.assertTrue((await on_b.command("ping"))["ok"])
+        status, body = await asyncio.to_thread(self.command, a, "subscribe", {"user": "kim", "topic": topic})
+        self.assertEqual((status, body), (200, {"user": "kim", "connections": 1, "nodes": 2}))
+        for c in (on_b, on_a):
+            reply = await c.recv()
+            self.assertEqual((reply["op"], reply["topic"], reply["server"]), ("subscribed", topic, True))
+        await asyncio.to_thread(publish, a, topic, {"n": 1})
+        for c in (on_b, on_a):
+            self.assertEqual((await c.delivery())["data"], {"n": 1})
+        status, body = await asyncio.to_thread(self.command, a, "unsubscribe", {"user": "kim", "topic": topic})
+        self.assertEqual((status, body["connections"]), (200, 1))
+        for c in (on_b, on_a):
+            self.assertEqual(await c.recv(), {"ok": True, "op": "unsubscribed", "topic": topic, "reason": "server"})
+        status, body = await asyncio.to_thread(self.command, a, "disconnect", {"user": "kim", "code": 4100,
+                                                                                "reason": "bye"})
+        self.assertEqual((status, body), (200, {"user": "kim", "connections": 1, "nodes": 2}))
+        for c in (on_b, on_a):
+            with self.assertRaises(ConnectionClosed):
+                while True:
+                    await c.recv()
+            self.assertEqual((c.ws.close_code, c.ws.close_reason), (4100, "bye"))
+        self.assertTrue((await other.command("ping"))["ok"])
+        _, text = await asyncio.to_thread(http, b, "GET", "/metrics", None, None)
+        for line in ["gale_server_subscribes_total 1", "gale_server_unsubscribes_total 1",
+                     "gale_server_disconnects_total 1"]:
+            self.assertIn(line, text)
+        await other.close()
 
 
 if __name__ == "__main__":

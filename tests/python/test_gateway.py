@@ -7,7 +7,8 @@ allowlist, anonymous namespaces, the client publish
 rate limit, ordering of concurrent publishes, recovery (a subscriber whose connection
 dies mid-stream reconnects with `since` and gets exactly what it missed), and history reads
 (the HTTP API and the `history` command: pages, limits, truncation, who may read, and a page
-read then a subscribe with `since` from it missing nothing while a publisher goes on).
+read then a subscribe with `since` from it missing nothing while a publisher goes on), and the
+server-side control API (disconnect, unsubscribe and subscribe a user's connections).
 
 Run: python3 tests/python/test_gateway.py   (GALE_BIN overrides target/debug/gale)
 """
@@ -668,6 +669,104 @@ class PublishOptionsTest(AsyncTest):
         self.assertEqual(await asyncio.to_thread(metric, 'gale_token_refreshes_total{result="refused"}'), refused + 5)
         self.assertGreaterEqual(await asyncio.to_thread(metric, 'gale_token_refreshes_total{result="ok"}'), 1)
 
+
+
+class ControlTest(AsyncTest):
+    """The server-side control API: disconnect a user, unsubscribe and subscribe its connections."""
+
+    async def user(self, sub):
+        return await self.client(f"?token={make_token({'sub': sub, 'exp': int(time.time()) + 600})}")
+
+    @staticmethod
+    async def counter(name):
+        """A counter of /metrics, or None when it is missing."""
+        _, text = await asyncio.to_thread(http, "GET", "/metrics", None, None)
+        found = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+        return int(found[0]) if found else None
+
+    async def closed(self, c):
+        """The close code and reason the gateway ended `c` with."""
+        with self.assertRaises(ConnectionClosed):
+            while True:
+                await c.recv()
+        return c.ws.close_code, c.ws.close_reason
+
+    async def test_disconnect_closes_every_connection_of_the_user_only(self):
+        ann1, ann2, bob = await self.user("dora"), await self.user("dora"), await self.user("dan")
+        self.assertTrue((await ann1.command("ping"))["ok"])
+        before = await self.counter("gale_server_disconnects_total")
+        self.assertIsNotNone(before)
+        status, _, body = await asyncio.to_thread(post, "/api/disconnect", {"user": "dora", "reason": "banned"})
+        self.assertEqual((status, body), (200, {"user": "dora", "connections": 2}))
+        for c in (ann1, ann2):
+            self.assertEqual(await self.closed(c), (4403, "banned"))
+        self.assertTrue((await bob.command("ping"))["ok"])
+        self.assertEqual(await self.counter("gale_server_disconnects_total"), before + 2)
+        # Nobody left to close; a reconnecting close code and the default reason.
+        status, _, body = await asyncio.to_thread(post, "/api/disconnect", {"user": "dora"})
+        self.assertEqual((status, body["connections"]), (200, 0))
+        status, _, body = await asyncio.to_thread(post, "/api/disconnect", {"user": "dan", "reconnect": True})
+        self.assertEqual((status, body["connections"]), (200, 1))
+        self.assertEqual(await self.closed(bob), (4500, "disconnected by the server"))
+
+    async def test_disconnect_needs_the_key_and_a_valid_body(self):
+        status, _ = await asyncio.to_thread(http, "POST", "/api/disconnect", b'{"user":"x"}', None)
+        self.assertEqual(status, 401)
+        for body in [{"user": "x", "code": 1000}, {"user": "x", "code": 5000},
+                     {"user": "x", "code": 4100, "reconnect": True}, {"user": "x", "reason": "r" * 124},
+                     {"user": ""}, {"code": 4403}, {"user": "x", "extra": 1}]:
+            status, _, reply = await asyncio.to_thread(post, "/api/disconnect", body)
+            self.assertEqual(status, 400, body)
+            self.assertIn("reason", reply["error"])
+        status, _, _ = await asyncio.to_thread(post, "/api/unsubscribe", {"user": "x", "topic": "a b"})
+        self.assertEqual(status, 400)
+        status, _, _ = await asyncio.to_thread(post, "/api/disconnect", {"user": "x", "code": 4999, "reason": "r" * 123})
+        self.assertEqual(status, 200)
+
+    async def test_unsubscribe_stops_deliveries_and_tells_the_connection(self):
+        topic = "chat:ctl-unsub"
+        ann, bob = await self.user("uma"), await self.user("ugo")
+        for c in (ann, bob):
+            self.assertTrue((await c.command("subscribe", topic=topic))["ok"])
+        status, _, body = await asyncio.to_thread(post, "/api/unsubscribe", {"user": "uma", "topic": topic})
+        self.assertEqual((status, body), (200, {"user": "uma", "connections": 1}))
+        self.assertEqual(await ann.recv(), {"ok": True, "op": "unsubscribed", "topic": topic, "reason": "server"})
+        await asyncio.to_thread(publish, topic, {"n": 1})
+        self.assertEqual((await bob.delivery())["data"], {"n": 1})
+        # Nothing came to uma before the reply to her ping.
+        await ann.command("ping")
+        self.assertEqual(ann.deliveries, [])
+        self.assertEqual((await ann.command("unsubscribe", topic=topic))["error"]["code"], 404)
+
+    async def test_subscribe_starts_deliveries_and_tells_the_connection(self):
+        topic = "chat:ctl-sub"
+        first = await asyncio.to_thread(publish, topic, {"n": 1})
+        await asyncio.to_thread(publish, topic, {"n": 2})
+        ann = await self.user("sal")
+        since = {"epoch": first["epoch"], "seq": 1}
+        status, _, body = await asyncio.to_thread(post, "/api/subscribe", {"user": "sal", "topic": topic, "since": since})
+        self.assertEqual((status, body), (200, {"user": "sal", "connections": 1}))
+        reply = await ann.recv()
+        self.assertEqual((reply["op"], reply["topic"], reply["seq"], reply["server"], reply["recovered"]),
+                         ("subscribed", topic, 2, True, True))
+        self.assertEqual((await ann.delivery())["data"], {"n": 2})
+        await asyncio.to_thread(publish, topic, {"n": 3})
+        self.assertEqual((await ann.delivery())["data"], {"n": 3})
+        self.assertEqual((await ann.command("subscribe", topic=topic))["error"]["code"], 409)
+        # Already subscribed: left alone.
+        status, _, body = await asyncio.to_thread(post, "/api/subscribe", {"user": "sal", "topic": topic})
+        self.assertEqual((status, body["connections"]), (200, 0))
+        self.assertGreaterEqual(await self.counter("gale_server_subscribes_total"), 1)
+
+    async def test_subscribe_keeps_the_limit_of_subscriptions_per_connection(self):
+        full = await self.user("max")
+        for i in range(64):  # websocket.max_subscriptions
+            self.assertTrue((await full.command("subscribe", topic=f"chat:ctl-full-{i}"))["ok"])
+        status, _, body = await asyncio.to_thread(post, "/api/subscribe", {"user": "max", "topic": "chat:ctl-more"})
+        self.assertEqual((status, body["connections"]), (200, 0))
+        error = (await full.recv())["error"]
+        self.assertEqual(error["code"], 413)
+        self.assertIn("chat:ctl-more", error["reason"])
 
 class HttpApiTest(unittest.TestCase):
     def test_api_key_is_required(self):

@@ -45,7 +45,7 @@ pub(super) fn json_error(status: u16, reason: &str) -> HttpResponse {
 }
 
 /// `None` when the request carries the API key; else the response that refuses it.
-fn check_key(g: &Gateway, req: &HttpRequest<'_>) -> Option<HttpResponse> {
+pub(super) fn check_key(g: &Gateway, req: &HttpRequest<'_>) -> Option<HttpResponse> {
     let Some(expected) = g.settings.api_key.as_deref() else {
         return Some(json_error(
             403,
@@ -514,6 +514,7 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         "# HELP gale_rejected_upgrades_total WebSocket upgrades refused (origin, token).\n# TYPE gale_rejected_upgrades_total counter\ngale_rejected_upgrades_total {}",
         load(&s.rejected_upgrades)
     );
+    super::control::write_metrics(g, &mut out);
     if let Some(b) = g.broker.get() {
         let st = &b.status;
         let _ = writeln!(

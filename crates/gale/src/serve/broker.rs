@@ -345,6 +345,9 @@ pub enum BrokerRequest {
         max_replay: usize,
         /// The topic keeps presence: the connection's, and whether to send a join event.
         presence: Option<(Member, bool)>,
+        /// Asked by the server (`POST /api/subscribe`), not by the client: answered with
+        /// `"op": "subscribed"`.
+        server: bool,
     },
     /// A connection left a topic that keeps presence; send a leave event if asked.
     Leave { topic: String, member: Member, join_leave: bool },
@@ -354,7 +357,21 @@ pub enum BrokerRequest {
     TopicInfo { topic: String, subscribers: usize, reply: Responder },
     /// Read a page of a topic's history from its stream.
     History { topic: String, query: HistoryQuery, reply: HistoryReply },
+    /// Send a control command (`message`) to the other nodes over [`CONTROL_CHANNEL`]; `done`
+    /// learns how many nodes listen (this one included), or why it was not sent.
+    Control { message: String, done: ControlDone },
 }
+
+/// Told the outcome of a [`BrokerRequest::Control`].
+pub type ControlDone = Box<dyn FnOnce(Result<u64, CommandError>) + Send>;
+
+/// What a node does with a control command from another node.
+pub type ControlHandler = Box<dyn Fn(&str) + Send + Sync>;
+
+/// The channel of control commands (server-side disconnects and subscriptions) between the
+/// nodes: a message is the sending node's name, a newline, the command. No topic's channel
+/// (`gale:T`) is this one.
+pub const CONTROL_CHANNEL: &str = "gale#control";
 
 /// What other threads can see of the broker.
 #[derive(Default)]
@@ -385,6 +402,7 @@ pub struct BrokerHandle {
     tx: Sender<BrokerRequest>,
     /// The broker's state.
     pub status: Arc<BrokerStatus>,
+    shared: Arc<Shared>,
 }
 
 /// Requests waiting for the broker past this are refused with 503 (Redis cannot keep up).
@@ -416,6 +434,12 @@ impl BrokerHandle {
                 false
             }
         }
+    }
+
+    /// Hand the control commands other nodes send to `handler` (those that come before are
+    /// ignored: this node has no connections yet).
+    pub fn on_control(&self, handler: ControlHandler) {
+        let _ = self.shared.control.set(handler);
     }
 }
 
@@ -470,6 +494,7 @@ pub fn start(
         stats,
         topics: Mutex::new(HashMap::new()),
         node: format!("{node:016x}"),
+        control: std::sync::OnceLock::new(),
     });
     let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
     std::thread::Builder::new()
@@ -479,7 +504,7 @@ pub fn start(
     let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
     let broker = Broker {
         client,
-        shared,
+        shared: shared.clone(),
         rx,
         listen: ctl_tx,
         history: history.max(1),
@@ -494,7 +519,7 @@ pub fn start(
         .name("gale-broker".into())
         .spawn(move || broker.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
-    Ok(BrokerHandle { tx, status })
+    Ok(BrokerHandle { tx, status, shared })
 }
 
 /// What the two broker threads share.
@@ -509,6 +534,8 @@ struct Shared {
     topics: Mutex<HashMap<String, Forwarding>>,
     /// This node's name in the channel messages of publishes that leave out their publisher.
     node: String,
+    /// Applies control commands from other nodes.
+    control: std::sync::OnceLock<ControlHandler>,
 }
 
 /// The start of a channel message that is not to be delivered to one connection: `\u{1}`,
@@ -587,6 +614,17 @@ impl Shared {
         })
     }
 
+    /// Apply a control command from the control channel, unless this node sent it (and has
+    /// applied it already).
+    fn control(&self, message: &str) {
+        let Some((node, command)) = message.split_once('\n') else { return };
+        if node != self.node
+            && let Some(handler) = self.control.get()
+        {
+            handler(command);
+        }
+    }
+
     /// Record whether one thread's connection is up (the broker is up when both are).
     fn set_up(&self, listen: bool, up: bool) {
         let st = &self.status;
@@ -657,12 +695,12 @@ impl Listener {
             // After a reconnect: listen again, then forward what was missed meanwhile.
             let mut topics = self.shared.topics();
             let names: Vec<String> = topics.keys().cloned().collect();
-            if !names.is_empty() {
-                // Confirmations take a round trip: not the short poll timeout.
-                pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-                pubsub.subscribe(names.iter().map(|t| keys(t).3).collect::<Vec<_>>())?;
-                pubsub.set_read_timeout(Some(POLL))?;
-            }
+            // Confirmations take a round trip: not the short poll timeout.
+            pubsub.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+            let mut channels: Vec<String> = names.iter().map(|t| keys(t).3).collect();
+            channels.push(CONTROL_CHANNEL.to_string());
+            pubsub.subscribe(channels)?;
+            pubsub.set_read_timeout(Some(POLL))?;
             for topic in &names {
                 match self.shared.catch_up(cmd, &mut topics, topic) {
                     Err(e) if connection_lost(&e) => return Err(e),
@@ -702,7 +740,9 @@ impl Listener {
                         tracing::warn!(channel, "ignoring a message that is not UTF-8 text");
                         continue;
                     };
-                    if let Some(topic) = channel.strip_prefix("gale:") {
+                    if channel == CONTROL_CHANNEL {
+                        self.shared.control(&payload);
+                    } else if let Some(topic) = channel.strip_prefix("gale:") {
                         let (delivery, exclude) = split_exclusion(&payload, &self.shared.node);
                         let mut topics = self.shared.topics();
                         self.shared.forward(&mut topics, topic, delivery, exclude);
@@ -1186,8 +1226,8 @@ impl Broker {
             BrokerRequest::Publish { topics, fragment, reply, opts } => {
                 self.publish_batch(cmd, vec![(topics, fragment, reply, opts)])?;
             }
-            BrokerRequest::Subscribe { conn, topic, since, id, max_replay, presence } => {
-                match self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay) {
+            BrokerRequest::Subscribe { conn, topic, since, id, max_replay, presence, server } => {
+                match self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay, server) {
                     Ok(true) => {
                         if let Some((member, join_leave)) = presence {
                             self.join(cmd, &topic, member, join_leave)?;
@@ -1238,6 +1278,21 @@ impl Broker {
                     serde_json::json!({"topic": topic, "subscribers": subscribers, "seq": seq.unwrap_or(0), "epoch": epoch})
                         .to_string(),
                 ));
+            }
+            BrokerRequest::Control { message, done } => {
+                let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
+                    .arg(CONTROL_CHANNEL)
+                    .arg(format!("{}\n{message}", self.shared.node))
+                    .query(cmd);
+                match sent {
+                    Ok(nodes) => done(Ok(nodes)),
+                    Err(e) => {
+                        done(Err(redis_failed(&e)));
+                        if connection_lost(&e) {
+                            return Err(e);
+                        }
+                    }
+                }
             }
             BrokerRequest::History { topic, query, reply } => match read_history(cmd, &topic, &query) {
                 Ok(page) => self.answer_history(reply, &topic, Ok(page)),
@@ -1465,6 +1520,7 @@ impl Broker {
         since: Option<Position>,
         id: Option<Box<RawValue>>,
         max_replay: usize,
+        server: bool,
     ) -> redis::RedisResult<bool> {
         let (seq_key, log, epoch_key, _) = keys(topic);
         let listening = self.shared.topics().contains_key(topic);
@@ -1521,8 +1577,12 @@ impl Broker {
                 Err(why) => Some(Err(why)),
             },
         };
+        let op = if server { "subscribed" } else { "subscribe" };
         let mut reply =
-            Reply::ok(id.as_deref(), "subscribe").str("topic", topic).str("epoch", &epoch).raw("seq", last);
+            Reply::ok(id.as_deref(), op).str("topic", topic).str("epoch", &epoch).raw("seq", last);
+        if server {
+            reply = reply.raw("server", true);
+        }
         let stats = &self.shared.stats;
         reply = match recovery {
             None => reply,
@@ -1646,6 +1706,7 @@ impl Broker {
             }
             // Carried out once Redis answers again.
             BrokerRequest::Leave { topic, member, .. } => self.leaves.borrow_mut().push((topic, member)),
+            BrokerRequest::Control { done, .. } => done(Err(unavailable(why))),
         }
     }
 }

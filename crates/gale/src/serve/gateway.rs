@@ -94,6 +94,8 @@ pub struct Gateway {
     pub presence: Presence,
     /// Client ids, unique across the nodes of a cluster.
     pub client_ids: ClientIds,
+    /// Users' connections, for the server-side control API.
+    pub control: super::control::Control,
 }
 
 impl Gateway {
@@ -112,6 +114,7 @@ impl Gateway {
             broker: OnceLock::new(),
             presence: Presence::default(),
             client_ids: ClientIds::new(super::topics::new_epoch()),
+            control: Default::default(),
         })
     }
 
@@ -124,7 +127,7 @@ impl Gateway {
     }
 
     /// The presence of a connection: its client id, its token's `sub` and `info`.
-    fn member(&self, client: &Client) -> Member {
+    pub(super) fn member(&self, client: &Client) -> Member {
         Member {
             client: self.client_ids.client_id(client.serial),
             user: client.rights.user.as_deref().map(Into::into),
@@ -133,7 +136,7 @@ impl Gateway {
     }
 
     /// A connection left a topic that keeps presence (unsubscribed, or closed).
-    fn left(&self, client: &Client, topic: &str, tracked: Tracked) {
+    pub(super) fn left(&self, client: &Client, topic: &str, tracked: Tracked) {
         let member = self.member(client);
         if let Some(b) = self.broker.get() {
             let join_leave = tracked.join_leave && member.user.is_some();
@@ -143,6 +146,25 @@ impl Gateway {
         self.presence.leave(topic, &member);
         if tracked.join_leave {
             self.join_leave_event("leave", topic, &member);
+        }
+    }
+
+    /// What a cluster subscribe tells the broker of presence: the connection's member, and
+    /// whether to send a join event; `None` when the topic keeps no presence.
+    pub(super) fn broker_presence(&self, client: &Client, topic: &str) -> Option<(Member, bool)> {
+        let tracked = self.settings.presence.rules.tracked(topic)?;
+        Some((self.member(client), tracked.join_leave && client.rights.user.is_some()))
+    }
+
+    /// A connection joined a topic (single node; the broker does it in cluster mode): its
+    /// presence, and a join event where the namespace sends them.
+    pub(super) fn joined(&self, client: &Client, topic: &str) {
+        if let Some(tracked) = self.settings.presence.rules.tracked(topic) {
+            let member = self.member(client);
+            self.presence.join(topic, &member);
+            if tracked.join_leave {
+                self.join_leave_event("join", topic, &member);
+            }
         }
     }
 
@@ -276,15 +298,20 @@ impl WsHandler for Endpoint {
         }))
     }
 
+    fn open(&self, ws: &mut WebSocket<'_, Client>) {
+        self.0.control.opened(ws.id(), ws.data().rights.user.as_deref());
+    }
+
     /// Pongs answer the automatic pings: a connection whose token has expired ends here
     /// even if it only listens.
     fn pong(&self, ws: &mut WebSocket<'_, Client>, _payload: &[u8]) {
         close_if_expired(ws);
     }
 
-    /// The connection's presence ends with it.
+    /// The connection leaves the user index, and its presence ends with it.
     fn close(&self, ws: &mut WebSocket<'_, Client>, _code: gale_server::CloseCode, _reason: &str) {
         let g = &self.0;
+        g.control.closed(ws.id(), ws.data().rights.user.as_deref());
         let rules = &g.settings.presence.rules;
         if rules.is_empty() {
             return;
@@ -377,17 +404,15 @@ impl Endpoint {
                 let max_replay = ws.behavior().max_backpressure / 2;
                 if let Some(b) = g.broker.get() {
                     // Cluster mode: the broker answers (and subscribes) once Redis has.
-                    let request =
-                        BrokerRequest::Subscribe {
-                            conn: ws.id(),
-                            topic: topic.to_string(),
-                            since,
-                            id: cmd.id.map(ToOwned::to_owned),
-                            max_replay,
-                            presence: g.settings.presence.rules.tracked(topic).map(|t| {
-                                (g.member(ws.data()), t.join_leave && ws.data().rights.user.is_some())
-                            }),
-                        };
+                    let request = BrokerRequest::Subscribe {
+                        conn: ws.id(),
+                        topic: topic.to_string(),
+                        since,
+                        id: cmd.id.map(ToOwned::to_owned),
+                        max_replay,
+                        server: false,
+                        presence: g.broker_presence(ws.data(), topic),
+                    };
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
                     }
@@ -420,13 +445,7 @@ impl Endpoint {
                         ws.send_text(&reply.raw("recovered", false).str("reason", why).finish());
                     }
                 }
-                if let Some(tracked) = g.settings.presence.rules.tracked(topic) {
-                    let member = g.member(ws.data());
-                    g.presence.join(topic, &member);
-                    if tracked.join_leave {
-                        g.join_leave_event("join", topic, &member);
-                    }
-                }
+                g.joined(ws.data(), topic);
             }
             "presence" | "presence_stats" => {
                 let topic = topic()?;

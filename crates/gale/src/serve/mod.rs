@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod gateway;
 pub mod history;
 pub mod presence;
@@ -139,6 +140,9 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         .get("/api/history/*", g(api::history))
         .get("/api/presence/*", g(api::presence))
         .get("/api/presence_stats/*", g(api::presence_stats))
+        .post("/api/disconnect", g(control::handle))
+        .post("/api/unsubscribe", g(control::handle))
+        .post("/api/subscribe", g(control::handle))
         // Every answer of the API is JSON, the server's own errors (404, 405, 413, ...) too.
         .render_errors("/api/*", api::json_error)
         .listen(s.listen)?;
@@ -165,6 +169,12 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
             broker::PresenceConfig { node: gateway.client_ids.node().to_string(), ttl: s.presence.ttl },
         )
         .map_err(invalid)?;
+        let weak = Arc::downgrade(&gateway);
+        b.on_control(Box::new(move |command| {
+            if let Some(g) = weak.upgrade() {
+                control::apply_remote(&g, command);
+            }
+        }));
         let _ = gateway.broker.set(b);
         tracing::info!(broker = %url, "cluster mode: topics are shared through Redis");
     }
