@@ -1000,6 +1000,24 @@ class PresenceTest(AsyncTest):
         status, text = await asyncio.to_thread(http, "GET", "/metrics", base=self.server.http_url)
         self.assertRegex(text, r"gale_join_leave_events_total [2-9]")
 
+    async def test_server_side_subscriptions_join_and_leave_like_a_clients_own(self):
+        watcher = await self.open()
+        self.assertTrue((await watcher.command("subscribe", topic="room:s"))["ok"])
+        dan = await self.open("dan")
+        for op in ("subscribe", "unsubscribe"):
+            status, text = await asyncio.to_thread(http, "POST", f"/api/{op}",
+                                                   json.dumps({"user": "dan", "topic": "room:s"}).encode(),
+                                                   base=self.server.http_url)
+            self.assertEqual((status, json.loads(text)["connections"]), (200, 1), text)
+            notice = await dan.recv()
+            while notice["op"] == "join":  # its own join event (sent to every subscriber)
+                notice = await dan.recv()
+            self.assertEqual(notice["op"], op + "d")
+            event = await self.next_message(watcher)
+            self.assertEqual((event["op"], event["user"]), ("join" if op == "subscribe" else "leave", "dan"))
+            self.assertEqual(await self.stats_become("room:s", (2, 1) if op == "subscribe" else (1, 0)),
+                             (2, 1) if op == "subscribe" else (1, 0))
+
     async def test_personal_topics_are_only_their_owners(self):
         owner = await self.open("42")
         self.assertTrue((await owner.command("subscribe", topic="user:#42"))["ok"])
