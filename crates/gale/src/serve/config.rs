@@ -166,7 +166,8 @@ pub struct HistorySection {
 pub struct PublishSection {
     /// Seconds an idempotency key is remembered per topic.
     pub idempotency_window: u64,
-    /// Idempotency keys remembered over all topics (single node).
+    /// Idempotency keys remembered over all topics (single node), for the HTTP API and for
+    /// clients each.
     pub idempotency_max_keys: usize,
     /// Items of one `POST /api/publish_batch`.
     pub max_batch_items: usize,
