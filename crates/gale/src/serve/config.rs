@@ -558,6 +558,14 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
                  their own topics)"
             ));
         }
+        if ns.join_leave && !ns.presence {
+            // Events name who joins and leaves: whoever gets them must be one who may read
+            // the presence anyway.
+            return Err(format!(
+                "namespaces[{i}].join_leave: needs presence = true (the events show each client's \
+                 id, user and info, which presence = false keeps from subscribers)"
+            ));
+        }
         if ns.personal {
             personal.push(pattern.clone());
         }
@@ -731,6 +739,8 @@ mod tests {
         assert!(e.contains("publish.max_batch_items"), "{e}");
         let e = err("[[namespaces]]\npattern = \"u:*\"\npersonal = true\n");
         assert!(e.contains("namespaces[0].personal") && e.contains("subscribe"), "{e}");
+        let e = err("[[namespaces]]\npattern = \"r:*\"\nsubscribe = true\njoin_leave = true\n");
+        assert!(e.contains("namespaces[0].join_leave") && e.contains("presence = true"), "{e}");
         let e = err("[presence]\nttl = 1\n");
         assert!(e.contains("presence.ttl"), "{e}");
         let e = err("[presence]\nmax_clients = 0\n");
