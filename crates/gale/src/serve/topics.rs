@@ -355,13 +355,18 @@ impl Topics {
 
     /// Read the retained messages of `topic` that `query` asks for, under the topic's lock
     /// (so the page and the position it gives are one moment of the topic). A topic without
-    /// state gets an empty page without an epoch; reading creates no state and does not
-    /// count as activity.
+    /// state, or without a message yet, gets an empty page without an epoch; reading creates
+    /// no state and does not count as activity.
     pub fn history(&self, topic: &str, query: &HistoryQuery) -> HistoryPage {
         let found = self.with_state(topic, false, |s| {
             self.expire(s, Instant::now());
             let first = s.history.front().map(|(seq, _, _)| *seq);
-            let mut page = HistoryPage::new(Some(s.epoch.clone()), s.seq, first, query);
+            // Before the first message, no epoch (as in cluster mode): such a topic may be
+            // swept at any time and come back in another epoch, and a reader at seq 0 has
+            // missed nothing of that one. `since` with no epoch and seq 0 recovers from its
+            // first message, where the forgotten epoch would be "epoch changed".
+            let epoch = (s.seq > 0).then(|| s.epoch.clone());
+            let mut page = HistoryPage::new(epoch, s.seq, first, query);
             let start = s.history.partition_point(|(seq, _, _)| *seq <= query.since);
             for (seq, _, text) in s.history.range(start..) {
                 if !page.offer(query, *seq, text.clone()) {
@@ -524,6 +529,24 @@ mod tests {
         assert!(matches!(r, Recovery::Recovered(m) if m.len() == 1));
         let (_, r) = fresh.subscribe("n", Some(&Position { seq: 1, ..nothing }), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(why) if why.contains("epoch")));
+    }
+
+    #[test]
+    fn a_topic_without_messages_has_no_epoch_to_lose() {
+        let topics = Topics::new(limits(3, None), 10);
+        // State (a subscription made it), but no message: the history read gives no epoch...
+        topics.subscribe("t", None, usize::MAX, || {}).unwrap();
+        let page = topics.history("t", &HistoryQuery { since: 0, limit: 10, max_bytes: usize::MAX });
+        assert_eq!((page.epoch.clone(), page.seq, topics.len()), (None, 0, 1));
+        // ...so once the sweep forgot the topic and it started again, the position it gave
+        // recovers everything of the new epoch.
+        let pos = Position { epoch: page.epoch.unwrap_or_default(), seq: page.seq };
+        topics.sweep(|_| 0);
+        assert_eq!(topics.len(), 0);
+        let mut sent = Vec::new();
+        topics.publish("t", &text("a"), |d| sent.push(d.to_string())).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&pos), usize::MAX, || {}).unwrap();
+        assert_eq!(r, Recovery::Recovered(vec![sent[0].clone().into()]));
     }
 
     #[test]
