@@ -726,6 +726,88 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn("gale_presence_members 0", text)
 
 
+class PresenceFaultTest(unittest.IsolatedAsyncioTestCase):
+    """Presence through Redis faults, on one node whose presence lives 6 s without a refresh
+    (so a stall of 3 s forgets nothing): leaves during a stall, and a join Redis refused."""
+
+    def setUp(self):
+        import tempfile
+
+        self.redis = Redis()
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(PRESENCE_CONFIG.replace("ttl = 2", "ttl = 6"))
+        self.config = f.name
+        self.node = GaleServe("cluster-presence-fault", "--config", f.name, "--broker", self.redis.url,
+                              "--jwt-secret", SECRET, env={"GALE_API_KEY": API_KEY})
+        self.clients = []
+
+    async def asyncTearDown(self):
+        for c in self.clients:
+            await c.close()
+
+    def tearDown(self):
+        self.node.kill()
+        self.node.proc.stdout.close()
+        self.redis.stop()
+        os.unlink(self.config)
+
+    async def open(self, user=None):
+        url = self.node.url + "/ws"
+        if user is not None:
+            url += "?token=" + make_token({"sub": user, "exp": int(time.time()) + 60})
+        c = await GatewayClient.open(url)
+        self.clients.append(c)
+        return c
+
+    async def stats_become(self, topic, expected, within):
+        deadline = time.monotonic() + within
+        while True:
+            status, text = await asyncio.to_thread(http, self.node, "GET", f"/api/presence_stats/{topic}")
+            body = json.loads(text) if status == 200 else None
+            if body and (body["connections"], body["users"]) == expected:
+                return
+            self.assertLess(time.monotonic(), deadline, (status, text))
+            await asyncio.sleep(0.1)
+
+    async def test_leaves_while_redis_is_stalled_are_carried_out_with_their_events(self):
+        watcher = await self.open()
+        self.assertTrue((await watcher.command("subscribe", topic="room:o"))["ok"])
+        ann, bob = await self.open("ann"), await self.open("bob")
+        for c in (ann, bob):
+            self.assertTrue((await c.command("subscribe", topic="room:o"))["ok"])
+        self.assertEqual([(await watcher.recv())["user"] for _ in range(2)], ["ann", "bob"])
+        os.kill(self.redis.proc.pid, signal.SIGSTOP)
+        try:
+            # The first leave times out, the node reconnects, and the second waits for Redis.
+            for c in (ann, bob):
+                self.clients.remove(c)
+                await c.close()
+            await asyncio.sleep(3)
+        finally:
+            os.kill(self.redis.proc.pid, signal.SIGCONT)
+        # Once Redis answers again, both leave, each with its event.
+        leaves = [await watcher.recv() for _ in range(2)]
+        self.assertEqual(sorted((e["op"], e["user"]) for e in leaves), [("leave", "ann"), ("leave", "bob")])
+        await self.stats_become("room:o", (1, 0), TIMEOUT)
+
+    async def test_a_join_redis_refused_is_made_again(self):
+        ann = await self.open("ann")
+        self.assertTrue((await ann.command("subscribe", topic="room:j"))["ok"])
+        await self.stats_become("room:j", (1, 1), TIMEOUT)
+        # The node's member hash is made unusable for a moment: the next join fails in Redis.
+        members = self.redis.cli("--scan", "--pattern", "gale:room:j:p:n:*")
+        self.redis.cli("RENAME", members, members + ".saved")
+        self.redis.cli("SET", members, "not a hash")
+        bob = await self.open("bob")
+        self.assertTrue((await bob.command("subscribe", topic="room:j"))["ok"])
+        self.redis.cli("DEL", members)
+        self.redis.cli("RENAME", members + ".saved", members)
+        # A refresh (every ttl/4, 1.5 s) joins the node's members again: bob is there, once.
+        await self.stats_become("room:j", (2, 2), 4.0)
+        await asyncio.sleep(2.0)
+        await self.stats_become("room:j", (2, 2), 0.1)
+
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)

@@ -383,6 +383,8 @@ impl BrokerStatus {
 /// The loops' side of the broker.
 pub struct BrokerHandle {
     tx: Sender<BrokerRequest>,
+    /// Requests waiting past this are refused (leaves excepted).
+    limit: usize,
     /// The broker's state.
     pub status: Arc<BrokerStatus>,
 }
@@ -392,13 +394,21 @@ const QUEUE_LIMIT: usize = 100_000;
 
 impl BrokerHandle {
     /// Send a request; false if it was refused (the queue is full, or the broker is gone),
-    /// in which case an HTTP request in it has been answered 503.
+    /// in which case an HTTP request in it has been answered 503. A leave is never refused
+    /// for a full queue: dropped, it would leave a member in the cluster's presence for good
+    /// (this node refreshes it); there is at most one per presence membership, and it keeps
+    /// its place after the subscribe it ends.
     pub fn send(&self, request: BrokerRequest) -> bool {
-        match self.tx.try_send(request) {
+        let sent = if matches!(request, BrokerRequest::Leave { .. }) || self.tx.len() < self.limit {
+            self.tx.send(request).map_err(|e| e.into_inner())
+        } else {
+            Err(request)
+        };
+        match sent {
             Ok(()) => true,
-            Err(e) => {
+            Err(request) => {
                 let busy = "the broker is overloaded: Redis cannot keep up; retry later";
-                match e.into_inner() {
+                match request {
                     BrokerRequest::Publish { reply: PublishReply::Http(r), .. } => {
                         r.respond(json_error(503, busy))
                     }
@@ -460,7 +470,8 @@ pub fn start(
 ) -> Result<BrokerHandle, String> {
     let RedisLimits { history, ttl, max_topics, idempotency_window } = limits;
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
-    let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
+    // Bounded by `BrokerHandle::send`, which lets leaves past the bound.
+    let (tx, rx) = crossbeam_channel::unbounded();
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
     let node = u64::from_str_radix(&new_epoch(), 16).unwrap_or_default();
@@ -489,12 +500,13 @@ pub fn start(
         presence,
         present: HashMap::new(),
         leaves: RefCell::new(Vec::new()),
+        rejoin: false,
     };
     std::thread::Builder::new()
         .name("gale-broker".into())
         .spawn(move || broker.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
-    Ok(BrokerHandle { tx, status })
+    Ok(BrokerHandle { tx, limit: QUEUE_LIMIT, status })
 }
 
 /// What the two broker threads share.
@@ -937,8 +949,12 @@ struct Broker {
     /// This node's members of topics that keep presence: per topic, by client id, the user and
     /// the member's JSON; refreshed in Redis periodically, joined again if Redis forgot them.
     present: HashMap<String, HashMap<Arc<str>, (String, String)>>,
-    /// Leaves not carried out while Redis was unreachable: done once it answers again.
-    leaves: RefCell<Vec<(String, Member)>>,
+    /// Leaves not carried out while Redis was unreachable, and whether each sends a leave
+    /// event: done once it answers again.
+    leaves: RefCell<Vec<(String, Member, bool)>>,
+    /// A join failed, or the connection was made again: the next refresh joins every member
+    /// of this node again (a join is idempotent), not only those of topics Redis forgot.
+    rejoin: bool,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -1052,7 +1068,9 @@ impl Broker {
     /// Serve while connected; `Ok` when the gateway shuts down.
     fn serve(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
         let mut last_check = Instant::now();
-        // At once after a (re)connect: leaves that waited, and presence Redis may have lost.
+        // At once after a (re)connect: leaves that waited, and presence Redis may have lost
+        // (a join cut off with the connection may not have been carried out).
+        self.rejoin = true;
         self.refresh_presence(cmd)?;
         let mut last_refresh = Instant::now();
         loop {
@@ -1320,12 +1338,30 @@ impl Broker {
                 Ok(())
             }
             // The refresh joins it again once Redis answers.
-            Err(e) if connection_lost(&e) => Err(e),
+            Err(e) if connection_lost(&e) => {
+                self.rejoin = true;
+                Err(e)
+            }
             Err(e) => {
-                tracing::warn!(topic, error = %e, "cannot record presence");
+                self.rejoin = true;
+                tracing::warn!(topic, error = %e, "cannot record presence; joining again at the next refresh");
                 Ok(())
             }
         }
+    }
+
+    /// Take a member out of this node's presence; false if it was not in it (its
+    /// subscription failed, so it never joined).
+    fn forget_member(&mut self, topic: &str, client: &str) -> bool {
+        let Some(mine) = self.present.get_mut(topic) else { return false };
+        let was = mine.remove(client).is_some();
+        if was {
+            self.shared.status.presence_members.fetch_sub(1, Ordering::Relaxed);
+        }
+        if mine.is_empty() {
+            self.present.remove(topic);
+        }
+        was
     }
 
     /// A connection of this node left a topic that keeps presence.
@@ -1336,14 +1372,21 @@ impl Broker {
         member: Member,
         join_leave: bool,
     ) -> redis::RedisResult<()> {
-        if let Some(mine) = self.present.get_mut(topic) {
-            if mine.remove(&member.client).is_some() {
-                self.shared.status.presence_members.fetch_sub(1, Ordering::Relaxed);
-            }
-            if mine.is_empty() {
-                self.present.remove(topic);
-            }
+        if !self.forget_member(topic, &member.client) {
+            return Ok(());
         }
+        self.leave_in_redis(cmd, topic, member, join_leave)
+    }
+
+    /// Take a member that left out of Redis, with a leave event if `join_leave`; if the
+    /// connection is lost, the leave waits for the next one.
+    fn leave_in_redis(
+        &self,
+        cmd: &mut redis::Connection,
+        topic: &str,
+        member: Member,
+        join_leave: bool,
+    ) -> redis::RedisResult<()> {
         let ev = if join_leave { event("leave", topic, &member.to_json()) } else { String::new() };
         match self.presence_script(LEAVE_LUA, topic, &member, &ev).query::<i64>(cmd) {
             Ok(_) => {
@@ -1353,7 +1396,7 @@ impl Broker {
                 Ok(())
             }
             Err(e) if connection_lost(&e) => {
-                self.leaves.borrow_mut().push((topic.to_string(), member));
+                self.leaves.borrow_mut().push((topic.to_string(), member, join_leave));
                 Err(e)
             }
             Err(e) => {
@@ -1366,10 +1409,15 @@ impl Broker {
     /// Mark this node's presence alive on every topic it has members of; where Redis forgot it
     /// (the node was silent past the TTL, or Redis lost its data), join its members again.
     fn refresh_presence(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
-        let leaves = std::mem::take(&mut *self.leaves.borrow_mut());
-        for (topic, member) in leaves {
-            self.leave(cmd, &topic, member, false)?;
+        let mut leaves = std::mem::take(&mut *self.leaves.borrow_mut()).into_iter();
+        while let Some((topic, member, join_leave)) = leaves.next() {
+            if let Err(e) = self.leave_in_redis(cmd, &topic, member, join_leave) {
+                // That one waits again; so do the ones after it, in order.
+                self.leaves.borrow_mut().extend(leaves);
+                return Err(e);
+            }
         }
+        let rejoin_all = std::mem::take(&mut self.rejoin);
         if self.present.is_empty() {
             return Ok(());
         }
@@ -1389,7 +1437,7 @@ impl Broker {
         let alive: Vec<redis::Value> = pipe.ignore_errors().query(cmd)?;
         let (mut rejoin, mut rejoins) = (redis::pipe(), 0);
         for (topic, answer) in topics.iter().zip(alive) {
-            if redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
+            if !rejoin_all && redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
                 continue;
             }
             for (client, (user, json)) in &self.present[topic] {
@@ -1405,7 +1453,7 @@ impl Broker {
                     .arg(keys(topic).3)
                     .arg("")
                     .to_owned();
-                rejoin.add_command(script).ignore();
+                rejoin.add_command(script);
                 rejoins += 1;
             }
         }
@@ -1413,7 +1461,17 @@ impl Broker {
             return Ok(());
         }
         tracing::info!(members = rejoins, "broker: presence joined again in Redis");
-        rejoin.query::<()>(cmd)
+        // A join Redis refuses fails alone, and is tried again at the next refresh.
+        let answers: Vec<redis::Value> = rejoin.ignore_errors().query(cmd)?;
+        let failed = answers
+            .into_iter()
+            .filter(|a| !matches!(redis::from_redis_value::<redis::RedisResult<i64>>(a.clone()), Ok(Ok(_))))
+            .count();
+        if failed > 0 {
+            tracing::warn!(failed, "cannot record presence; joining again at the next refresh");
+            self.rejoin = true;
+        }
+        Ok(())
     }
 
     /// Answer a presence read with what Redis holds, or with why it failed.
@@ -1625,7 +1683,7 @@ impl Broker {
     }
 
     /// Redis is unreachable: answer at once instead of queueing.
-    fn refuse(&self, request: BrokerRequest) {
+    fn refuse(&mut self, request: BrokerRequest) {
         let why = "Redis is unreachable";
         match request {
             BrokerRequest::Publish { reply, topics, .. } => {
@@ -1644,14 +1702,43 @@ impl Broker {
             BrokerRequest::Presence { topic, list, reply, .. } => {
                 self.answer_presence(reply, &topic, list, Err(unavailable(why)))
             }
-            // Carried out once Redis answers again.
-            BrokerRequest::Leave { topic, member, .. } => self.leaves.borrow_mut().push((topic, member)),
+            // Out of this node's presence now (the refresh must not join it again); out of
+            // Redis, with its event, once Redis answers again.
+            BrokerRequest::Leave { topic, member, join_leave } => {
+                if self.forget_member(&topic, &member.client) {
+                    self.leaves.borrow_mut().push((topic, member, join_leave));
+                }
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{BrokerHandle, BrokerRequest, ListLimit, Member, PresenceReply};
+    use gale_server::ConnId;
+
+    #[test]
+    fn a_full_queue_refuses_requests_but_never_a_leave() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = BrokerHandle { tx, limit: 1, status: Default::default() };
+        let read = || BrokerRequest::Presence {
+            topic: "room:a".into(),
+            list: false,
+            limit: ListLimit { max_clients: 1, max_bytes: 1 },
+            reply: PresenceReply::Client(ConnId::from_bits(1), None),
+        };
+        assert!(handle.send(read()));
+        assert!(!handle.send(read()), "past the bound, refused");
+        let member = Member { client: "n-1".into(), user: Some("ann".into()), info: None };
+        assert!(handle.send(BrokerRequest::Leave { topic: "room:a".into(), member, join_leave: true }));
+        // In order, after what came before it.
+        assert!(matches!(rx.try_recv(), Ok(BrokerRequest::Presence { .. })));
+        assert!(matches!(rx.try_recv(), Ok(BrokerRequest::Leave { join_leave: true, .. })));
+        drop(rx);
+        assert!(!handle.send(read()), "the broker is gone");
+    }
+
     #[test]
     fn positions_are_read_from_deliveries() {
         let d = r#"{"topic":"chat:a","epoch":"00ff","seq":42,"data":{"seq":1}}"#;
