@@ -692,6 +692,12 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(len({c["client"] for c in body["clients"]}), 3, "client ids differ across nodes")
         reply = await anon.command("presence_stats", topic="room:c")
         self.assertEqual((reply["connections"], reply["users"]), (5, 3))
+        # A list reads only the hashes of members it shows: the anonymous ones are apart.
+        def hashes(kind):
+            return self.redis.cli("--scan", "--pattern", f"gale:room:c:p:{kind}:*").split()
+        listed = [v for key in hashes("n") for v in self.redis.cli("HVALS", key).splitlines()]
+        self.assertEqual(sorted(json.loads(v)["user"] for v in listed), ["ann", "bob", "cat"])
+        self.assertEqual(sum(int(self.redis.cli("HLEN", key)) for key in hashes("a")), 2)
         # An unsubscribe on node 1: stats and a leave event on node 0.
         self.assertTrue((await cat.command("unsubscribe", topic="room:c"))["ok"])
         leave = await watcher.recv()

@@ -179,7 +179,9 @@ return 0
 /// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
 /// (`gale:T:p:`). Sets `now` (ms) and the topic's keys, and first forgets the nodes whose
 /// presence expired (their score, the time of their last refresh plus the TTL, is past):
-/// their members leave the counts and their hashes are deleted.
+/// their members leave the counts and their hashes are deleted. A node's members with a token
+/// are in `n:NODE` (client id → member JSON), its anonymous ones in `a:NODE` (client id → ''),
+/// so that a list scans only members it shows.
 macro_rules! presence_lua {
     () => {
         r#"
@@ -188,14 +190,14 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local p = KEYS[1]
 local nodes, users, conns = p .. 'nodes', p .. 'users', p .. 'conns'
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
-  local members, tally = p .. 'n:' .. dead, p .. 'u:' .. dead
-  local gone = redis.call('HLEN', members)
+  local members, anons, tally = p .. 'n:' .. dead, p .. 'a:' .. dead, p .. 'u:' .. dead
+  local gone = redis.call('HLEN', members) + redis.call('HLEN', anons)
   if gone > 0 and redis.call('DECRBY', conns, gone) <= 0 then redis.call('DEL', conns) end
   local t = redis.call('HGETALL', tally)
   for i = 1, #t, 2 do
     if redis.call('HINCRBY', users, t[i], -tonumber(t[i + 1])) <= 0 then redis.call('HDEL', users, t[i]) end
   end
-  redis.call('DEL', members, tally)
+  redis.call('DEL', members, anons, tally)
   redis.call('ZREM', nodes, dead)
 end
 "#
@@ -209,10 +211,10 @@ macro_rules! node_lua {
     () => {
         r#"
 local node, ttl = ARGV[1], tonumber(ARGV[2])
-local members, tally = p .. 'n:' .. node, p .. 'u:' .. node
+local members, anons, tally = p .. 'n:' .. node, p .. 'a:' .. node, p .. 'u:' .. node
 local function alive()
   redis.call('ZADD', nodes, now + ttl, node)
-  for _, k in ipairs({nodes, users, conns, members, tally}) do redis.call('PEXPIRE', k, 3 * ttl) end
+  for _, k in ipairs({nodes, users, conns, members, anons, tally}) do redis.call('PEXPIRE', k, 3 * ttl) end
 end
 "#
     };
@@ -225,7 +227,9 @@ const JOIN_LUA: &str = concat!(
     node_lua!(),
     r#"
 local client, user, member, channel, ev = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-if redis.call('HSET', members, client, member) == 1 then
+local held = members
+if user == '' then held = anons end
+if redis.call('HSET', held, client, member) == 1 then
   redis.call('INCR', conns)
   if user ~= '' then
     redis.call('HINCRBY', tally, user, 1)
@@ -244,7 +248,9 @@ const LEAVE_LUA: &str = concat!(
     node_lua!(),
     r#"
 local client, user, channel, ev = ARGV[3], ARGV[4], ARGV[6], ARGV[7]
-if redis.call('HDEL', members, client) == 1 then
+local held = members
+if user == '' then held = anons end
+if redis.call('HDEL', held, client) == 1 then
   if redis.call('DECR', conns) <= 0 then redis.call('DEL', conns) end
   if user ~= '' then
     if redis.call('HINCRBY', tally, user, -1) <= 0 then redis.call('HDEL', tally, user) end
@@ -269,7 +275,8 @@ return 1
 );
 
 /// Read a topic's presence: ARGV: 1 to list the members too, the most to list. Answers
-/// `{connections, users, more, {member JSON…}}`.
+/// `{connections, users, more, {member JSON…}}`. A list scans only members with a token (the
+/// anonymous ones are in hashes of their own), at most `max` of them and one step of 256.
 const READ_PRESENCE_LUA: &str = concat!(
     presence_lua!(),
     r#"
