@@ -613,6 +613,33 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn('gale_history_reads_total{source="client"} 3', metrics[2])
         self.assertIn('gale_history_reads_total{source="http"} 4', metrics[1])
 
+    async def test_a_publisher_left_out_stays_out_when_its_node_catches_up(self):
+        node = self.nodes[0]
+        publisher, other = await Client.open(node), await Client.open(node)
+        for c in (publisher, other):
+            self.assertTrue((await c.command("subscribe", topic="chat:gap"))["ok"])
+        # The node's subscription to Redis is cut and cannot be made again for a while (no new
+        # connections), so what is published meanwhile reaches it only by its catch-up from
+        # the topic's log.
+        admin = socket.create_connection(("127.0.0.1", self.redis.port), timeout=TIMEOUT)
+        try:
+            admin.sendall(b"CONFIG SET maxclients 1\r\nCLIENT KILL TYPE pubsub\r\n")
+            time.sleep(0.3)
+            reply = await publisher.command("publish", topic="chat:gap", data="mine", exclude_self=True)
+            self.assertEqual(reply["seq"], 1, reply)
+        finally:
+            admin.sendall(b"CONFIG SET maxclients 10000\r\n")
+            time.sleep(0.1)
+            admin.close()
+        d = await other.delivery()
+        self.assertEqual((d["seq"], d["data"]), (1, "mine"))
+        await asyncio.to_thread(publish, self.nodes[1], "chat:gap", "next")
+        self.assertEqual((await other.delivery())["seq"], 2)
+        # The publisher's first delivery is the next message: its own was left out.
+        self.assertEqual((await publisher.delivery())["seq"], 2)
+        status, text = await asyncio.to_thread(http, node, "GET", "/metrics", None, None)
+        self.assertRegex(text, r"gale_broker_reconnects_total [1-9]")
+
     async def test_a_killed_node_does_not_disturb_the_others(self):
         subs = [await Client.open(n) for n in self.nodes[1:]]
         for s in subs:

@@ -140,12 +140,13 @@ for i = 1, n do
   local seq = math.max(tonumber(redis.call('GET', seq_key) or '0'), last_logged(log)) + 1
   redis.call('SET', seq_key, seq)
   local d = '{"topic":' .. arg(i, 2) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
-  if msg_ttl > 0 then
-    -- Its expiry (ms, Redis's clock) goes with it: reads leave it out once past.
-    redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d, 'x', now + msg_ttl)
-  else
-    redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
-  end
+  local fields = {'d', d}
+  -- Its expiry (ms, Redis's clock) goes with it: reads leave it out once past.
+  if msg_ttl > 0 then fields[#fields + 1] = 'x'; fields[#fields + 1] = now + msg_ttl end
+  -- So does the connection left out: a node that forwards it from the log (a catch-up)
+  -- leaves it out as the channel message would have.
+  if ARGV[7] ~= '' then fields[#fields + 1] = 'e'; fields[#fields + 1] = ARGV[7] end
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', unpack(fields))
   if idem then redis.call('SET', idem, epoch .. ':' .. seq, 'PX', ARGV[5]) end
   for _, k in ipairs({seq_key, log, epoch_key}) do
     if ttl > 0 then
@@ -544,12 +545,18 @@ fn exclusion_prefix(node: &str, exclude: Option<ConnId>) -> String {
 fn split_exclusion<'a>(message: &'a str, node: &str) -> (&'a str, Option<ConnId>) {
     let Some(rest) = message.strip_prefix(EXCLUDE_MARK) else { return (message, None) };
     let Some((head, delivery)) = rest.split_once('\n') else { return (message, None) };
-    let exclude = head
-        .split_once(':')
-        .filter(|(n, _)| *n == node)
-        .and_then(|(_, c)| c.parse().ok())
-        .map(ConnId::from_bits);
-    (delivery, exclude)
+    (delivery, excluded_on(head, node))
+}
+
+/// The connection of `node` that `prefix` (as `exclusion_prefix` made it, kept with a log
+/// entry) leaves out.
+fn exclusion_of(prefix: &str, node: &str) -> Option<ConnId> {
+    excluded_on(prefix.strip_prefix(EXCLUDE_MARK)?.strip_suffix('\n')?, node)
+}
+
+/// The connection named by `node:conn` if the node is `node`.
+fn excluded_on(head: &str, node: &str) -> Option<ConnId> {
+    head.split_once(':').filter(|(n, _)| *n == node).and_then(|(_, c)| c.parse().ok()).map(ConnId::from_bits)
 }
 
 impl Shared {
@@ -600,8 +607,9 @@ impl Shared {
             f.set_epoch(&e);
         }
         let from = topics.get(topic).map_or(0, |f| f.last) + 1;
-        read_log(cmd, &log, from, None, |_, d, _| {
-            self.forward(topics, topic, &d, None);
+        read_log(cmd, &log, from, None, |_, d, _, exclude| {
+            let exclude = exclude.and_then(|e| exclusion_of(&e, &self.node));
+            self.forward(topics, topic, &d, exclude);
             true
         })
     }
@@ -747,15 +755,16 @@ fn command_connection(client: &redis::Client) -> redis::RedisResult<redis::Conne
 const LOG_PAGE: usize = 32;
 
 /// Read the deliveries of a topic's log from sequence number `from` to `to` (inclusive; `None`:
-/// to its end), page by page, handing each with its sequence number and its expiry (ms,
-/// Redis's clock; for messages published with a time to live) to `each` until it returns
+/// to its end), page by page, handing each with its sequence number, its expiry (ms,
+/// Redis's clock; for messages published with a time to live) and the connection it leaves
+/// out (`exclusion_prefix`, for a publish with `exclude_self`) to `each` until it returns
 /// false. Entries without a delivery are skipped.
 fn read_log(
     cmd: &mut redis::Connection,
     log: &str,
     from: u64,
     to: Option<u64>,
-    mut each: impl FnMut(u64, String, Option<u64>) -> bool,
+    mut each: impl FnMut(u64, String, Option<u64>, Option<String>) -> bool,
 ) -> redis::RedisResult<()> {
     let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
     let mut start = format!("{from}-1");
@@ -769,8 +778,9 @@ fn read_log(
             let Some((seq, next)) = entry_id(&id) else { return Ok(()) };
             (start, reached) = (next, seq);
             let expires = fields.iter().find(|(k, _)| k == "x").and_then(|(_, x)| x.parse().ok());
+            let exclude = fields.iter().find(|(k, _)| k == "e").map(|(_, e)| e.clone());
             if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d")
-                && !each(seq, d, expires)
+                && !each(seq, d, expires, exclude)
             {
                 return Ok(());
             }
@@ -825,7 +835,7 @@ fn read_history(
     // As a publish numbers: a sequence key lost while the log survived goes on from the log.
     let seq = seq.unwrap_or(0).max(seq_of(&newest).unwrap_or(0));
     let mut page = HistoryPage::new(Some(epoch.clone()), seq, seq_of(&oldest), query);
-    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d, expires| {
+    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d, expires, _| {
         // A message whose time to live has passed ends the retention of those before it.
         if expires.is_some_and(|x| x <= now) {
             page.expired(n);
@@ -850,7 +860,9 @@ fn read_replay(
     const GONE: &str = "missed messages are no longer in the history";
     let now = redis_ms(redis::cmd("TIME").query(cmd)?);
     let (mut missed, mut bytes, mut refused) = (Vec::new(), 0, None);
-    read_log(cmd, log, since + 1, Some(last), |seq, d, expires| {
+    // A replay includes the messages a publisher left itself out of, as on a single node: it
+    // asked for what it missed.
+    read_log(cmd, log, since + 1, Some(last), |seq, d, expires, _| {
         bytes += d.len();
         // A missed message whose time to live has passed is no longer in the history.
         if seq != since + 1 + missed.len() as u64 || expires.is_some_and(|x| x <= now) {
@@ -1762,6 +1774,10 @@ mod tests {
         assert_eq!(super::split_exclusion(&message, "00bb"), (d, None));
         assert_eq!(super::split_exclusion(d, "00aa"), (d, None));
         assert_eq!(super::exclusion_prefix("00aa", None), "");
+        // As kept with a log entry.
+        let prefix = super::exclusion_prefix("00aa", Some(conn));
+        assert_eq!(super::exclusion_of(&prefix, "00aa"), Some(conn));
+        assert_eq!(super::exclusion_of(&prefix, "00bb"), None);
     }
 
     #[test]
