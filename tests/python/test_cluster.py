@@ -742,6 +742,10 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.sleep(0.05)
         gone_after = time.monotonic() - killed
         self.assertLessEqual(gone_after, PRESENCE_TTL + 1.0)
+        # Its clients with a token leave with their events, sent by the script that forgot it.
+        leave = await watcher.recv()
+        self.assertEqual((leave["op"], leave["topic"], leave["user"], leave["client"]),
+                         ("leave", "room:c", "bob", joins[1]["client"]))
         body = await self.presence(self.nodes[0], "room:c")
         self.assertEqual([c["user"] for c in body["clients"]], ["ann"])
         # The live node keeps its own clients past the TTL (it refreshes them).

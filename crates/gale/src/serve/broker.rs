@@ -180,18 +180,28 @@ return 0
 /// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
 /// (`gale:T:p:`). Sets `now` (ms) and the topic's keys, and first forgets the nodes whose
 /// presence expired (their score, the time of their last refresh plus the TTL, is past):
-/// their members leave the counts and their hashes are deleted. A node's members with a token
-/// are in `n:NODE` (client id → member JSON), its anonymous ones in `a:NODE` (client id → ''),
-/// so that a list scans only members it shows.
+/// their members leave the counts and their hashes are deleted, and where join/leave events
+/// are sent (`ev` is set: a member with a token joined with an event) each of their members
+/// with a token is sent its leave event. A node's members with a token are in `n:NODE`
+/// (client id → member JSON), its anonymous ones in `a:NODE` (client id → ''), so that a list
+/// scans only members it shows. (`p` is `gale:T:p:`, and a topic holds no character JSON
+/// escapes, so the topic, its JSON and its channel are cut from it.)
 macro_rules! presence_lua {
     () => {
         r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local p = KEYS[1]
-local nodes, users, conns = p .. 'nodes', p .. 'users', p .. 'conns'
+local nodes, users, conns, events = p .. 'nodes', p .. 'users', p .. 'conns', p .. 'ev'
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
   local members, anons, tally = p .. 'n:' .. dead, p .. 'a:' .. dead, p .. 'u:' .. dead
+  if redis.call('EXISTS', events) == 1 then
+    local channel = string.sub(p, 1, #p - 3)
+    local head = '{"op":"leave","topic":"' .. string.sub(p, 6, #p - 3) .. '",'
+    for _, m in ipairs(redis.call('HVALS', members)) do
+      if m ~= '' then redis.call('PUBLISH', channel, head .. string.sub(m, 2)) end
+    end
+  end
   local gone = redis.call('HLEN', members) + redis.call('HLEN', anons)
   if gone > 0 and redis.call('DECRBY', conns, gone) <= 0 then redis.call('DEL', conns) end
   local t = redis.call('HGETALL', tally)
@@ -215,7 +225,7 @@ local node, ttl = ARGV[1], tonumber(ARGV[2])
 local members, anons, tally = p .. 'n:' .. node, p .. 'a:' .. node, p .. 'u:' .. node
 local function alive()
   redis.call('ZADD', nodes, now + ttl, node)
-  for _, k in ipairs({nodes, users, conns, members, anons, tally}) do redis.call('PEXPIRE', k, 3 * ttl) end
+  for _, k in ipairs({nodes, users, conns, members, anons, tally, events}) do redis.call('PEXPIRE', k, 3 * ttl) end
 end
 "#
     };
@@ -237,8 +247,11 @@ if redis.call('HSET', held, client, member) == 1 then
     redis.call('HINCRBY', users, user, 1)
   end
 end
+if ev ~= '' then
+  redis.call('SET', events, '1')
+  redis.call('PUBLISH', channel, ev)
+end
 alive()
-if ev ~= '' then redis.call('PUBLISH', channel, ev) end
 return 1
 "#
 );
