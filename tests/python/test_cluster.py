@@ -615,6 +615,33 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn('gale_history_reads_total{source="client"} 3', metrics[2])
         self.assertIn('gale_history_reads_total{source="http"} 4', metrics[1])
 
+    async def test_a_publisher_left_out_stays_out_when_its_node_catches_up(self):
+        node = self.nodes[0]
+        publisher, other = await Client.open(node), await Client.open(node)
+        for c in (publisher, other):
+            self.assertTrue((await c.command("subscribe", topic="chat:gap"))["ok"])
+        # The node's subscription to Redis is cut and cannot be made again for a while (no new
+        # connections), so what is published meanwhile reaches it only by its catch-up from
+        # the topic's log.
+        admin = socket.create_connection(("127.0.0.1", self.redis.port), timeout=TIMEOUT)
+        try:
+            admin.sendall(b"CONFIG SET maxclients 1\r\nCLIENT KILL TYPE pubsub\r\n")
+            time.sleep(0.3)
+            reply = await publisher.command("publish", topic="chat:gap", data="mine", exclude_self=True)
+            self.assertEqual(reply["seq"], 1, reply)
+        finally:
+            admin.sendall(b"CONFIG SET maxclients 10000\r\n")
+            time.sleep(0.1)
+            admin.close()
+        d = await other.delivery()
+        self.assertEqual((d["seq"], d["data"]), (1, "mine"))
+        await asyncio.to_thread(publish, self.nodes[1], "chat:gap", "next")
+        self.assertEqual((await other.delivery())["seq"], 2)
+        # The publisher's first delivery is the next message: its own was left out.
+        self.assertEqual((await publisher.delivery())["seq"], 2)
+        status, text = await asyncio.to_thread(http, node, "GET", "/metrics", None, None)
+        self.assertRegex(text, r"gale_broker_reconnects_total [1-9]")
+
     async def test_a_killed_node_does_not_disturb_the_others(self):
         subs = [await Client.open(n) for n in self.nodes[1:]]
         for s in subs:
@@ -694,6 +721,12 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(len({c["client"] for c in body["clients"]}), 3, "client ids differ across nodes")
         reply = await anon.command("presence_stats", topic="room:c")
         self.assertEqual((reply["connections"], reply["users"]), (5, 3))
+        # A list reads only the hashes of members it shows: the anonymous ones are apart.
+        def hashes(kind):
+            return self.redis.cli("--scan", "--pattern", f"gale:room:c:p:{kind}:*").split()
+        listed = [v for key in hashes("n") for v in self.redis.cli("HVALS", key).splitlines()]
+        self.assertEqual(sorted(json.loads(v)["user"] for v in listed), ["ann", "bob", "cat"])
+        self.assertEqual(sum(int(self.redis.cli("HLEN", key)) for key in hashes("a")), 2)
         # An unsubscribe on node 1: stats and a leave event on node 0.
         self.assertTrue((await cat.command("unsubscribe", topic="room:c"))["ok"])
         leave = await watcher.recv()
@@ -711,6 +744,10 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.sleep(0.05)
         gone_after = time.monotonic() - killed
         self.assertLessEqual(gone_after, PRESENCE_TTL + 1.0)
+        # Its clients with a token leave with their events, sent by the script that forgot it.
+        leave = await watcher.recv()
+        self.assertEqual((leave["op"], leave["topic"], leave["user"], leave["client"]),
+                         ("leave", "room:c", "bob", joins[1]["client"]))
         body = await self.presence(self.nodes[0], "room:c")
         self.assertEqual([c["user"] for c in body["clients"]], ["ann"])
         # The live node keeps its own clients past the TTL (it refreshes them).
@@ -726,6 +763,88 @@ class PresenceClusterTest(unittest.IsolatedAsyncioTestCase):
         status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
         self.assertRegex(text, r'gale_presence_requests_total\{source="http",kind="stats"\} [1-9]')
         self.assertIn("gale_presence_members 0", text)
+
+
+class PresenceFaultTest(unittest.IsolatedAsyncioTestCase):
+    """Presence through Redis faults, on one node whose presence lives 6 s without a refresh
+    (so a stall of 3 s forgets nothing): leaves during a stall, and a join Redis refused."""
+
+    def setUp(self):
+        import tempfile
+
+        self.redis = Redis()
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(PRESENCE_CONFIG.replace("ttl = 2", "ttl = 6"))
+        self.config = f.name
+        self.node = GaleServe("cluster-presence-fault", "--config", f.name, "--broker", self.redis.url,
+                              "--jwt-secret", SECRET, env={"GALE_API_KEY": API_KEY})
+        self.clients = []
+
+    async def asyncTearDown(self):
+        for c in self.clients:
+            await c.close()
+
+    def tearDown(self):
+        self.node.kill()
+        self.node.proc.stdout.close()
+        self.redis.stop()
+        os.unlink(self.config)
+
+    async def open(self, user=None):
+        url = self.node.url + "/ws"
+        if user is not None:
+            url += "?token=" + make_token({"sub": user, "exp": int(time.time()) + 60})
+        c = await GatewayClient.open(url)
+        self.clients.append(c)
+        return c
+
+    async def stats_become(self, topic, expected, within):
+        deadline = time.monotonic() + within
+        while True:
+            status, text = await asyncio.to_thread(http, self.node, "GET", f"/api/presence_stats/{topic}")
+            body = json.loads(text) if status == 200 else None
+            if body and (body["connections"], body["users"]) == expected:
+                return
+            self.assertLess(time.monotonic(), deadline, (status, text))
+            await asyncio.sleep(0.1)
+
+    async def test_leaves_while_redis_is_stalled_are_carried_out_with_their_events(self):
+        watcher = await self.open()
+        self.assertTrue((await watcher.command("subscribe", topic="room:o"))["ok"])
+        ann, bob = await self.open("ann"), await self.open("bob")
+        for c in (ann, bob):
+            self.assertTrue((await c.command("subscribe", topic="room:o"))["ok"])
+        self.assertEqual([(await watcher.recv())["user"] for _ in range(2)], ["ann", "bob"])
+        os.kill(self.redis.proc.pid, signal.SIGSTOP)
+        try:
+            # The first leave times out, the node reconnects, and the second waits for Redis.
+            for c in (ann, bob):
+                self.clients.remove(c)
+                await c.close()
+            await asyncio.sleep(3)
+        finally:
+            os.kill(self.redis.proc.pid, signal.SIGCONT)
+        # Once Redis answers again, both leave, each with its event.
+        leaves = [await watcher.recv() for _ in range(2)]
+        self.assertEqual(sorted((e["op"], e["user"]) for e in leaves), [("leave", "ann"), ("leave", "bob")])
+        await self.stats_become("room:o", (1, 0), TIMEOUT)
+
+    async def test_a_join_redis_refused_is_made_again(self):
+        ann = await self.open("ann")
+        self.assertTrue((await ann.command("subscribe", topic="room:j"))["ok"])
+        await self.stats_become("room:j", (1, 1), TIMEOUT)
+        # The node's member hash is made unusable for a moment: the next join fails in Redis.
+        members = self.redis.cli("--scan", "--pattern", "gale:room:j:p:n:*")
+        self.redis.cli("RENAME", members, members + ".saved")
+        self.redis.cli("SET", members, "not a hash")
+        bob = await self.open("bob")
+        self.assertTrue((await bob.command("subscribe", topic="room:j"))["ok"])
+        self.redis.cli("DEL", members)
+        self.redis.cli("RENAME", members + ".saved", members)
+        # A refresh (every ttl/4, 1.5 s) joins the node's members again: bob is there, once.
+        await self.stats_become("room:j", (2, 2), 4.0)
+        await asyncio.sleep(2.0)
+        await self.stats_become("room:j", (2, 2), 0.1)
 
 
 

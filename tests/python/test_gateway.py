@@ -415,6 +415,15 @@ class HistoryTest(AsyncTest):
         self.assertEqual((status, body["epoch"], body["seq"], body["messages"]), (200, None, 0, []))
         self.assertEqual((body["first_seq"], body["truncated"], body["more"]), (None, False, False))
         epoch = self.publish("chat:h", range(1, 61))[0]["epoch"]
+        # A topic with state (a subscriber made it) but no message: no epoch either, since such a
+        # topic may be forgotten and start again in another epoch without anything missed.
+        import websockets.sync.client as sync_client
+
+        with sync_client.connect(self.server.url + "/ws") as ws:
+            ws.send(json.dumps({"op": "subscribe", "topic": "chat:quiet"}))
+            self.assertTrue(json.loads(ws.recv(timeout=TIMEOUT))["ok"])
+            status, body = self.get("/api/history/chat:quiet")
+            self.assertEqual((status, body["epoch"], body["seq"]), (200, None, 0))
         # 60 published, the newest 50 retained: by default the oldest 10 of them.
         status, body = self.get("/api/history/chat%3Ah")
         self.assertEqual((status, body["topic"], body["epoch"], body["seq"]), (200, "chat:h", epoch, 60))
@@ -767,6 +776,77 @@ class ControlTest(AsyncTest):
         error = (await full.recv())["error"]
         self.assertEqual(error["code"], 413)
         self.assertIn("chat:ctl-more", error["reason"])
+
+
+KEYS_CONFIG = """
+[publish]
+idempotency_max_keys = 3
+
+[[namespaces]]
+pattern = "chat:*"
+subscribe = true
+publish = true
+"""
+
+
+class IdempotencyBoundTest(AsyncTest):
+    """The bound on idempotency keys (3 here, for the HTTP API and for clients each), on a
+    gateway of its own."""
+
+    @classmethod
+    def setUpClass(cls):
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(KEYS_CONFIG)
+        cls.config = f.name
+        cls.server = GaleServe("gateway-keys", "--config", f.name, env={"GALE_API_KEY": API_KEY})
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.stop()
+        os.unlink(cls.config)
+
+    def post(self, topic, data, key):
+        req = urllib.request.Request(f"{self.server.http_url}/api/publish/{topic}",
+                                     data=json.dumps(data).encode(), method="POST")
+        for name, value in [("Authorization", f"Bearer {API_KEY}"), ("Content-Type", "application/json"),
+                            ("Idempotency-Key", key)]:
+            req.add_header(name, value)
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    async def test_clients_cannot_make_the_api_forget_its_keys_and_a_key_past_the_bound_is_refused(self):
+        c = await GatewayClient.open(self.server.url + "/ws")
+        self.clients.append(c)
+        # An anonymous client fills its bound with keys of topics of its own...
+        for i in range(3):
+            reply = await c.command("publish", topic=f"chat:spam{i}", data=i, idempotency_key=f"s-{i}")
+            self.assertTrue(reply["ok"], reply)
+        # ...and its next key is refused, nothing published, rather than accepted and forgotten.
+        reply = await c.command("publish", topic="chat:spam9", data=9, idempotency_key="s-9")
+        self.assertEqual(reply["error"]["code"], 503, reply)
+        self.assertIn("idempotency keys", reply["error"]["reason"])
+        status, text = await asyncio.to_thread(http, "GET", "/api/topics/chat:spam9", base=self.server.http_url)
+        self.assertEqual(json.loads(text)["seq"], 0)
+        # The backend's keyed publish is remembered all the same: its retry is not published again.
+        status, first = await asyncio.to_thread(self.post, "orders:1", {"n": 1}, "order-1")
+        self.assertEqual((status, first["seq"]), (200, 1), first)
+        status, again = await asyncio.to_thread(self.post, "orders:1", {"n": 1}, "order-1")
+        self.assertEqual((status, again["seq"], again.get("duplicate")), (200, 1, True), again)
+        # The client's keys accepted are all still remembered.
+        reply = await c.command("publish", topic="chat:spam0", data=0, idempotency_key="s-0")
+        self.assertEqual((reply["seq"], reply.get("duplicate")), (1, True), reply)
+        # Past its own bound the API is told too.
+        for i in range(2, 4):
+            status, body = await asyncio.to_thread(self.post, f"orders:{i}", i, f"order-{i}")
+            self.assertEqual(status, 200, body)
+        status, body = await asyncio.to_thread(self.post, "orders:5", 5, "order-5")
+        self.assertEqual(status, 503, body)
+
 
 class HttpApiTest(unittest.TestCase):
     def test_api_key_is_required(self):

@@ -140,12 +140,13 @@ for i = 1, n do
   local seq = math.max(tonumber(redis.call('GET', seq_key) or '0'), last_logged(log)) + 1
   redis.call('SET', seq_key, seq)
   local d = '{"topic":' .. arg(i, 2) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
-  if msg_ttl > 0 then
-    -- Its expiry (ms, Redis's clock) goes with it: reads leave it out once past.
-    redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d, 'x', now + msg_ttl)
-  else
-    redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', 'd', d)
-  end
+  local fields = {'d', d}
+  -- Its expiry (ms, Redis's clock) goes with it: reads leave it out once past.
+  if msg_ttl > 0 then fields[#fields + 1] = 'x'; fields[#fields + 1] = now + msg_ttl end
+  -- So does the connection left out: a node that forwards it from the log (a catch-up)
+  -- leaves it out as the channel message would have.
+  if ARGV[7] ~= '' then fields[#fields + 1] = 'e'; fields[#fields + 1] = ARGV[7] end
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', unpack(fields))
   if idem then redis.call('SET', idem, epoch .. ':' .. seq, 'PX', ARGV[5]) end
   for _, k in ipairs({seq_key, log, epoch_key}) do
     if ttl > 0 then
@@ -179,23 +180,35 @@ return 0
 /// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
 /// (`gale:T:p:`). Sets `now` (ms) and the topic's keys, and first forgets the nodes whose
 /// presence expired (their score, the time of their last refresh plus the TTL, is past):
-/// their members leave the counts and their hashes are deleted.
+/// their members leave the counts and their hashes are deleted, and where join/leave events
+/// are sent (`ev` is set: a member with a token joined with an event) each of their members
+/// with a token is sent its leave event. A node's members with a token are in `n:NODE`
+/// (client id → member JSON), its anonymous ones in `a:NODE` (client id → ''), so that a list
+/// scans only members it shows. (`p` is `gale:T:p:`, and a topic holds no character JSON
+/// escapes, so the topic, its JSON and its channel are cut from it.)
 macro_rules! presence_lua {
     () => {
         r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local p = KEYS[1]
-local nodes, users, conns = p .. 'nodes', p .. 'users', p .. 'conns'
+local nodes, users, conns, events = p .. 'nodes', p .. 'users', p .. 'conns', p .. 'ev'
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
-  local members, tally = p .. 'n:' .. dead, p .. 'u:' .. dead
-  local gone = redis.call('HLEN', members)
+  local members, anons, tally = p .. 'n:' .. dead, p .. 'a:' .. dead, p .. 'u:' .. dead
+  if redis.call('EXISTS', events) == 1 then
+    local channel = string.sub(p, 1, #p - 3)
+    local head = '{"op":"leave","topic":"' .. string.sub(p, 6, #p - 3) .. '",'
+    for _, m in ipairs(redis.call('HVALS', members)) do
+      if m ~= '' then redis.call('PUBLISH', channel, head .. string.sub(m, 2)) end
+    end
+  end
+  local gone = redis.call('HLEN', members) + redis.call('HLEN', anons)
   if gone > 0 and redis.call('DECRBY', conns, gone) <= 0 then redis.call('DEL', conns) end
   local t = redis.call('HGETALL', tally)
   for i = 1, #t, 2 do
     if redis.call('HINCRBY', users, t[i], -tonumber(t[i + 1])) <= 0 then redis.call('HDEL', users, t[i]) end
   end
-  redis.call('DEL', members, tally)
+  redis.call('DEL', members, anons, tally)
   redis.call('ZREM', nodes, dead)
 end
 "#
@@ -209,10 +222,10 @@ macro_rules! node_lua {
     () => {
         r#"
 local node, ttl = ARGV[1], tonumber(ARGV[2])
-local members, tally = p .. 'n:' .. node, p .. 'u:' .. node
+local members, anons, tally = p .. 'n:' .. node, p .. 'a:' .. node, p .. 'u:' .. node
 local function alive()
   redis.call('ZADD', nodes, now + ttl, node)
-  for _, k in ipairs({nodes, users, conns, members, tally}) do redis.call('PEXPIRE', k, 3 * ttl) end
+  for _, k in ipairs({nodes, users, conns, members, anons, tally, events}) do redis.call('PEXPIRE', k, 3 * ttl) end
 end
 "#
     };
@@ -225,15 +238,20 @@ const JOIN_LUA: &str = concat!(
     node_lua!(),
     r#"
 local client, user, member, channel, ev = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-if redis.call('HSET', members, client, member) == 1 then
+local held = members
+if user == '' then held = anons end
+if redis.call('HSET', held, client, member) == 1 then
   redis.call('INCR', conns)
   if user ~= '' then
     redis.call('HINCRBY', tally, user, 1)
     redis.call('HINCRBY', users, user, 1)
   end
 end
+if ev ~= '' then
+  redis.call('SET', events, '1')
+  redis.call('PUBLISH', channel, ev)
+end
 alive()
-if ev ~= '' then redis.call('PUBLISH', channel, ev) end
 return 1
 "#
 );
@@ -244,7 +262,9 @@ const LEAVE_LUA: &str = concat!(
     node_lua!(),
     r#"
 local client, user, channel, ev = ARGV[3], ARGV[4], ARGV[6], ARGV[7]
-if redis.call('HDEL', members, client) == 1 then
+local held = members
+if user == '' then held = anons end
+if redis.call('HDEL', held, client) == 1 then
   if redis.call('DECR', conns) <= 0 then redis.call('DEL', conns) end
   if user ~= '' then
     if redis.call('HINCRBY', tally, user, -1) <= 0 then redis.call('HDEL', tally, user) end
@@ -269,7 +289,8 @@ return 1
 );
 
 /// Read a topic's presence: ARGV: 1 to list the members too, the most to list. Answers
-/// `{connections, users, more, {member JSON…}}`.
+/// `{connections, users, more, {member JSON…}}`. A list scans only members with a token (the
+/// anonymous ones are in hashes of their own), at most `max` of them and one step of 256.
 const READ_PRESENCE_LUA: &str = concat!(
     presence_lua!(),
     r#"
@@ -400,9 +421,12 @@ impl BrokerStatus {
 /// The loops' side of the broker.
 pub struct BrokerHandle {
     tx: Sender<BrokerRequest>,
+    /// Requests waiting past this are refused (leaves excepted).
+    limit: usize,
     /// The broker's state.
     pub status: Arc<BrokerStatus>,
-    shared: Arc<Shared>,
+    /// Where the listener finds the handler of other nodes' control commands.
+    control: Arc<std::sync::OnceLock<ControlHandler>>,
 }
 
 /// Requests waiting for the broker past this are refused with 503 (Redis cannot keep up).
@@ -410,13 +434,21 @@ const QUEUE_LIMIT: usize = 100_000;
 
 impl BrokerHandle {
     /// Send a request; false if it was refused (the queue is full, or the broker is gone),
-    /// in which case an HTTP request in it has been answered 503.
+    /// in which case an HTTP request in it has been answered 503. A leave is never refused
+    /// for a full queue: dropped, it would leave a member in the cluster's presence for good
+    /// (this node refreshes it); there is at most one per presence membership, and it keeps
+    /// its place after the subscribe it ends.
     pub fn send(&self, request: BrokerRequest) -> bool {
-        match self.tx.try_send(request) {
+        let sent = if matches!(request, BrokerRequest::Leave { .. }) || self.tx.len() < self.limit {
+            self.tx.send(request).map_err(|e| e.into_inner())
+        } else {
+            Err(request)
+        };
+        match sent {
             Ok(()) => true,
-            Err(e) => {
+            Err(request) => {
                 let busy = "the broker is overloaded: Redis cannot keep up; retry later";
-                match e.into_inner() {
+                match request {
                     BrokerRequest::Publish { reply: PublishReply::Http(r), .. } => {
                         r.respond(json_error(503, busy))
                     }
@@ -439,7 +471,7 @@ impl BrokerHandle {
     /// Hand the control commands other nodes send to `handler` (those that come before are
     /// ignored: this node has no connections yet).
     pub fn on_control(&self, handler: ControlHandler) {
-        let _ = self.shared.control.set(handler);
+        let _ = self.control.set(handler);
     }
 }
 
@@ -484,17 +516,19 @@ pub fn start(
 ) -> Result<BrokerHandle, String> {
     let RedisLimits { history, ttl, max_topics, idempotency_window } = limits;
     let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
-    let (tx, rx) = crossbeam_channel::bounded(QUEUE_LIMIT);
+    // Bounded by `BrokerHandle::send`, which lets leaves past the bound.
+    let (tx, rx) = crossbeam_channel::unbounded();
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
     let node = u64::from_str_radix(&new_epoch(), 16).unwrap_or_default();
+    let control = Arc::new(std::sync::OnceLock::new());
     let shared = Arc::new(Shared {
         handle,
         status: status.clone(),
         stats,
         topics: Mutex::new(HashMap::new()),
         node: format!("{node:016x}"),
-        control: std::sync::OnceLock::new(),
+        control: control.clone(),
     });
     let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
     std::thread::Builder::new()
@@ -514,12 +548,13 @@ pub fn start(
         presence,
         present: HashMap::new(),
         leaves: RefCell::new(Vec::new()),
+        rejoin: false,
     };
     std::thread::Builder::new()
         .name("gale-broker".into())
         .spawn(move || broker.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
-    Ok(BrokerHandle { tx, status, shared })
+    Ok(BrokerHandle { tx, limit: QUEUE_LIMIT, status, control })
 }
 
 /// What the two broker threads share.
@@ -535,7 +570,7 @@ struct Shared {
     /// This node's name in the channel messages of publishes that leave out their publisher.
     node: String,
     /// Applies control commands from other nodes.
-    control: std::sync::OnceLock<ControlHandler>,
+    control: Arc<std::sync::OnceLock<ControlHandler>>,
 }
 
 /// The start of a channel message that is not to be delivered to one connection: `\u{1}`,
@@ -552,12 +587,18 @@ fn exclusion_prefix(node: &str, exclude: Option<ConnId>) -> String {
 fn split_exclusion<'a>(message: &'a str, node: &str) -> (&'a str, Option<ConnId>) {
     let Some(rest) = message.strip_prefix(EXCLUDE_MARK) else { return (message, None) };
     let Some((head, delivery)) = rest.split_once('\n') else { return (message, None) };
-    let exclude = head
-        .split_once(':')
-        .filter(|(n, _)| *n == node)
-        .and_then(|(_, c)| c.parse().ok())
-        .map(ConnId::from_bits);
-    (delivery, exclude)
+    (delivery, excluded_on(head, node))
+}
+
+/// The connection of `node` that `prefix` (as `exclusion_prefix` made it, kept with a log
+/// entry) leaves out.
+fn exclusion_of(prefix: &str, node: &str) -> Option<ConnId> {
+    excluded_on(prefix.strip_prefix(EXCLUDE_MARK)?.strip_suffix('\n')?, node)
+}
+
+/// The connection named by `node:conn` if the node is `node`.
+fn excluded_on(head: &str, node: &str) -> Option<ConnId> {
+    head.split_once(':').filter(|(n, _)| *n == node).and_then(|(_, c)| c.parse().ok()).map(ConnId::from_bits)
 }
 
 impl Shared {
@@ -608,8 +649,9 @@ impl Shared {
             f.set_epoch(&e);
         }
         let from = topics.get(topic).map_or(0, |f| f.last) + 1;
-        read_log(cmd, &log, from, None, |_, d, _| {
-            self.forward(topics, topic, &d, None);
+        read_log(cmd, &log, from, None, |_, d, _, exclude| {
+            let exclude = exclude.and_then(|e| exclusion_of(&e, &self.node));
+            self.forward(topics, topic, &d, exclude);
             true
         })
     }
@@ -768,15 +810,16 @@ fn command_connection(client: &redis::Client) -> redis::RedisResult<redis::Conne
 const LOG_PAGE: usize = 32;
 
 /// Read the deliveries of a topic's log from sequence number `from` to `to` (inclusive; `None`:
-/// to its end), page by page, handing each with its sequence number and its expiry (ms,
-/// Redis's clock; for messages published with a time to live) to `each` until it returns
+/// to its end), page by page, handing each with its sequence number, its expiry (ms,
+/// Redis's clock; for messages published with a time to live) and the connection it leaves
+/// out (`exclusion_prefix`, for a publish with `exclude_self`) to `each` until it returns
 /// false. Entries without a delivery are skipped.
 fn read_log(
     cmd: &mut redis::Connection,
     log: &str,
     from: u64,
     to: Option<u64>,
-    mut each: impl FnMut(u64, String, Option<u64>) -> bool,
+    mut each: impl FnMut(u64, String, Option<u64>, Option<String>) -> bool,
 ) -> redis::RedisResult<()> {
     let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
     let mut start = format!("{from}-1");
@@ -790,8 +833,9 @@ fn read_log(
             let Some((seq, next)) = entry_id(&id) else { return Ok(()) };
             (start, reached) = (next, seq);
             let expires = fields.iter().find(|(k, _)| k == "x").and_then(|(_, x)| x.parse().ok());
+            let exclude = fields.iter().find(|(k, _)| k == "e").map(|(_, e)| e.clone());
             if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d")
-                && !each(seq, d, expires)
+                && !each(seq, d, expires, exclude)
             {
                 return Ok(());
             }
@@ -846,7 +890,7 @@ fn read_history(
     // As a publish numbers: a sequence key lost while the log survived goes on from the log.
     let seq = seq.unwrap_or(0).max(seq_of(&newest).unwrap_or(0));
     let mut page = HistoryPage::new(Some(epoch.clone()), seq, seq_of(&oldest), query);
-    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d, expires| {
+    read_log(cmd, &log, query.since.saturating_add(1), Some(seq), |n, d, expires, _| {
         // A message whose time to live has passed ends the retention of those before it.
         if expires.is_some_and(|x| x <= now) {
             page.expired(n);
@@ -871,7 +915,9 @@ fn read_replay(
     const GONE: &str = "missed messages are no longer in the history";
     let now = redis_ms(redis::cmd("TIME").query(cmd)?);
     let (mut missed, mut bytes, mut refused) = (Vec::new(), 0, None);
-    read_log(cmd, log, since + 1, Some(last), |seq, d, expires| {
+    // A replay includes the messages a publisher left itself out of, as on a single node: it
+    // asked for what it missed.
+    read_log(cmd, log, since + 1, Some(last), |seq, d, expires, _| {
         bytes += d.len();
         // A missed message whose time to live has passed is no longer in the history.
         if seq != since + 1 + missed.len() as u64 || expires.is_some_and(|x| x <= now) {
@@ -977,8 +1023,12 @@ struct Broker {
     /// This node's members of topics that keep presence: per topic, by client id, the user and
     /// the member's JSON; refreshed in Redis periodically, joined again if Redis forgot them.
     present: HashMap<String, HashMap<Arc<str>, (String, String)>>,
-    /// Leaves not carried out while Redis was unreachable: done once it answers again.
-    leaves: RefCell<Vec<(String, Member)>>,
+    /// Leaves not carried out while Redis was unreachable, and whether each sends a leave
+    /// event: done once it answers again.
+    leaves: RefCell<Vec<(String, Member, bool)>>,
+    /// A join failed, or the connection was made again: the next refresh joins every member
+    /// of this node again (a join is idempotent), not only those of topics Redis forgot.
+    rejoin: bool,
 }
 
 fn keys(topic: &str) -> (String, String, String, String) {
@@ -1092,7 +1142,9 @@ impl Broker {
     /// Serve while connected; `Ok` when the gateway shuts down.
     fn serve(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
         let mut last_check = Instant::now();
-        // At once after a (re)connect: leaves that waited, and presence Redis may have lost.
+        // At once after a (re)connect: leaves that waited, and presence Redis may have lost
+        // (a join cut off with the connection may not have been carried out).
+        self.rejoin = true;
         self.refresh_presence(cmd)?;
         let mut last_refresh = Instant::now();
         loop {
@@ -1375,12 +1427,30 @@ impl Broker {
                 Ok(())
             }
             // The refresh joins it again once Redis answers.
-            Err(e) if connection_lost(&e) => Err(e),
+            Err(e) if connection_lost(&e) => {
+                self.rejoin = true;
+                Err(e)
+            }
             Err(e) => {
-                tracing::warn!(topic, error = %e, "cannot record presence");
+                self.rejoin = true;
+                tracing::warn!(topic, error = %e, "cannot record presence; joining again at the next refresh");
                 Ok(())
             }
         }
+    }
+
+    /// Take a member out of this node's presence; false if it was not in it (its
+    /// subscription failed, so it never joined).
+    fn forget_member(&mut self, topic: &str, client: &str) -> bool {
+        let Some(mine) = self.present.get_mut(topic) else { return false };
+        let was = mine.remove(client).is_some();
+        if was {
+            self.shared.status.presence_members.fetch_sub(1, Ordering::Relaxed);
+        }
+        if mine.is_empty() {
+            self.present.remove(topic);
+        }
+        was
     }
 
     /// A connection of this node left a topic that keeps presence.
@@ -1391,14 +1461,21 @@ impl Broker {
         member: Member,
         join_leave: bool,
     ) -> redis::RedisResult<()> {
-        if let Some(mine) = self.present.get_mut(topic) {
-            if mine.remove(&member.client).is_some() {
-                self.shared.status.presence_members.fetch_sub(1, Ordering::Relaxed);
-            }
-            if mine.is_empty() {
-                self.present.remove(topic);
-            }
+        if !self.forget_member(topic, &member.client) {
+            return Ok(());
         }
+        self.leave_in_redis(cmd, topic, member, join_leave)
+    }
+
+    /// Take a member that left out of Redis, with a leave event if `join_leave`; if the
+    /// connection is lost, the leave waits for the next one.
+    fn leave_in_redis(
+        &self,
+        cmd: &mut redis::Connection,
+        topic: &str,
+        member: Member,
+        join_leave: bool,
+    ) -> redis::RedisResult<()> {
         let ev = if join_leave { event("leave", topic, &member.to_json()) } else { String::new() };
         match self.presence_script(LEAVE_LUA, topic, &member, &ev).query::<i64>(cmd) {
             Ok(_) => {
@@ -1408,7 +1485,7 @@ impl Broker {
                 Ok(())
             }
             Err(e) if connection_lost(&e) => {
-                self.leaves.borrow_mut().push((topic.to_string(), member));
+                self.leaves.borrow_mut().push((topic.to_string(), member, join_leave));
                 Err(e)
             }
             Err(e) => {
@@ -1421,10 +1498,15 @@ impl Broker {
     /// Mark this node's presence alive on every topic it has members of; where Redis forgot it
     /// (the node was silent past the TTL, or Redis lost its data), join its members again.
     fn refresh_presence(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
-        let leaves = std::mem::take(&mut *self.leaves.borrow_mut());
-        for (topic, member) in leaves {
-            self.leave(cmd, &topic, member, false)?;
+        let mut leaves = std::mem::take(&mut *self.leaves.borrow_mut()).into_iter();
+        while let Some((topic, member, join_leave)) = leaves.next() {
+            if let Err(e) = self.leave_in_redis(cmd, &topic, member, join_leave) {
+                // That one waits again; so do the ones after it, in order.
+                self.leaves.borrow_mut().extend(leaves);
+                return Err(e);
+            }
         }
+        let rejoin_all = std::mem::take(&mut self.rejoin);
         if self.present.is_empty() {
             return Ok(());
         }
@@ -1444,7 +1526,7 @@ impl Broker {
         let alive: Vec<redis::Value> = pipe.ignore_errors().query(cmd)?;
         let (mut rejoin, mut rejoins) = (redis::pipe(), 0);
         for (topic, answer) in topics.iter().zip(alive) {
-            if redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
+            if !rejoin_all && redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
                 continue;
             }
             for (client, (user, json)) in &self.present[topic] {
@@ -1460,7 +1542,7 @@ impl Broker {
                     .arg(keys(topic).3)
                     .arg("")
                     .to_owned();
-                rejoin.add_command(script).ignore();
+                rejoin.add_command(script);
                 rejoins += 1;
             }
         }
@@ -1468,7 +1550,17 @@ impl Broker {
             return Ok(());
         }
         tracing::info!(members = rejoins, "broker: presence joined again in Redis");
-        rejoin.query::<()>(cmd)
+        // A join Redis refuses fails alone, and is tried again at the next refresh.
+        let answers: Vec<redis::Value> = rejoin.ignore_errors().query(cmd)?;
+        let failed = answers
+            .into_iter()
+            .filter(|a| !matches!(redis::from_redis_value::<redis::RedisResult<i64>>(a.clone()), Ok(Ok(_))))
+            .count();
+        if failed > 0 {
+            tracing::warn!(failed, "cannot record presence; joining again at the next refresh");
+            self.rejoin = true;
+        }
+        Ok(())
     }
 
     /// Answer a presence read with what Redis holds, or with why it failed.
@@ -1685,7 +1777,7 @@ impl Broker {
     }
 
     /// Redis is unreachable: answer at once instead of queueing.
-    fn refuse(&self, request: BrokerRequest) {
+    fn refuse(&mut self, request: BrokerRequest) {
         let why = "Redis is unreachable";
         match request {
             BrokerRequest::Publish { reply, topics, .. } => {
@@ -1704,8 +1796,13 @@ impl Broker {
             BrokerRequest::Presence { topic, list, reply, .. } => {
                 self.answer_presence(reply, &topic, list, Err(unavailable(why)))
             }
-            // Carried out once Redis answers again.
-            BrokerRequest::Leave { topic, member, .. } => self.leaves.borrow_mut().push((topic, member)),
+            // Out of this node's presence now (the refresh must not join it again); out of
+            // Redis, with its event, once Redis answers again.
+            BrokerRequest::Leave { topic, member, join_leave } => {
+                if self.forget_member(&topic, &member.client) {
+                    self.leaves.borrow_mut().push((topic, member, join_leave));
+                }
+            }
             BrokerRequest::Control { done, .. } => done(Err(unavailable(why))),
         }
     }
@@ -1713,6 +1810,30 @@ impl Broker {
 
 #[cfg(test)]
 mod tests {
+    use super::{BrokerHandle, BrokerRequest, ListLimit, Member, PresenceReply};
+    use gale_server::ConnId;
+
+    #[test]
+    fn a_full_queue_refuses_requests_but_never_a_leave() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let handle = BrokerHandle { tx, limit: 1, status: Default::default(), control: Default::default() };
+        let read = || BrokerRequest::Presence {
+            topic: "room:a".into(),
+            list: false,
+            limit: ListLimit { max_clients: 1, max_bytes: 1 },
+            reply: PresenceReply::Client(ConnId::from_bits(1), None),
+        };
+        assert!(handle.send(read()));
+        assert!(!handle.send(read()), "past the bound, refused");
+        let member = Member { client: "n-1".into(), user: Some("ann".into()), info: None };
+        assert!(handle.send(BrokerRequest::Leave { topic: "room:a".into(), member, join_leave: true }));
+        // In order, after what came before it.
+        assert!(matches!(rx.try_recv(), Ok(BrokerRequest::Presence { .. })));
+        assert!(matches!(rx.try_recv(), Ok(BrokerRequest::Leave { join_leave: true, .. })));
+        drop(rx);
+        assert!(!handle.send(read()), "the broker is gone");
+    }
+
     #[test]
     fn positions_are_read_from_deliveries() {
         let d = r#"{"topic":"chat:a","epoch":"00ff","seq":42,"data":{"seq":1}}"#;
@@ -1729,6 +1850,10 @@ mod tests {
         assert_eq!(super::split_exclusion(&message, "00bb"), (d, None));
         assert_eq!(super::split_exclusion(d, "00aa"), (d, None));
         assert_eq!(super::exclusion_prefix("00aa", None), "");
+        // As kept with a log entry.
+        let prefix = super::exclusion_prefix("00aa", Some(conn));
+        assert_eq!(super::exclusion_of(&prefix, "00aa"), Some(conn));
+        assert_eq!(super::exclusion_of(&prefix, "00bb"), None);
     }
 
     #[test]

@@ -166,7 +166,8 @@ pub struct HistorySection {
 pub struct PublishSection {
     /// Seconds an idempotency key is remembered per topic.
     pub idempotency_window: u64,
-    /// Idempotency keys remembered over all topics (single node).
+    /// Idempotency keys remembered over all topics (single node), for the HTTP API and for
+    /// clients each.
     pub idempotency_max_keys: usize,
     /// Items of one `POST /api/publish_batch`.
     pub max_batch_items: usize,
@@ -557,6 +558,14 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
                  their own topics)"
             ));
         }
+        if ns.join_leave && !ns.presence {
+            // Events name who joins and leaves: whoever gets them must be one who may read
+            // the presence anyway.
+            return Err(format!(
+                "namespaces[{i}].join_leave: needs presence = true (the events show each client's \
+                 id, user and info, which presence = false keeps from subscribers)"
+            ));
+        }
         if ns.personal {
             personal.push(pattern.clone());
         }
@@ -730,6 +739,8 @@ mod tests {
         assert!(e.contains("publish.max_batch_items"), "{e}");
         let e = err("[[namespaces]]\npattern = \"u:*\"\npersonal = true\n");
         assert!(e.contains("namespaces[0].personal") && e.contains("subscribe"), "{e}");
+        let e = err("[[namespaces]]\npattern = \"r:*\"\nsubscribe = true\njoin_leave = true\n");
+        assert!(e.contains("namespaces[0].join_leave") && e.contains("presence = true"), "{e}");
         let e = err("[presence]\nttl = 1\n");
         assert!(e.contains("presence.ttl"), "{e}");
         let e = err("[presence]\nmax_clients = 0\n");

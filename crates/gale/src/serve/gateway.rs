@@ -526,7 +526,7 @@ impl Endpoint {
                     return Err(CommandError::new(403, format!("not allowed to publish to {topic}")));
                 }
                 let data = cmd.data.ok_or_else(|| CommandError::new(400, "publish needs data"))?;
-                let mut opts = PublishOptions::default();
+                let mut opts = PublishOptions { from_client: true, ..PublishOptions::default() };
                 if let Some(key) = &cmd.idempotency_key {
                     check_key(key)?;
                     opts.idempotency_key = Some(key.clone());

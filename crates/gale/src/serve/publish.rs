@@ -24,7 +24,8 @@ pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 pub struct PublishLimits {
     /// How long an idempotency key is remembered (per topic).
     pub idempotency_window: Duration,
-    /// Idempotency keys remembered over all topics on a single node.
+    /// Idempotency keys remembered over all topics on a single node, for the HTTP API and for
+    /// clients each: past it a keyed publish is refused (503) until keys end their window.
     pub idempotency_max_keys: usize,
     /// Items of one `POST /api/publish_batch`.
     pub max_batch_items: usize,
@@ -52,6 +53,9 @@ pub struct PublishOptions {
     pub ttl: Option<Duration>,
     /// The connection that published it, which does not get it (`exclude_self`).
     pub exclude: Option<ConnId>,
+    /// Published by a client connection, not the HTTP API: on a single node its idempotency
+    /// key counts against the clients' bound, never the API's.
+    pub from_client: bool,
 }
 
 /// Check an idempotency key: 1 to 128 bytes of letters, digits and `-_.:+/=` (UUIDs, base64
@@ -129,6 +133,7 @@ impl BatchItem<'_> {
             idempotency_key: self.idempotency_key.clone(),
             ttl: self.ttl.map(check_ttl).transpose()?,
             exclude: None,
+            from_client: false,
         })
     }
 }
@@ -204,41 +209,55 @@ impl BatchReply {
     }
 }
 
-/// The idempotency keys a topic remembers (single node): key to sequence number, and the keys
-/// in the order they came, to forget them when their window ends.
+/// The idempotency keys remembered from one source (the HTTP API, or clients) over all topics
+/// (single node): key and topic to the position published, and the keys in the order they
+/// came, to forget them when their window ends.
 #[derive(Debug, Default)]
 pub struct RememberedKeys {
-    seqs: HashMap<Box<str>, u64>,
+    /// `key|topic` (a key holds no `|`) to the epoch and sequence number published.
+    seqs: HashMap<Box<str>, (Box<str>, u64)>,
     order: VecDeque<(Instant, Box<str>)>,
 }
 
 impl RememberedKeys {
-    /// The sequence number published with `key`, if it is remembered.
-    pub fn get(&self, key: &str) -> Option<u64> {
-        self.seqs.get(key).copied()
+    fn slot(topic: &str, key: &str) -> String {
+        let mut slot = String::with_capacity(key.len() + 1 + topic.len());
+        slot.push_str(key);
+        slot.push('|');
+        slot.push_str(topic);
+        slot
     }
 
-    /// Remember that `key` published `seq` at `now`.
-    pub fn insert(&mut self, key: &str, seq: u64, now: Instant) {
-        let key: Box<str> = key.into();
-        self.seqs.insert(key.clone(), seq);
-        self.order.push_back((now, key));
+    /// The epoch and sequence number published to `topic` with `key`, if it is remembered.
+    pub fn get(&self, topic: &str, key: &str) -> Option<(&str, u64)> {
+        self.seqs.get(Self::slot(topic, key).as_str()).map(|(epoch, seq)| (&**epoch, *seq))
     }
 
-    /// Forget the oldest key; false if there is none.
-    pub fn forget_oldest(&mut self) -> bool {
-        match self.order.pop_front() {
-            Some((_, key)) => {
-                self.seqs.remove(&key);
-                true
-            }
-            None => false,
+    /// Remember that `key` published `seq` of `epoch` to `topic` at `now`.
+    pub fn insert(&mut self, topic: &str, key: &str, epoch: &str, seq: u64, now: Instant) {
+        let slot: Box<str> = Self::slot(topic, key).into();
+        if self.seqs.insert(slot.clone(), (epoch.into(), seq)).is_none() {
+            self.order.push_back((now, slot));
         }
     }
 
-    /// Whether the oldest key was remembered before `limit`.
-    pub fn oldest_before(&self, limit: Instant) -> bool {
-        self.order.front().is_some_and(|(at, _)| *at < limit)
+    /// Forget the keys remembered before `limit`.
+    pub fn forget_before(&mut self, limit: Instant) {
+        while self.order.front().is_some_and(|(at, _)| *at < limit) {
+            if let Some((_, slot)) = self.order.pop_front() {
+                self.seqs.remove(&slot);
+            }
+        }
+    }
+
+    /// Keys remembered.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
     }
 }
 
@@ -289,15 +308,16 @@ mod tests {
     }
 
     #[test]
-    fn remembered_keys_are_forgotten_oldest_first() {
+    fn remembered_keys_are_per_topic_and_forgotten_oldest_first() {
         let mut keys = RememberedKeys::default();
         let t0 = Instant::now();
-        keys.insert("a", 1, t0);
-        keys.insert("b", 2, t0 + Duration::from_secs(1));
-        assert_eq!((keys.get("a"), keys.get("b"), keys.get("c")), (Some(1), Some(2), None));
-        assert!(keys.oldest_before(t0 + Duration::from_millis(1)));
-        assert!(keys.forget_oldest());
-        assert_eq!((keys.get("a"), keys.get("b")), (None, Some(2)));
-        assert!(!keys.oldest_before(t0 + Duration::from_millis(1)));
+        keys.insert("t", "a", "e", 1, t0);
+        keys.insert("u", "a", "f", 7, t0 + Duration::from_secs(1));
+        assert_eq!(
+            (keys.get("t", "a"), keys.get("u", "a"), keys.get("t", "c")),
+            (Some(("e", 1)), Some(("f", 7)), None)
+        );
+        keys.forget_before(t0 + Duration::from_millis(1));
+        assert_eq!((keys.get("t", "a"), keys.get("u", "a"), keys.len()), (None, Some(("f", 7)), 1));
     }
 }

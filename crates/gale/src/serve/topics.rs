@@ -49,8 +49,6 @@ struct TopicState {
     /// (seq, when it expires) of the retained messages published with a time to live, oldest
     /// first.
     deadlines: VecDeque<(u64, Instant)>,
-    /// Idempotency keys of recent publishes.
-    keys: RememberedKeys,
 }
 
 impl TopicState {
@@ -87,6 +85,9 @@ pub enum Recovery {
 pub enum PublishError {
     /// The gateway holds state for `max_topics` topics already.
     TooManyTopics,
+    /// The idempotency key cannot be remembered: its source's bound is full of keys still
+    /// within their window. Nothing was published.
+    TooManyKeys,
 }
 
 impl From<PublishError> for CommandError {
@@ -96,6 +97,10 @@ impl From<PublishError> for CommandError {
             PublishError::TooManyTopics => {
                 CommandError::new(503, "the gateway holds its maximum number of topics")
             }
+            PublishError::TooManyKeys => CommandError::new(
+                503,
+                "the gateway remembers its maximum number of idempotency keys: nothing was published, retry later",
+            ),
         }
     }
 }
@@ -122,8 +127,10 @@ pub struct Topics {
     total: AtomicUsize,
     /// Idempotency keys and their bounds.
     publish: PublishLimits,
-    /// Idempotency keys remembered over all topics.
-    remembered: AtomicUsize,
+    /// Idempotency keys remembered over all topics: of the HTTP API, and of clients, each
+    /// within its own bound (clients cannot push out the API's keys). Locked under a topic's
+    /// lock, never the other way round.
+    keys: [Mutex<RememberedKeys>; 2],
 }
 
 impl Topics {
@@ -135,7 +142,7 @@ impl Topics {
             max_topics,
             total: AtomicUsize::new(0),
             publish: PublishLimits::default(),
-            remembered: AtomicUsize::new(0),
+            keys: Default::default(),
         }
     }
 
@@ -168,7 +175,6 @@ impl Topics {
                             last_activity: Instant::now(),
                             removed: false,
                             deadlines: VecDeque::new(),
-                            keys: RememberedKeys::default(),
                         }));
                         map.insert(topic.to_string(), state.clone());
                         state
@@ -204,8 +210,9 @@ impl Topics {
     }
 
     /// Publish with `opts`: a remembered idempotency key answers the first publish's position
-    /// and publishes nothing; a time to live is recorded with the history entry. (`exclude`
-    /// is for `send`.)
+    /// and publishes nothing, and a key that could not be remembered for its window publishes
+    /// nothing either (`TooManyKeys`); a time to live is recorded with the history entry.
+    /// (`exclude` is for `send`.)
     pub fn publish_with(
         &self,
         topic: &str,
@@ -215,11 +222,21 @@ impl Topics {
     ) -> Result<Published, PublishError> {
         let done = self.with_state(topic, true, |s| {
             let now = Instant::now();
+            let mut keys = None;
             if let Some(key) = &opts.idempotency_key {
-                self.forget_keys(s, now);
-                if let Some(seq) = s.keys.get(key) {
-                    return Published { pos: Position { epoch: s.epoch.clone(), seq }, duplicate: true };
+                let mut held =
+                    self.keys[usize::from(opts.from_client)].lock().unwrap_or_else(|e| e.into_inner());
+                self.forget_keys(&mut held, now);
+                if let Some((epoch, seq)) = held.get(topic, key) {
+                    let pos = Position { epoch: epoch.to_string(), seq };
+                    return Ok(Published { pos, duplicate: true });
                 }
+                // A key accepted is remembered for its whole window: past the bound, refuse
+                // rather than forget a key a retry may still come with.
+                if held.len() >= self.publish.idempotency_max_keys {
+                    return Err(PublishError::TooManyKeys);
+                }
+                keys = Some((held, key));
             }
             s.seq += 1;
             s.last_activity = now;
@@ -230,39 +247,27 @@ impl Topics {
             {
                 s.deadlines.push_back((s.seq, now + ttl));
             }
-            if let Some(key) = &opts.idempotency_key {
-                self.remember(s, key, now);
+            if let Some((mut held, key)) = keys {
+                held.insert(topic, key, &s.epoch, s.seq, now);
             }
             send(&text);
-            Published { pos: Position { epoch: s.epoch.clone(), seq: s.seq }, duplicate: false }
+            Ok(Published { pos: Position { epoch: s.epoch.clone(), seq: s.seq }, duplicate: false })
         })?;
-        Ok(done.expect("created"))
+        done.expect("created")
     }
 
-    /// Forget the topic's keys older than the window.
-    fn forget_keys(&self, s: &mut TopicState, now: Instant) {
-        let Some(limit) = now.checked_sub(self.publish.idempotency_window) else { return };
-        while s.keys.oldest_before(limit) && s.keys.forget_oldest() {
-            self.remembered.fetch_sub(1, Ordering::Relaxed);
+    /// Forget the keys older than the window.
+    fn forget_keys(&self, keys: &mut RememberedKeys, now: Instant) {
+        if !keys.is_empty()
+            && let Some(limit) = now.checked_sub(self.publish.idempotency_window)
+        {
+            keys.forget_before(limit);
         }
-    }
-
-    /// Remember `key` for the message just published, within the bound over all topics: past
-    /// it the topic's own oldest keys go first, and a topic with none does not remember it.
-    fn remember(&self, s: &mut TopicState, key: &str, now: Instant) {
-        while self.remembered.load(Ordering::Relaxed) >= self.publish.idempotency_max_keys {
-            if !s.keys.forget_oldest() {
-                return;
-            }
-            self.remembered.fetch_sub(1, Ordering::Relaxed);
-        }
-        s.keys.insert(key, s.seq, now);
-        self.remembered.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Idempotency keys remembered over all topics.
     pub fn remembered_keys(&self) -> usize {
-        self.remembered.load(Ordering::Relaxed)
+        self.keys.iter().map(|k| k.lock().unwrap_or_else(|e| e.into_inner()).len()).sum()
     }
 
     /// Add the newest message to the history within the limits, dropping the oldest first.
@@ -350,13 +355,18 @@ impl Topics {
 
     /// Read the retained messages of `topic` that `query` asks for, under the topic's lock
     /// (so the page and the position it gives are one moment of the topic). A topic without
-    /// state gets an empty page without an epoch; reading creates no state and does not
-    /// count as activity.
+    /// state, or without a message yet, gets an empty page without an epoch; reading creates
+    /// no state and does not count as activity.
     pub fn history(&self, topic: &str, query: &HistoryQuery) -> HistoryPage {
         let found = self.with_state(topic, false, |s| {
             self.expire(s, Instant::now());
             let first = s.history.front().map(|(seq, _, _)| *seq);
-            let mut page = HistoryPage::new(Some(s.epoch.clone()), s.seq, first, query);
+            // Before the first message, no epoch (as in cluster mode): such a topic may be
+            // swept at any time and come back in another epoch, and a reader at seq 0 has
+            // missed nothing of that one. `since` with no epoch and seq 0 recovers from its
+            // first message, where the forgotten epoch would be "epoch changed".
+            let epoch = (s.seq > 0).then(|| s.epoch.clone());
+            let mut page = HistoryPage::new(epoch, s.seq, first, query);
             let start = s.history.partition_point(|(seq, _, _)| *seq <= query.since);
             for (seq, _, text) in s.history.range(start..) {
                 if !page.offer(query, *seq, text.clone()) {
@@ -394,12 +404,13 @@ impl Topics {
             let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
             map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
         };
+        // Keys past their window go even when nobody publishes with keys any more, so that
+        // they do not hold places of the bound. A topic forgotten keeps its keys: a retry is
+        // answered the position its first publish had.
+        for keys in &self.keys {
+            self.forget_keys(&mut keys.lock().unwrap_or_else(|e| e.into_inner()), now);
+        }
         for (topic, state) in all {
-            if self.remembered.load(Ordering::Relaxed) > 0 {
-                // Keys past their window go even from topics that publish no more with keys,
-                // so that they do not hold places of the bound over all topics.
-                self.forget_keys(&mut state.lock().unwrap_or_else(|e| e.into_inner()), now);
-            }
             if subscribers(&topic) > 0 {
                 continue;
             }
@@ -417,9 +428,6 @@ impl Topics {
             map.remove(&topic);
             s.removed = true;
             self.clear(&mut s);
-            while s.keys.forget_oldest() {
-                self.remembered.fetch_sub(1, Ordering::Relaxed);
-            }
         }
     }
 
@@ -524,6 +532,24 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_without_messages_has_no_epoch_to_lose() {
+        let topics = Topics::new(limits(3, None), 10);
+        // State (a subscription made it), but no message: the history read gives no epoch...
+        topics.subscribe("t", None, usize::MAX, || {}).unwrap();
+        let page = topics.history("t", &HistoryQuery { since: 0, limit: 10, max_bytes: usize::MAX });
+        assert_eq!((page.epoch.clone(), page.seq, topics.len()), (None, 0, 1));
+        // ...so once the sweep forgot the topic and it started again, the position it gave
+        // recovers everything of the new epoch.
+        let pos = Position { epoch: page.epoch.unwrap_or_default(), seq: page.seq };
+        topics.sweep(|_| 0);
+        assert_eq!(topics.len(), 0);
+        let mut sent = Vec::new();
+        topics.publish("t", &text("a"), |d| sent.push(d.to_string())).unwrap();
+        let (_, r) = topics.subscribe("t", Some(&pos), usize::MAX, || {}).unwrap();
+        assert_eq!(r, Recovery::Recovered(vec![sent[0].clone().into()]));
+    }
+
+    #[test]
     fn a_remembered_idempotency_key_answers_the_first_position_and_publishes_nothing() {
         let bound = PublishLimits { idempotency_max_keys: 2, ..PublishLimits::default() };
         let topics = Topics::new(limits(10, None), 10).with_publish_limits(bound);
@@ -535,12 +561,34 @@ mod tests {
         assert_eq!(again.pos, first.pos);
         // Keys are per topic.
         assert!(!topics.publish_with("u", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
-        // Past the bound, the publishing topic's own oldest key goes first.
+        // Past the bound, a new key is refused, publishing nothing, and every key accepted is
+        // still remembered; a publish without a key goes on.
         assert_eq!(topics.remembered_keys(), 2);
-        topics.publish_with("t", &text("b"), &keyed("k2"), |_| {}).unwrap();
-        assert_eq!(topics.remembered_keys(), 2);
-        assert!(!topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
-        assert_eq!(topics.position("t").unwrap().seq, 3);
+        let full = topics.publish_with("t", &text("b"), &keyed("k2"), |_| sent += 1);
+        assert_eq!((full, sent), (Err(PublishError::TooManyKeys), 1));
+        assert!(topics.publish_with("t", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
+        assert!(topics.publish_with("u", &text("a"), &keyed("k1"), |_| {}).unwrap().duplicate);
+        topics.publish("t", &text("c"), |_| {}).unwrap();
+        assert_eq!(topics.position("t").unwrap().seq, 2);
+        // Clients have a bound of their own: keys of clients on other topics cannot make the
+        // HTTP API's keys be forgotten or refused.
+        let topics = Topics::new(limits(10, Some(Duration::ZERO)), 10).with_publish_limits(bound);
+        let client = |k: &str| PublishOptions { from_client: true, ..keyed(k) };
+        topics.publish_with("orders:1", &text("a"), &keyed("o1"), |_| {}).unwrap();
+        for k in ["c1", "c2"] {
+            topics.publish_with(&format!("chat:{k}"), &text("a"), &client(k), |_| {}).unwrap();
+        }
+        let more = topics.publish_with("chat:x", &text("a"), &client("c3"), |_| {});
+        assert_eq!(more, Err(PublishError::TooManyKeys));
+        assert!(topics.publish_with("orders:1", &text("a"), &keyed("o1"), |_| {}).unwrap().duplicate);
+        assert!(!topics.publish_with("orders:1", &text("b"), &keyed("o2"), |_| {}).unwrap().duplicate);
+        assert!(topics.publish_with("orders:1", &text("b"), &keyed("o2"), |_| {}).unwrap().duplicate);
+        // A topic forgotten by a sweep keeps its keys: a retry is answered the first position.
+        let before = topics.position("chat:c1").unwrap();
+        topics.sweep(|_| 0);
+        assert_eq!(topics.len(), 0);
+        let again = topics.publish_with("chat:c1", &text("a"), &client("c1"), |_| {}).unwrap();
+        assert_eq!((again.duplicate, again.pos), (true, before));
         // Past the window, a sweep forgets keys even of topics that stay.
         let brief =
             PublishLimits { idempotency_window: Duration::from_millis(1), ..PublishLimits::default() };
