@@ -38,6 +38,7 @@ from gale_process import (  # noqa: E402
     gale_bin,
     make_certificate,
     output_dir,
+    shard,
 )
 
 LOG_DIR = output_dir("loadgen")
@@ -722,16 +723,9 @@ class JsonOutput(ScenarioTest):
 
 
 def load_tests(loader, tests, pattern):
-    """GALE_TEST_SHARD=I/N keeps only the test classes whose position is I modulo N, so that N
-    processes run the whole suite side by side (each with its own `gale echo`)."""
-    shard = os.environ.get("GALE_TEST_SHARD")
-    if not shard:
-        return tests
-    index, _, count = shard.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise SystemExit(f"GALE_TEST_SHARD={shard!r}: expected I/N with 0 <= I < N")
-    classes = [suite for suite in tests if suite.countTestCases()]
-    return unittest.TestSuite(c for i, c in enumerate(classes) if i % int(count) == int(index))
+    """GALE_TEST_SHARD=I/N: this process's share of the test classes (each process starts its
+    own `gale echo`)."""
+    return shard(tests)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,24 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )
     return cert, key
+
+
+def shard(tests, by_class=True):
+    """The part of a unittest suite this process runs: GALE_TEST_SHARD=I/N keeps the test
+    classes (or, with `by_class=False`, the single tests) whose position is I modulo N, so that
+    N processes run the whole suite side by side. Without the variable, all of it. For a
+    module's `load_tests(loader, tests, pattern)`."""
+    import unittest
+
+    spec = os.environ.get("GALE_TEST_SHARD")
+    if not spec:
+        return tests
+    index, _, count = spec.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise SystemExit(f"GALE_TEST_SHARD={spec!r}: expected I/N with 0 <= I < N")
+    def single(suite):
+        for test in suite:
+            yield from single(test) if isinstance(test, unittest.TestSuite) else [test]
+
+    parts = [suite for suite in tests if suite.countTestCases()] if by_class else list(single(tests))
+    return unittest.TestSuite(p for i, p in enumerate(parts) if i % int(count) == int(index))

@@ -25,7 +25,7 @@ import unittest
 import urllib.error
 import urllib.request
 
-from gale_process import LOG_DIR, GaleServe
+from gale_process import LOG_DIR, GaleServe, shard
 from gateway_client import GatewayClient
 from test_gateway import SECRET, make_token
 from websockets.exceptions import ConnectionClosed
@@ -902,6 +902,12 @@ class ControlClusterTest(unittest.IsolatedAsyncioTestCase):
                      "gale_server_disconnects_total 1"]:
             self.assertIn(line, text)
         await other.close()
+
+
+def load_tests(loader, tests, pattern):
+    """GALE_TEST_SHARD=I/N: this process's share of the tests (each starts its own Redis and
+    nodes)."""
+    return shard(tests, by_class=False)
 
 
 if __name__ == "__main__":
