@@ -323,11 +323,11 @@ struct PeakSampler {
 }
 
 impl PeakSampler {
-    fn start(pids: Arc<Mutex<Vec<u32>>>) -> PeakSampler {
+    fn start(pids: Arc<Mutex<Vec<u32>>>, from: u64) -> PeakSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            let mut peak = 0;
+            let mut peak = from;
             while !flag.load(Ordering::Relaxed) {
                 let now: Vec<u32> = pids.lock().map(|p| p.clone()).unwrap_or_default();
                 let rss: u64 =
@@ -405,7 +405,8 @@ fn parent(a: &StormArgs) -> Result<StormReport, String> {
 
     let at_cut: HashMap<u32, procstat::Sample> =
         current(&pids).into_iter().filter_map(|p| Some((p, procstat::sample(&p.to_string())?))).collect();
-    let sampler = PeakSampler::start(pids.clone());
+    let rss_before = at_cut.values().map(|s| s.rss).sum();
+    let sampler = PeakSampler::start(pids.clone(), rss_before);
     let cut_ns = mono_ns();
     match a.cut {
         CutArg::Client => {
@@ -438,7 +439,14 @@ fn parent(a: &StormArgs) -> Result<StormReport, String> {
             Some(now.cpu.saturating_sub(at_cut.get(p).map_or(Duration::ZERO, |s| s.cpu)).as_secs_f64())
         })
         .sum();
-    let peak_rss = sampler.finish();
+    let mut peak_rss = sampler.finish();
+    if a.cut == CutArg::Restart {
+        // The restarted server lived only through the storm: its own high-water mark is its
+        // peak, samples or not.
+        let others: u64 =
+            current(&pids)[1..].iter().filter_map(|p| procstat::sample(&p.to_string())).map(|s| s.rss).sum();
+        peak_rss = peak_rss.max(high_water_mark(started[0].server.pid()) + others);
+    }
 
     stop_publishing.store(true, Ordering::Relaxed);
     let published: PublishOutcome = publisher.join().map_err(|_| "the publisher panicked")?;
@@ -454,7 +462,7 @@ fn parent(a: &StormArgs) -> Result<StormReport, String> {
     let server = (!current(&pids).is_empty()).then(|| StormServer {
         pids: current(&pids),
         cpu_s,
-        rss_before_bytes: at_cut.values().map(|s| s.rss).sum(),
+        rss_before_bytes: rss_before,
         peak_rss_bytes: peak_rss,
     });
     let mut r = merge(a, &urls, connected, &failed, &storm, &finals, &published, storm_s);
@@ -462,6 +470,16 @@ fn parent(a: &StormArgs) -> Result<StormReport, String> {
     r.publish_url = format!("http://{publish_authority}");
     drop(started);
     Ok(r)
+}
+
+/// The peak resident memory of a process over its life (`VmHWM`), bytes.
+fn high_water_mark(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse().ok()
+        })
+        .map_or(0, |kb: u64| kb * 1024)
 }
 
 fn current(pids: &Arc<Mutex<Vec<u32>>>) -> Vec<u32> {
