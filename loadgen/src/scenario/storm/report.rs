@@ -16,8 +16,9 @@ pub struct StormServer {
     pub cpu_s: f64,
     /// Resident memory just before the cut, bytes.
     pub rss_before_bytes: u64,
-    /// Largest resident memory during the storm, bytes: sampled every 50 ms, and for a
-    /// restarted server its own high-water mark (`VmHWM`: it lived only through the storm).
+    /// Largest resident memory from just before the cut to the end of the storm, bytes:
+    /// sampled every 50 ms, and for a restarted server its own high-water mark (`VmHWM`: it
+    /// lived only through the storm).
     pub peak_rss_bytes: u64,
 }
 
