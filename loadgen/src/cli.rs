@@ -30,6 +30,10 @@ pub enum Command {
     /// Run one scenario against several servers, interleaved over rounds; print medians and
     /// ratios against the first server (terminal, JSON, Markdown, SVG plots).
     Compare(CompareArgs),
+    /// Reconnect storm against `gale serve`: N subscribed clients, a publisher throughout, then
+    /// every connection cut at once (or the server restarted); report how long until every
+    /// client has resubscribed and recovered what it missed, and check nothing was lost.
+    Storm(StormArgs),
 }
 
 /// Options every scenario takes.
@@ -281,6 +285,7 @@ impl Command {
             Command::Echo(a) => a.common.json.as_ref(),
             Command::Fanout(a) => a.common.json.as_ref(),
             Command::Compare(a) => a.json.as_ref(),
+            Command::Storm(a) => a.json.as_ref(),
         }
     }
 }
@@ -290,4 +295,85 @@ impl Common {
     pub fn url_label(&self) -> String {
         self.url.join(" ")
     }
+}
+
+/// Options of `storm`.
+#[derive(Args, Debug, Clone)]
+pub struct StormArgs {
+    /// The gateway's WebSocket URL (ws://host:port/ws). Repeat for cluster nodes: clients are
+    /// spread over them, and a client whose reconnect fails moves on to the next. Default with
+    /// --server-cmd: the URL the started server prints.
+    #[arg(long)]
+    pub url: Vec<String>,
+    /// Clients (WebSocket connections), each subscribed to one topic.
+    #[arg(long, short = 'c', default_value_t = 1000)]
+    pub connections: usize,
+    /// Topics; client i subscribes to topic i mod N (PREFIX0 .. PREFIX{N-1}).
+    #[arg(long, default_value_t = 100)]
+    pub topics: usize,
+    /// Topic names start with this (the default gateway lets anyone subscribe to `chat:*`).
+    #[arg(long, default_value = "chat:storm-", value_name = "PREFIX")]
+    pub topic_prefix: String,
+    /// Publishes per second, in total, over HTTP, round-robin over the topics, from before the
+    /// cut to the end.
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Payload size in bytes.
+    #[arg(long, short = 's', default_value_t = 32)]
+    pub size: usize,
+    /// HTTP publish URL (default: http:// and the address of the first --url).
+    #[arg(long, value_name = "URL")]
+    pub publish_url: Option<String>,
+    /// API key for HTTP publishing (default: the GALE_API_KEY environment variable).
+    #[arg(long, value_name = "KEY", env = "GALE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// The storm: `client` closes every client connection at once; `restart` kills the server
+    /// (the first --server-cmd) and starts it again.
+    #[arg(long, value_enum, default_value_t = CutArg::Client)]
+    pub cut: CutArg,
+    /// Server command to start (and, with --cut restart, to kill and start again); `{port}`
+    /// is replaced by a free port, kept across the restart. Repeat for cluster nodes (only the
+    /// first is restarted).
+    #[arg(long = "server-cmd", value_name = "COMMAND")]
+    pub server_cmd: Vec<String>,
+    /// PID of a server started elsewhere: its CPU and peak memory during the storm are reported
+    /// (repeat for several; with --server-cmd the started servers are measured).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Vec<u32>,
+    /// Each client reconnects after a uniformly random delay of 0..J milliseconds.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub jitter: u64,
+    /// Every client must have recovered within this many seconds of the cut.
+    #[arg(long, default_value_t = 10.0, value_name = "SECONDS")]
+    pub deadline: f64,
+    /// Seconds of publishing before the cut.
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub warmup: f64,
+    /// Seconds to wait after publishing stops for the last deliveries.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    pub drain: f64,
+    /// Give up on a connect + handshake after this many seconds (then retry).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// Worker processes: each has its own open-files limit (20,000 here) and event loop.
+    #[arg(long, default_value_t = 1)]
+    pub procs: usize,
+    /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.N (loopback servers only).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub source_ips: u8,
+    /// Write the report as JSON to this file (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Internal: run as worker I of K.
+    #[arg(long, hide = true, value_name = "I/K")]
+    pub worker: Option<String>,
+}
+
+/// How `storm` cuts the clients off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CutArg {
+    /// The load generator closes every client connection at once.
+    Client,
+    /// The server is killed (SIGKILL) and started again.
+    Restart,
 }

@@ -54,6 +54,7 @@ fn run(command: &cli::Command) -> Result<Outcome, String> {
                 None => Ok(outcome(r.interrupted)),
             }
         }
+        cli::Command::Storm(a) => scenario::storm::run(a).map(outcome),
         cli::Command::Compare(a) => {
             let r = compare::run(a)?;
             for line in compare::markdown(&r).lines() {

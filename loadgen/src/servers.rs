@@ -47,7 +47,12 @@ impl RunningServer {
     /// Start `spec` and wait until it accepts connections. The error says why it did not,
     /// without the server's name (the caller has it).
     pub fn start(spec: &ServerSpec, path: &str) -> Result<RunningServer, String> {
-        let port = free_port()?;
+        Self::start_on(spec, free_port()?, path)
+    }
+
+    /// Start `spec` with `{port}` replaced by `port` (to start a server again on the port of
+    /// one that was stopped), and wait until it accepts connections.
+    pub fn start_on(spec: &ServerSpec, port: u16, path: &str) -> Result<RunningServer, String> {
         let command = spec.command.replace("{port}", &port.to_string());
         let (stderr, mut stderr_log) = unlinked_log()?;
         let child = Command::new("sh")
@@ -92,8 +97,13 @@ impl RunningServer {
             }
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 // Give a server that prints its address a moment to do so.
-                server.url = rx
-                    .recv_timeout(Duration::from_millis(200))
+                let printed = rx.recv_timeout(Duration::from_millis(200));
+                if printed.is_err() && matches!(server.child.try_wait(), Ok(Some(_))) {
+                    // What answered was not this server (say, the still-open listener of a
+                    // killed one on the same port): this one exited; tell why above.
+                    continue;
+                }
+                server.url = printed
                     .map(|u| if u.starts_with("ws://") { format!("{u}{path}") } else { u })
                     .unwrap_or_else(|_| format!("ws://127.0.0.1:{port}{path}"));
                 return Ok(server);
@@ -106,6 +116,17 @@ impl RunningServer {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Whether the server has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Kill the server at once (SIGKILL) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -166,7 +187,7 @@ fn unlinked_log() -> Result<(File, File), String> {
 }
 
 /// A port that was free a moment ago.
-fn free_port() -> Result<u16, String> {
+pub fn free_port() -> Result<u16, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }

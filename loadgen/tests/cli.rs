@@ -14,7 +14,7 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn every_scenario_has_help() {
-    for scenario in ["connect", "echo", "fanout", "compare"] {
+    for scenario in ["connect", "echo", "fanout", "compare", "storm"] {
         let o = loadgen(&[scenario, "--help"]);
         assert!(o.status.success(), "{scenario} --help");
         let text = String::from_utf8_lossy(&o.stdout);
@@ -35,6 +35,16 @@ fn bad_arguments_are_named() {
         (&["fanout", "--url", "ws://127.0.0.1:1/", "--size", "8"], "--size"),
         (&["compare", "--server", "nocommand"], "NAME=COMMAND"),
         (&["echo", "--url", "ws://127.0.0.1:1/", "--connections", "many"], "--connections"),
+        (&["storm"], "--url"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--connections", "0"], "--connections"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--topics", "0"], "--topics"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--rate", "0"], "--rate"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--deadline", "0"], "--deadline"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--cut", "restart"], "--server-cmd"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--cut", "sideways"], "--cut"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "-c", "100000000"], "--procs"),
+        (&["storm", "--url", "http://127.0.0.1:1/ws"], "ws://"),
+        (&["storm", "--url", "ws://127.0.0.1:1/ws", "--publish-url", "ftp://x"], "--publish-url"),
     ];
     for (args, named) in cases {
         let o = loadgen(args);
@@ -89,4 +99,22 @@ fn a_server_that_cannot_start_fails_the_comparison_in_one_line() {
     // The table shows no figures for it, not zeros.
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("| x | - | - | - |"), "{out}");
+}
+
+#[test]
+fn a_storm_against_nothing_names_the_cause() {
+    let o = loadgen(&["storm", "--url", "ws://127.0.0.1:1/ws", "-c", "3", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        "gale-loadgen: cannot reach ws://127.0.0.1:1/ws: 0 of 3 connections opened: connection refused ×3\n"
+    );
+}
+
+#[test]
+fn a_storm_server_that_cannot_start_is_named() {
+    let o = loadgen(&["storm", "--cut", "restart", "--server-cmd", "/nonexistent/gale serve --port {port}"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("/nonexistent/gale serve --port {port}") && e.contains("command not found"), "{e}");
 }

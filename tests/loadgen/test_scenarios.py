@@ -5,8 +5,10 @@ at a fixed rate, the server's CPU and memory); echo against a corrupting server 
 fail the run) and against a port nobody listens on; argument errors; connect (counts, handshake
 latency, server memory per connection, worker processes over several source addresses, pings,
 upgrades rejected with HTTP 404); fanout through a broadcast server; compare of two servers with
-its JSON, Markdown and SVG outputs; Ctrl-C (a partial report); and that `--json -` prints a
-report a script can parse.
+its JSON, Markdown and SVG outputs; Ctrl-C (a partial report); that `--json -` prints a
+report a script can parse; and storm against `gale serve` (every client cut and recovered
+without loss, the server restarted with recoveries impossible counted apart, and a history too
+short to recover from failing the run).
 
 The servers other than gale are in servers.py next to this file.
 
@@ -35,6 +37,8 @@ from gale_process import (  # noqa: E402
     START_TIMEOUT,
     STOP_TIMEOUT,
     GaleEcho,
+    GaleServe,
+    backend_args,
     gale_bin,
     make_certificate,
     output_dir,
@@ -720,6 +724,68 @@ class JsonOutput(ScenarioTest):
         except json.JSONDecodeError as e:
             self.fail(f"stdout is not one JSON document ({e}):\n{result.stdout}")
         self.assertEqual(report["scenario"], "echo")
+
+
+class Storm(ScenarioTest):
+    """Reconnect storms against `gale serve` (on the backend of GALE_BACKEND)."""
+
+    CLIENTS = 200
+    ARGS = ("-c", CLIENTS, "--topics", 10, "--rate", 100, "--jitter", 300, "--deadline", 5, "--warmup", 0.5,
+            "--drain", 1, "--api-key", "k")
+    FIELDS = {
+        "scenario", "url", "cut", "clients", "connected", "failed", "failures", "failure_examples", "topics",
+        "rate", "jitter_ms", "deadline_s", "procs", "source_ips", "publish_url", "published", "publish_errors",
+        "affected", "resubscribed", "recovered", "all_recovered_s", "storm_s", "recovery_us", "resubscribe_us",
+        "handshake_latency_us", "attempts", "attempt_failures", "attempt_failure_examples", "dropped",
+        "impossible", "deliveries", "lost", "duplicated", "not_following", "open_at_end", "server",
+    }
+
+    def assert_all_recovered(self, report: dict) -> None:
+        self.assertEqual(set(report), self.FIELDS)
+        n = self.CLIENTS
+        self.assertEqual((report["connected"], report["failed"]), (n, 0))
+        self.assertEqual((report["affected"], report["resubscribed"], report["recovered"]), (n, n, n))
+        self.assertLess(report["all_recovered_s"], 5)
+        self.assertEqual((report["lost"], report["duplicated"], report["not_following"]), (0, 0, 0))
+        self.assertEqual(report["open_at_end"], n)
+        self.assertGreater(report["published"], 0)
+        self.assertGreater(report["deliveries"], 0)
+        self.assert_latency(report["recovery_us"], n)
+        self.assertGreaterEqual(report["handshake_latency_us"]["count"], n)
+        server = report["server"]
+        self.assertGreater(server["peak_rss_bytes"], 0)
+        self.assertGreaterEqual(server["cpu_s"], 0)
+
+    def test_every_client_cut_recovers_everything_it_missed(self):
+        server = GaleServe("loadgen-storm", "--api-key", "k")
+        self.addCleanup(server.stop)
+        report = self.scenario("storm", "--url", f"{server.url}/ws", "--server-pid", server.proc.pid, *self.ARGS)
+        self.assert_all_recovered(report)
+        self.assertEqual((report["cut"], report["impossible"], report["attempt_failures"]), ("client", {}, {}))
+        # Nothing is missed for good: every message reached the clients of its topic.
+        self.assertEqual(report["deliveries"], report["published"] * self.CLIENTS // 10)
+        self.assertEqual(report["server"]["pids"], [server.proc.pid])
+
+    def test_a_restarted_server_makes_recovery_impossible_without_loss(self):
+        command = f"{gale_bin()} serve --listen 127.0.0.1:{{port}} --threads 2 --api-key k {' '.join(backend_args())}"
+        report = self.scenario("storm", "--cut", "restart", "--server-cmd", command, *self.ARGS)
+        self.assert_all_recovered(report)
+        self.assertEqual(report["cut"], "restart")
+        self.assertEqual(list(report["impossible"].values()), [self.CLIENTS])
+        self.assertRegex(next(iter(report["impossible"])), "^epoch changed")
+        self.assertEqual(sum(report["dropped"].values()), self.CLIENTS)
+
+    def test_a_history_too_short_to_recover_from_fails_the_run(self):
+        server = GaleServe("loadgen-storm-short", "--api-key", "k", "--history-size", "1")
+        self.addCleanup(server.stop)
+        args = ["storm", "--url", f"{server.url}/ws", "-c", 20, "--topics", 1, "--rate", 200, "--jitter", 500,
+                "--deadline", 5, "--warmup", 0.3, "--drain", 1, "--api-key", "k"]
+        result = self.failing(*args)
+        self.assertRegex(
+            result.stderr.splitlines()[-1],
+            r"^gale-loadgen: recovery impossible: missed messages are no longer in the history ×\d+$",
+        )
+
 
 
 def load_tests(loader, tests, pattern):

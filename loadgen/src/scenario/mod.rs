@@ -4,3 +4,4 @@
 pub mod connect;
 pub mod echo;
 pub mod fanout;
+pub mod storm;
