@@ -114,6 +114,9 @@ pub struct EchoArgs {
     /// the server does (latency then includes queueing: no coordinated omission).
     #[arg(long, value_name = "MSG_PER_SEC")]
     pub rate: Option<f64>,
+    /// Rate search (`--p99-target`; the search starts at `--rate`, default 1,000 msg/s).
+    #[command(flatten)]
+    pub search: SearchArgs,
 }
 
 /// Echo payloads.
@@ -228,6 +231,10 @@ pub struct CompareArgs {
     /// Write SVG plots into this directory.
     #[arg(long, value_name = "DIR")]
     pub plot: Option<PathBuf>,
+    /// Rate search per server and case (`--p99-target`): servers are ranked by the highest
+    /// rate they sustain under the target (echo starts at 1,000 msg/s, fanout at `--rate`).
+    #[command(flatten)]
+    pub search: SearchArgs,
 }
 
 /// Options of `fanout`.
@@ -265,6 +272,37 @@ pub struct FanoutArgs {
     /// Seconds to keep listening after publishing stops, for the last deliveries.
     #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
     pub drain: f64,
+    /// Rate search (`--p99-target`; the search starts at `--rate`).
+    #[command(flatten)]
+    pub search: SearchArgs,
+}
+
+/// Rate search: the highest sustained rate whose p99 latency stays under a target. Open-loop
+/// steps at rising rates, doubling from the start rate until one fails, then bisecting.
+#[derive(Args, Debug, Clone)]
+pub struct SearchArgs {
+    /// Search for the highest rate whose p99 latency stays at or under this many milliseconds
+    /// (a step also fails if the rate is not kept or anything is lost).
+    #[arg(long, value_name = "MS")]
+    pub p99_target: Option<f64>,
+    /// First rate of the search, per second (default: see --rate).
+    #[arg(long, value_name = "PER_SEC")]
+    pub start_rate: Option<f64>,
+    /// Highest rate the search tries, per second.
+    #[arg(long, default_value_t = 1_000_000.0, value_name = "PER_SEC")]
+    pub max_rate: f64,
+    /// Most steps the search runs.
+    #[arg(long, default_value_t = 12, value_name = "N")]
+    pub max_steps: usize,
+    /// Stop bisecting once the highest passing and lowest failing rates are this close.
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
+    pub precision: f64,
+    /// A step fails if the rate achieved is short of the rate asked by more than this.
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
+    pub rate_tolerance: f64,
+    /// Seconds measured per step, after its warm-up (--warmup).
+    #[arg(long, default_value_t = 3.0, value_name = "SECONDS")]
+    pub step_duration: f64,
 }
 
 /// Pub/sub protocols `fanout` speaks.

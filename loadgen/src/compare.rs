@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::cli::{Common, CompareArgs, ConnectArgs, EchoArgs, FanoutArgs, ProtocolArg};
 use crate::report::{ConnectReport, EchoReport, FanoutReport, group, human_bytes};
+use crate::search::SearchReport;
 use crate::servers::{RunningServer, ServerSpec};
 
 /// One scenario setting of a comparison.
@@ -45,10 +46,16 @@ pub struct Summary {
     pub server: String,
     /// Rounds that ran without error: the medians are of these.
     pub rounds: usize,
-    /// Median messages per second (echo) or connections per second (connect).
+    /// Median messages per second (echo) or connections per second (connect); with
+    /// `--p99-target`, at the sustainable rate.
     pub rate: f64,
     /// `rate` / the first server's.
     pub rate_ratio: f64,
+    /// With `--p99-target`: the median over the rounds of the highest rate whose p99 stayed
+    /// under the target (msg/s for echo, publishes/s for fanout).
+    pub sustainable_rate: Option<f64>,
+    /// `sustainable_rate` / the first server's.
+    pub sustainable_ratio: Option<f64>,
     /// Median latency percentiles, microseconds (echo: round trip; connect: handshake;
     /// fanout: publish to delivery).
     pub latency_us: LatencyMedians,
@@ -119,6 +126,8 @@ pub struct CompareReport {
     pub rounds: usize,
     /// Seconds per run.
     pub duration_s: f64,
+    /// With `--p99-target`: every run is a rate search under this p99, milliseconds.
+    pub p99_target_ms: Option<f64>,
     /// The servers, the first being the reference for ratios.
     pub servers: Vec<ServerEntry>,
     /// Per case: every server's summary.
@@ -142,6 +151,8 @@ pub struct RunRecord {
     pub connect: Option<ConnectReport>,
     /// Fan-out report, if the scenario was fanout and it ran.
     pub fanout: Option<FanoutReport>,
+    /// Rate-search report, with `--p99-target`.
+    pub search: Option<SearchReport>,
     /// Why the run failed, if it did.
     pub error: Option<String>,
 }
@@ -167,6 +178,10 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport, String> {
     }
     for spec in &specs {
         server_protocol(args, &spec.name)?;
+    }
+    let limits = crate::search::Limits::of(&args.search, crate::search::ECHO_START_RATE)?;
+    if limits.is_some() && args.scenario == "connect" {
+        return Err("--p99-target searches the rate of echo or fanout, not connect".into());
     }
     let (pipelines, rates) =
         if fanout { (vec![1], args.rate.clone()) } else { (args.pipeline.clone(), vec![0]) };
@@ -209,7 +224,8 @@ pub fn run(args: &CompareArgs) -> Result<CompareReport, String> {
     Ok(CompareReport {
         scenario: args.scenario.clone(),
         rounds: args.rounds,
-        duration_s: args.duration,
+        duration_s: if limits.is_some() { args.search.step_duration } else { args.duration },
+        p99_target_ms: limits.map(|l| l.p99_target_ms),
         servers: specs
             .iter()
             .map(|s| ServerEntry { name: s.name.clone(), command: s.command.clone() })
@@ -227,6 +243,7 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
         echo: None,
         connect: None,
         fanout: None,
+        search: None,
         error: None,
     };
     let server = match RunningServer::start(spec, &args.path) {
@@ -274,13 +291,18 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             api_key: args.api_key.clone(),
             warmup: args.warmup,
             drain: 1.0,
+            search: args.search.clone(),
         };
-        match crate::scenario::fanout::run(&a, false) {
-            Ok(r) => {
-                record.error = crate::scenario::fanout::failure(&r);
-                record.fanout = Some(r);
+        if a.search.p99_target.is_some() {
+            searched(&mut record, crate::search::fanout(&a, false));
+        } else {
+            match crate::scenario::fanout::run(&a, false) {
+                Ok(r) => {
+                    record.error = crate::scenario::fanout::failure(&r);
+                    record.fanout = Some(r);
+                }
+                Err(e) => record.error = Some(e),
             }
-            Err(e) => record.error = Some(e),
         }
     } else if args.scenario == "connect" {
         let a =
@@ -299,19 +321,39 @@ fn one_run(args: &CompareArgs, spec: &ServerSpec, case: Case, round: usize) -> R
             payload: args.payload,
             mask: args.mask,
             rate: None,
+            search: args.search.clone(),
         };
-        match crate::scenario::echo::run(&a, false) {
-            Ok(r) => {
-                record.error = crate::scenario::echo::failure(&r);
-                record.echo = Some(r);
+        if a.search.p99_target.is_some() {
+            searched(&mut record, crate::search::echo(&a, false));
+        } else {
+            match crate::scenario::echo::run(&a, false) {
+                Ok(r) => {
+                    record.error = crate::scenario::echo::failure(&r);
+                    record.echo = Some(r);
+                }
+                Err(e) => record.error = Some(e),
             }
-            Err(e) => record.error = Some(e),
         }
     }
     drop(server);
     // Let sockets in TIME_WAIT and the kernel settle between runs.
     std::thread::sleep(Duration::from_millis(300));
     record
+}
+
+/// Record a rate search's report, or why it could not run or found no passing rate.
+fn searched(record: &mut RunRecord, r: Result<Option<SearchReport>, String>) {
+    match r {
+        Ok(Some(r)) => {
+            record.error = r.failure();
+            if let Some(rate) = r.outcome.sustainable_rate {
+                eprintln!("  sustainable: {} {} after {} steps", group(rate), r.unit, r.outcome.steps.len());
+            }
+            record.search = Some(r);
+        }
+        Ok(None) => record.error = Some("no --p99-target".into()),
+        Err(e) => record.error = Some(e),
+    }
 }
 
 /// The runs that failed, as one line naming each server that had any and why, or `None`
@@ -374,8 +416,13 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 struct Figures<'a> {
     /// Messages (echo) or deliveries (fanout) per second.
     rate: f64,
+    /// With `--p99-target`: the highest rate that passed.
+    sustainable: Option<f64>,
     latency: &'a crate::report::Latency,
-    server: Option<&'a crate::report::ServerCost>,
+    /// Server CPU ms per 1,000 messages or deliveries.
+    cpu: Option<f64>,
+    /// Server RSS, bytes.
+    rss: Option<f64>,
     utilisation: f64,
     /// Bytes on the wire per payload byte received (`--deflate`).
     wire: Option<f64>,
@@ -383,11 +430,26 @@ struct Figures<'a> {
 
 impl<'a> Figures<'a> {
     fn of(r: &'a RunRecord) -> Option<Figures<'a>> {
+        if let Some(s) = &r.search {
+            // The figures at the sustainable rate.
+            let best = s.outcome.best.as_ref()?;
+            return Some(Figures {
+                rate: best.throughput,
+                sustainable: Some(best.rate),
+                latency: &best.latency_us,
+                cpu: best.cpu_ms_per_1k,
+                rss: best.rss_bytes.map(|b| b as f64),
+                utilisation: best.loadgen_utilisation,
+                wire: None,
+            });
+        }
         if let Some(e) = &r.echo {
             return Some(Figures {
                 rate: e.messages_per_sec,
+                sustainable: None,
                 latency: &e.latency_us,
-                server: e.server.as_ref(),
+                cpu: e.server.as_ref().and_then(|s| s.cpu_ms_per_1k_msgs),
+                rss: e.server.as_ref().map(|s| s.rss_bytes as f64),
                 utilisation: e.loadgen.utilisation,
                 wire: e.compression.as_ref().map(|c| c.received_ratio),
             });
@@ -395,8 +457,10 @@ impl<'a> Figures<'a> {
         let f = r.fanout.as_ref()?;
         Some(Figures {
             rate: f.deliveries_per_sec,
+            sustainable: None,
             latency: &f.latency_us,
-            server: f.server.as_ref(),
+            cpu: f.server.as_ref().and_then(|s| s.cpu_ms_per_1k_msgs),
+            rss: f.server.as_ref().map(|s| s.rss_bytes as f64),
             utilisation: f.loadgen.utilisation,
             wire: None,
         })
@@ -419,6 +483,8 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
                 rounds: reps.len(),
                 rate: median(reps.iter().map(|r| r.connect_per_sec).collect()).unwrap_or(0.0),
                 rate_ratio: 1.0,
+                sustainable_rate: None,
+                sustainable_ratio: None,
                 latency_us: latency_medians(reps.iter().map(|r| &r.handshake_latency_us)),
                 cpu_ms_per_1k: None,
                 cpu_ratio: None,
@@ -434,10 +500,12 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
                 rounds: reps.len(),
                 rate: median(reps.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
                 rate_ratio: 1.0,
+                sustainable_rate: median(reps.iter().filter_map(|r| r.sustainable).collect()),
+                sustainable_ratio: None,
                 latency_us: latency_medians(reps.iter().map(|r| r.latency)),
-                cpu_ms_per_1k: median(reps.iter().filter_map(|r| r.server?.cpu_ms_per_1k_msgs).collect()),
+                cpu_ms_per_1k: median(reps.iter().filter_map(|r| r.cpu).collect()),
                 cpu_ratio: None,
-                memory: median(reps.iter().filter_map(|r| r.server.map(|s| s.rss_bytes as f64)).collect()),
+                memory: median(reps.iter().filter_map(|r| r.rss).collect()),
                 loadgen_utilisation: median(reps.iter().map(|r| r.utilisation).collect()).unwrap_or(0.0),
                 wire_ratio: median(reps.iter().filter_map(|r| r.wire).collect()),
                 errors,
@@ -447,8 +515,13 @@ fn summarise(scenario: &str, specs: &[ServerSpec], case: &Case, runs: &[RunRecor
     }
     let first_rate = out.first().map_or(0.0, |s| s.rate);
     let first_cpu = out.first().and_then(|s| s.cpu_ms_per_1k);
+    let first_sustainable = out.first().and_then(|s| s.sustainable_rate);
     for s in &mut out {
         s.rate_ratio = if first_rate > 0.0 { s.rate / first_rate } else { 0.0 };
+        s.sustainable_ratio = match (s.sustainable_rate, first_sustainable) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
         s.cpu_ratio = match (s.cpu_ms_per_1k, first_cpu) {
             (Some(a), Some(b)) if b > 0.0 => Some(a / b),
             _ => None,
@@ -480,13 +553,13 @@ pub fn markdown(r: &CompareReport) -> String {
         _ => "msg/s",
     };
     let wire = r.cases.iter().any(|c| c.summaries.iter().any(|x| x.wire_ratio.is_some()));
+    let search_unit = if r.scenario == "fanout" { "publishes/s" } else { "msg/s" };
     for CaseSummaries { case, summaries: sums } in &r.cases {
-        s.push_str(&format!(
-            "### {} — median of {} rounds, {} s each\n\n",
-            case.title(&r.scenario),
-            r.rounds,
-            r.duration_s
-        ));
+        let each = match r.p99_target_ms {
+            Some(ms) => format!("rate search for p99 ≤ {ms} ms, steps of {} s", r.duration_s),
+            None => format!("{} s each", r.duration_s),
+        };
+        s.push_str(&format!("### {} — median of {} rounds, {each}\n\n", case.title(&r.scenario), r.rounds));
         let connect = r.scenario == "connect";
         let mut header: Vec<&str> = if connect {
             vec!["conn/s", "× first", "handshake p50 µs", "p99 µs", "server bytes/conn"]
@@ -506,7 +579,20 @@ pub fn markdown(r: &CompareReport) -> String {
         if wire && !connect {
             header.push("wire / payload");
         }
-        let cells = |x: &Summary| if connect { connect_cells(x) } else { throughput_cells(x) };
+        let sustainable = format!("sustainable {search_unit}");
+        if r.p99_target_ms.is_some() {
+            header.splice(0..0, [sustainable.as_str(), "× first"]);
+        }
+        let cells = |x: &Summary| {
+            let mut row = if connect { connect_cells(x) } else { throughput_cells(x) };
+            if let Some(rate) = x.sustainable_rate {
+                row.splice(
+                    0..0,
+                    [group(rate), x.sustainable_ratio.map_or("-".into(), |v| format!("{v:.2}"))],
+                );
+            }
+            row
+        };
         s.push_str(&format!("| server | {} |\n|---|{}\n", header.join(" | "), "---:|".repeat(header.len())));
         for x in sums {
             let mut row = if x.rounds > 0 { cells(x) } else { Vec::new() };
@@ -516,9 +602,19 @@ pub fn markdown(r: &CompareReport) -> String {
         let measured: Vec<&Summary> = sums.iter().filter(|x| x.rounds > 0).collect();
         if !connect && !measured.is_empty() {
             let mut by_rate = measured.clone();
-            by_rate.sort_by(|a, b| b.rate.total_cmp(&a.rate));
+            match r.p99_target_ms {
+                Some(ms) => {
+                    let rate = |x: &Summary| x.sustainable_rate.unwrap_or(0.0);
+                    by_rate.sort_by(|a, b| rate(b).total_cmp(&rate(a)));
+                    s.push_str(&format!("\nRanked by sustainable {search_unit} (p99 ≤ {ms} ms): "));
+                }
+                None => {
+                    by_rate.sort_by(|a, b| b.rate.total_cmp(&a.rate));
+                    s.push_str(&format!("\nRanked by {unit}: "));
+                }
+            }
             s.push_str(&format!(
-                "\nRanked by {unit}: {}.",
+                "{}.",
                 by_rate.iter().map(|x| x.server.as_str()).collect::<Vec<_>>().join(" > ")
             ));
             let mut by_cpu: Vec<&Summary> =
@@ -606,6 +702,7 @@ mod tests {
             echo: None,
             connect: None,
             fanout: None,
+            search: None,
             error: error.map(String::from),
         }
     }
@@ -615,6 +712,7 @@ mod tests {
             scenario: "echo".into(),
             rounds: 3,
             duration_s: 1.0,
+            p99_target_ms: None,
             servers: ["a", "b", "c"]
                 .map(|n| ServerEntry { name: n.into(), command: format!("{n} {{port}}") })
                 .into(),
@@ -654,6 +752,8 @@ mod tests {
             rounds: 1,
             rate: 10.0,
             rate_ratio: 1.0,
+            sustainable_rate: None,
+            sustainable_ratio: None,
             latency_us: LatencyMedians { p50: 1, p90: 2, p99: 3, p999: 4, max: 5 },
             cpu_ms_per_1k: None,
             cpu_ratio: None,

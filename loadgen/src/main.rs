@@ -14,6 +14,7 @@ mod plot;
 mod procstat;
 mod run;
 mod scenario;
+mod search;
 mod servers;
 mod target;
 mod tls;
@@ -34,9 +35,20 @@ fn outcome(interrupted: bool) -> Outcome {
     if interrupted { Outcome::Interrupted } else { Outcome::Done }
 }
 
+/// The outcome of a rate search: it fails if no rate passed.
+fn searched(r: Option<search::SearchReport>) -> Result<Outcome, String> {
+    let r = r.ok_or("no --p99-target")?;
+    match r.failure() {
+        Some(what) => Err(what),
+        None => Ok(outcome(r.interrupted)),
+    }
+}
+
 /// Run a command; an error is the one line that says what failed.
 fn run(command: &cli::Command) -> Result<Outcome, String> {
     match command {
+        cli::Command::Echo(a) if a.search.p99_target.is_some() => searched(search::echo(a, true)?),
+        cli::Command::Fanout(a) if a.search.p99_target.is_some() => searched(search::fanout(a, true)?),
         cli::Command::Echo(a) => {
             let r = scenario::echo::run(a, true)?;
             match scenario::echo::failure(&r) {

@@ -18,7 +18,8 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(127, 127, 127),
 ];
 
-/// Write `throughput.svg`, `cpu.svg` (echo, fanout) and `latency-N.svg` into `dir`.
+/// Write `throughput.svg`, `cpu.svg` (echo, fanout), `sustainable.svg` (`--p99-target`) and
+/// `latency-N.svg` into `dir`.
 pub fn write_plots(r: &CompareReport, dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let unit = match r.scenario.as_str() {
@@ -27,6 +28,12 @@ pub fn write_plots(r: &CompareReport, dir: &Path) -> Result<(), String> {
         _ => "messages/s",
     };
     bars(r, &dir.join("throughput.svg"), unit, |s| Some(s.rate)).map_err(|e| format!("plot: {e}"))?;
+    if let Some(ms) = r.p99_target_ms {
+        let unit = if r.scenario == "fanout" { "publishes/s" } else { "messages/s" };
+        let what = format!("sustainable {unit} at p99 ≤ {ms} ms");
+        bars(r, &dir.join("sustainable.svg"), &what, |s| s.sustainable_rate)
+            .map_err(|e| format!("plot: {e}"))?;
+    }
     if r.scenario != "connect" {
         let what = if r.scenario == "fanout" { "deliveries" } else { "messages" };
         bars(r, &dir.join("cpu.svg"), &format!("server CPU ms per 1,000 {what}"), |s| s.cpu_ms_per_1k)

@@ -45,12 +45,47 @@ fn bad_arguments_are_named() {
         (&["storm", "--url", "ws://127.0.0.1:1/ws", "-c", "100000000"], "--procs"),
         (&["storm", "--url", "http://127.0.0.1:1/ws"], "ws://"),
         (&["storm", "--url", "ws://127.0.0.1:1/ws", "--publish-url", "ftp://x"], "--publish-url"),
+        (
+            &["echo", "--url", "ws://127.0.0.1:1/", "--p99-target", "0"],
+            "--p99-target must be a positive number of milliseconds",
+        ),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--p99-target=-1"], "--p99-target"),
+        (&["echo", "--url", "ws://127.0.0.1:1/", "--p99-target", "5", "--max-rate", "10"], "--max-rate"),
+        (
+            &["echo", "--url", "ws://127.0.0.1:1/", "--p99-target", "5", "--step-duration", "0"],
+            "--step-duration",
+        ),
+        (&["fanout", "--url", "ws://127.0.0.1:1/", "--p99-target", "5", "--max-steps", "0"], "--max-steps"),
+        (&["fanout", "--url", "ws://127.0.0.1:1/", "--p99-target", "5", "--precision", "0"], "--precision"),
+        (&["compare", "--server", "a=x", "--p99-target", "0"], "--p99-target"),
+        (&["compare", "--server", "a=x", "--scenario", "connect", "--p99-target", "5"], "not connect"),
     ];
     for (args, named) in cases {
         let o = loadgen(args);
         assert!(!o.status.success(), "{args:?} should fail");
         assert!(stderr(&o).contains(named), "{args:?}: stderr should name {named}: {}", stderr(&o));
     }
+}
+
+#[test]
+fn rate_search_is_offered_where_a_rate_is() {
+    for scenario in ["echo", "fanout", "compare"] {
+        let o = loadgen(&[scenario, "--help"]);
+        let text = String::from_utf8_lossy(&o.stdout);
+        for option in ["--p99-target", "--step-duration", "--max-steps", "--max-rate", "--precision"] {
+            assert!(text.contains(option), "{scenario} help lists {option}");
+        }
+    }
+}
+
+#[test]
+fn a_rate_search_against_nothing_fails_in_one_line() {
+    let o =
+        loadgen(&["echo", "--url", "ws://127.0.0.1:1/", "-c", "2", "--p99-target", "5", "--timeout", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("gale-loadgen: cannot reach ws://127.0.0.1:1/"), "{e}");
 }
 
 #[test]

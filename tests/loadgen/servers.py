@@ -11,6 +11,9 @@
         Echoes every message on any path except /forbidden, but flips a bit of the first
         character (text) or byte (binary) of every 10th message on each connection, so that
         a load generator that does not check its echoes would not notice.
+    python3 tests/loadgen/servers.py capped-echo
+        Echoes every message on any path, but at most CAPPED_ECHO_RATE messages per second over
+        all connections: past that rate echoes queue and their latency grows without bound.
     python3 tests/loadgen/servers.py silent
         Completes the handshake on any path, reads every message and never sends one.
 
@@ -28,6 +31,8 @@ from websockets.asyncio.server import broadcast, serve
 CORRUPT_EVERY = 10
 # lossy-broadcast drops, doubling-broadcast repeats, every Nth message published.
 BROADCAST_FAULT_EVERY = 10
+# capped-echo echoes at most this many messages per second.
+CAPPED_ECHO_RATE = 500
 
 
 def corrupted(message):
@@ -42,6 +47,22 @@ async def corrupt_echo(ws):
     async for message in ws:
         count += 1
         await ws.send(corrupted(message) if count % CORRUPT_EVERY == 0 else message)
+
+
+class CappedEcho:
+    """Echoes, each in the next free slot of a schedule of CAPPED_ECHO_RATE slots a second
+    shared by every connection."""
+
+    def __init__(self):
+        self.next_slot = 0.0
+
+    async def handler(self, ws):
+        loop = asyncio.get_running_loop()
+        async for message in ws:
+            now = loop.time()
+            self.next_slot = max(now, self.next_slot) + 1 / CAPPED_ECHO_RATE
+            await asyncio.sleep(self.next_slot - now)
+            await ws.send(message)
 
 
 def not_found_unless(serves):
@@ -96,7 +117,11 @@ def server_for(kind):
         return silent, not_found_unless(lambda path: True)
     if kind == "corrupt-echo":
         return corrupt_echo, not_found_unless(lambda path: path != "/forbidden")
-    raise SystemExit(f"usage: {sys.argv[0]} broadcast|lossy-broadcast|doubling-broadcast|corrupt-echo|silent")
+    if kind == "capped-echo":
+        return CappedEcho().handler, not_found_unless(lambda path: True)
+    raise SystemExit(
+        f"usage: {sys.argv[0]} broadcast|lossy-broadcast|doubling-broadcast|corrupt-echo|capped-echo|silent"
+    )
 
 
 async def main(kind):

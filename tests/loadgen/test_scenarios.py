@@ -5,10 +5,11 @@ at a fixed rate, the server's CPU and memory); echo against a corrupting server 
 fail the run) and against a port nobody listens on; argument errors; connect (counts, handshake
 latency, server memory per connection, worker processes over several source addresses, pings,
 upgrades rejected with HTTP 404); fanout through a broadcast server; compare of two servers with
-its JSON, Markdown and SVG outputs; Ctrl-C (a partial report); that `--json -` prints a
-report a script can parse; and storm against `gale serve` (every client cut and recovered
-without loss, the server restarted with recoveries impossible counted apart, and a history too
-short to recover from failing the run).
+its JSON, Markdown and SVG outputs; rate search (`--p99-target`: echo against `gale echo` and
+against a server with a capped echo rate, fanout, compare ranking by sustainable rate); Ctrl-C
+(a partial report); that `--json -` prints a report a script can parse; and storm against
+`gale serve` (every client cut and recovered without loss, the server restarted with recoveries
+impossible counted apart, and a history too short to recover from failing the run).
 
 The servers other than gale are in servers.py next to this file.
 
@@ -274,6 +275,128 @@ class EchoAgainstGale(ScenarioTest):
         report = self.echo("--rate", 2000)
         self.assertEqual((report["pipeline"], report["rate"]), (0, 2000))
         self.assertAlmostEqual(report["messages_per_sec"], 2000, delta=600)
+
+
+class RateSearch(ScenarioTest):
+    """`--p99-target`: open-loop steps at rising rates, then bisection, against `gale echo`."""
+
+    def assert_search(self, report: dict, scenario: str, unit: str) -> None:
+        """The report's fields, and that the rate found passed while every step above it failed
+        (or the bound was reached): the search never tries above a failing rate."""
+        self.assertEqual((report["scenario"], report["mode"], report["unit"]), (scenario, "rate_search", unit))
+        self.assertFalse(report["interrupted"])
+        limits, steps, best = report["limits"], report["steps"], report["best"]
+        self.assertLessEqual(len(steps), limits["max_steps"])
+        self.assertEqual(steps[0]["rate"], limits["start_rate"])
+        for step in steps:
+            self.assertEqual(set(step), {"rate", "achieved", "throughput", "latency_us", "pass", "why",
+                                         "cpu_ms_per_1k", "rss_bytes", "loadgen_utilisation"})
+            self.assertLessEqual(step["rate"], limits["max_rate"])
+            self.assertEqual(step["pass"], step["why"] is None, step)
+        self.assertIsNotNone(best, steps)
+        self.assertTrue(best["pass"])
+        self.assertEqual(report["sustainable_rate"], best["rate"])
+        self.assertEqual(best["rate"], max(s["rate"] for s in steps if s["pass"]))
+        self.assertLessEqual(best["latency_us"]["p99"], limits["p99_target_ms"] * 1000)
+        self.assertGreaterEqual(best["achieved"], best["rate"] * (1 - limits["rate_tolerance"]))
+        self.assertGreater(best["latency_us"]["count"], 0)
+        # Every step at or below the rate found passed, every one above it failed.
+        self.assertEqual([s["pass"] for s in steps], [s["rate"] <= best["rate"] for s in steps], steps)
+        failing = [s["rate"] for s in steps if not s["pass"]]
+        self.assertEqual(report["lowest_failing_rate"], min(failing) if failing else None)
+        stopped = report["stopped"]
+        if stopped == "bracketed":
+            self.assertLessEqual((min(failing) - best["rate"]) / best["rate"], limits["precision"])
+        elif stopped == "max_rate":
+            self.assertEqual((best["rate"], failing), (limits["max_rate"], []))
+        else:
+            self.assertEqual((stopped, len(steps)), ("max_steps", limits["max_steps"]))
+
+    def test_echo_finds_the_highest_rate_under_the_target(self):
+        # The debug server keeps 3,200 msg/s well under 50 ms: the search doubles up to the bound.
+        # Each step has 50+ messages per connection, so that whole messages per window cannot
+        # make a kept rate look short by more than the 5 % tolerance.
+        started = time.monotonic()
+        report = self.scenario(
+            "echo", "--url", gale.url, "-c", 4, "--p99-target", 50, "--start-rate", 400, "--max-rate", 3200,
+            "--max-steps", 5, "--step-duration", 0.5, "--warmup", 0.2,
+        )
+        self.assertLess(time.monotonic() - started, 30)
+        self.assert_search(report, "echo", "msg/s")
+        self.assertEqual(report["limits"], {
+            "p99_target_ms": 50.0, "start_rate": 400.0, "max_rate": 3200.0, "max_steps": 5, "precision": 0.05,
+            "rate_tolerance": 0.05, "step_duration_s": 0.5,
+        })
+        self.assertEqual((report["connections"], report["size"], report["warmup_s"]), (4, 20, 0.2))
+        self.assertEqual([s["rate"] for s in report["steps"]][:2], [400, 800])
+
+    def test_echo_bisects_below_a_server_capacity(self):
+        # capped-echo echoes 500 msg/s at most: 100, 200, 400 pass; 800 falls behind (its echoes
+        # queue: p99 and the rate kept fail), and the search bisects between 400 and 800.
+        server = PythonServer("capped-echo")
+        self.addCleanup(server.stop)
+        report = self.scenario(
+            "echo", "--url", server.url, "-c", 2, "--p99-target", 50, "--start-rate", 100, "--max-steps", 6,
+            "--step-duration", 0.6, "--warmup", 0.2,
+        )
+        self.assert_search(report, "echo", "msg/s")
+        steps = report["steps"]
+        self.assertEqual([s["rate"] for s in steps][:5], [100, 200, 400, 800, 600])
+        self.assertEqual([s["pass"] for s in steps][:5], [True, True, True, False, False])
+        self.assertRegex(steps[3]["why"], r"^p99 [\d,]+ µs > 50,000 µs; rate not kept: [\d,]+ achieved, \d+ % short$")
+        self.assertIn(report["sustainable_rate"], (400, 500))
+        self.assertEqual(report["stopped"], "max_steps")
+
+    def test_fanout_searches_the_publish_rate(self):
+        server = PythonServer("broadcast")
+        self.addCleanup(server.stop)
+        report = self.scenario(
+            "fanout", "--url", f"{server.url}/sub", "--publish-url", f"{server.url}/pub", "-c", 5,
+            "--p99-target", 100, "--rate", 50, "--max-rate", 200, "--max-steps", 4, "--step-duration", 0.6,
+            "--warmup", 0.2, "--drain", 0.3,
+        )
+        self.assert_search(report, "fanout", "publishes/s")
+        self.assertEqual(report["steps"][0]["rate"], 50)
+        best = report["best"]
+        # Every subscriber got every message: five deliveries per publish.
+        self.assertAlmostEqual(best["throughput"], best["achieved"] * 5, delta=best["achieved"] * 0.05)
+
+    def test_compare_ranks_servers_by_sustainable_rate(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path, plots = Path(tmp) / "out.json", Path(tmp) / "plots"
+            servers = []
+            for name in ("a", "b"):
+                servers += ["--server", f"{name}={gale_bin()} echo --port {{port}} --threads 1"]
+            result = loadgen(
+                "compare", *servers, "-c", 4, "--rounds", 1, "--p99-target", 50, "--start-rate", 400,
+                "--max-rate", 800, "--step-duration", 0.5, "--warmup", 0.2, "--json", json_path, "--plot", plots,
+            )
+            self.assertEqual(result.returncode, 0, result.stderr)
+            report = json.loads(json_path.read_text())
+            self.assertTrue((plots / "sustainable.svg").read_text().rstrip().endswith("</svg>"))
+        self.assertEqual((report["p99_target_ms"], report["duration_s"]), (50, 0.5))
+        summaries = report["cases"][0]["summaries"]
+        self.assertEqual([s["server"] for s in summaries], ["a", "b"])
+        for s, run in zip(summaries, report["runs"]):
+            self.assertEqual((s["rounds"], s["errors"], run["error"], run["echo"]), (1, [], None, None))
+            self.assert_search(run["search"], "echo", "msg/s")
+            self.assertEqual(s["sustainable_rate"], run["search"]["sustainable_rate"])
+            self.assertEqual(s["latency_us"]["p99"], run["search"]["best"]["latency_us"]["p99"])
+        self.assertEqual(summaries[0]["sustainable_ratio"], 1.0)
+        self.assertIn("| server | sustainable msg/s | × first | msg/s |", result.stdout)
+        self.assertRegex(result.stdout, r"Ranked by sustainable msg/s \(p99 ≤ 50(\.0)? ms\): [ab] > [ab]\.")
+
+    def test_a_target_nothing_meets_fails_in_one_line(self):
+        result = self.failing(
+            "echo", "--url", gale.url, "-c", 5, "--p99-target", 0.001, "--step-duration", 0.3, "--warmup", 0.1,
+        )
+        self.assertRegex(
+            result.stderr,
+            r"^gale-loadgen: even the start rate fails: 1,000 msg/s with p99 target 0\.001 ms: "
+            r"p99 [\d,]+ µs > 1 µs\n$",
+        )
+        self.assertIn("step 1: 1,000 msg/s asked", result.stdout)
+        self.assertNotIn("step 2", result.stdout)
 
 
 class EchoFailures(ScenarioTest):

@@ -159,8 +159,11 @@ impl Driver for Echo {
                 }
             }
             Pacing::Open { interval } => {
-                // Spread the connections' schedules over one interval.
-                let offset = interval.mul_f64((self.started % 1000) as f64 / 1000.0);
+                // Spread the connections' schedules evenly over one interval, however many
+                // there are: the fractional parts of k × the golden ratio fill [0, 1) evenly
+                // at every count (k / 1000 would bunch 100 connections into a tenth of it,
+                // sending in bursts that inflate the latency of a steady rate).
+                let offset = interval.mul_f64((self.started as f64 * 0.618_033_988_749_895).fract());
                 st.next_due = Some(cx.now + offset);
             }
         }
