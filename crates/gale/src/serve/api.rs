@@ -392,6 +392,11 @@ pub fn health(g: &Arc<Gateway>) -> HttpResponse {
 /// A per-loop metric: name, type, help, and how to read it from a loop's counters.
 type PerLoopMetric = (&'static str, &'static str, &'static str, fn(&gale_server::LoopSnapshot) -> u64);
 
+/// One metric with a single value, in the Prometheus text format.
+pub(super) fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+}
+
 /// `GET /metrics`, in the Prometheus text format.
 pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
     let mut out = String::with_capacity(4096);
@@ -425,30 +430,38 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
                 let _ = writeln!(out, "{name}{{loop=\"{i}\"}} {}", get(s));
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP gale_topics_subscribed Topics with at least one subscriber.\n# TYPE gale_topics_subscribed gauge\ngale_topics_subscribed {}",
-            h.num_topics()
+        metric(
+            &mut out,
+            "gale_topics_subscribed",
+            "gauge",
+            "Topics with at least one subscriber.",
+            h.num_topics(),
         );
     }
     let s = &g.stats;
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     if g.broker.get().is_none() {
         // In cluster mode topics keep their state and history in Redis, not here.
-        let _ = writeln!(
-            out,
-            "# HELP gale_topics Topics with state (sequence numbers, history).\n# TYPE gale_topics gauge\ngale_topics {}",
-            g.topics.len()
+        metric(
+            &mut out,
+            "gale_topics",
+            "gauge",
+            "Topics with state (sequence numbers, history).",
+            g.topics.len(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP gale_history_bytes Bytes of history kept for recovery.\n# TYPE gale_history_bytes gauge\ngale_history_bytes {}",
-            g.topics.history_bytes()
+        metric(
+            &mut out,
+            "gale_history_bytes",
+            "gauge",
+            "Bytes of history kept for recovery.",
+            g.topics.history_bytes(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP gale_idempotency_keys Idempotency keys remembered.\n# TYPE gale_idempotency_keys gauge\ngale_idempotency_keys {}",
-            g.topics.remembered_keys()
+        metric(
+            &mut out,
+            "gale_idempotency_keys",
+            "gauge",
+            "Idempotency keys remembered.",
+            g.topics.remembered_keys(),
         );
     }
     let _ = writeln!(
@@ -478,25 +491,33 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         load(&pr.client_list),
         load(&pr.client_stats)
     );
-    let _ = writeln!(
-        out,
-        "# HELP gale_join_leave_events_total Join and leave events sent to subscribers.\n# TYPE gale_join_leave_events_total counter\ngale_join_leave_events_total {}",
-        load(&s.join_leave_events)
+    metric(
+        &mut out,
+        "gale_join_leave_events_total",
+        "counter",
+        "Join and leave events sent to subscribers.",
+        load(&s.join_leave_events),
     );
-    let _ = writeln!(
-        out,
-        "# HELP gale_presence_members Subscriptions of this node kept in presence (to topics whose namespace keeps it).\n# TYPE gale_presence_members gauge\ngale_presence_members {}",
-        g.presence_members()
+    metric(
+        &mut out,
+        "gale_presence_members",
+        "gauge",
+        "Subscriptions of this node kept in presence (to topics whose namespace keeps it).",
+        g.presence_members(),
     );
-    let _ = writeln!(
-        out,
-        "# HELP gale_idempotent_replays_total Publishes answered from a remembered idempotency key, not published again.\n# TYPE gale_idempotent_replays_total counter\ngale_idempotent_replays_total {}",
-        load(&s.idempotent_replays)
+    metric(
+        &mut out,
+        "gale_idempotent_replays_total",
+        "counter",
+        "Publishes answered from a remembered idempotency key, not published again.",
+        load(&s.idempotent_replays),
     );
-    let _ = writeln!(
-        out,
-        "# HELP gale_batch_items_total Items of POST /api/publish_batch requests.\n# TYPE gale_batch_items_total counter\ngale_batch_items_total {}",
-        load(&s.batch_items)
+    metric(
+        &mut out,
+        "gale_batch_items_total",
+        "counter",
+        "Items of POST /api/publish_batch requests.",
+        load(&s.batch_items),
     );
     let _ = writeln!(
         out,
@@ -504,23 +525,29 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
         load(&s.refreshes),
         load(&s.refused_refreshes)
     );
-    let _ = writeln!(
-        out,
-        "# HELP gale_command_errors_total Client commands answered with an error.\n# TYPE gale_command_errors_total counter\ngale_command_errors_total {}",
-        load(&s.command_errors)
+    metric(
+        &mut out,
+        "gale_command_errors_total",
+        "counter",
+        "Client commands answered with an error.",
+        load(&s.command_errors),
     );
-    let _ = writeln!(
-        out,
-        "# HELP gale_rejected_upgrades_total WebSocket upgrades refused (origin, token).\n# TYPE gale_rejected_upgrades_total counter\ngale_rejected_upgrades_total {}",
-        load(&s.rejected_upgrades)
+    metric(
+        &mut out,
+        "gale_rejected_upgrades_total",
+        "counter",
+        "WebSocket upgrades refused (origin, token).",
+        load(&s.rejected_upgrades),
     );
     super::control::write_metrics(g, &mut out);
     if let Some(b) = g.broker.get() {
         let st = &b.status;
-        let _ = writeln!(
-            out,
-            "# HELP gale_broker_up Whether the Redis broker is connected.\n# TYPE gale_broker_up gauge\ngale_broker_up {}",
-            u8::from(st.is_up())
+        metric(
+            &mut out,
+            "gale_broker_up",
+            "gauge",
+            "Whether the Redis broker is connected.",
+            u8::from(st.is_up()),
         );
         for (name, help, value) in [
             ("gale_broker_reconnects_total", "Connections to Redis after the first.", &st.reconnects),

@@ -602,6 +602,19 @@ fn excluded_on(head: &str, node: &str) -> Option<ConnId> {
 }
 
 impl Shared {
+    /// Send `text` to connection `conn`, on its loop (nothing if it has gone).
+    fn send_to(&self, conn: ConnId, text: String) {
+        let _ = self.handle.post_to::<Client>(conn, move |ws| {
+            ws.send_text(&text);
+        });
+    }
+
+    /// Answer command `id` of connection `conn` with an error (counted).
+    fn send_error(&self, conn: ConnId, id: Option<Box<RawValue>>, e: CommandError) {
+        self.stats.command_errors.fetch_add(1, Ordering::Relaxed);
+        self.send_to(conn, error_reply(id.as_deref(), &e));
+    }
+
     fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, Forwarding>> {
         self.topics.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -1373,15 +1386,10 @@ impl Broker {
                     .str("topic", topic)
                     .fields(|out| page.write_fields(out))
                     .finish();
-                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(&text);
-                });
+                self.shared.send_to(conn, text);
             }
             (HistoryReply::Client(conn, id), Err(e)) => {
-                stats.command_errors.fetch_add(1, Ordering::Relaxed);
-                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(&error_reply(id.as_deref(), &e));
-                });
+                self.shared.send_error(conn, id, e);
             }
         }
     }
@@ -1589,15 +1597,10 @@ impl Broker {
                     .str("topic", topic)
                     .fields(|out| fields(&page, out))
                     .finish();
-                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(&text);
-                });
+                self.shared.send_to(conn, text);
             }
             (PresenceReply::Client(conn, id), Err(e)) => {
-                stats.command_errors.fetch_add(1, Ordering::Relaxed);
-                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(&error_reply(id.as_deref(), &e));
-                });
+                self.shared.send_error(conn, id, e);
             }
         }
     }
@@ -1768,10 +1771,7 @@ impl Broker {
                 batch.fill(i, item_result(topics.first().map_or("", String::as_str), Err(&e)))
             }
             PublishReply::Client(conn, id) => {
-                self.shared.stats.command_errors.fetch_add(1, Ordering::Relaxed);
-                let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-                    ws.send_text(&error_reply(id.as_deref(), &e));
-                });
+                self.shared.send_error(conn, id, e);
             }
         }
     }

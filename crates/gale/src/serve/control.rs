@@ -17,11 +17,11 @@ use std::sync::{Arc, Mutex};
 use gale_server::{CloseCode, ConnId, HttpRequest, HttpResponse, Responder, WebSocket};
 use serde::{Deserialize, Serialize};
 
-use super::api::{check_key, json_error};
+use super::api::{check_key, json_error, metric};
 use super::broker::BrokerRequest;
 use super::gateway::{Client, Gateway};
 use super::protocol::{CommandError, Reply, check_topic, error_reply};
-use super::topics::{Position, Recovery};
+use super::topics::Position;
 
 /// The close code of `POST /api/disconnect` without `code` (and `reconnect` false or absent):
 /// the gale-client stops, as for every code 4000-4499 but 4001.
@@ -379,29 +379,12 @@ fn subscribe(g: &Arc<Gateway>, ws: &mut WebSocket<'_, Client>, topic: String, si
         .str("epoch", &pos.epoch)
         .raw("seq", pos.seq)
         .raw("server", true);
-    match recovery {
-        Recovery::NotAsked => {
-            ws.send_text(&reply.finish());
-        }
-        Recovery::Recovered(missed) => {
-            g.stats.recovered.fetch_add(1, Ordering::Relaxed);
-            ws.send_text(&reply.raw("recovered", true).raw("missed", missed.len()).finish());
-            for d in &missed {
-                ws.send_text(d);
-            }
-        }
-        Recovery::Impossible(why) => {
-            g.stats.not_recovered.fetch_add(1, Ordering::Relaxed);
-            ws.send_text(&reply.raw("recovered", false).str("reason", why).finish());
-        }
-    }
-    g.joined(ws.data(), &topic);
+    g.subscribed(ws, &topic, reply, recovery);
     true
 }
 
 /// The control API's counters, for `/metrics`.
 pub fn write_metrics(g: &Gateway, out: &mut String) {
-    use std::fmt::Write;
     let c = &g.control;
     for (name, help, value) in [
         ("gale_server_disconnects_total", "Connections closed by POST /api/disconnect.", &c.disconnects),
@@ -412,11 +395,7 @@ pub fn write_metrics(g: &Gateway, out: &mut String) {
         ),
         ("gale_server_subscribes_total", "Subscriptions made by POST /api/subscribe.", &c.subscribes),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            value.load(Ordering::Relaxed)
-        );
+        metric(out, name, "counter", help, value.load(Ordering::Relaxed));
     }
 }
 

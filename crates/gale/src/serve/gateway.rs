@@ -149,6 +149,34 @@ impl Gateway {
         }
     }
 
+    /// A subscribe done on a single node (the client's or the server's): `reply` with what
+    /// recovery found, the missed messages after it, then the connection's presence.
+    pub(super) fn subscribed(
+        &self,
+        ws: &mut WebSocket<'_, Client>,
+        topic: &str,
+        reply: Reply,
+        recovery: Recovery,
+    ) {
+        match recovery {
+            Recovery::NotAsked => {
+                ws.send_text(&reply.finish());
+            }
+            Recovery::Recovered(missed) => {
+                self.stats.recovered.fetch_add(1, Ordering::Relaxed);
+                ws.send_text(&reply.raw("recovered", true).raw("missed", missed.len()).finish());
+                for d in &missed {
+                    ws.send_text(d);
+                }
+            }
+            Recovery::Impossible(why) => {
+                self.stats.not_recovered.fetch_add(1, Ordering::Relaxed);
+                ws.send_text(&reply.raw("recovered", false).str("reason", why).finish());
+            }
+        }
+        self.joined(ws.data(), topic);
+    }
+
     /// What a cluster subscribe tells the broker of presence: the connection's member, and
     /// whether to send a join event; `None` when the topic keeps no presence.
     pub(super) fn broker_presence(&self, client: &Client, topic: &str) -> Option<(Member, bool)> {
@@ -158,7 +186,7 @@ impl Gateway {
 
     /// A connection joined a topic (single node; the broker does it in cluster mode): its
     /// presence, and a join event where the namespace sends them.
-    pub(super) fn joined(&self, client: &Client, topic: &str) {
+    fn joined(&self, client: &Client, topic: &str) {
         if let Some(tracked) = self.settings.presence.rules.tracked(topic) {
             let member = self.member(client);
             self.presence.join(topic, &member);
@@ -429,23 +457,7 @@ impl Endpoint {
                     .str("topic", topic)
                     .str("epoch", &pos.epoch)
                     .raw("seq", pos.seq);
-                match recovery {
-                    Recovery::NotAsked => {
-                        ws.send_text(&reply.finish());
-                    }
-                    Recovery::Recovered(missed) => {
-                        g.stats.recovered.fetch_add(1, Ordering::Relaxed);
-                        ws.send_text(&reply.raw("recovered", true).raw("missed", missed.len()).finish());
-                        for d in &missed {
-                            ws.send_text(d);
-                        }
-                    }
-                    Recovery::Impossible(why) => {
-                        g.stats.not_recovered.fetch_add(1, Ordering::Relaxed);
-                        ws.send_text(&reply.raw("recovered", false).str("reason", why).finish());
-                    }
-                }
-                g.joined(ws.data(), topic);
+                g.subscribed(ws, topic, reply, recovery);
             }
             "presence" | "presence_stats" => {
                 let topic = topic()?;
