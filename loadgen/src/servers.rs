@@ -142,16 +142,21 @@ impl Drop for RunningServer {
                 .stderr(Stdio::null())
                 .status();
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        reap_within(&mut self.child, Duration::from_secs(5));
     }
+}
+
+/// Wait up to `within` for `child` to exit by itself, then kill it; either way it is reaped.
+pub fn reap_within(child: &mut Child, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Why a server exited at start, in words: the shell's statuses for a command that is missing

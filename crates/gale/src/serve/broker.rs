@@ -1394,6 +1394,25 @@ impl Broker {
         }
     }
 
+    /// Run a presence script (`JOIN_LUA`, `LEAVE_LUA`) for `member` on `topic`, with an `op`
+    /// event for the subscribers if `join_leave` (counted once Redis has run it).
+    fn presence_change(
+        &self,
+        cmd: &mut redis::Connection,
+        script: &str,
+        op: &str,
+        topic: &str,
+        member: &Member,
+        join_leave: bool,
+    ) -> redis::RedisResult<()> {
+        let ev = if join_leave { event(op, topic, &member.to_json()) } else { String::new() };
+        self.presence_script(script, topic, member, &ev).query::<i64>(cmd)?;
+        if join_leave {
+            self.shared.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// The presence script `script` (join or leave) of `member` on `topic`, with `event` for
     /// the subscribers (`""`: none).
     fn presence_script(&self, script: &str, topic: &str, member: &Member, event: &str) -> redis::Cmd {
@@ -1426,14 +1445,8 @@ impl Broker {
         if mine.insert(member.client.clone(), (user, json)).is_none() {
             self.shared.status.presence_members.fetch_add(1, Ordering::Relaxed);
         }
-        let ev = if join_leave { event("join", topic, &member.to_json()) } else { String::new() };
-        match self.presence_script(JOIN_LUA, topic, &member, &ev).query::<i64>(cmd) {
-            Ok(_) => {
-                if join_leave {
-                    self.shared.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            }
+        match self.presence_change(cmd, JOIN_LUA, "join", topic, &member, join_leave) {
+            Ok(()) => Ok(()),
             // The refresh joins it again once Redis answers.
             Err(e) if connection_lost(&e) => {
                 self.rejoin = true;
@@ -1484,14 +1497,8 @@ impl Broker {
         member: Member,
         join_leave: bool,
     ) -> redis::RedisResult<()> {
-        let ev = if join_leave { event("leave", topic, &member.to_json()) } else { String::new() };
-        match self.presence_script(LEAVE_LUA, topic, &member, &ev).query::<i64>(cmd) {
-            Ok(_) => {
-                if join_leave {
-                    self.shared.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            }
+        match self.presence_change(cmd, LEAVE_LUA, "leave", topic, &member, join_leave) {
+            Ok(()) => Ok(()),
             Err(e) if connection_lost(&e) => {
                 self.leaves.borrow_mut().push((topic.to_string(), member, join_leave));
                 Err(e)

@@ -269,16 +269,9 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
+        // Its stdin closed, the worker finishes on its own; one that does not is killed.
         drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::servers::reap_within(&mut self.child, Duration::from_secs(5));
     }
 }
 
