@@ -85,7 +85,7 @@ pub struct ServerConfig {
     /// Pin loop `i` to core `i % cores`.
     pub pin_threads: bool,
     /// Close a connection that has not finished an HTTP request (or an idle keep-alive one)
-    /// within this time.
+    /// within this time; a deferred answer that has not come within it is replaced by a 503.
     pub handshake_timeout: Duration,
     /// Largest HTTP request body accepted; larger gets 413.
     pub max_body: usize,

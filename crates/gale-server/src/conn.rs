@@ -67,7 +67,7 @@ struct HttpPhase {
     buf: Vec<u8>,
     /// A handler deferred its answer: how to write it once it comes. Requests that follow
     /// wait in `buf`.
-    awaiting: Option<ResponseMode>,
+    awaiting: Option<Awaiting>,
     /// `100 Continue` went out for the request at the start of `buf`, whose body is awaited.
     continued: bool,
 }
@@ -89,6 +89,13 @@ impl ResponseMode {
         };
         ResponseMode { keep_alive, head_only: req.method == "HEAD" }
     }
+}
+
+/// A deferred answer being awaited: how to write it, and the request's path (an answer that
+/// never comes is a 503 rendered as the application renders that path's errors).
+struct Awaiting {
+    mode: ResponseMode,
+    path: Box<str>,
 }
 
 /// Requests piled up behind a deferred answer past this close the connection.
@@ -421,6 +428,13 @@ impl Conn {
             return;
         }
         match &mut self.phase {
+            // A deferred answer that did not come in time: the client is told, rather than
+            // left with a connection closed in silence. A late answer finds nothing awaited.
+            Phase::Http(http) if http.awaiting.is_some() => {
+                let path = http.awaiting.take().map(|a| a.path).unwrap_or_default();
+                let reason = "the answer did not come in time";
+                self.http_error(cx, Some(&path), 503, reason, &[]);
+            }
             // Handshake not finished, or an idle keep-alive connection: drop it (slowloris).
             Phase::Http(_) => self.link.finish = Finish::Now,
             Phase::Ws(ws) => {
@@ -629,7 +643,8 @@ impl Conn {
                     let response = cx.routes.http[i].handler.handle(&hreq);
                     if deferred.get() {
                         if let Phase::Http(http) = &mut self.phase {
-                            http.awaiting = Some(ResponseMode::of(&req));
+                            let (mode, path) = (ResponseMode::of(&req), path.into());
+                            http.awaiting = Some(Awaiting { mode, path });
                         }
                     } else {
                         self.http_respond(cx, &req, &response);
@@ -683,7 +698,7 @@ impl Conn {
     /// waited behind it.
     pub(crate) fn deferred_response(&mut self, response: &HttpResponse, cx: &mut ConnCx<'_>) {
         let Phase::Http(http) = &mut self.phase else { return };
-        let Some(mode) = http.awaiting.take() else { return };
+        let Some(Awaiting { mode, .. }) = http.awaiting.take() else { return };
         if self.link.finishing() {
             return;
         }

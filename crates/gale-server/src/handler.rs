@@ -200,8 +200,9 @@ impl Drop for Responder {
 impl<'a> HttpRequest<'a> {
     /// Answer this request later, from any thread, through the returned [`Responder`]; what
     /// the handler returns is then ignored. The connection reads no further request until the
-    /// answer is sent (HTTP/1.1 answers in order), and closes if it does not come within the
-    /// server's handshake timeout.
+    /// answer is sent (HTTP/1.1 answers in order). An answer that does not come within the
+    /// server's handshake timeout is replaced by a 503 (rendered as the application renders
+    /// the path's errors), and the connection closes after it.
     pub fn defer(&self) -> Responder {
         self.deferred.set(true);
         Responder { handle: self.handle.clone(), conn: self.conn, answered: false }

@@ -340,3 +340,48 @@ fn errors_of_a_rendered_prefix_use_the_applications_format() {
     assert_eq!((reply.status, reply.header("content-type")), (405, Some("text/plain; charset=utf-8")));
     server.stop();
 }
+
+#[test]
+fn a_deferred_answer_that_never_comes_is_a_503_at_the_handshake_timeout() {
+    // The handlers keep their responders (so no drop answers 500) until the test ends.
+    let held: std::sync::Arc<std::sync::Mutex<Vec<gale_server::Responder>>> = Default::default();
+    let (api_held, plain_held) = (held.clone(), held.clone());
+    let config = gale_server::ServerConfig {
+        handshake_timeout: std::time::Duration::from_secs(1),
+        ..gale_server::ServerConfig::default()
+    };
+    let app = App::new()
+        .threads(1)
+        .config(config)
+        .get("/api/slow", move |req: &HttpRequest<'_>| {
+            api_held.lock().unwrap().push(req.defer());
+            HttpResponse::text(200, "ignored")
+        })
+        .get("/slow", move |req: &HttpRequest<'_>| {
+            plain_held.lock().unwrap().push(req.defer());
+            HttpResponse::text(200, "ignored")
+        })
+        .render_errors("/api/*", |status: u16, reason: &str| {
+            HttpResponse::json(status, format!(r#"{{"status":{status},"reason":"{reason}"}}"#))
+        });
+    let server = TestServer::start(app);
+    for (path, content_type) in [("/api/slow", "application/json"), ("/slow", "text/plain; charset=utf-8")] {
+        let started = std::time::Instant::now();
+        let mut stream = connect_tcp(server.addr);
+        stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let reply = read_http_reply(&mut stream, &mut buf);
+        let waited = started.elapsed();
+        assert_eq!((reply.status, reply.header("content-type")), (503, Some(content_type)), "{path}");
+        assert!(reply.body_text().contains("did not come in time"), "{path}: {}", reply.body_text());
+        assert_eq!(reply.header("connection"), Some("close"), "{path}");
+        assert!(waited >= std::time::Duration::from_millis(900), "{path}: answered after {waited:?}");
+        // The connection closes after it; an answer coming now is dropped.
+        let mut rest = [0u8; 64];
+        assert_eq!(std::io::Read::read(&mut stream, &mut rest).unwrap_or(0), 0, "{path}");
+    }
+    for responder in std::mem::take(&mut *held.lock().unwrap()) {
+        responder.respond(HttpResponse::text(200, "too late"));
+    }
+    server.stop();
+}
