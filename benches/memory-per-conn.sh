@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Memory per idle WebSocket connection, epoll against io_uring: the server's resident memory
 # (user space) and the kernel's slab memory (sockets, epoll items, io_uring requests), as the
-# slope between two connection counts so that per-loop costs drop out. Runs are interleaved
+# slope between two connection counts so that per-loop costs drop out (the loop's receive
+# buffers are made resident before the first count, see `measure`). Runs are interleaved
 # (epoll, uring, epoll, uring …) and every run uses its own server port, so that client sockets
 # left in TIME_WAIT by one run do not collide with the next.
 #
@@ -10,6 +11,7 @@
 # backend's own kernel cost. Reading /proc/slabinfo needs root.
 #
 # Usage: benches/memory-per-conn.sh [LOW HIGH ROUNDS]   (default 4000 14000 3)
+# GALE=path/to/gale measures another build of the server (an earlier commit's, to compare).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 LOW=${1:-4000}
@@ -18,7 +20,8 @@ ROUNDS=${3:-3}
 [ -r /proc/slabinfo ] || { echo "memory-per-conn.sh: cannot read /proc/slabinfo (run as root)" >&2; exit 1; }
 
 cargo build --release -p gale -p gale-loadgen
-R=target/release
+R=${CARGO_TARGET_DIR:-target}/release
+GALE=${GALE:-$R/gale}
 OUT=target/bench/memory-per-conn.tsv
 mkdir -p target/bench
 # Kernel objects that differ between the backends: epoll's items and per-file heads,
@@ -44,10 +47,17 @@ trap cleanup EXIT
 # would run it in a subshell, whose PIDs the clean-up would not see).
 measure() {
     local backend=$1 n=$2 port=$3
-    "$R/gale" echo --port "$port" --threads 1 --compression off --backend "$backend" >/dev/null 2>&1 &
+    "$GALE" echo --port "$port" --threads 1 --compression off --backend "$backend" >/dev/null 2>&1 &
     local server=$!
     PIDS+=("$server")
     sleep 1
+    # A few MiB through one connection first: the receive buffers are then resident before
+    # the first reading. io_uring's ring (2 MiB per loop, consumed piece by piece) is
+    # otherwise touched progressively by the handshakes themselves, about 200 bytes each,
+    # and its pages would count as a per-connection cost in the slope.
+    "$R/gale-loadgen" echo --url "ws://127.0.0.1:$port/" -c 1 -d 1 --warmup 0 -s 16384 \
+        >/dev/null 2>&1 || true
+    sleep 2
     local rss0 slab0 rss1 slab1 objs0 objs1
     rss0=$(rss_bytes "$server")
     slab0=$(slab_bytes)

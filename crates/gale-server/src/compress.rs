@@ -95,9 +95,14 @@ pub(crate) enum SendMode {
 }
 
 /// A connection's compression: what was negotiated, and its own codecs when it keeps context.
+/// One pointer, null when permessage-deflate is off: an idle connection that does not compress
+/// pays eight bytes for it.
 #[derive(Default)]
-pub(crate) struct ConnCompression {
-    params: Option<DeflateParams>,
+pub(crate) struct ConnCompression(Option<Box<Negotiated>>);
+
+/// permessage-deflate as negotiated for a connection.
+struct Negotiated {
+    params: DeflateParams,
     deflater: Option<Box<Deflater>>,
     inflater: Option<Box<Inflater>>,
 }
@@ -105,17 +110,17 @@ pub(crate) struct ConnCompression {
 impl ConnCompression {
     /// Compression as negotiated (`None`: the connection does not compress).
     pub(crate) fn new(params: Option<DeflateParams>) -> Self {
-        ConnCompression { params, deflater: None, inflater: None }
+        ConnCompression(params.map(|params| Box::new(Negotiated { params, deflater: None, inflater: None })))
     }
 
     /// Whether permessage-deflate was negotiated.
     pub(crate) fn is_on(&self) -> bool {
-        self.params.is_some()
+        self.0.is_some()
     }
 
     /// How messages to this connection are compressed.
     pub(crate) fn mode(&self) -> SendMode {
-        match self.params {
+        match self.0.as_deref().map(|n| n.params) {
             None => SendMode::Plain,
             Some(p) if p.server_no_context_takeover => SendMode::WithoutContext(p.server_max_window_bits),
             Some(_) => SendMode::OwnContext,
@@ -124,12 +129,13 @@ impl ConnCompression {
 
     /// Compress `payload` for this connection into `out` (cleared first).
     pub(crate) fn compress(&mut self, shared: &mut SharedCodecs, payload: &[u8], out: &mut Vec<u8>) {
-        let Some(p) = self.params else { return };
+        let Some(n) = self.0.as_deref_mut() else { return };
+        let p = n.params;
         out.clear();
         if p.server_no_context_takeover {
             shared.deflate_without_context(p.server_max_window_bits, payload, out);
         } else {
-            self.deflater
+            n.deflater
                 .get_or_insert_with(|| {
                     let bits = p.server_max_window_bits;
                     Box::new(Deflater::with_memory(bits, LEVEL, dedicated_mem_level(bits), true))
@@ -146,12 +152,13 @@ impl ConnCompression {
         out: &mut Vec<u8>,
         max: usize,
     ) -> Result<(), InflateError> {
-        let Some(p) = self.params else { return Err(InflateError::Corrupt) };
+        let Some(n) = self.0.as_deref_mut() else { return Err(InflateError::Corrupt) };
+        let p = n.params;
         if p.client_no_context_takeover {
             shared.inflater.get_or_insert_with(|| Inflater::new(false)).inflate(payload, out, max)
         } else {
             let bits = p.client_max_window_bits.unwrap_or(MAX_WINDOW_BITS);
-            self.inflater
+            n.inflater
                 .get_or_insert_with(|| Box::new(Inflater::with_window(true, bits)))
                 .inflate(payload, out, max)
         }

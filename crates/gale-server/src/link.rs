@@ -2,7 +2,7 @@
 //! close state. Shared by the HTTP and WebSocket phases.
 
 use std::io::{self, IoSlice, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
 
 use gale_frame::{CloseCode, ClosePayload, FrameSpec, MAX_HEADER_LEN, OpCode, write_header};
 
@@ -157,6 +157,10 @@ impl Scratch {
 }
 
 /// The sending half of a connection.
+///
+/// It is part of every slab entry, so it holds only what the send path and an idle
+/// connection need; what is rare (TLS, the close handshake, an IPv6 peer) is in [`Cold`],
+/// allocated on first need.
 pub(crate) struct Link {
     pub(crate) stream: TcpStream,
     /// The connection's id (its loop, its slot, a serial), for excluding it from its own
@@ -164,7 +168,11 @@ pub(crate) struct Link {
     pub(crate) id: ConnId,
     /// Bytes not yet handed to the kernel. Holds a pooled buffer only while non-empty.
     out: Vec<u8>,
-    pub(crate) remote: SocketAddr,
+    /// The peer's address when it is IPv4 (an IPv6 one is in `cold`): 6 bytes instead of 32.
+    remote_v4: SocketAddrV4,
+    /// What few connections need, or need only while closing; `None` for an idle plain
+    /// connection.
+    pub(crate) cold: Option<Box<Cold>>,
     pub(crate) close: CloseState,
     pub(crate) finish: Finish,
     /// The kernel refused bytes at the last write; a writable event will follow.
@@ -182,21 +190,41 @@ pub(crate) struct Link {
     /// (saturated at 4 GiB), or the HTTP phase's limit before an upgrade. A `u32` beside the
     /// flags, where the struct has room, so the slab entry does not grow.
     pub(crate) out_limit: u32,
-    /// The close frame we sent, reported to the handler when the handshake ends.
-    pub(crate) sent_close: Option<Box<ClosePayload>>,
     /// Bytes handed to the kernel in a send that has not completed (completion backends).
     pub(crate) in_kernel: usize,
+}
+
+/// The rarely used state of a connection, boxed behind [`Link::cold`] when first needed: with
+/// TLS or an IPv6 peer from the start, otherwise when the connection begins to close.
+#[derive(Default)]
+pub(crate) struct Cold {
     /// TLS, when the listener has it: `out` holds plaintext, sealed into records on flush.
     pub(crate) tls: Option<Box<TlsSession>>,
+    /// The close frame we sent, reported to the handler when the handshake ends.
+    sent_close: Option<Box<ClosePayload>>,
+    /// Tick the WebSocket close handshake began, 0 while open.
+    pub(crate) close_since: u32,
+    /// Tick the lingering close began.
+    pub(crate) linger_since: u32,
+    /// The peer's address when it is IPv6.
+    remote_v6: Option<SocketAddrV6>,
 }
 
 impl Link {
     pub(crate) fn new(stream: TcpStream, remote: SocketAddr, id: ConnId) -> Self {
+        let (remote_v4, cold) = match remote {
+            SocketAddr::V4(v4) => (v4, None),
+            SocketAddr::V6(v6) => (
+                SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0),
+                Some(Box::new(Cold { remote_v6: Some(v6), ..Cold::default() })),
+            ),
+        };
         Link {
             stream,
             id,
             out: Vec::new(),
-            remote,
+            remote_v4,
+            cold,
             close: CloseState::Open,
             finish: Finish::No,
             blocked: false,
@@ -205,10 +233,34 @@ impl Link {
             dirty: false,
             refused: false,
             out_limit: u32::MAX,
-            sent_close: None,
             in_kernel: 0,
-            tls: None,
         }
+    }
+
+    /// The peer's address.
+    pub(crate) fn remote(&self) -> SocketAddr {
+        match self.cold.as_ref().and_then(|c| c.remote_v6) {
+            Some(v6) => SocketAddr::V6(v6),
+            None => SocketAddr::V4(self.remote_v4),
+        }
+    }
+
+    /// The rarely used state, allocated now if it was not.
+    #[cold]
+    pub(crate) fn cold_mut(&mut self) -> &mut Cold {
+        self.cold.get_or_insert_with(Box::default)
+    }
+
+    /// The TLS session, if the connection has one.
+    #[inline]
+    pub(crate) fn tls(&mut self) -> Option<&mut TlsSession> {
+        self.cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut())
+    }
+
+    /// Whether the connection is plain TCP (no TLS): a pointer check while it has no cold state.
+    #[inline]
+    pub(crate) fn is_plain(&self) -> bool {
+        self.cold.as_ref().is_none_or(|c| c.tls.is_none())
     }
 
     /// The connection's slot in its loop's table.
@@ -226,7 +278,7 @@ impl Link {
     /// Bytes queued here and not yet handed to the kernel (plaintext, and sealed records).
     #[inline]
     pub(crate) fn queued(&self) -> usize {
-        self.out.len() + self.tls.as_ref().map_or(0, |t| t.sealed.len())
+        self.out.len() + self.cold.as_ref().and_then(|c| c.tls.as_ref()).map_or(0, |t| t.sealed.len())
     }
 
     /// Whether a message was refused since the held bytes were last empty.
@@ -248,7 +300,7 @@ impl Link {
     /// report its completion with [`Link::sent`].
     pub(crate) fn take_queued(&mut self, pool: &mut Scratch) -> Vec<u8> {
         self.dirty = false;
-        let out = match &mut self.tls {
+        let out = match self.cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut()) {
             Some(tls) => {
                 if tls.sealed.capacity() == 0 {
                     tls.sealed = pool.take(self.out.len() + 64);
@@ -333,7 +385,7 @@ impl Link {
         self.queue_control(pool, OpCode::Close, payload.as_bytes());
         self.close = next;
         if next == CloseState::Closing {
-            self.sent_close = Some(Box::new(payload));
+            self.cold_mut().sent_close = Some(Box::new(payload));
         }
     }
 
@@ -409,7 +461,7 @@ impl Link {
         if self.out.is_empty()
             && self.direct
             && !self.blocked
-            && self.tls.is_none()
+            && self.is_plain()
             && body.len() >= DIRECT_WRITE_MIN
         {
             // Large payload: write it from the caller's slice, copy only what the kernel refuses.
@@ -455,7 +507,7 @@ impl Link {
             return false;
         }
         let was_blocked = self.blocked;
-        let buf = match &mut self.tls {
+        let buf = match self.cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut()) {
             Some(tls) => {
                 tls.seal(&mut self.out);
                 &mut tls.sealed
@@ -488,7 +540,7 @@ impl Link {
         if self.out.is_empty() && self.out.capacity() != 0 {
             pool.give(std::mem::take(&mut self.out));
         }
-        if let Some(tls) = &mut self.tls
+        if let Some(tls) = self.tls()
             && tls.sealed.is_empty()
             && tls.sealed.capacity() != 0
         {
@@ -499,7 +551,7 @@ impl Link {
     /// Forget queued bytes and free the buffer (the connection is going away).
     pub(crate) fn discard(&mut self, pool: &mut Scratch) {
         self.out.clear();
-        if let Some(tls) = &mut self.tls {
+        if let Some(tls) = self.tls() {
             tls.sealed.clear();
         }
         self.recycle(pool);
@@ -507,7 +559,7 @@ impl Link {
 
     /// The close code and reason we sent, if we started the close handshake.
     pub(crate) fn sent_close_info(&self) -> (CloseCode, String) {
-        match &self.sent_close {
+        match self.cold.as_ref().and_then(|c| c.sent_close.as_ref()) {
             Some(p) => {
                 let b = p.as_bytes();
                 let code = if b.len() >= 2 {
@@ -554,4 +606,27 @@ enum WriteEnd {
     Blocked,
     /// The socket failed.
     Broken,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    use super::Link;
+    use crate::pubsub::ConnId;
+
+    /// The peer's address is kept whole: an IPv4 one inline, an IPv6 one (with its flow label
+    /// and scope) in the cold state, which only such a connection allocates from the start.
+    #[test]
+    fn remote_address_is_kept_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        for remote in ["192.0.2.7:4321", "[2001:db8::1]:443", "[fe80::1%3]:80"] {
+            let remote: SocketAddr = remote.parse().unwrap();
+            let stream = TcpStream::connect(addr).unwrap();
+            let link = Link::new(stream, remote, ConnId::new(0, 1, 1));
+            assert_eq!(link.remote(), remote);
+            assert_eq!(link.cold.is_some(), remote.is_ipv6(), "cold state for {remote}");
+        }
+    }
 }

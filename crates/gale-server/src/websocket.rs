@@ -108,7 +108,7 @@ impl<D> WebSocket<'_, D> {
 
     /// The peer's address.
     pub fn remote_addr(&self) -> SocketAddr {
-        self.link.remote
+        self.link.remote()
     }
 
     /// The per-connection data created by `upgrade`.

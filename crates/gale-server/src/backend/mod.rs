@@ -58,7 +58,7 @@ pub(crate) fn accepted_link(
     let mut link = crate::link::Link::new(stream, remote, pool.next_id(key));
     if let Some(acceptor) = &shared.tls {
         match acceptor.session() {
-            Ok(session) => link.tls = Some(Box::new(session)),
+            Ok(session) => link.cold_mut().tls = Some(Box::new(session)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start a TLS session");
                 return None;

@@ -837,3 +837,17 @@ impl Drop for UringLoop {
         let _ = self.ring.submitter().unregister_buf_ring(BGID);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// The io_uring loop's slab entry is the connection and eight bytes of bookkeeping: an
+    /// idle connection costs it no more user space than epoll, whose entry is the connection.
+    #[test]
+    fn entry_is_the_connection_and_eight_bytes() {
+        let entry = std::mem::size_of::<super::Entry>();
+        let conn = std::mem::size_of::<crate::conn::Conn>();
+        eprintln!("io_uring Entry {entry} = Conn {conn} + {}", entry - conn);
+        assert!(entry <= conn + 8, "Entry is {entry} bytes, Conn {conn}");
+        assert!(entry <= crate::conn::tests::MAX_CONN_SIZE + 8, "Entry grew to {entry} bytes");
+    }
+}
