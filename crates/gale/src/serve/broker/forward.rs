@@ -14,7 +14,7 @@ use super::super::presence::is_event;
 use super::super::protocol::{CommandError, Reply, error_reply};
 use super::super::topics::{Position, PublishError};
 use super::listener::Listen;
-use super::scripts::keys;
+use super::scripts::Layout;
 use super::topology::{COMMAND_TIMEOUT, unavailable};
 use super::{Broker, HistoryReply, Shared};
 
@@ -118,11 +118,12 @@ pub(super) fn entry_id(id: &str) -> Option<(u64, String)> {
 /// page by page, until the page is full. A topic without an epoch has no state: an empty page.
 pub(super) fn read_history(
     cmd: &mut redis::Connection,
+    layout: &Layout,
     topic: &str,
     query: &HistoryQuery,
 ) -> redis::RedisResult<HistoryPage> {
     type Entries = Vec<(String, Vec<(String, String)>)>;
-    let (seq_key, log, epoch_key, _) = keys(topic);
+    let (seq_key, log, epoch_key, _) = layout.keys(topic);
     let (seq, epoch, oldest, newest, time): (Option<u64>, Option<String>, Entries, Entries, (u64, u64)) =
         redis::pipe()
             .get(&seq_key)
@@ -244,7 +245,7 @@ impl Shared {
         topics: &mut HashMap<String, Forwarding>,
         topic: &str,
     ) -> redis::RedisResult<()> {
-        let (_, log, epoch_key, _) = keys(topic);
+        let (_, log, epoch_key, _) = self.layout.keys(topic);
         // Redis may have lost the topic meanwhile and started a new epoch: forward it from 1.
         let current: Option<String> = redis::cmd("GET").arg(&epoch_key).query(cmd)?;
         if let (Some(e), Some(f)) = (current, topics.get_mut(topic)) {
@@ -292,7 +293,6 @@ impl Broker {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn subscribe(
         &mut self,
-        cmd: &mut redis::Connection,
         conn: ConnId,
         topic: &str,
         since: Option<Position>,
@@ -300,9 +300,10 @@ impl Broker {
         max_replay: usize,
         server: bool,
     ) -> redis::RedisResult<bool> {
-        let (seq_key, log, epoch_key, _) = keys(topic);
+        let (seq_key, log, epoch_key, _) = self.shared.layout.keys(topic);
+        let slot = self.shared.layout.slot(topic);
         let listening = self.shared.topics().contains_key(topic);
-        if !listening && !self.has_room(cmd, topic)? {
+        if !listening && !self.has_room(topic)? {
             self.reply_error(conn, topic, id, PublishError::TooManyTopics.into());
             return Ok(false);
         }
@@ -325,7 +326,7 @@ impl Broker {
         let mut topics = shared.topics();
         if !topics.contains_key(topic) {
             let (seq, epoch): (Option<u64>, Option<String>) =
-                redis::pipe().get(&seq_key).get(&epoch_key).query(cmd)?;
+                self.redis.run(slot, |c| redis::pipe().get(&seq_key).get(&epoch_key).query(c))?;
             topics.insert(
                 topic.to_string(),
                 Forwarding { epoch: epoch.unwrap_or_default(), last: seq.unwrap_or(0) },
@@ -337,7 +338,7 @@ impl Broker {
             // The client may have seen (on another node) messages this node has not forwarded
             // yet: bring this node up to date from Redis (epoch included) first, then judge its
             // position.
-            shared.catch_up(cmd, &mut topics, topic)?;
+            self.redis.run(slot, |c| shared.catch_up(c, &mut topics, topic))?;
         }
         let f = &topics[topic];
         let (epoch, last) = (f.epoch.clone(), f.last);
@@ -347,7 +348,7 @@ impl Broker {
             Some(p) if !p.in_epoch(&epoch) => Some(Err("epoch changed: the topic's history was reset")),
             Some(p) if p.seq > last => Some(Err("position is ahead of the topic")),
             Some(p) if p.seq == last => Some(Ok(())),
-            Some(p) => match read_replay(cmd, &log, p.seq, last, max_replay)? {
+            Some(p) => match self.redis.run(slot, |c| read_replay(c, &log, p.seq, last, max_replay))? {
                 Ok(missed) => {
                     replay = missed;
                     Some(Ok(()))

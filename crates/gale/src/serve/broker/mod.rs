@@ -60,8 +60,11 @@ use serde_json::value::RawValue;
 use forward::{Forwarding, read_history};
 use listener::{Listen, Listener};
 use presence::read_presence;
-use scripts::keys;
-use topology::{command_connection, connection_lost, redis_failed, unavailable};
+use publish::TopicCounts;
+use scripts::{Layout, Scripts};
+use topology::{Redis, connection_lost, redis_failed, unavailable};
+
+pub use topology::Target;
 
 /// How this node keeps its clients' presence in Redis.
 #[derive(Clone, Debug)]
@@ -232,19 +235,21 @@ pub struct RedisLimits {
     pub max_topics: usize,
     /// How long an idempotency key is remembered (`publish.idempotency_window`).
     pub idempotency_window: Duration,
+    /// A publish is acknowledged once this many replicas have it, waiting at most this long
+    /// (`cluster.ack_replicas`, `cluster.ack_timeout_ms`); `None`: once the primary has it.
+    pub ack_replicas: Option<(usize, Duration)>,
 }
 
-/// Start the broker threads for Redis at `url`, keeping what `limits` say; counting into
+/// Start the broker threads for Redis at `target`, keeping what `limits` say; counting into
 /// `stats`.
 pub fn start(
-    url: &str,
+    target: &Target,
     handle: ServerHandle,
     limits: RedisLimits,
     stats: Arc<GatewayStats>,
     presence: PresenceConfig,
 ) -> Result<BrokerHandle, String> {
-    let RedisLimits { history, ttl, max_topics, idempotency_window } = limits;
-    let client = redis::Client::open(url).map_err(|e| format!("broker {url}: {e}"))?;
+    let RedisLimits { history, ttl, max_topics, idempotency_window, ack_replicas } = limits;
     // Bounded by `BrokerHandle::send`, which lets leaves past the bound.
     let (tx, rx) = crossbeam_channel::unbounded();
     let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
@@ -258,22 +263,27 @@ pub fn start(
         topics: Mutex::new(HashMap::new()),
         node: format!("{node:016x}"),
         control: control.clone(),
+        layout: Layout::new(target.is_cluster()),
     });
-    let listener = Listener { client: client.clone(), shared: shared.clone(), ctl: ctl_rx };
+    let listener =
+        Listener { redis: Redis::new(target, status.clone()), shared: shared.clone(), ctl: ctl_rx };
     std::thread::Builder::new()
         .name("gale-broker-listen".into())
         .spawn(move || listener.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
     let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
     let broker = Broker {
-        client,
+        redis: Redis::new(target, status.clone()),
+        scripts: Scripts::new(&shared.layout),
         shared: shared.clone(),
         rx,
         listen: ctl_tx,
         history: history.max(1),
         ttl_ms,
         max_topics,
+        topic_counts: TopicCounts::default(),
         idempotency_window,
+        ack_replicas,
         presence,
         present: HashMap::new(),
         leaves: RefCell::new(Vec::new()),
@@ -300,6 +310,8 @@ struct Shared {
     node: String,
     /// Applies control commands from other nodes.
     control: Arc<std::sync::OnceLock<ControlHandler>>,
+    /// Where things are in Redis.
+    layout: Layout,
 }
 
 /// The start of a channel message that is not to be delivered to one connection: `\u{1}`,
@@ -342,7 +354,10 @@ impl Shared {
 
 /// The thread that runs commands: publishes (pipelined), subscriptions, topic info.
 struct Broker {
-    client: redis::Client,
+    /// The connections to Redis.
+    redis: Redis,
+    /// The scripts, as the layout runs them.
+    scripts: Scripts,
     shared: Arc<Shared>,
     rx: Receiver<BrokerRequest>,
     listen: Sender<Listen>,
@@ -351,8 +366,12 @@ struct Broker {
     ttl_ms: u64,
     /// The most topics with state in Redis (`limits.max_topics`, over the cluster).
     max_topics: usize,
+    /// The topics per slot, as last counted (cluster).
+    topic_counts: TopicCounts,
     /// How long Redis keeps an idempotency key (`publish.idempotency_window`).
     idempotency_window: Duration,
+    /// Replicas that must have a publish before it is acknowledged, and how long to wait.
+    ack_replicas: Option<(usize, Duration)>,
     /// How this node keeps its presence.
     presence: PresenceConfig,
     /// This node's members of topics that keep presence: per topic, by client id, the user and
@@ -369,22 +388,17 @@ struct Broker {
 impl Broker {
     fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
-        let mut connected_once = false;
         // Whether the operator has been told Redis is away: once per outage, not per retry
         // (a lost connection says it; so does the first failed attempt at start).
         let mut down_reported = false;
-        let redis = self.client.get_connection_info().addr().to_string();
+        let redis = self.redis.describe();
         loop {
-            match self.connect() {
-                Ok(mut cmd) => {
-                    if connected_once {
-                        self.shared.status.reconnects.fetch_add(1, Ordering::Relaxed);
-                    }
-                    connected_once = true;
+            match self.redis.connect() {
+                Ok(()) => {
                     backoff = Duration::from_millis(100);
                     self.shared.set_up(false, true);
                     tracing::info!(redis, "broker: connected to Redis");
-                    match self.serve(&mut cmd) {
+                    match self.serve() {
                         Ok(()) => return,
                         Err(e) => tracing::warn!(redis, "broker: Redis connection lost: {e}; retrying"),
                     }
@@ -414,19 +428,31 @@ impl Broker {
         }
     }
 
-    fn connect(&self) -> redis::RedisResult<redis::Connection> {
-        let mut cmd = command_connection(&self.client)?;
-        redis::cmd("PING").query::<String>(&mut cmd)?;
-        Ok(cmd)
+    /// With one primary, a lost connection ends `serve` (the broker connects again, refusing
+    /// requests meanwhile). In a cluster it fails only the requests for the node that failed:
+    /// the others go on, and the slot map is read again at once (a failover, or a node gone).
+    fn survive(&mut self, result: redis::RedisResult<()>, recheck: &mut bool) -> redis::RedisResult<()> {
+        match result {
+            Err(e) if self.shared.layout.is_cluster() && connection_lost(&e) => {
+                tracing::warn!("broker: a Redis node failed: {e}; reading the slot map again");
+                *recheck = true;
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Serve while connected; `Ok` when the gateway shuts down.
-    fn serve(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
+    fn serve(&mut self) -> redis::RedisResult<()> {
         let mut last_check = Instant::now();
+        let mut recheck = false;
         // At once after a (re)connect: leaves that waited, and presence Redis may have lost
         // (a join cut off with the connection may not have been carried out).
         self.rejoin = true;
-        self.refresh_presence(cmd)?;
+        let refreshed = self.refresh_presence();
+        self.survive(refreshed, &mut recheck)?;
+        let counted = self.count_topics();
+        self.survive(counted, &mut recheck)?;
         let mut last_refresh = Instant::now();
         loop {
             let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
@@ -434,7 +460,7 @@ impl Broker {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             };
-            // Publishes that queued up go to Redis in one pipelined round trip.
+            // Publishes that queued up go to Redis in one pipelined round trip (per node).
             let mut publishes = Vec::new();
             let mut next = first;
             for _ in 0..256 {
@@ -443,11 +469,13 @@ impl Broker {
                         publishes.push((topics, fragment, reply, opts))
                     }
                     Some(request) => {
-                        if let Err(e) = self.publish_batch(cmd, std::mem::take(&mut publishes)) {
+                        let done = self.publish_batch(std::mem::take(&mut publishes));
+                        if let Err(e) = self.survive(done, &mut recheck) {
                             self.refuse(request);
                             return Err(e);
                         }
-                        self.handle_request(cmd, request)?;
+                        let done = self.handle_request(request);
+                        self.survive(done, &mut recheck)?;
                     }
                     None => {}
                 }
@@ -457,20 +485,29 @@ impl Broker {
                 }
             }
             if let Some(request) = next {
-                if let Err(e) = self.publish_batch(cmd, std::mem::take(&mut publishes)) {
+                let done = self.publish_batch(std::mem::take(&mut publishes));
+                if let Err(e) = self.survive(done, &mut recheck) {
                     self.refuse(request);
                     return Err(e);
                 }
-                self.handle_request(cmd, request)?;
+                let done = self.handle_request(request);
+                self.survive(done, &mut recheck)?;
             }
-            self.publish_batch(cmd, publishes)?;
+            let done = self.publish_batch(publishes);
+            self.survive(done, &mut recheck)?;
             if last_refresh.elapsed() >= self.presence.ttl / 4 {
                 last_refresh = Instant::now();
-                self.refresh_presence(cmd)?;
+                let done = self.refresh_presence();
+                self.survive(done, &mut recheck)?;
             }
-            if last_check.elapsed() >= Duration::from_secs(1) {
+            if recheck || last_check.elapsed() >= Duration::from_secs(1) {
                 last_check = Instant::now();
-                redis::cmd("PING").query::<String>(cmd)?;
+                recheck = false;
+                // Redis answers (in a cluster: the slot map, read again); no node at all
+                // answering ends `serve`.
+                self.redis.check()?;
+                let counted = self.count_topics();
+                self.survive(counted, &mut recheck)?;
                 // Stop listening to topics nobody here subscribes to any more.
                 let mut topics = self.shared.topics();
                 let idle: Vec<String> =
@@ -483,20 +520,17 @@ impl Broker {
         }
     }
 
-    fn handle_request(
-        &mut self,
-        cmd: &mut redis::Connection,
-        request: BrokerRequest,
-    ) -> redis::RedisResult<()> {
+    fn handle_request(&mut self, request: BrokerRequest) -> redis::RedisResult<()> {
+        let layout = &self.shared.layout;
         match request {
             BrokerRequest::Publish { topics, fragment, reply, opts } => {
-                self.publish_batch(cmd, vec![(topics, fragment, reply, opts)])?;
+                self.publish_batch(vec![(topics, fragment, reply, opts)])?;
             }
             BrokerRequest::Subscribe { conn, topic, since, id, max_replay, presence, server } => {
-                match self.subscribe(cmd, conn, &topic, since, id.clone(), max_replay, server) {
+                match self.subscribe(conn, &topic, since, id.clone(), max_replay, server) {
                     Ok(true) => {
                         if let Some((member, join_leave)) = presence {
-                            self.join(cmd, &topic, member, join_leave)?;
+                            self.join(&topic, member, join_leave)?;
                         }
                     }
                     Ok(false) => {}
@@ -511,10 +545,14 @@ impl Broker {
                 }
             }
             BrokerRequest::Leave { topic, member, join_leave } => {
-                self.leave(cmd, &topic, member, join_leave)?;
+                self.leave(&topic, member, join_leave)?;
             }
             BrokerRequest::Presence { topic, list, limit, reply } => {
-                match read_presence(cmd, &topic, list, &limit) {
+                let script = &self.scripts.read_presence;
+                let read = self
+                    .redis
+                    .run(layout.slot(&topic), |c| read_presence(c, layout, script, &topic, list, &limit));
+                match read {
                     Ok(page) => self.answer_presence(reply, &topic, list, Ok(page)),
                     Err(e) if connection_lost(&e) => {
                         self.refuse(BrokerRequest::Presence { topic, list, limit, reply });
@@ -524,9 +562,10 @@ impl Broker {
                 }
             }
             BrokerRequest::TopicInfo { topic, subscribers, reply } => {
-                let (seq_key, _, epoch_key, _) = keys(&topic);
-                let found: redis::RedisResult<(Option<u64>, Option<String>)> =
-                    redis::pipe().get(seq_key).get(epoch_key).query(cmd);
+                let (seq_key, _, epoch_key, _) = layout.keys(&topic);
+                let found: redis::RedisResult<(Option<u64>, Option<String>)> = self
+                    .redis
+                    .run(layout.slot(&topic), |c| redis::pipe().get(&seq_key).get(&epoch_key).query(c));
                 let (seq, epoch) = match found {
                     Ok(v) => v,
                     Err(e) if connection_lost(&e) => {
@@ -546,10 +585,10 @@ impl Broker {
                 ));
             }
             BrokerRequest::Control { message, done } => {
-                let sent: redis::RedisResult<u64> = redis::cmd("PUBLISH")
-                    .arg(CONTROL_CHANNEL)
-                    .arg(format!("{}\n{message}", self.shared.node))
-                    .query(cmd);
+                let mut publish = redis::cmd(layout.publish_command());
+                publish.arg(CONTROL_CHANNEL).arg(format!("{}\n{message}", self.shared.node));
+                let sent: redis::RedisResult<u64> =
+                    self.redis.run(layout.control_slot(), |c| publish.query(c));
                 match sent {
                     Ok(nodes) => done(Ok(nodes)),
                     Err(e) => {
@@ -560,14 +599,17 @@ impl Broker {
                     }
                 }
             }
-            BrokerRequest::History { topic, query, reply } => match read_history(cmd, &topic, &query) {
-                Ok(page) => self.answer_history(reply, &topic, Ok(page)),
-                Err(e) if connection_lost(&e) => {
-                    self.refuse(BrokerRequest::History { topic, query, reply });
-                    return Err(e);
+            BrokerRequest::History { topic, query, reply } => {
+                let read = self.redis.run(layout.slot(&topic), |c| read_history(c, layout, &topic, &query));
+                match read {
+                    Ok(page) => self.answer_history(reply, &topic, Ok(page)),
+                    Err(e) if connection_lost(&e) => {
+                        self.refuse(BrokerRequest::History { topic, query, reply });
+                        return Err(e);
+                    }
+                    Err(e) => self.answer_history(reply, &topic, Err(redis_failed(&e))),
                 }
-                Err(e) => self.answer_history(reply, &topic, Err(redis_failed(&e))),
-            },
+            }
         }
         Ok(())
     }

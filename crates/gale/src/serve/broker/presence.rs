@@ -8,21 +8,23 @@ use gale_server::HttpResponse;
 use super::super::api::json_error;
 use super::super::presence::{ListLimit, Member, PresencePage, Stats, event};
 use super::super::protocol::{CommandError, Reply};
-use super::scripts::{JOIN_LUA, LEAVE_LUA, READ_PRESENCE_LUA, REFRESH_LUA, keys, presence_prefix};
+use super::scripts::Layout;
 use super::topology::connection_lost;
 use super::{Broker, PresenceReply};
 
 /// A topic's presence as Redis holds it: the counts, and the members if `list`.
 pub(super) fn read_presence(
     cmd: &mut redis::Connection,
+    layout: &Layout,
+    script: &str,
     topic: &str,
     list: bool,
     limit: &ListLimit,
 ) -> redis::RedisResult<PresencePage> {
     let (connections, users, more, members): (u64, u64, u8, Vec<String>) = redis::cmd("EVAL")
-        .arg(READ_PRESENCE_LUA)
+        .arg(script)
         .arg(1)
-        .arg(presence_prefix(topic))
+        .arg(layout.presence_prefix(topic))
         .arg(u8::from(list))
         .arg(limit.max_clients)
         .query(cmd)?;
@@ -39,19 +41,20 @@ pub(super) fn read_presence(
 }
 
 impl Broker {
-    /// Run a presence script (`JOIN_LUA`, `LEAVE_LUA`) for `member` on `topic`, with an `op`
-    /// event for the subscribers if `join_leave` (counted once Redis has run it).
+    /// Run the join (`join`) or leave script for `member` on `topic`, with its event for the
+    /// subscribers if `join_leave` (counted once Redis has run it).
     pub(super) fn presence_change(
-        &self,
-        cmd: &mut redis::Connection,
-        script: &str,
-        op: &str,
+        &mut self,
+        join: bool,
         topic: &str,
         member: &Member,
         join_leave: bool,
     ) -> redis::RedisResult<()> {
+        let op = if join { "join" } else { "leave" };
         let ev = if join_leave { event(op, topic, &member.to_json()) } else { String::new() };
-        self.presence_script(script, topic, member, &ev).query::<i64>(cmd)?;
+        let script = if join { &self.scripts.join } else { &self.scripts.leave };
+        let call = self.presence_script(script, topic, member, &ev);
+        self.redis.run(self.shared.layout.slot(topic), |c| call.query::<i64>(c))?;
         if join_leave {
             self.shared.stats.join_leave_events.fetch_add(1, Ordering::Relaxed);
         }
@@ -71,32 +74,26 @@ impl Broker {
         let json = if member.user.is_some() { member.to_json() } else { String::new() };
         c.arg(script)
             .arg(1)
-            .arg(presence_prefix(topic))
+            .arg(self.shared.layout.presence_prefix(topic))
             .arg(&self.presence.node)
             .arg(self.presence.ttl.as_millis() as u64)
             .arg(&*member.client)
             .arg(member.user.as_deref().unwrap_or(""))
             .arg(json)
-            .arg(keys(topic).3)
+            .arg(self.shared.layout.channel(topic))
             .arg(event);
         c
     }
 
     /// A connection of this node subscribed to a topic that keeps presence.
-    pub(super) fn join(
-        &mut self,
-        cmd: &mut redis::Connection,
-        topic: &str,
-        member: Member,
-        join_leave: bool,
-    ) -> redis::RedisResult<()> {
+    pub(super) fn join(&mut self, topic: &str, member: Member, join_leave: bool) -> redis::RedisResult<()> {
         let json = if member.user.is_some() { member.to_json() } else { String::new() };
         let user = member.user.as_deref().unwrap_or("").to_string();
         let mine = self.present.entry(topic.to_string()).or_default();
         if mine.insert(member.client.clone(), (user, json)).is_none() {
             self.shared.status.presence_members.fetch_add(1, Ordering::Relaxed);
         }
-        match self.presence_change(cmd, JOIN_LUA, "join", topic, &member, join_leave) {
+        match self.presence_change(true, topic, &member, join_leave) {
             Ok(()) => Ok(()),
             // The refresh joins it again once Redis answers.
             Err(e) if connection_lost(&e) => {
@@ -126,29 +123,22 @@ impl Broker {
     }
 
     /// A connection of this node left a topic that keeps presence.
-    pub(super) fn leave(
-        &mut self,
-        cmd: &mut redis::Connection,
-        topic: &str,
-        member: Member,
-        join_leave: bool,
-    ) -> redis::RedisResult<()> {
+    pub(super) fn leave(&mut self, topic: &str, member: Member, join_leave: bool) -> redis::RedisResult<()> {
         if !self.forget_member(topic, &member.client) {
             return Ok(());
         }
-        self.leave_in_redis(cmd, topic, member, join_leave)
+        self.leave_in_redis(topic, member, join_leave)
     }
 
     /// Take a member that left out of Redis, with a leave event if `join_leave`; if the
     /// connection is lost, the leave waits for the next one.
     pub(super) fn leave_in_redis(
-        &self,
-        cmd: &mut redis::Connection,
+        &mut self,
         topic: &str,
         member: Member,
         join_leave: bool,
     ) -> redis::RedisResult<()> {
-        match self.presence_change(cmd, LEAVE_LUA, "leave", topic, &member, join_leave) {
+        match self.presence_change(false, topic, &member, join_leave) {
             Ok(()) => Ok(()),
             Err(e) if connection_lost(&e) => {
                 self.leaves.borrow_mut().push((topic.to_string(), member, join_leave));
@@ -163,10 +153,10 @@ impl Broker {
 
     /// Mark this node's presence alive on every topic it has members of; where Redis forgot it
     /// (the node was silent past the TTL, or Redis lost its data), join its members again.
-    pub(super) fn refresh_presence(&mut self, cmd: &mut redis::Connection) -> redis::RedisResult<()> {
+    pub(super) fn refresh_presence(&mut self) -> redis::RedisResult<()> {
         let mut leaves = std::mem::take(&mut *self.leaves.borrow_mut()).into_iter();
         while let Some((topic, member, join_leave)) = leaves.next() {
-            if let Err(e) = self.leave_in_redis(cmd, &topic, member, join_leave) {
+            if let Err(e) = self.leave_in_redis(&topic, member, join_leave) {
                 // That one waits again; so do the ones after it, in order.
                 self.leaves.borrow_mut().extend(leaves);
                 return Err(e);
@@ -178,49 +168,47 @@ impl Broker {
         }
         let ttl = self.presence.ttl.as_millis() as u64;
         let topics: Vec<String> = self.present.keys().cloned().collect();
-        let mut pipe = redis::pipe();
+        let layout = &self.shared.layout;
+        let mut refresh = Vec::with_capacity(topics.len());
         for t in &topics {
-            let script = redis::cmd("EVAL")
-                .arg(REFRESH_LUA)
-                .arg(1)
-                .arg(presence_prefix(t))
-                .arg(&self.presence.node)
-                .arg(ttl)
-                .to_owned();
-            pipe.add_command(script);
+            let mut script = redis::cmd("EVAL");
+            script.arg(&self.scripts.refresh).arg(1).arg(layout.presence_prefix(t));
+            script.arg(&self.presence.node).arg(ttl);
+            refresh.push((layout.slot(t), script));
         }
-        let alive: Vec<redis::Value> = pipe.ignore_errors().query(cmd)?;
-        let (mut rejoin, mut rejoins) = (redis::pipe(), 0);
+        let (alive, lost) = self.redis.pipeline(&refresh, None);
+        if let Some(e) = lost {
+            return Err(e);
+        }
+        let mut rejoin = Vec::new();
         for (topic, answer) in topics.iter().zip(alive) {
-            if !rejoin_all && redis::from_redis_value::<i64>(answer).unwrap_or(0) == 1 {
+            if !rejoin_all && answer.ok().and_then(|a| redis::from_redis_value::<i64>(a).ok()) == Some(1) {
                 continue;
             }
             for (client, (user, json)) in &self.present[topic] {
-                let script = redis::cmd("EVAL")
-                    .arg(JOIN_LUA)
-                    .arg(1)
-                    .arg(presence_prefix(topic))
-                    .arg(&self.presence.node)
-                    .arg(ttl)
-                    .arg(&**client)
-                    .arg(user)
-                    .arg(json)
-                    .arg(keys(topic).3)
-                    .arg("")
-                    .to_owned();
-                rejoin.add_command(script);
-                rejoins += 1;
+                let mut script = redis::cmd("EVAL");
+                script.arg(&self.scripts.join).arg(1).arg(layout.presence_prefix(topic));
+                script.arg(&self.presence.node).arg(ttl).arg(&**client).arg(user).arg(json);
+                script.arg(layout.channel(topic)).arg("");
+                rejoin.push((layout.slot(topic), script));
             }
         }
-        if rejoins == 0 {
+        if rejoin.is_empty() {
             return Ok(());
         }
-        tracing::info!(members = rejoins, "broker: presence joined again in Redis");
+        tracing::info!(members = rejoin.len(), "broker: presence joined again in Redis");
         // A join Redis refuses fails alone, and is tried again at the next refresh.
-        let answers: Vec<redis::Value> = rejoin.ignore_errors().query(cmd)?;
+        let (answers, lost) = self.redis.pipeline(&rejoin, None);
+        if let Some(e) = lost {
+            self.rejoin = true;
+            return Err(e);
+        }
         let failed = answers
             .into_iter()
-            .filter(|a| !matches!(redis::from_redis_value::<redis::RedisResult<i64>>(a.clone()), Ok(Ok(_))))
+            .filter(|a| {
+                let joined = a.clone().ok().map(redis::from_redis_value::<redis::RedisResult<i64>>);
+                !matches!(joined, Some(Ok(Ok(_))))
+            })
             .count();
         if failed > 0 {
             tracing::warn!(failed, "cannot record presence; joining again at the next refresh");

@@ -10,7 +10,7 @@ use super::super::protocol::{CommandError, Reply};
 use super::super::publish::{PublishOptions, item_result};
 use super::super::topics::{PublishError, new_epoch};
 use super::forward::exclusion_prefix;
-use super::scripts::{FULL, PUBLISH_LUA, REGISTRY, ROOM_LUA, idempotency_key, keys};
+use super::scripts::{FULL, SLOTS};
 use super::topology::{is_transient, server_reason, unavailable};
 use super::{Broker, PublishReply};
 
@@ -43,38 +43,70 @@ pub(super) fn positions(
     Ok(topics.iter().zip(found).map(|(t, (seq, epoch, dup))| (t.clone(), seq, epoch, dup == 1)).collect())
 }
 
+/// How many topics each slot's registry held when last counted (cluster only): what the
+/// other slots hold is what `limits.max_topics` leaves to a slot.
+#[derive(Default)]
+pub(super) struct TopicCounts {
+    per_slot: Vec<u64>,
+    total: u64,
+}
+
 impl Broker {
-    /// Run every request's publish script in one pipeline, then answer each request with its
-    /// own result: a script Redis refuses fails only its own request. If the connection
-    /// fails, every request of the batch gets 503.
-    pub(super) fn publish_batch(
-        &mut self,
-        cmd: &mut redis::Connection,
-        batch: Vec<Publish>,
-    ) -> redis::RedisResult<()> {
+    /// Run every request's publish scripts, one pipeline per node (one script per request and
+    /// slot of its topics), then answer each request with its own result: a script Redis
+    /// refuses fails only its own request. If a node's connection fails, every request with
+    /// a script for it gets 503, and so does a request whose scripts were not all carried out
+    /// (a broadcast over slots on several shards may then be published to some of them).
+    pub(super) fn publish_batch(&mut self, batch: Vec<Publish>) -> redis::RedisResult<()> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        let layout = &self.shared.layout;
+        let mut cmds = Vec::with_capacity(batch.len());
+        // Per request, its scripts: the index of each in `cmds`, with the topics it publishes to.
+        let mut scripts: Vec<Vec<(usize, Vec<usize>)>> = Vec::with_capacity(batch.len());
         for (topics, fragment, _, opts) in &batch {
-            pipe.add_command(self.publish_script(topics, fragment, opts));
-        }
-        // Errors stay in their own slots instead of failing the whole pipeline.
-        let answers: Vec<redis::Value> = match pipe.ignore_errors().query(cmd) {
-            Ok(a) => a,
-            Err(e) => {
-                for (topics, _, reply, _) in batch {
-                    self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
-                    self.answer_publish_error(reply, &topics, unavailable(&e.to_string()));
+            let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
+            for (i, topic) in topics.iter().enumerate() {
+                let slot = layout.slot(topic);
+                match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, group)) => group.push(i),
+                    None => by_slot.push((slot, vec![i])),
                 }
-                return Err(e);
             }
-        };
-        let mut answers = answers.into_iter();
-        for (topics, _, reply, _) in batch {
-            match positions(&topics, answers.next()) {
-                Ok(positions) => self.answer_published(reply, &positions),
-                Err(e) => {
+            let mut mine = Vec::with_capacity(by_slot.len());
+            for (slot, group) in by_slot {
+                let names: Vec<&str> = group.iter().map(|&i| topics[i].as_str()).collect();
+                // An idempotency key is for a publish to one topic (a publish or a batch item).
+                let idem = opts.idempotency_key.as_deref().filter(|_| topics.len() == 1);
+                cmds.push((slot, self.publish_script(slot, &names, fragment, opts, idem)));
+                mine.push((cmds.len() - 1, group));
+            }
+            scripts.push(mine);
+        }
+        let (mut answers, lost) = self.redis.pipeline(&cmds, self.ack_replicas);
+        for ((topics, _, reply, _), mine) in batch.into_iter().zip(scripts) {
+            let mut placed: Vec<Option<Placed>> = vec![None; topics.len()];
+            let mut failed = None;
+            for (c, group) in mine {
+                let names: Vec<String> = group.iter().map(|&i| topics[i].clone()).collect();
+                let answer = std::mem::replace(&mut answers[c], Err(String::new()));
+                let found = match answer {
+                    Err(why) => Err(unavailable(&why)),
+                    Ok(value) => positions(&names, Some(value)),
+                };
+                match found {
+                    Ok(found) => {
+                        for (&i, p) in group.iter().zip(found) {
+                            placed[i] = Some(p);
+                        }
+                    }
+                    Err(e) => failed = failed.or(Some(e)),
+                }
+            }
+            match failed {
+                None => self.answer_published(reply, &placed.into_iter().flatten().collect::<Vec<_>>()),
+                Some(e) => {
                     if e.code == 503 {
                         self.shared.status.failed_publishes.fetch_add(1, Ordering::Relaxed);
                     }
@@ -82,30 +114,32 @@ impl Broker {
                 }
             }
         }
-        Ok(())
+        lost.map_or(Ok(()), Err)
     }
 
-    /// The publish script's call for one request.
-    pub(super) fn publish_script(
+    /// The publish script's call for `topics`, all in `slot`, with the idempotency key `idem`.
+    fn publish_script(
         &self,
-        topics: &[String],
+        slot: u16,
+        topics: &[&str],
         fragment: &str,
         opts: &PublishOptions,
+        idem: Option<&str>,
     ) -> redis::Cmd {
+        let layout = &self.shared.layout;
         let mut script = redis::cmd("EVAL");
-        // An idempotency key is for a publish to one topic (a publish or a batch item).
-        let idem = opts.idempotency_key.as_ref().filter(|_| topics.len() == 1);
-        script.arg(PUBLISH_LUA).arg(1 + topics.len() * 3 + usize::from(idem.is_some())).arg(REGISTRY);
-        let keyed: Vec<_> = topics.iter().map(|t| keys(t)).collect();
+        script.arg(&self.scripts.publish).arg(1 + topics.len() * 3 + usize::from(idem.is_some()));
+        script.arg(layout.registry(slot));
+        let keyed: Vec<_> = topics.iter().map(|t| layout.keys(t)).collect();
         for (seq_key, log, epoch_key, _) in &keyed {
             script.arg(seq_key).arg(log).arg(epoch_key);
         }
         if let Some(key) = idem {
-            script.arg(idempotency_key(&topics[0], key));
+            script.arg(layout.idempotency_key(topics[0], key));
         }
         let window_ms = self.idempotency_window.as_millis().max(1) as u64;
         let msg_ttl_ms = opts.ttl.map_or(0, |t| t.as_millis().max(1) as u64);
-        script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(self.max_topics);
+        script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(self.room(slot));
         script.arg(window_ms).arg(msg_ttl_ms).arg(exclusion_prefix(&self.shared.node, opts.exclude));
         for (topic, (_, _, _, channel)) in topics.iter().zip(&keyed) {
             let json = serde_json::to_string(topic).unwrap_or_default();
@@ -116,8 +150,46 @@ impl Broker {
 
     /// Whether `topic` may be subscribed to: it has state in Redis, or the cluster has room
     /// for one more topic (as a subscription to a new topic takes a place on a single node).
-    pub(super) fn has_room(&self, cmd: &mut redis::Connection, topic: &str) -> redis::RedisResult<bool> {
-        redis::cmd("EVAL").arg(ROOM_LUA).arg(1).arg(REGISTRY).arg(topic).arg(self.max_topics).query(cmd)
+    pub(super) fn has_room(&mut self, topic: &str) -> redis::RedisResult<bool> {
+        let slot = self.shared.layout.slot(topic);
+        let mut room = redis::cmd("EVAL");
+        room.arg(&self.scripts.room).arg(1).arg(self.shared.layout.registry(slot));
+        room.arg(topic).arg(self.room(slot));
+        self.redis.run(slot, |c| room.query(c))
+    }
+
+    /// The most topics the registry of `slot` may hold: `limits.max_topics`, less what the
+    /// other slots held when last counted (cluster).
+    fn room(&self, slot: u16) -> u64 {
+        let counts = &self.topic_counts;
+        let mine = counts.per_slot.get(usize::from(slot)).copied().unwrap_or(0);
+        (self.max_topics as u64).saturating_sub(counts.total - mine)
+    }
+
+    /// Count the topics of every slot again (cluster only; one `ZCARD` per slot, pipelined
+    /// per node). A slot whose count fails keeps the last one.
+    pub(super) fn count_topics(&mut self) -> redis::RedisResult<()> {
+        let layout = &self.shared.layout;
+        if !layout.is_cluster() {
+            return Ok(());
+        }
+        let cmds: Vec<(u16, redis::Cmd)> = (0..SLOTS as u16)
+            .map(|s| {
+                let mut zcard = redis::cmd("ZCARD");
+                zcard.arg(layout.registry(s));
+                (s, zcard)
+            })
+            .collect();
+        let (answers, lost) = self.redis.pipeline(&cmds, None);
+        let counts = &mut self.topic_counts;
+        counts.per_slot.resize(SLOTS, 0);
+        for (count, answer) in counts.per_slot.iter_mut().zip(answers) {
+            if let Some(n) = answer.ok().and_then(|v| redis::from_redis_value::<u64>(v).ok()) {
+                *count = n;
+            }
+        }
+        counts.total = counts.per_slot.iter().sum();
+        lost.map_or(Ok(()), Err)
     }
 
     pub(super) fn answer_published(&self, reply: PublishReply, results: &[Placed]) {
