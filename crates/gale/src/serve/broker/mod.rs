@@ -1,4 +1,4 @@
-//! Cluster mode: several gateways share topics through Redis.
+//! Cluster mode: several gateways share topics through Redis (one primary, or a Redis Cluster).
 //!
 //! Two broker threads per node, each with its own Redis connection: one runs commands (publishes,
 //! pipelined; subscriptions; topic info and history reads) as soon as the event loops ask, the other is
@@ -25,6 +25,11 @@
 //! passes what the connection may queue. After a lost Redis connection the broker resubscribes and
 //! forwards what it missed from the streams, so live subscribers see no gap as long as the history
 //! covers the outage.
+//!
+//! In a Redis Cluster the keys are those above hash-tagged by topic (`gale:{T}:seq`, …), so that
+//! a topic's keys and scripts stay on one shard; the registry is one sorted set per slot, the
+//! channels are sharded, each thread keeps one connection per primary, and a lost node fails
+//! only the requests for its slots.
 //!
 //! The parts, one job each: [`scripts`] (the key layout and the Lua scripts), [`topology`] (the
 //! connection to Redis), [`listener`] (the subscribed connection and its thread), [`forward`]
