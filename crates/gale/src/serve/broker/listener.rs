@@ -65,6 +65,7 @@ impl Listener {
         let mut st = State { backoff: Duration::from_millis(100), ..State::default() };
         st.homeless.insert(CONTROL_CHANNEL.to_string());
         let mut down_reported = false;
+        let mut turn = 0usize;
         loop {
             // Homes for the channels that lost theirs (at start: the control channel).
             if !st.homeless.is_empty() && st.retry_at.is_none_or(|t| Instant::now() >= t) {
@@ -116,11 +117,18 @@ impl Listener {
                 }
             }
             self.shared.set_up(true, st.homeless.is_empty());
-            // Then messages, from each connection in turn.
-            let slice = (POLL / st.subs.len().max(1) as u32).max(Duration::from_millis(1));
-            let nodes: Vec<usize> = st.subs.keys().copied().collect();
-            for node in nodes {
-                let mut wait = Some(slice);
+            // Then messages: one connection (each in turn) is waited on for up to POLL, the
+            // others are read without waiting, so that orders are looked at every POLL however
+            // many primaries there are.
+            let mut nodes: Vec<usize> = st.subs.keys().copied().collect();
+            nodes.sort_unstable();
+            if !nodes.is_empty() {
+                let first = turn % nodes.len();
+                nodes.rotate_left(first);
+            }
+            turn = turn.wrapping_add(1);
+            for (i, node) in nodes.into_iter().enumerate() {
+                let mut wait = (i == 0).then_some(POLL);
                 while let Some(sub) = st.subs.get_mut(&node) {
                     match sub.read(wait.take()) {
                         Ok(Some(value)) => {
