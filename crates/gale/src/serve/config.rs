@@ -64,6 +64,10 @@ pub struct ServerSection {
 pub struct ClusterSection {
     /// Redis URL; empty: single node.
     pub broker: String,
+    /// Replicas that must have a publish before it is acknowledged (0: the primary alone).
+    pub ack_replicas: usize,
+    /// How long a publish waits for those replicas (ms).
+    pub ack_timeout_ms: u64,
 }
 
 /// `[tls]`.
@@ -255,6 +259,9 @@ pub struct Settings {
     pub tls: Option<(String, String)>,
     /// Redis URL of the cluster, if any.
     pub broker: Option<String>,
+    /// Replicas that must have a publish before it is acknowledged, and how long to wait
+    /// (`cluster.ack_replicas`, `cluster.ack_timeout_ms`).
+    pub ack_replicas: Option<(usize, Duration)>,
     /// Path of the WebSocket endpoint.
     pub ws_path: String,
     /// The WebSocket route's behaviour.
@@ -430,10 +437,15 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
     let broker = o.broker.clone().unwrap_or(c.cluster.broker);
     let broker = if broker.is_empty() {
         None
-    } else if broker.starts_with("redis://") {
-        Some(broker)
     } else {
-        return Err(format!("cluster.broker: {broker:?} is not a redis://HOST:PORT URL"));
+        super::broker::Target::parse(&broker).map_err(|e| format!("cluster.broker: {e}"))?;
+        Some(broker)
+    };
+    let ack_replicas = match (c.cluster.ack_replicas, c.cluster.ack_timeout_ms) {
+        (0, _) => None,
+        (_, 0) => return Err("cluster.ack_timeout_ms: must be at least 1 with cluster.ack_replicas".into()),
+        (_, ms) if ms > 60_000 => return Err(format!("cluster.ack_timeout_ms: {ms} is above 60000")),
+        (n, ms) => Some((n, Duration::from_millis(ms))),
     };
     let ws = c.websocket;
     if !ws.path.starts_with('/') {
@@ -609,6 +621,7 @@ fn settings(c: Config, env_api_key: Option<String>, o: &Overrides) -> Result<Set
         partial_message_budget: c.server.partial_message_budget,
         tls,
         broker,
+        ack_replicas,
         ws_path: ws.path,
         behavior,
         max_subscriptions: ws.max_subscriptions,
@@ -716,6 +729,10 @@ mod tests {
         assert!(e.contains("g.toml"), "{e}");
         let e = err("[cluster]\nbroker = \"localhost:6379\"\n");
         assert!(e.contains("cluster.broker"), "{e}");
+        let e = err("[cluster]\nbroker = \"redis+cluster://a:1,,b:2\"\n");
+        assert!(e.contains("cluster.broker"), "{e}");
+        let e = err("[cluster]\nack_replicas = 1\nack_timeout_ms = 0\n");
+        assert!(e.contains("cluster.ack_timeout_ms"), "{e}");
         let e = err("[tls]\ncert = \"c.pem\"\n");
         assert!(e.contains("tls.key"), "{e}");
         let e = err("[websocket]\nmax_backpressure = 1048576\n");

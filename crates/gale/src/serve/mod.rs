@@ -71,7 +71,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     tls_key: Option<String>,
     /// Share topics with other gateways through this Redis (`cluster.broker`), e.g.
-    /// redis://127.0.0.1:6379.
+    /// redis://127.0.0.1:6379, or a Redis Cluster: redis+cluster://HOST:PORT,HOST:PORT.
     #[arg(long, value_name = "URL")]
     broker: Option<String>,
 }
@@ -156,14 +156,16 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
         tracing::info!("no API key configured: the HTTP publish API answers 403");
     }
     if let Some(url) = &s.broker {
+        let target = broker::Target::parse(url).map_err(invalid)?;
         let b = broker::start(
-            url,
+            &target,
             handle.clone(),
             broker::RedisLimits {
                 history: s.history.size,
                 ttl: s.history.ttl,
                 max_topics: s.max_topics,
                 idempotency_window: s.publish.idempotency_window,
+                ack_replicas: s.ack_replicas,
             },
             gateway.stats.clone(),
             broker::PresenceConfig { node: gateway.client_ids.node().to_string(), ttl: s.presence.ttl },
@@ -176,7 +178,8 @@ pub fn run(args: ServeArgs) -> io::Result<()> {
             }
         }));
         let _ = gateway.broker.set(b);
-        tracing::info!(broker = %url, "cluster mode: topics are shared through Redis");
+        let kind = if target.is_cluster() { "a Redis Cluster" } else { "Redis" };
+        tracing::info!(broker = %url, "cluster mode: topics are shared through {kind}");
     }
     spawn_sweeper(gateway.clone());
     let (addr, backend, threads) = (server.local_addr(), server.backend(), s.threads);

@@ -1,0 +1,507 @@
+//! The Redis side of the broker: its key layout and its Lua scripts.
+//!
+//! With one primary, a topic `T`'s keys are `gale:T:seq`, `gale:T:log`, `gale:T:epoch`, its
+//! idempotency keys `gale:T|idem:KEY`, its presence keys `gale:T:p:…` and its channel `gale:T`;
+//! the registry of topics is `gale:topics`. In a Redis Cluster the topic is a hash tag
+//! (`gale:{T}:seq`, …, channel `gale:{T}`), so that all of a topic's keys are in one slot and a
+//! publish to it is one script on one shard; the registry is one sorted set per slot
+//! (`gale:topics:{N}`, `N` chosen so that the key is in that slot), next to the topics it counts;
+//! channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): a message crosses only its topic's shard.
+
+use super::CONTROL_CHANNEL;
+
+/// The set of topics with state in Redis, shared by the cluster: member, the topic; score,
+/// when its keys expire (ms, Redis's clock; `+inf` without a TTL).
+pub(super) const REGISTRY: &str = "gale:topics";
+
+/// The error code of a publish refused because the cluster holds `limits.max_topics` topics.
+pub(super) const FULL: &str = "GALEFULL";
+
+/// Lua, the start of a script whose `KEYS[1]` is the registry: forget the topics whose keys
+/// have expired, and set `now` (ms). (Redis 5 and later replicate a script by its effects, so
+/// reading the clock before writing is allowed.)
+macro_rules! forget_expired_lua {
+    () => {
+        r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+"#
+    };
+}
+
+/// The publish script: one per request, for all its topics. KEYS: the registry, then three
+/// per topic (its sequence number, its log, its epoch), then for a publish to one topic with an
+/// idempotency key, that key's key; ARGV: the payload fragment, the history size, the TTL in
+/// ms (0: none), the most topics the registry may hold (with one primary, `limits.max_topics`;
+/// in a cluster, what the other slots leave of it), the idempotency window in ms, the
+/// message's time to live in ms (0: none), what goes before the delivery on the channel (who
+/// not to deliver it to, or nothing), then four per topic (its name, its name as JSON, its
+/// channel, a fresh epoch). Everything is checked before anything is written: a refused publish
+/// leaves no trace, and a publish to several topics goes to all of them or none. Each topic's
+/// answer is {seq, epoch, 1 if it is an idempotent retry (nothing published) else 0}.
+const PUBLISH_LUA: &str = concat!(
+    r#"
+local n = math.floor((#KEYS - 1) / 3)
+local idem = nil
+if (#KEYS - 1) % 3 == 1 then idem = KEYS[#KEYS] end
+local function key(i, k) return KEYS[1 + 3 * (i - 1) + k] end
+local function arg(i, k) return ARGV[7 + 4 * (i - 1) + k] end
+local kinds = {'string', 'stream', 'string'}
+for i = 1, n do
+  for k = 1, 3 do
+    local kind = redis.call('TYPE', key(i, k)).ok
+    if kind ~= 'none' and kind ~= kinds[k] then
+      return redis.error_reply('WRONGTYPE ' .. key(i, k) .. ' holds a ' .. kind .. ', not a ' .. kinds[k])
+    end
+  end
+  local seq = redis.call('GET', key(i, 1))
+  if seq and not string.match(seq, '^%d+$') then
+    return redis.error_reply('WRONGTYPE ' .. key(i, 1) .. ' holds no sequence number')
+  end
+end
+-- A retry of a remembered idempotency key: the first publish's position, nothing published.
+if idem then
+  local prior = redis.call('GET', idem)
+  if prior then
+    local e, s = string.match(prior, '^(%x+):(%d+)$')
+    if e then return {{tonumber(s), e, 1}} end
+  end
+end
+-- The last sequence number in a topic's log (0 when empty): a sequence key lost while its log
+-- survived (deleted, evicted) continues from there, so XADD below cannot fail.
+local function last_logged(log)
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if #last == 0 then return 0 end
+  return tonumber(string.match(last[1][1], '^(%d+)-')) or 0
+end
+"#,
+    forget_expired_lua!(),
+    r#"
+local new, seen = 0, {}
+for i = 1, n do
+  local name = arg(i, 1)
+  if not seen[name] and not redis.call('ZSCORE', KEYS[1], name) then new = new + 1 end
+  seen[name] = true
+end
+if new > 0 and redis.call('ZCARD', KEYS[1]) + new > tonumber(ARGV[4]) then
+  return redis.error_reply('GALEFULL the cluster holds its maximum number of topics')
+end
+local ttl = tonumber(ARGV[3])
+local expires = '+inf'
+if ttl > 0 then expires = now + ttl end
+local msg_ttl = tonumber(ARGV[6])
+local out = {}
+for i = 1, n do
+  local seq_key, log, epoch_key = key(i, 1), key(i, 2), key(i, 3)
+  local epoch = redis.call('GET', epoch_key)
+  if not epoch then
+    epoch = arg(i, 4)
+    redis.call('SET', epoch_key, epoch)
+  end
+  local seq = math.max(tonumber(redis.call('GET', seq_key) or '0'), last_logged(log)) + 1
+  redis.call('SET', seq_key, seq)
+  local d = '{"topic":' .. arg(i, 2) .. ',"epoch":"' .. epoch .. '","seq":' .. seq .. ',' .. ARGV[1] .. '}'
+  local fields = {'d', d}
+  -- Its expiry (ms, Redis's clock) goes with it: reads leave it out once past.
+  if msg_ttl > 0 then fields[#fields + 1] = 'x'; fields[#fields + 1] = now + msg_ttl end
+  -- So does the connection left out: a node that forwards it from the log (a catch-up)
+  -- leaves it out as the channel message would have.
+  if ARGV[7] ~= '' then fields[#fields + 1] = 'e'; fields[#fields + 1] = ARGV[7] end
+  redis.call('XADD', log, 'MAXLEN', '~', ARGV[2], seq .. '-1', unpack(fields))
+  if idem then redis.call('SET', idem, epoch .. ':' .. seq, 'PX', ARGV[5]) end
+  for _, k in ipairs({seq_key, log, epoch_key}) do
+    if ttl > 0 then
+      -- An idle topic is forgotten whole: the next publish starts a new epoch.
+      redis.call('PEXPIRE', k, ttl)
+    else
+      -- Kept for good, even if an earlier configuration gave it a TTL.
+      redis.call('PERSIST', k)
+    end
+  end
+  redis.call('ZADD', KEYS[1], expires, arg(i, 1))
+  redis.call('PUBLISH', arg(i, 3), ARGV[7] .. d)
+  out[i] = {seq, epoch, 0}
+end
+return out
+"#
+);
+
+/// Whether a subscription may start: 1 if the topic has state, or one more topic would fit.
+/// KEYS: the registry; ARGV: the topic, the most topics the registry may hold.
+const ROOM_LUA: &str = concat!(
+    forget_expired_lua!(),
+    r#"
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  return 1
+end
+return 0
+"#
+);
+
+/// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
+/// (`gale:T:p:`, or `gale:{T}:p:` in a Redis Cluster). Sets `now` (ms) and the topic's keys, and first forgets the nodes whose
+/// presence expired (their score, the time of their last refresh plus the TTL, is past):
+/// their members leave the counts and their hashes are deleted, and where join/leave events
+/// are sent (`ev` is set: a member with a token joined with an event) each of their members
+/// with a token is sent its leave event. A node's members with a token are in `n:NODE`
+/// (client id → member JSON), its anonymous ones in `a:NODE` (client id → ''), so that a list
+/// scans only members it shows. (A topic holds no character JSON escapes, nor braces, so the
+/// topic, its JSON and its channel are cut from `p`.)
+macro_rules! presence_lua {
+    () => {
+        r#"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local p = KEYS[1]
+local nodes, users, conns, events = p .. 'nodes', p .. 'users', p .. 'conns', p .. 'ev'
+for _, dead in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now)) do
+  local members, anons, tally = p .. 'n:' .. dead, p .. 'a:' .. dead, p .. 'u:' .. dead
+  if redis.call('EXISTS', events) == 1 then
+    local channel = string.sub(p, 1, #p - 3)
+    -- The topic is the channel after `gale:`, without the braces of its hash tag (cluster).
+    local topic = (string.gsub(string.sub(channel, 6), '^{(.*)}$', '%1'))
+    local head = '{"op":"leave","topic":"' .. topic .. '",'
+    for _, m in ipairs(redis.call('HVALS', members)) do
+      if m ~= '' then redis.call('PUBLISH', channel, head .. string.sub(m, 2)) end
+    end
+  end
+  local gone = redis.call('HLEN', members) + redis.call('HLEN', anons)
+  if gone > 0 and redis.call('DECRBY', conns, gone) <= 0 then redis.call('DEL', conns) end
+  local t = redis.call('HGETALL', tally)
+  for i = 1, #t, 2 do
+    if redis.call('HINCRBY', users, t[i], -tonumber(t[i + 1])) <= 0 then redis.call('HDEL', users, t[i]) end
+  end
+  redis.call('DEL', members, anons, tally)
+  redis.call('ZREM', nodes, dead)
+end
+"#
+    };
+}
+
+/// Lua, after `presence_lua!` in scripts of one node (ARGV[1], the node; ARGV[2], the TTL in
+/// ms): the node's keys, and a function that marks the node alive and keeps the topic's keys
+/// for three TTLs (a dead node's hashes outlive its score, so that they are reaped, not lost).
+macro_rules! node_lua {
+    () => {
+        r#"
+local node, ttl = ARGV[1], tonumber(ARGV[2])
+local members, anons, tally = p .. 'n:' .. node, p .. 'a:' .. node, p .. 'u:' .. node
+local function alive()
+  redis.call('ZADD', nodes, now + ttl, node)
+  for _, k in ipairs({nodes, users, conns, members, anons, tally, events}) do redis.call('PEXPIRE', k, 3 * ttl) end
+end
+"#
+    };
+}
+
+/// A member joins: ARGV after the node's: the client id, the user (`''`: anonymous), the
+/// member's JSON (`''`: not listed), the channel, the join event (`''`: none).
+const JOIN_LUA: &str = concat!(
+    presence_lua!(),
+    node_lua!(),
+    r#"
+local client, user, member, channel, ev = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local held = members
+if user == '' then held = anons end
+if redis.call('HSET', held, client, member) == 1 then
+  redis.call('INCR', conns)
+  if user ~= '' then
+    redis.call('HINCRBY', tally, user, 1)
+    redis.call('HINCRBY', users, user, 1)
+  end
+end
+if ev ~= '' then
+  redis.call('SET', events, '1')
+  redis.call('PUBLISH', channel, ev)
+end
+alive()
+return 1
+"#
+);
+
+/// A member leaves: ARGV as for a join (the event is the leave event).
+const LEAVE_LUA: &str = concat!(
+    presence_lua!(),
+    node_lua!(),
+    r#"
+local client, user, channel, ev = ARGV[3], ARGV[4], ARGV[6], ARGV[7]
+local held = members
+if user == '' then held = anons end
+if redis.call('HDEL', held, client) == 1 then
+  if redis.call('DECR', conns) <= 0 then redis.call('DEL', conns) end
+  if user ~= '' then
+    if redis.call('HINCRBY', tally, user, -1) <= 0 then redis.call('HDEL', tally, user) end
+    if redis.call('HINCRBY', users, user, -1) <= 0 then redis.call('HDEL', users, user) end
+  end
+  if ev ~= '' then redis.call('PUBLISH', channel, ev) end
+end
+return 1
+"#
+);
+
+/// The node's periodic refresh of a topic: 1, or 0 if its presence there was forgotten (the
+/// node was silent past the TTL, or Redis lost it): the node then joins its members again.
+const REFRESH_LUA: &str = concat!(
+    presence_lua!(),
+    node_lua!(),
+    r#"
+if not redis.call('ZSCORE', nodes, node) then return 0 end
+alive()
+return 1
+"#
+);
+
+/// Read a topic's presence: ARGV: 1 to list the members too, the most to list. Answers
+/// `{connections, users, more, {member JSON…}}`. A list scans only members with a token (the
+/// anonymous ones are in hashes of their own), at most `max` of them and one step of 256.
+const READ_PRESENCE_LUA: &str = concat!(
+    presence_lua!(),
+    r#"
+local c = tonumber(redis.call('GET', conns) or '0')
+local u = redis.call('HLEN', users)
+local out, more, max = {}, 0, tonumber(ARGV[2])
+if ARGV[1] == '1' then
+  for _, node in ipairs(redis.call('ZRANGE', nodes, 0, -1)) do
+    local cursor = '0'
+    repeat
+      local r = redis.call('HSCAN', p .. 'n:' .. node, cursor, 'COUNT', 256)
+      cursor = r[1]
+      for i = 2, #r[2], 2 do
+        if r[2][i] ~= '' then
+          if #out >= max then more = 1 else out[#out + 1] = r[2][i] end
+        end
+      end
+    until cursor == '0' or more == 1
+    if more == 1 then break end
+  end
+end
+return {c, u, more, out}
+"#
+);
+
+/// Hash slots of a Redis Cluster.
+pub(super) const SLOTS: usize = 16384;
+
+/// CRC16/XMODEM, Redis Cluster's key hash.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc = 0u16;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
+}
+
+/// The hash slot of a Redis key, as Redis Cluster computes it: of its hash tag (what is between
+/// the first `{` and the next `}`, if not empty), else of the whole key.
+pub(super) fn key_slot(key: &str) -> u16 {
+    let tagged = key
+        .split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map(|(tag, _)| tag)
+        .filter(|tag| !tag.is_empty());
+    crc16(tagged.unwrap_or(key).as_bytes()) % SLOTS as u16
+}
+
+/// Where the broker keeps things in Redis: with one primary, or hash-tagged by topic for a
+/// Redis Cluster.
+pub(super) struct Layout {
+    /// Keys are hash-tagged and channels sharded.
+    cluster: bool,
+    /// The registry of topics per slot (cluster only; indexed by slot).
+    registries: Vec<String>,
+}
+
+impl Layout {
+    /// The layout for one primary, or for a Redis Cluster.
+    pub(super) fn new(cluster: bool) -> Layout {
+        let mut registries = Vec::new();
+        if cluster {
+            // The first `N` whose `gale:topics:{N}` is in each slot (about 170,000 hashes, once).
+            registries = vec![String::new(); SLOTS];
+            let (mut found, mut n) = (0, 0u64);
+            while found < SLOTS {
+                let tag = n.to_string();
+                let slot = usize::from(crc16(tag.as_bytes()) % SLOTS as u16);
+                if registries[slot].is_empty() {
+                    registries[slot] = format!("gale:topics:{{{tag}}}");
+                    found += 1;
+                }
+                n += 1;
+            }
+        }
+        Layout { cluster, registries }
+    }
+
+    /// Keys are hash-tagged and channels sharded (a Redis Cluster).
+    pub(super) fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// `T`, or `{T}` in a cluster: what follows `gale:` in every key of the topic.
+    fn name(&self, topic: &str) -> String {
+        if self.cluster { format!("{{{topic}}}") } else { topic.to_string() }
+    }
+
+    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel.
+    pub(super) fn keys(&self, topic: &str) -> (String, String, String, String) {
+        let t = self.name(topic);
+        (format!("gale:{t}:seq"), format!("gale:{t}:log"), format!("gale:{t}:epoch"), format!("gale:{t}"))
+    }
+
+    /// The channel of `topic`.
+    pub(super) fn channel(&self, topic: &str) -> String {
+        format!("gale:{}", self.name(topic))
+    }
+
+    /// The topic of a channel (`None`: not a topic's channel).
+    pub(super) fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let name = channel.strip_prefix("gale:")?;
+        if self.cluster { name.strip_prefix('{')?.strip_suffix('}') } else { Some(name) }
+    }
+
+    /// The Redis key of an idempotency key of `topic`: `gale:T|idem:KEY`. `|` is in no topic
+    /// name (nor in idempotency keys), so it is never another topic's key, whatever the `:` or
+    /// `#` in either.
+    pub(super) fn idempotency_key(&self, topic: &str, key: &str) -> String {
+        format!("gale:{}|idem:{key}", self.name(topic))
+    }
+
+    /// The prefix of a topic's presence keys (`KEYS[1]` of the presence scripts).
+    pub(super) fn presence_prefix(&self, topic: &str) -> String {
+        format!("gale:{}:p:", self.name(topic))
+    }
+
+    /// The hash slot of `topic`'s keys (0 with one primary).
+    pub(super) fn slot(&self, topic: &str) -> u16 {
+        if self.cluster { crc16(topic.as_bytes()) % SLOTS as u16 } else { 0 }
+    }
+
+    /// The slot of the control channel.
+    pub(super) fn control_slot(&self) -> u16 {
+        if self.cluster { key_slot(CONTROL_CHANNEL) } else { 0 }
+    }
+
+    /// The registry of the topics in `slot`.
+    pub(super) fn registry(&self, slot: u16) -> &str {
+        if self.cluster { &self.registries[usize::from(slot)] } else { REGISTRY }
+    }
+
+    /// The command that publishes to a channel: `SPUBLISH` in a cluster (sharded pub/sub).
+    pub(super) fn publish_command(&self) -> &'static str {
+        if self.cluster { "SPUBLISH" } else { "PUBLISH" }
+    }
+
+    /// The command that subscribes to channels, and the kinds of its confirmation, of a message,
+    /// and of an unsubscription.
+    pub(super) fn subscribe_commands(&self) -> SubscribeCommands {
+        if self.cluster {
+            SubscribeCommands { subscribe: "SSUBSCRIBE", unsubscribe: "SUNSUBSCRIBE", message: "smessage" }
+        } else {
+            SubscribeCommands { subscribe: "SUBSCRIBE", unsubscribe: "UNSUBSCRIBE", message: "message" }
+        }
+    }
+}
+
+/// The pub/sub commands of a layout.
+#[derive(Clone, Copy)]
+pub(super) struct SubscribeCommands {
+    /// `SUBSCRIBE` or `SSUBSCRIBE`.
+    pub(super) subscribe: &'static str,
+    /// `UNSUBSCRIBE` or `SUNSUBSCRIBE` (also the kind of its confirmation).
+    pub(super) unsubscribe: &'static str,
+    /// The kind of a message: `message` or `smessage`.
+    pub(super) message: &'static str,
+}
+
+/// The scripts as a layout runs them: in a cluster, their `PUBLISH` calls are `SPUBLISH`.
+pub(super) struct Scripts {
+    pub(super) publish: String,
+    pub(super) room: String,
+    pub(super) join: String,
+    pub(super) leave: String,
+    pub(super) refresh: String,
+    pub(super) read_presence: String,
+}
+
+impl Scripts {
+    /// The scripts for `layout`.
+    pub(super) fn new(layout: &Layout) -> Scripts {
+        let adapt = |script: &str| {
+            let command = format!("redis.call('{}', ", layout.publish_command());
+            script.replace("redis.call('PUBLISH', ", &command)
+        };
+        Scripts {
+            publish: adapt(PUBLISH_LUA),
+            room: adapt(ROOM_LUA),
+            join: adapt(JOIN_LUA),
+            leave: adapt(LEAVE_LUA),
+            refresh: adapt(REFRESH_LUA),
+            read_presence: adapt(READ_PRESENCE_LUA),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+
+    use super::{Layout, SLOTS, Scripts, key_slot};
+
+    #[test]
+    fn idempotency_keys_are_never_the_keys_of_a_topic() {
+        for (layout, expected) in
+            [(Layout::new(false), "gale:a|idem:seq"), (Layout::new(true), "gale:{a}|idem:seq")]
+        {
+            // Topic "a" with key "seq" must not be topic "a:idem"'s sequence number.
+            let name = layout.idempotency_key("a", "seq");
+            assert_eq!(name, expected);
+            assert!(super::super::super::protocol::check_topic("a|idem").is_err());
+            assert!(super::super::super::publish::check_key("x|y").is_err());
+            let (seq, log, epoch, _) = layout.keys("a:idem");
+            assert!(![seq, log, epoch].contains(&name));
+        }
+    }
+
+    #[test]
+    fn slots_are_those_redis_computes() {
+        // `CLUSTER KEYSLOT` of these keys, as Redis answers.
+        assert_eq!(key_slot("somekey"), 11058);
+        assert_eq!(key_slot("foo{hash_tag}"), 2515);
+        assert_eq!(key_slot("{}x"), key_slot("{}x"));
+        assert_ne!(key_slot("{}x"), key_slot("x"), "an empty tag hashes the whole key");
+    }
+
+    #[test]
+    fn a_topics_keys_share_its_slot_in_a_cluster() {
+        let layout = Layout::new(true);
+        for topic in ["chat:a", "x", "a.b-c_d@e#f/g"] {
+            let slot = layout.slot(topic);
+            let (seq, log, epoch, channel) = layout.keys(topic);
+            let presence = layout.presence_prefix(topic) + "nodes";
+            for key in [seq, log, epoch, channel.clone(), layout.idempotency_key(topic, "k"), presence] {
+                assert_eq!(key_slot(&key), slot, "{key}");
+            }
+            assert_eq!(key_slot(layout.registry(slot)), slot);
+            assert_eq!(layout.topic_of(&channel), Some(topic));
+        }
+        assert!((0..SLOTS as u16).all(|s| key_slot(layout.registry(s)) == s));
+        let single = Layout::new(false);
+        assert_eq!(
+            (single.keys("t").3, single.topic_of("gale:t"), single.slot("t")),
+            ("gale:t".into(), Some("t"), 0)
+        );
+    }
+
+    #[test]
+    fn cluster_scripts_publish_on_sharded_channels() {
+        let scripts = Scripts::new(&Layout::new(true));
+        for s in [&scripts.publish, &scripts.join, &scripts.leave, &scripts.read_presence, &scripts.refresh] {
+            assert!(!s.contains("'PUBLISH'"), "{s}");
+        }
+        assert!(scripts.publish.contains("redis.call('SPUBLISH', "));
+        assert!(Scripts::new(&Layout::new(false)).join.contains("redis.call('PUBLISH', "));
+    }
+}
