@@ -353,9 +353,22 @@ enum Resp {
     Array(Vec<Resp>),
 }
 
+/// Arrays nested deeper than this are refused (pub/sub messages nest one level).
+const MAX_DEPTH: usize = 8;
+
 /// The first value in `buf` and the bytes it takes; `None` if it has not arrived whole.
 fn parse(buf: &[u8]) -> Result<Option<(Resp, usize)>, String> {
+    parse_nested(buf, 0)
+}
+
+fn parse_nested(buf: &[u8], depth: usize) -> Result<Option<(Resp, usize)>, String> {
+    if depth > MAX_DEPTH {
+        return Err("replies nested too deep".to_string());
+    }
     let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
+    if end == 0 {
+        return Err("a reply line without a type".to_string());
+    }
     let line = std::str::from_utf8(&buf[1..end]).map_err(|_| "a reply line is not UTF-8".to_string())?;
     let next = end + 2;
     let number = || line.parse::<i64>().map_err(|_| format!("not a number: {line:?}"));
@@ -377,7 +390,7 @@ fn parse(buf: &[u8]) -> Result<Option<(Resp, usize)>, String> {
             Ok(n) => {
                 let (mut items, mut at) = (Vec::with_capacity(n.min(16)), next);
                 for _ in 0..n {
-                    let Some((item, used)) = parse(&buf[at..])? else { return Ok(None) };
+                    let Some((item, used)) = parse_nested(&buf[at..], depth + 1)? else { return Ok(None) };
                     items.push(item);
                     at += used;
                 }
@@ -484,6 +497,8 @@ mod tests {
         }
         assert_eq!(parse(b"-MOVED 1 h:2\r\n").unwrap().unwrap().0, Resp::Error("MOVED 1 h:2".into()));
         assert_eq!(parse(b"$-1\r\n").unwrap().unwrap().0, Resp::Nil);
+        assert!(parse(b"\r\n").is_err());
+        assert!(parse(&b"*1\r\n".repeat(100)).is_err());
         assert_eq!(parse(b":-3\r\n").unwrap().unwrap().0, Resp::Int(-3));
         assert!(parse(b"!x\r\n").is_err());
     }
