@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -27,18 +26,13 @@ import time
 import unittest
 
 from gale_process import LOG_DIR, GaleServe
+from test_cluster import free_port
 from gateway_client import GatewayClient
 from test_gateway import SECRET, make_token
 
 TIMEOUT = 20.0
 API_KEY = "redis-cluster-key"
 SLOTS = 16384
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def crc16(data: bytes) -> int:

@@ -447,6 +447,23 @@ impl Broker {
         }
     }
 
+    /// The publishes gathered so far go to Redis first (so that `request` comes after them, as
+    /// it came), then `request` is served; if the publishes fail, `request` is refused.
+    fn publish_then_handle(
+        &mut self,
+        publishes: &mut Vec<publish::Publish>,
+        request: BrokerRequest,
+        recheck: &mut bool,
+    ) -> redis::RedisResult<()> {
+        let done = self.publish_batch(std::mem::take(publishes));
+        if let Err(e) = self.survive(done, recheck) {
+            self.refuse(request);
+            return Err(e);
+        }
+        let done = self.handle_request(request);
+        self.survive(done, recheck)
+    }
+
     /// Serve while connected; `Ok` when the gateway shuts down.
     fn serve(&mut self) -> redis::RedisResult<()> {
         let mut last_check = Instant::now();
@@ -473,15 +490,7 @@ impl Broker {
                     Some(BrokerRequest::Publish { topics, fragment, reply, opts }) => {
                         publishes.push((topics, fragment, reply, opts))
                     }
-                    Some(request) => {
-                        let done = self.publish_batch(std::mem::take(&mut publishes));
-                        if let Err(e) = self.survive(done, &mut recheck) {
-                            self.refuse(request);
-                            return Err(e);
-                        }
-                        let done = self.handle_request(request);
-                        self.survive(done, &mut recheck)?;
-                    }
+                    Some(request) => self.publish_then_handle(&mut publishes, request, &mut recheck)?,
                     None => {}
                 }
                 match self.rx.try_recv() {
@@ -490,13 +499,7 @@ impl Broker {
                 }
             }
             if let Some(request) = next {
-                let done = self.publish_batch(std::mem::take(&mut publishes));
-                if let Err(e) = self.survive(done, &mut recheck) {
-                    self.refuse(request);
-                    return Err(e);
-                }
-                let done = self.handle_request(request);
-                self.survive(done, &mut recheck)?;
+                self.publish_then_handle(&mut publishes, request, &mut recheck)?;
             }
             let done = self.publish_batch(publishes);
             self.survive(done, &mut recheck)?;
