@@ -337,7 +337,16 @@ impl Decoder {
     /// Free the buffers of a message that was delivered. [`decode`](Decoder::decode) does this
     /// by itself on its next call; call it when a read's events are handled so that an idle
     /// connection holds no heap memory.
+    #[inline]
     pub fn release(&mut self) {
+        // Called before every decode: when a whole message came in one read (the common case)
+        // there is nothing to free, and three flags in cache say so without a call.
+        if self.data_delivered || self.control_delivered || self.partial.is_some() {
+            self.release_buffers();
+        }
+    }
+
+    fn release_buffers(&mut self) {
         if self.data_delivered {
             self.data_delivered = false;
             self.free_data();
@@ -411,13 +420,13 @@ impl Decoder {
                     return Ok(Step::NeedMore);
                 };
                 pos += header_len;
-                self.begin_frame(&header)?;
+                let begun = self.check_frame(&header)?;
                 let len = header.payload_len;
                 let whole = header.fin && header.opcode != OpCode::Continuation;
                 if whole && (input.len() - pos) as u64 >= len {
-                    // Fast path: the whole message is in this read; hand out a slice of it.
+                    // Fast path: the whole message is in this read; hand out a slice of it,
+                    // without opening frame or message state only to close it again.
                     let len = len as usize;
-                    self.frame = None;
                     let (_, rest) = input.split_at_mut(pos);
                     let payload = &mut rest[..len];
                     if let Some(key) = header.mask {
@@ -431,11 +440,13 @@ impl Decoder {
                         }
                         event?
                     } else {
-                        let message = self.message.take().expect("data frame began a message");
+                        let message =
+                            begun.expect("a data frame that is not a continuation begins a message");
                         whole_message_event(message, payload, self.config.check_utf8)?
                     };
                     return Ok(Step::Input(pos + len, event));
                 }
+                self.begin_frame(&header, begun)?;
             }
             // Payload of the current frame, in whole or in part.
             let frame = self.frame.as_mut().expect("a frame is open");
@@ -510,8 +521,9 @@ impl Decoder {
         }
     }
 
-    /// Check a header against the connection's state and open its frame.
-    fn begin_frame(&mut self, h: &FrameHeader) -> Result<(), ProtocolError> {
+    /// Check a header against the connection's state. Returns the message that a first data
+    /// frame begins (not recorded yet: a message that is whole in the input never is).
+    fn check_frame(&self, h: &FrameHeader) -> Result<Option<MessageState>, ProtocolError> {
         match (self.config.role, h.mask.is_some()) {
             (Role::Server, false) => return Err(ProtocolError::protocol("unmasked client frame")),
             (Role::Client, true) => return Err(ProtocolError::protocol("masked server frame")),
@@ -539,12 +551,23 @@ impl Decoder {
                 return Err(ProtocolError::protocol("new data frame inside a fragmented message"));
             }
             self.check_size(h.payload_len, rsv1)?;
+            return Ok(Some(MessageState { kind, compressed: rsv1, announced: h.payload_len }));
+        }
+        if h.opcode == OpCode::Continuation && self.message.is_none() {
+            return Err(ProtocolError::protocol("continuation frame outside a message"));
+        }
+        Ok(None)
+    }
+
+    /// Open a frame that [`check_frame`](Decoder::check_frame) accepted, and the message it
+    /// begins, if any.
+    fn begin_frame(&mut self, h: &FrameHeader, begun: Option<MessageState>) -> Result<(), ProtocolError> {
+        if let Some(message) = begun {
             self.utf8.reset();
-            self.message = Some(MessageState { kind, compressed: rsv1, announced: h.payload_len });
-        } else if h.opcode == OpCode::Continuation {
-            let Some(message) = self.message.as_mut() else {
-                return Err(ProtocolError::protocol("continuation frame outside a message"));
-            };
+            self.message = Some(message);
+        } else if h.opcode == OpCode::Continuation
+            && let Some(message) = self.message.as_mut()
+        {
             let announced = message.announced.saturating_add(h.payload_len);
             message.announced = announced;
             let compressed = message.compressed;
@@ -625,7 +648,7 @@ fn whole_message_event(
         (false, DataKind::Binary) => Event::Binary(payload),
         (false, DataKind::Text) if !check_utf8 => Event::UncheckedText(payload),
         (false, DataKind::Text) => Event::Text(
-            simdutf8::basic::from_utf8(payload)
+            crate::utf8::to_str(payload)
                 .map_err(|_| ProtocolError::invalid_payload("invalid UTF-8 in text message"))?,
         ),
     })

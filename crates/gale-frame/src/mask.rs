@@ -89,8 +89,16 @@ pub fn mask_words(buf: &mut [u8], key: [u8; 4]) {
         let w = u64::from_ne_bytes(c.try_into().unwrap()) ^ k64;
         c.copy_from_slice(&w.to_ne_bytes());
     }
-    // The remainder starts at a multiple of 8, so the key phase is unchanged.
-    mask_bytes(chunks.into_remainder(), key);
+    // The remainder starts at a multiple of 8, so the key phase is unchanged; so does its
+    // second half when it holds four bytes or more (a 20-byte message: two words, one half).
+    let mut rest = chunks.into_remainder();
+    if rest.len() >= 4 {
+        let (half, tail) = rest.split_at_mut(4);
+        let w = u32::from_ne_bytes((&*half).try_into().unwrap()) ^ k32 as u32;
+        half.copy_from_slice(&w.to_ne_bytes());
+        rest = tail;
+    }
+    mask_bytes(rest, key);
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@
 //! is failed as early as its bytes allow, which Autobahn's section 6 checks), keeping at most
 //! three bytes of an unfinished sequence between pieces.
 
-use crate::ascii::ascii_prefix_len;
+use crate::ascii::{SHORT_MAX, ascii_prefix_len, is_short_ascii};
 
 /// The input is not valid UTF-8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,6 +114,17 @@ impl Utf8Stream {
 #[inline]
 pub fn validate(bytes: &[u8]) -> Result<(), Utf8Error> {
     simdutf8::basic::from_utf8(bytes).map(|_| ()).map_err(|_| Utf8Error)
+}
+
+/// A whole text payload as `str`, if it is valid UTF-8. Short ASCII text (the bulk of small
+/// messages) is recognised with a few word loads instead of a byte-by-byte validator.
+#[inline]
+pub fn to_str(bytes: &[u8]) -> Result<&str, Utf8Error> {
+    if bytes.len() <= SHORT_MAX && is_short_ascii(bytes) {
+        // SAFETY: every byte is ASCII (checked on the line above), and ASCII is valid UTF-8.
+        return Ok(unsafe { std::str::from_utf8_unchecked(bytes) });
+    }
+    simdutf8::basic::from_utf8(bytes).map_err(|_| Utf8Error)
 }
 
 /// Length of the sequence a lead byte announces; 1 for ASCII and for bytes that cannot lead
@@ -261,6 +272,14 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
+        #[test]
+        fn whole_payload_verdict_equals_std(bytes in arb_bytes()) {
+            prop_assert_eq!(to_str(&bytes).ok(), std::str::from_utf8(&bytes).ok());
+            // Short payloads, where ASCII takes the word-load shortcut.
+            let short = &bytes[..bytes.len().min(SHORT_MAX + 1)];
+            prop_assert_eq!(to_str(short).ok(), std::str::from_utf8(short).ok());
+        }
+
         #[test]
         fn verdict_equals_std(bytes in arb_bytes(), mut cuts in proptest::collection::vec(0usize..700, 0..6)) {
             cuts.sort_unstable();

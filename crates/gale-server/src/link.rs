@@ -39,6 +39,13 @@ fn admits(held: usize, len: usize, limit: usize) -> bool {
     held <= CONTROL_ALLOWANCE.min(limit) || held + len <= limit
 }
 
+/// A frame header for [`Link::send_parts`]: the first `len` bytes of `bytes` (none for a frame
+/// encoded beforehand).
+struct Head {
+    bytes: [u8; MAX_HEADER_LEN],
+    len: usize,
+}
+
 /// Result of a send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SendStatus {
@@ -398,10 +405,10 @@ impl Link {
         compressed: bool,
         payload: &[u8],
     ) -> SendStatus {
-        let mut header = [0u8; MAX_HEADER_LEN];
+        let mut head = Head { bytes: [0; MAX_HEADER_LEN], len: 0 };
         let spec = FrameSpec { compressed, ..FrameSpec::server(opcode) };
-        let n = write_header(&mut header, spec, payload.len());
-        self.send_parts(pool, behavior, &header[..n], payload)
+        head.len = write_header(&mut head.bytes, spec, payload.len());
+        self.send_parts(pool, behavior, &head, payload)
     }
 
     /// The status of a message [`can_accept`](Link::can_accept) turned down, applying the
@@ -436,20 +443,20 @@ impl Link {
         behavior: &Behavior,
         frame: &[u8],
     ) -> SendStatus {
-        self.send_parts(pool, behavior, &[], frame)
+        self.send_parts(pool, behavior, &Head { bytes: [0; MAX_HEADER_LEN], len: 0 }, frame)
     }
 
     fn send_parts(
         &mut self,
         pool: &mut Scratch,
         behavior: &Behavior,
-        head: &[u8],
+        head: &Head,
         body: &[u8],
     ) -> SendStatus {
         if self.close != CloseState::Open || self.finish != Finish::No || self.broken {
             return SendStatus::Closed;
         }
-        let len = head.len() + body.len();
+        let len = head.len + body.len();
         if self.out.len() >= CORK_FLUSH && self.direct && !self.blocked {
             self.flush();
         }
@@ -465,6 +472,7 @@ impl Link {
             && body.len() >= DIRECT_WRITE_MIN
         {
             // Large payload: write it from the caller's slice, copy only what the kernel refuses.
+            let head = &head.bytes[..head.len];
             let written = self.write_vectored(head, body);
             if written < len {
                 self.ensure_buf(pool, len - written);
@@ -479,7 +487,13 @@ impl Link {
             return if self.blocked { SendStatus::Backpressure } else { SendStatus::Sent };
         }
         self.ensure_buf(pool, len);
-        self.out.extend_from_slice(head);
+        self.out.reserve(MAX_HEADER_LEN + body.len());
+        // The whole header array is a fixed-size copy (two stores); what follows the header
+        // is cut off at once, before the payload overwrites it. A copy of `len` bytes was a
+        // byte loop.
+        let at = self.out.len();
+        self.out.extend_from_slice(&head.bytes);
+        self.out.truncate(at + head.len);
         self.out.extend_from_slice(body);
         self.dirty = true;
         if self.in_kernel != 0 {
