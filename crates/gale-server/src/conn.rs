@@ -462,21 +462,12 @@ impl Conn {
                     // A message begun and never finished (trickled, or stalled): the peer is
                     // within the protocol but past our policy. Say so, stop reading, and give
                     // its bytes back to the loop's budget.
-                    let code = CloseCode::POLICY_VIOLATION;
-                    let reason = "message not completed in time";
-                    self.link.queue_close(cx.pool, ClosePayload::new(code, reason), CloseState::Closed);
-                    self.link.close = CloseState::Closed;
-                    self.link.finish = Finish::AfterFlush;
                     ws.decoder.finish();
-                    report_close(
-                        &mut ws.app,
-                        &mut self.reported,
-                        &mut self.link,
-                        route,
-                        cx.pool,
-                        code,
-                        reason,
-                    );
+                    let failure = ProtocolError {
+                        code: CloseCode::POLICY_VIOLATION,
+                        reason: "message not completed in time",
+                    };
+                    close_with(&mut ws.app, &mut self.reported, &mut self.link, route, cx.pool, failure);
                 } else if route.ticks.idle.is_some_and(|t| now > self.last_seen + t) {
                     match route.behavior.idle_close {
                         crate::IdleClose::GoingAway => self.link.queue_close(
@@ -856,19 +847,7 @@ impl Conn {
             let (used, event) = match ws.decoder.decode(&mut data[pos..]) {
                 Ok(step) => step,
                 Err(e) => {
-                    // Tell the peer why with the RFC's code, then close TCP once it is written.
-                    self.link.queue_close(cx.pool, ClosePayload::new(e.code, e.reason), CloseState::Closed);
-                    self.link.close = CloseState::Closed;
-                    self.link.finish = Finish::AfterFlush;
-                    report_close(
-                        &mut ws.app,
-                        &mut self.reported,
-                        &mut self.link,
-                        route,
-                        cx.pool,
-                        e.code,
-                        e.reason,
-                    );
+                    close_with(&mut ws.app, &mut self.reported, &mut self.link, route, cx.pool, e);
                     break;
                 }
             };
@@ -931,9 +910,7 @@ impl Conn {
                     cx.pool.codecs.inflated = out;
                     cx.pool.codecs.trim();
                     if let Some(e) = failure {
-                        link.queue_close(cx.pool, ClosePayload::new(e.code, e.reason), CloseState::Closed);
-                        link.finish = Finish::AfterFlush;
-                        report_close(app, &mut self.reported, link, route, cx.pool, e.code, e.reason);
+                        close_with(app, &mut self.reported, link, route, cx.pool, e);
                         break;
                     }
                 }
@@ -990,6 +967,22 @@ fn check_host(req: &Request<'_>) -> Result<(), gale_frame::handshake::HttpError>
         return Err(gale_frame::handshake::HttpError { status: 400, reason, headers: &[] });
     }
     Ok(())
+}
+
+/// Close because of `failure` (a protocol error, or our policy): tell the peer why with its
+/// code, close TCP once that is written, and deliver `close` to the handler.
+fn close_with(
+    app: &mut WsApp,
+    reported: &mut bool,
+    link: &mut Link,
+    route: &WsRoute,
+    pool: &mut Scratch,
+    failure: ProtocolError,
+) {
+    let ProtocolError { code, reason } = failure;
+    link.queue_close(pool, ClosePayload::new(code, reason), CloseState::Closed);
+    link.finish = Finish::AfterFlush;
+    report_close(app, reported, link, route, pool, code, reason);
 }
 
 /// Deliver the `close` callback once; sends are refused from then on.
