@@ -434,12 +434,12 @@ impl<'a> Figures<'a> {
             // The figures at the sustainable rate.
             let best = s.outcome.best.as_ref()?;
             return Some(Figures {
-                rate: best.throughput,
+                rate: best.measured.throughput,
                 sustainable: Some(best.rate),
-                latency: &best.latency_us,
-                cpu: best.cpu_ms_per_1k,
-                rss: best.rss_bytes.map(|b| b as f64),
-                utilisation: best.loadgen_utilisation,
+                latency: &best.measured.latency,
+                cpu: best.measured.cpu_ms_per_1k,
+                rss: best.measured.rss_bytes.map(|b| b as f64),
+                utilisation: best.measured.loadgen_utilisation,
                 wire: None,
             });
         }

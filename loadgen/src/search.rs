@@ -84,16 +84,19 @@ impl Limits {
     }
 }
 
-/// What one step measured, before it is judged.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What one step measured, before it is judged; in the JSON report, a step's figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Measured {
     /// The rate the load generator kept, in the unit of the asked rate.
     pub achieved: f64,
     /// Messages (echo) or deliveries (fanout) per second.
     pub throughput: f64,
-    /// Latency of the step.
+    /// Latency of the step, microseconds.
+    #[serde(rename = "latency_us")]
     pub latency: Latency,
-    /// What the scenario's own checks found wrong (lost or wrong messages, lost connections).
+    /// What the scenario's own checks found wrong (lost or wrong messages, lost connections):
+    /// the step's `why` once judged.
+    #[serde(skip)]
     pub problem: Option<String>,
     /// Server CPU ms per 1,000 messages or deliveries, with a server PID.
     pub cpu_ms_per_1k: Option<f64>,
@@ -102,6 +105,7 @@ pub struct Measured {
     /// Load-generator CPU use (1.0 = every client thread busy).
     pub loadgen_utilisation: f64,
     /// Ctrl-C cut the step short: it is not judged and the search stops.
+    #[serde(skip)]
     pub interrupted: bool,
 }
 
@@ -110,22 +114,13 @@ pub struct Measured {
 pub struct Step {
     /// The rate asked for.
     pub rate: f64,
-    /// The rate kept.
-    pub achieved: f64,
-    /// Messages (echo) or deliveries (fanout) per second.
-    pub throughput: f64,
-    /// Latency, microseconds.
-    pub latency_us: Latency,
+    /// What it measured (the rate kept, throughput, latency, server and load-generator cost).
+    #[serde(flatten)]
+    pub measured: Measured,
     /// Whether the step passed.
     pub pass: bool,
     /// Why it failed.
     pub why: Option<String>,
-    /// Server CPU ms per 1,000 messages or deliveries (with a server PID).
-    pub cpu_ms_per_1k: Option<f64>,
-    /// Server RSS at the end, bytes (with a server PID).
-    pub rss_bytes: Option<u64>,
-    /// Load-generator CPU use.
-    pub loadgen_utilisation: f64,
 }
 
 /// Why a search ended.
@@ -215,17 +210,7 @@ pub fn search(
             break Stop::Interrupted;
         }
         let why = judge(l, rate, &m);
-        let step = Step {
-            rate,
-            achieved: m.achieved,
-            throughput: m.throughput,
-            latency_us: m.latency,
-            pass: why.is_none(),
-            why,
-            cpu_ms_per_1k: m.cpu_ms_per_1k,
-            rss_bytes: m.rss_bytes,
-            loadgen_utilisation: m.loadgen_utilisation,
-        };
+        let step = Step { rate, measured: m, pass: why.is_none(), why };
         on_step(steps.len() + 1, &step);
         if step.pass {
             best = Some(steps.len());
@@ -324,9 +309,9 @@ fn print_step(n: usize, s: &Step, unit: &str) {
     say!(
         "  step {n}: {} {unit} asked, {} achieved, p50 {} µs, p99 {} µs: {verdict}",
         group(s.rate),
-        group(s.achieved),
-        group(s.latency_us.p50 as f64),
-        group(s.latency_us.p99 as f64)
+        group(s.measured.achieved),
+        group(s.measured.latency.p50 as f64),
+        group(s.measured.latency.p99 as f64)
     );
 }
 
@@ -343,10 +328,10 @@ pub fn print_result(r: &SearchReport) {
                 "  sustainable: {} {} (p50 {} µs, p99 {} µs, p99.9 {} µs, {} {through}) — {how}{above}",
                 group(b.rate),
                 r.unit,
-                group(b.latency_us.p50 as f64),
-                group(b.latency_us.p99 as f64),
-                group(b.latency_us.p999 as f64),
-                group(b.throughput)
+                group(b.measured.latency.p50 as f64),
+                group(b.measured.latency.p99 as f64),
+                group(b.measured.latency.p999 as f64),
+                group(b.measured.throughput)
             );
         }
         None => say!("  no rate passed — {how}"),
