@@ -1,11 +1,12 @@
 //! What the peer echo servers share: the command line (`--port`, `--threads`), the single
 //! `<name> listening on <scheme>://127.0.0.1:<port>` line a harness waits for, the message size
-//! limit, and the tokio accept loop of the three tokio-based peers.
+//! limit, the tokio accept loop of the three tokio-based peers, and the accept step of the
+//! two mio-based ones.
 //!
 //! Each peer is a binary of this crate (`src/bin/`); see `benches/peers/README.md`.
 
 use std::future::Future;
-use std::io::{self, Write};
+use std::io::{self, ErrorKind, Write};
 use std::net::Ipv4Addr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
@@ -67,4 +68,24 @@ where
             }
         }
     })
+}
+
+/// The next connection a mio `listener` has ready, with `TCP_NODELAY` set: edge-triggered
+/// loops call it until `None`. `None` too when accept failed (a connection reset before it,
+/// or out of descriptors; logged under `name`): the next event tries again.
+pub fn accept_ready(name: &str, listener: &mio::net::TcpListener) -> Option<mio::net::TcpStream> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let _ = stream.set_nodelay(true);
+                return Some(stream);
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => return None,
+            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+            Err(err) => {
+                eprintln!("{name}: accept: {err}");
+                return None;
+            }
+        }
+    }
 }

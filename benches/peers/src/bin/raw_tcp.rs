@@ -78,22 +78,12 @@ fn event_loop(mut listener: TcpListener) -> io::Result<()> {
 
 /// Accepts until `WouldBlock` (edge-triggered) and registers each connection.
 fn accept_all(listener: &TcpListener, registry: &Registry, conns: &mut Slab<Conn>) -> io::Result<()> {
-    loop {
-        let mut stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-            Err(err) => {
-                // A connection reset before accept or out of descriptors: wait for the next event.
-                eprintln!("raw-tcp: accept: {err}");
-                return Ok(());
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some(mut stream) = gale_peers::accept_ready("raw-tcp", listener) {
         let entry = conns.vacant_entry();
         registry.register(&mut stream, Token(entry.key()), Interest::READABLE | Interest::WRITABLE)?;
         entry.insert(Conn { stream, pending: Vec::new() });
     }
+    Ok(())
 }
 
 struct Conn {

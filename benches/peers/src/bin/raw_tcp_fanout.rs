@@ -85,22 +85,12 @@ struct Server {
 impl Server {
     /// Accepts until `WouldBlock` (edge-triggered) and registers each connection.
     fn accept_all(&mut self, listener: &TcpListener, registry: &Registry) -> io::Result<()> {
-        loop {
-            let mut stream = match listener.accept() {
-                Ok((stream, _)) => stream,
-                Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(()),
-                Err(err) if err.kind() == ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    // A connection reset before accept or out of descriptors: wait for the next event.
-                    eprintln!("raw-tcp-fanout: accept: {err}");
-                    return Ok(());
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        while let Some(mut stream) = gale_peers::accept_ready("raw-tcp-fanout", listener) {
             let entry = self.conns.vacant_entry();
             registry.register(&mut stream, Token(entry.key()), Interest::READABLE | Interest::WRITABLE)?;
             entry.insert(Conn { stream, role: Role::Handshaking, input: Vec::new(), pending: Vec::new() });
         }
+        Ok(())
     }
 
     /// Sends what is pending and reads everything there is to read. Returns false once the

@@ -49,7 +49,7 @@ pub struct StormReport {
     pub jitter_ms: u64,
     /// Seconds every client had to recover in.
     pub deadline_s: f64,
-    /// Worker processes and source addresses.
+    /// Worker processes.
     pub procs: usize,
     /// Source addresses.
     pub source_ips: usize,
