@@ -201,6 +201,13 @@ pub(crate) struct Link {
     pub(crate) in_kernel: usize,
 }
 
+/// The TLS session in a link's cold state, if any: a function of the field alone, so that
+/// the link's other fields (its queued bytes) can be borrowed beside it.
+#[inline]
+fn tls_in(cold: &mut Option<Box<Cold>>) -> Option<&mut TlsSession> {
+    cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut())
+}
+
 /// The rarely used state of a connection, boxed behind [`Link::cold`] when first needed: with
 /// TLS or an IPv6 peer from the start, otherwise when the connection begins to close.
 #[derive(Default)]
@@ -261,7 +268,7 @@ impl Link {
     /// The TLS session, if the connection has one.
     #[inline]
     pub(crate) fn tls(&mut self) -> Option<&mut TlsSession> {
-        self.cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut())
+        tls_in(&mut self.cold)
     }
 
     /// Whether the connection is plain TCP (no TLS): a pointer check while it has no cold state.
@@ -307,7 +314,7 @@ impl Link {
     /// report its completion with [`Link::sent`].
     pub(crate) fn take_queued(&mut self, pool: &mut Scratch) -> Vec<u8> {
         self.dirty = false;
-        let out = match self.cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut()) {
+        let out = match tls_in(&mut self.cold) {
             Some(tls) => {
                 if tls.sealed.capacity() == 0 {
                     tls.sealed = pool.take(self.out.len() + 64);
@@ -521,7 +528,7 @@ impl Link {
             return false;
         }
         let was_blocked = self.blocked;
-        let buf = match self.cold.as_deref_mut().and_then(|c| c.tls.as_deref_mut()) {
+        let buf = match tls_in(&mut self.cold) {
             Some(tls) => {
                 tls.seal(&mut self.out);
                 &mut tls.sealed
