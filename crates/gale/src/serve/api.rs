@@ -558,7 +558,7 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
             ),
             ("gale_broker_forwarded_total", "Messages forwarded from Redis to this node.", &st.forwarded),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", load(value));
+            metric(&mut out, name, "counter", help, load(value));
         }
     }
     HttpResponse::new(200, "text/plain; version=0.0.4; charset=utf-8", out.into_bytes())
