@@ -319,7 +319,7 @@ impl Broker {
             // Listen first: whatever is published from now on arrives on the channel, and
             // what came before is in the stream.
             let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
-            let _ = self.listen.send(Listen::Subscribe(topic.to_string(), ack_tx));
+            self.listen.send(Listen::Subscribe(topic.to_string(), ack_tx));
             match ack_rx.recv_timeout(COMMAND_TIMEOUT * 2) {
                 Ok(Ok(())) => {}
                 _ => {

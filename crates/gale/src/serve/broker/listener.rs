@@ -11,11 +11,14 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
 use redis::{ConnectionAddr, ConnectionInfo};
 
 use super::forward::split_exclusion;
@@ -23,8 +26,15 @@ use super::scripts::SubscribeCommands;
 use super::topology::{COMMAND_TIMEOUT, Redis, address, connection_lost};
 use super::{CONTROL_CHANNEL, Shared};
 
-/// How long the listener waits for channel messages before it looks at its orders again.
-pub(super) const POLL: Duration = Duration::from_millis(2);
+/// The longest the listener sleeps with nothing to do (orders and messages wake it at once;
+/// this bounds how late it notices a retry that is due).
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
+/// Values read from one connection before the others get their turn.
+const READ_BATCH: usize = 1024;
+
+/// The token of the orders' waker in the listener's poll (connections use their node index).
+const WAKE: Token = Token(usize::MAX);
 
 /// Orders for the listening thread.
 pub(super) enum Listen {
@@ -34,12 +44,38 @@ pub(super) enum Listen {
     Unsubscribe(String),
 }
 
-/// The thread that owns the subscribed connections: it forwards messages as they come.
+/// The broker's side of the listener: orders, each waking the listener at once.
+pub(super) struct Orders {
+    tx: Sender<Listen>,
+    waker: Arc<Waker>,
+}
+
+impl Orders {
+    /// Hand `order` to the listener and wake it.
+    pub(super) fn send(&self, order: Listen) {
+        if self.tx.send(order).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+impl Drop for Orders {
+    /// The gateway is shutting down: the listener notices at once that no orders will come.
+    fn drop(&mut self) {
+        let _ = self.waker.wake();
+    }
+}
+
+/// The thread that owns the subscribed connections: it forwards messages as they come. It
+/// sleeps in one poll over its connections and the orders' waker, so an order (a new topic to
+/// listen to) is carried out at once, not at the next timeout.
 pub(super) struct Listener {
     /// Commands (catch-ups) and the slot map.
-    pub(super) redis: Redis,
-    pub(super) shared: Arc<Shared>,
-    pub(super) ctl: Receiver<Listen>,
+    redis: Redis,
+    shared: Arc<Shared>,
+    ctl: Receiver<Listen>,
+    poll: Poll,
+    events: Events,
 }
 
 /// The listener's connections and the channels waiting for one.
@@ -60,12 +96,20 @@ struct State {
 }
 
 impl Listener {
+    /// A listener for `shared`'s topics, and the way to give it orders.
+    pub(super) fn new(redis: Redis, shared: Arc<Shared>) -> io::Result<(Listener, Orders)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let (tx, ctl) = crossbeam_channel::unbounded();
+        let listener = Listener { redis, shared, ctl, poll, events: Events::with_capacity(64) };
+        Ok((listener, Orders { tx, waker }))
+    }
+
     pub(super) fn run(mut self) {
         let commands = self.shared.layout.subscribe_commands();
         let mut st = State { backoff: Duration::from_millis(100), ..State::default() };
         st.homeless.insert(CONTROL_CHANNEL.to_string());
         let mut down_reported = false;
-        let mut turn = 0usize;
         loop {
             // Homes for the channels that lost theirs (at start: the control channel).
             if !st.homeless.is_empty() && st.retry_at.is_none_or(|t| Instant::now() >= t) {
@@ -85,56 +129,40 @@ impl Listener {
                     );
                 }
             }
-            // Orders (with no connection to read, waited for).
-            let order = if st.subs.is_empty() {
-                match self.ctl.recv_timeout(POLL * 25) {
-                    Ok(order) => Some(order),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    Err(RecvTimeoutError::Disconnected) => return,
-                }
-            } else {
-                None
-            };
-            let mut next = order;
+            // Orders.
             loop {
-                match next.take() {
-                    Some(Listen::Subscribe(topic, ack)) => {
+                match self.ctl.try_recv() {
+                    Ok(Listen::Subscribe(topic, ack)) => {
                         let channel = self.shared.layout.channel(&topic);
                         let result = self.subscribe(&mut st, commands, &channel);
                         self.release(&mut st, commands);
                         let _ = ack.send(result);
                     }
-                    Some(Listen::Unsubscribe(topic)) => {
+                    Ok(Listen::Unsubscribe(topic)) => {
                         let channel = self.shared.layout.channel(&topic);
                         self.unsubscribe(&mut st, commands, &channel);
                     }
-                    None => {}
-                }
-                match self.ctl.try_recv() {
-                    Ok(order) => next = Some(order),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
             self.shared.set_up(true, st.homeless.is_empty());
-            // Then messages: one connection (each in turn) is waited on for up to POLL, the
-            // others are read without waiting, so that orders are looked at every POLL however
-            // many primaries there are.
+            // Then messages: every connection is read until it has nothing more, or for
+            // READ_BATCH values (then the others and the orders get their turn, and the poll
+            // below does not wait).
+            let mut more = false;
             let mut nodes: Vec<usize> = st.subs.keys().copied().collect();
             nodes.sort_unstable();
-            if !nodes.is_empty() {
-                let first = turn % nodes.len();
-                nodes.rotate_left(first);
-            }
-            turn = turn.wrapping_add(1);
-            for (i, node) in nodes.into_iter().enumerate() {
-                let mut wait = (i == 0).then_some(POLL);
-                while let Some(sub) = st.subs.get_mut(&node) {
-                    match sub.read(wait.take()) {
+            for node in nodes {
+                let mut read = 0;
+                while read < READ_BATCH {
+                    let Some(sub) = st.subs.get_mut(&node) else { break };
+                    match sub.read_now() {
                         Ok(Some(value)) => {
                             let State { subs, homeless, .. } = &mut st;
                             let channels = &mut subs.get_mut(&node).expect("read above").channels;
                             self.dispatch(commands, value, channels, homeless);
+                            read += 1;
                         }
                         Ok(None) => break,
                         Err(e) => {
@@ -144,6 +172,25 @@ impl Listener {
                         }
                     }
                 }
+                more |= read == READ_BATCH;
+            }
+            // Sleep until a connection has something, an order comes, or a retry is due.
+            // Every connection was read until it had nothing, so its next arrival wakes the
+            // poll (which is edge-triggered).
+            let wait = if more {
+                Duration::ZERO
+            } else if st.homeless.is_empty() {
+                IDLE_WAIT
+            } else {
+                st.retry_at
+                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()))
+                    .min(IDLE_WAIT)
+            };
+            if let Err(e) = self.poll.poll(&mut self.events, Some(wait))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                tracing::warn!("broker: the listener cannot wait for Redis: {e}");
+                std::thread::sleep(wait.min(Duration::from_millis(100)));
             }
         }
     }
@@ -164,7 +211,13 @@ impl Listener {
         for _ in 0..4 {
             let node = self.redis.node_of(slot)?;
             if !st.subs.contains_key(&node) {
-                let sub = Sub::connect(self.redis.info(node)).inspect_err(|_| self.redis.fail(node))?;
+                let sub = Sub::connect(self.redis.info(node))
+                    .and_then(|sub| {
+                        let fd = sub.stream.as_raw_fd();
+                        self.poll.registry().register(&mut SourceFd(&fd), Token(node), Interest::READABLE)?;
+                        Ok(sub)
+                    })
+                    .inspect_err(|_| self.redis.fail(node))?;
                 if !st.seen.insert(node) {
                     self.shared.status.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
@@ -178,7 +231,7 @@ impl Listener {
                     if left.is_zero() {
                         return Err(io::Error::new(io::ErrorKind::TimedOut, "no confirmation from Redis"));
                     }
-                    match sub.read(Some(left))? {
+                    match sub.read_now()? {
                         Some(Resp::Array(items))
                             if is_reply(&items, &commands.subscribe.to_lowercase(), channel) =>
                         {
@@ -186,7 +239,11 @@ impl Listener {
                         }
                         Some(Resp::Error(e)) => return Ok(Some(e)),
                         Some(other) => st.held.push((node, other)),
-                        None => {}
+                        // Woken by any connection or an order; the run loop reads the others.
+                        None => match self.poll.poll(&mut self.events, Some(left)) {
+                            Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                            _ => {}
+                        },
                     }
                 }
             });
@@ -228,6 +285,7 @@ impl Listener {
     /// A node's connection failed: its channels wait for a home.
     fn lose(&mut self, st: &mut State, node: usize) {
         if let Some(sub) = st.subs.remove(&node) {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&sub.stream.as_raw_fd()));
             st.homeless.extend(sub.channels);
         }
         self.redis.fail(node);
@@ -402,11 +460,12 @@ fn parse_nested(buf: &[u8], depth: usize) -> Result<Option<(Resp, usize)>, Strin
     Ok(Some(value))
 }
 
-/// A subscribed connection to one node: its socket, what it has received and not yet parsed,
-/// and the channels subscribed on it.
+/// A subscribed connection to one node: its socket (non-blocking once connected), what it has
+/// received and not yet parsed (from `start`), and the channels subscribed on it.
 struct Sub {
     stream: TcpStream,
     buf: Vec<u8>,
+    start: usize,
     channels: HashSet<String>,
 }
 
@@ -423,23 +482,27 @@ impl Sub {
         let stream = TcpStream::connect_timeout(&addr, COMMAND_TIMEOUT)?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        let mut sub = Sub { stream, buf: Vec::new(), channels: HashSet::new() };
+        stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
+        let mut sub = Sub { stream, buf: Vec::new(), start: 0, channels: HashSet::new() };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
             match settings.username() {
                 Some(user) => sub.send(&["AUTH", user, password])?,
                 None => sub.send(&["AUTH", password])?,
             }
-            match sub.read(Some(COMMAND_TIMEOUT))? {
+            // Still blocking (up to the read timeout): the answer is the next value.
+            match sub.read_now()? {
                 Some(Resp::Text(_)) => {}
                 Some(Resp::Error(e)) => return Err(io::Error::other(format!("Redis refused AUTH: {e}"))),
                 _ => return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer to AUTH")),
             }
         }
+        sub.stream.set_nonblocking(true)?;
         Ok(sub)
     }
 
-    /// Send one command.
+    /// Send one command. Commands are small and rare; should the socket's buffer be full, the
+    /// rest is written blocking, for up to the write timeout.
     fn send(&mut self, args: &[&str]) -> io::Result<()> {
         let mut out = format!("*{}\r\n", args.len()).into_bytes();
         for a in args {
@@ -447,24 +510,38 @@ impl Sub {
             out.extend_from_slice(a.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        self.stream.write_all(&out)
+        let mut at = 0;
+        while at < out.len() {
+            match self.stream.write(&out[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stream.set_nonblocking(false)?;
+                    let rest = self.stream.write_all(&out[at..]);
+                    self.stream.set_nonblocking(true)?;
+                    return rest;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
-    /// The next value: one already received, else one that arrives within `wait` (`None`:
-    /// only what the socket holds now). `Ok(None)`: none yet.
-    fn read(&mut self, wait: Option<Duration>) -> io::Result<Option<Resp>> {
+    /// The next value: one already received, else one the socket holds now. `Ok(None)`: none
+    /// yet (the socket had nothing more).
+    fn read_now(&mut self) -> io::Result<Option<Resp>> {
         loop {
-            if let Some((value, used)) = parse(&self.buf).map_err(io::Error::other)? {
-                self.buf.drain(..used);
+            if let Some((value, used)) = parse(&self.buf[self.start..]).map_err(io::Error::other)? {
+                self.start += used;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 return Ok(Some(value));
             }
-            match wait {
-                Some(t) => {
-                    self.stream.set_nonblocking(false)?;
-                    self.stream.set_read_timeout(Some(t.max(Duration::from_millis(1))))?;
-                }
-                None => self.stream.set_nonblocking(true)?,
-            }
+            // What is left is the start of a value: move it to the front once, not per value.
+            self.buf.drain(..self.start);
+            self.start = 0;
             let mut chunk = [0u8; 16 * 1024];
             match self.stream.read(&mut chunk) {
                 Ok(0) => {

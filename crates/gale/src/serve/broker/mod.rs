@@ -63,7 +63,7 @@ use super::topics::{Position, new_epoch};
 use serde_json::value::RawValue;
 
 use forward::{Forwarding, read_history};
-use listener::{Listen, Listener};
+use listener::{Listener, Orders};
 use presence::read_presence;
 use publish::TopicCounts;
 use scripts::{Layout, Scripts};
@@ -257,7 +257,6 @@ pub fn start(
     let RedisLimits { history, ttl, max_topics, idempotency_window, ack_replicas } = limits;
     // Bounded by `BrokerHandle::send`, which lets leaves past the bound.
     let (tx, rx) = crossbeam_channel::unbounded();
-    let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
     let status = Arc::new(BrokerStatus::default());
     let node = u64::from_str_radix(&new_epoch(), 16).unwrap_or_default();
     let control = Arc::new(std::sync::OnceLock::new());
@@ -270,8 +269,8 @@ pub fn start(
         control: control.clone(),
         layout: Layout::new(target.is_cluster()),
     });
-    let listener =
-        Listener { redis: Redis::new(target, status.clone()), shared: shared.clone(), ctl: ctl_rx };
+    let (listener, orders) = Listener::new(Redis::new(target, status.clone()), shared.clone())
+        .map_err(|e| format!("cannot start the broker's listener: {e}"))?;
     std::thread::Builder::new()
         .name("gale-broker-listen".into())
         .spawn(move || listener.run())
@@ -282,7 +281,7 @@ pub fn start(
         scripts: Scripts::new(&shared.layout),
         shared: shared.clone(),
         rx,
-        listen: ctl_tx,
+        listen: orders,
         history: history.max(1),
         ttl_ms,
         max_topics,
@@ -365,7 +364,7 @@ struct Broker {
     scripts: Scripts,
     shared: Arc<Shared>,
     rx: Receiver<BrokerRequest>,
-    listen: Sender<Listen>,
+    listen: Orders,
     history: usize,
     /// Keys of a topic without publishes for this long expire (0: never).
     ttl_ms: u64,
@@ -522,7 +521,7 @@ impl Broker {
                     topics.keys().filter(|t| self.shared.handle.num_subscribers(t) == 0).cloned().collect();
                 for topic in idle {
                     topics.remove(&topic);
-                    let _ = self.listen.send(Listen::Unsubscribe(topic));
+                    self.listen.send(listener::Listen::Unsubscribe(topic));
                 }
             }
         }
