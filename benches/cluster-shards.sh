@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
 # Cluster shards: two `gale serve` gateways sharing topics through one Redis primary, then
-# through a Redis Cluster of three primaries (no replicas), with 1,000 and 10,000 topics, run
-# once side by side. Each run (benches/cluster_shards.py) subscribes one client per gateway to
-# every topic, then publishes batches of 100 items over HTTP, topics round-robin, to the two
-# gateways in turn as fast as they answer; it reports the publishes acknowledged per second and
-# the gateways' CPU (user + system) per 1,000 deliveries. Every process is on this machine.
+# through a Redis Cluster of three primaries (no replicas), with 1,000 and 10,000 topics, side
+# by side. Each run (benches/cluster_shards.py) subscribes one client per gateway to every
+# topic, then publishes batches of BATCH items over HTTP, topics round-robin, to the two
+# gateways in turn as fast as they answer; it reports the publishes acknowledged per second,
+# the gateways' CPU per 1,000 deliveries, Redis's CPU per publish and the busiest Redis node's
+# CPU. Every process is on this machine.
+#
+# With REDIS_CPU set (a share of one core, e.g. 0.25), every Redis node runs in a cgroup of its
+# own with that CPU budget, as if each were a machine of that size: the regime where one
+# primary's CPU is the limit, which on one small machine the gateways and the load would
+# otherwise reach first. It needs a writable cgroup cpu controller (v1 or v2; root).
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
-# Usage: benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
+# Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${1:-5}
 PUBLISHERS=${2:-4}
+BATCH=${BATCH:-100}
+TOPICS=${TOPICS:-1000 10000}
+REDIS_CPU=${REDIS_CPU:-}
 cargo build --release -p gale
 R="${CARGO_TARGET_DIR:-target}/release"
 OUT=target/bench/cluster-shards
@@ -21,8 +30,32 @@ export GALE_API_KEY=bench-key
 DATA=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$DATA"; }
+CGROUPS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 0.3
+    for g in "${CGROUPS[@]}"; do rmdir "$g" 2>/dev/null || true; done
+    rm -rf "$DATA"
+}
 trap cleanup EXIT
+
+# A cgroup with REDIS_CPU of one core for process $1.
+limit_cpu() {
+    local pid=$1 quota g
+    quota=$(python3 -c "print(int(float('$REDIS_CPU') * 100000))")
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then # v2
+        g=/sys/fs/cgroup/gale-bench-redis-$pid
+        mkdir "$g" && echo "$quota 100000" >"$g/cpu.max" && echo "$pid" >"$g/cgroup.procs"
+    elif [ -d /sys/fs/cgroup/cpu ]; then # v1
+        g=/sys/fs/cgroup/cpu/gale-bench-redis-$pid
+        mkdir "$g" && echo 100000 >"$g/cpu.cfs_period_us" && echo "$quota" >"$g/cpu.cfs_quota_us" &&
+            echo "$pid" >"$g/tasks"
+    else
+        echo "cluster-shards: REDIS_CPU needs a cgroup cpu controller; none is mounted" >&2
+        exit 2
+    fi || { echo "cluster-shards: cannot make the cgroup $g (REDIS_CPU needs root)" >&2; exit 2; }
+    CGROUPS+=("$g")
+}
 
 CONFIG="$DATA/gale.toml"
 cat >"$CONFIG" <<'EOF'
@@ -46,6 +79,7 @@ start_redis() { # port [cluster bus port]
     LAST_PID=$!
     PIDS+=("$LAST_PID")
     until redis-cli -p "$1" PING >/dev/null 2>&1; do sleep 0.05; done
+    [ -z "$REDIS_CPU" ] || limit_cpu "$LAST_PID"
 }
 start_gateway() { # port broker
     "$R/gale" serve --config "$CONFIG" --listen "127.0.0.1:$1" --threads 1 --broker "$2" >/dev/null 2>&1 &
@@ -56,39 +90,47 @@ start_gateway() { # port broker
 
 SINGLE=$(free_port)
 start_redis "$SINGLE"
+SINGLE_PID=$LAST_PID
 CLUSTER=()
+CLUSTER_PIDS=()
 for _ in 1 2 3; do
     p=$(free_port)
     start_redis "$p" "$(free_port)"
     CLUSTER+=("127.0.0.1:$p")
+    CLUSTER_PIDS+=("$LAST_PID")
 done
 redis-cli --cluster create "${CLUSTER[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
 until [ "$(redis-cli -p "${CLUSTER[0]#*:}" CLUSTER INFO | tr -d '\r' | grep cluster_state)" = "cluster_state:ok" ]; do
     sleep 0.1
 done
 
-run() { # name broker topics
+run() { # name broker topics redis-pids
     local a b pa pb
     a=$(free_port); b=$(free_port)
     start_gateway "$a" "$2"; pa=$LAST_PID
     start_gateway "$b" "$2"; pb=$LAST_PID
     echo "$1, $3 topics" >&2
-    python3 benches/cluster_shards.py "$1" "$3" "$SECONDS_PER_RUN" "$PUBLISHERS" "$a:$pa" "$b:$pb" \
-        >>"$OUT/results.jsonl"
+    python3 benches/cluster_shards.py "$1" "$3" "$SECONDS_PER_RUN" "$PUBLISHERS" "$BATCH" \
+        "$a:$pa,$b:$pb" "$4" "$REDIS_CPU" >>"$OUT/results.jsonl"
     kill "$pa" "$pb"
     wait "$pa" "$pb" 2>/dev/null || true
 }
 CLUSTER_URL="redis+cluster://$(IFS=,; echo "${CLUSTER[*]}")"
-for topics in 1000 10000; do
-    run "one primary" "redis://127.0.0.1:$SINGLE" "$topics"
-    run "3-shard cluster" "$CLUSTER_URL" "$topics"
+for topics in $TOPICS; do
+    run "one primary" "redis://127.0.0.1:$SINGLE" "$topics" "$SINGLE_PID"
+    run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")"
 done
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries |")
-print("|---|---:|---:|---:|---:|")
+budget = rows[0]["redis_cpu_budget"]
+print(f"Redis CPU budget per node: {budget if budget else 'none (the machine shared)'}; "
+      f"{rows[0]['batch']} items per request")
+print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries "
+      "| Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     print(f"| {r['setup']} | {r['topics']:,} | {r['publishes_per_sec']:,} | {r['deliveries']:,} "
-          f"({r['expected_deliveries']:,}) | {r['gateway_cpu_ms_per_1k_deliveries']:.2f} |")
+          f"({r['expected_deliveries']:,}) | {r['gateway_cpu_ms_per_1k_deliveries']:.2f} "
+          f"| {r['redis_cpu_us_per_publish']:.1f} | {r['busiest_redis_cores']:.2f} | {r['subscribe_s']:.1f} |")
 PY

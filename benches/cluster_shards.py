@@ -1,110 +1,145 @@
 """One measurement of benches/cluster-shards.sh: gateways sharing TOPICS topics through their
-broker; one subscriber per gateway subscribed to every topic; publishers send batches
-(POST /api/publish_batch, 100 items, topics round-robin) to the gateways in turn as fast as
-they are answered for SECONDS. Prints one JSON line: publishes/s acknowledged, deliveries, and
-the gateways' CPU (user + system, from /proc) per 1,000 deliveries.
+broker; one subscriber per gateway subscribed to every topic; publisher processes send batches
+(POST /api/publish_batch, BATCH items, topics round-robin) to the gateways in turn as fast as
+they are answered for SECONDS. Subscribers and publishers are processes of their own, so that
+the load does not queue behind one Python interpreter.
 
-Usage: python3 benches/cluster_shards.py NAME TOPICS SECONDS PUBLISHERS GATEWAY_PORT:PID...
+Prints one JSON line: publishes/s acknowledged, deliveries, the gateways' CPU (user + system,
+from /proc) per 1,000 deliveries, Redis's CPU per publish (all its nodes), and the busiest
+Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget).
+
+Usage: python3 benches/cluster_shards.py NAME TOPICS SECONDS PUBLISHERS BATCH
+           GATEWAY_PORT:PID[,...] REDIS_PID[,...] [REDIS_CPU_BUDGET]
 """
 
 import asyncio
 import json
+import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 from http.client import HTTPConnection
 
-from websockets.asyncio.client import connect
-
 API_KEY = os.environ.get("GALE_API_KEY", "bench-key")
-BATCH = 100
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_ms(pid):
+def cpu_s(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1000 / TICK
+    return (int(fields[11]) + int(fields[12])) / TICK
 
 
-async def subscriber(port, topics, counts, ready):
-    ws = await connect(f"ws://127.0.0.1:{port}/ws", max_size=None, ping_interval=None, open_timeout=30)
-    pending = 0
-    for i, t in enumerate(topics):
-        await ws.send(json.dumps({"id": i, "op": "subscribe", "topic": t}))
-        pending += 1
-        while pending >= 200:
-            reply = json.loads(await ws.recv())
-            assert reply.get("ok"), reply
-            pending -= 1
-    while pending:
-        reply = json.loads(await ws.recv())
-        assert reply.get("ok"), reply
-        pending -= 1
-    ready.set()
-    async for _ in ws:
-        counts[port] += 1
+def topic_names(n):
+    return [f"chat:bench-{i}" for i in range(n)]
 
 
-def publisher(ports, topics, start, deadline, acked, errors):
+def subscriber(port, topics_n, count, ready, failed):
+    """Subscribe to every topic on the gateway at `port`, then count deliveries into `count`."""
+    from websockets.asyncio.client import connect
+
+    async def run():
+        ws = await connect(f"ws://127.0.0.1:{port}/ws", max_size=None, ping_interval=None, open_timeout=30)
+        pending = 0
+        for i, t in enumerate(topic_names(topics_n)):
+            await ws.send(json.dumps({"id": i, "op": "subscribe", "topic": t}))
+            pending += 1
+            while pending >= 200 or (pending and i == topics_n - 1):
+                reply = json.loads(await ws.recv())
+                if not reply.get("ok"):
+                    failed.value = 1
+                    raise SystemExit(f"subscribe refused: {reply}")
+                pending -= 1
+        ready.set()
+        async for _ in ws:
+            count.value += 1  # this process is its only writer
+
+    try:
+        asyncio.run(run())
+    except Exception as e:  # a failed subscriber ends the run with its reason
+        failed.value = 1
+        print(f"subscriber on {port}: {e}", file=sys.stderr)
+
+
+def publisher(ports, topics_n, batch, start, deadline, acked, refused):
+    topics = topic_names(topics_n)
     conns = {p: HTTPConnection("127.0.0.1", p, timeout=30) for p in ports}
-    n = start
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    n, ok_total, bad_total = start, 0, 0
     while time.monotonic() < deadline:
         port = ports[n % len(ports)]
-        items = [{"topic": topics[(n * BATCH + i) % len(topics)], "data": n} for i in range(BATCH)]
+        items = [{"topic": topics[(n * batch + i) % topics_n], "data": n} for i in range(batch)]
         conns[port].request("POST", "/api/publish_batch", body=json.dumps(items), headers=headers)
         r = conns[port].getresponse()
         body = json.loads(r.read())
         ok = sum(1 for item in body.get("results", []) if "seq" in item)
-        acked[0] += ok
-        errors[0] += BATCH - ok
+        ok_total += ok
+        bad_total += batch - ok
         n += 1
+    with acked.get_lock():
+        acked.value += ok_total
+    with refused.get_lock():
+        refused.value += bad_total
 
 
-async def main():
-    name, topics_n, seconds, publishers = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-    gateways = [tuple(map(int, g.split(":"))) for g in sys.argv[5:]]
+def main():
+    name, topics_n, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    publishers, batch = int(sys.argv[4]), int(sys.argv[5])
+    gateways = [tuple(map(int, g.split(":"))) for g in sys.argv[6].split(",")]
+    redis_pids = [int(p) for p in sys.argv[7].split(",")]
+    budget = float(sys.argv[8]) if len(sys.argv) > 8 and sys.argv[8] else None
     ports = [p for p, _ in gateways]
-    topics = [f"chat:bench-{i}" for i in range(topics_n)]
-    counts = {p: 0 for p in ports}
-    readies = [asyncio.Event() for _ in ports]
-    tasks = [asyncio.create_task(subscriber(p, topics, counts, r)) for p, r in zip(ports, readies)]
+
+    counts = [mp.Value("q", 0, lock=False) for _ in ports]
+    readies = [mp.Event() for _ in ports]
+    failed = mp.Value("b", 0)
+    subs = [mp.Process(target=subscriber, args=(p, topics_n, c, r, failed), daemon=True)
+            for p, c, r in zip(ports, counts, readies)]
     setup = time.monotonic()
+    for s in subs:
+        s.start()
     while not all(r.is_set() for r in readies):
-        for t in tasks:
-            if t.done():
-                t.result()  # a subscriber that failed (a refused subscription) ends the run
-        await asyncio.sleep(0.05)
+        if failed.value:
+            raise SystemExit("a subscriber failed")
+        time.sleep(0.05)
     setup = time.monotonic() - setup
-    acked, errors = [0], [0]
-    cpu0 = sum(cpu_ms(pid) for _, pid in gateways)
-    seen0 = sum(counts.values())
+
+    acked, refused = mp.Value("q", 0), mp.Value("q", 0)
+    gw0 = sum(cpu_s(pid) for _, pid in gateways)
+    redis0 = [cpu_s(pid) for pid in redis_pids]
+    seen0 = sum(c.value for c in counts)
     started = time.monotonic()
     deadline = started + seconds
-    threads = [threading.Thread(target=publisher, args=(ports, topics, i * 7919, deadline, acked, errors))
-               for i in range(publishers)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        await asyncio.sleep(0.05)
+    pubs = [mp.Process(target=publisher, args=(ports, topics_n, batch, i * 7919, deadline, acked, refused))
+            for i in range(publishers)]
+    for p in pubs:
+        p.start()
+    for p in pubs:
+        p.join()
     elapsed = time.monotonic() - started
+    redis_busy = [cpu_s(pid) - c for pid, c in zip(redis_pids, redis0)]
     # The last deliveries: until none arrive for half a second.
     last = -1
-    while last != sum(counts.values()):
-        last = sum(counts.values())
-        await asyncio.sleep(0.5)
-    cpu = sum(cpu_ms(pid) for _, pid in gateways) - cpu0
-    deliveries = sum(counts.values()) - seen0
-    for t in tasks:
-        t.cancel()
+    while last != sum(c.value for c in counts):
+        last = sum(c.value for c in counts)
+        time.sleep(0.5)
+    gw = sum(cpu_s(pid) for _, pid in gateways) - gw0
+    redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
+    deliveries = sum(c.value for c in counts) - seen0
+    for s in subs:
+        s.terminate()
+    expected = acked.value * len(ports)
     print(json.dumps({
-        "setup": name, "topics": topics_n, "subscribe_s": round(setup, 1),
-        "publishes_per_sec": round(acked[0] / elapsed), "refused": errors[0],
-        "deliveries": deliveries, "expected_deliveries": acked[0] * len(ports),
-        "gateway_cpu_ms_per_1k_deliveries": round(cpu / max(deliveries, 1) * 1000, 2),
+        "setup": name, "topics": topics_n, "batch": batch, "subscribe_s": round(setup, 2),
+        "redis_cpu_budget": budget,
+        "publishes_per_sec": round(acked.value / elapsed), "refused": refused.value,
+        "deliveries": deliveries, "expected_deliveries": expected,
+        "gateway_cpu_ms_per_1k_deliveries": round(gw / max(deliveries, 1) * 1e6, 2),
+        "redis_cpu_us_per_publish": round(redis / max(acked.value, 1) * 1e6, 1),
+        # While publishing: the busiest node's CPU time over the wall time, in cores.
+        "busiest_redis_cores": round(max(redis_busy) / elapsed, 2),
     }))
 
 
-asyncio.run(main())
+if __name__ == "__main__":
+    main()
