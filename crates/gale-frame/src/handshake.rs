@@ -10,6 +10,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use sha1::{Digest, Sha1};
 use std::fmt::Write as _;
 
+/// The transfer codings of the HTTP registry (RFC 9110 section 18.9 and the aliases RFC 9112
+/// section 7.2 keeps); any other is one this server does not know.
+const KNOWN_CODINGS: [&str; 6] = ["chunked", "gzip", "x-gzip", "deflate", "compress", "x-compress"];
+
 /// Largest request or response head we accept (request line and headers). Larger heads get
 /// 431 Request Header Fields Too Large.
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
@@ -146,8 +150,9 @@ impl<'a> Request<'a> {
     /// The length of the request body, for a server that reads bodies by `Content-Length`
     /// only (RFC 9112 section 6.3): 0 without one. Any `Transfer-Encoding` is refused: with
     /// `Content-Length` too, in HTTP/1.0, unreadable or without `chunked` last it is 400
-    /// (the body's end cannot be known); a well-formed chunked body is 411 (send
-    /// `Content-Length`). Every refusal means the connection must close after the answer.
+    /// (the body's end cannot be known); with a coding not in the registry, 501 (RFC 9112
+    /// section 6.1); a well-formed chunked body is 411 (send `Content-Length`). Every refusal
+    /// means the connection must close after the answer.
     pub fn body_length(&self) -> Result<u64, HttpError> {
         let mut codings = self.raw_values("transfer-encoding").peekable();
         if codings.peek().is_some() {
@@ -157,7 +162,7 @@ impl<'a> Request<'a> {
             if self.minor_version == 0 {
                 return Err(HttpError::new(400, "Transfer-Encoding in an HTTP/1.0 request"));
             }
-            let mut last = None;
+            let (mut last, mut unknown) = (None, None);
             for value in codings {
                 let value = std::str::from_utf8(value).ok();
                 let mut any = false;
@@ -168,6 +173,9 @@ impl<'a> Request<'a> {
                     }
                     any = true;
                     last = Some(name);
+                    if unknown.is_none() && !KNOWN_CODINGS.iter().any(|k| k.eq_ignore_ascii_case(name)) {
+                        unknown = Some(name);
+                    }
                 }
                 if !any {
                     return Err(HttpError::new(400, "malformed Transfer-Encoding"));
@@ -175,6 +183,9 @@ impl<'a> Request<'a> {
             }
             if !last.is_some_and(|c| c.eq_ignore_ascii_case("chunked")) {
                 return Err(HttpError::new(400, "Transfer-Encoding without chunked last"));
+            }
+            if unknown.is_some() {
+                return Err(HttpError::new(501, "unknown transfer coding in Transfer-Encoding"));
             }
             return Err(HttpError::new(411, "chunked request bodies are not supported; send Content-Length"));
         }
@@ -503,6 +514,14 @@ pub fn write_accept_response(out: &mut Vec<u8>, accept: &AcceptKey, options: &Ac
 
 /// Write an error response with a plain-text one-line body and `Connection: close`.
 pub fn write_error_response(out: &mut Vec<u8>, status: u16, reason: &str, headers: &[(&str, &str)]) {
+    write_error_head(out, status, reason, headers);
+    out.extend_from_slice(reason.lines().next().unwrap_or_default().as_bytes());
+    out.push(b'\n');
+}
+
+/// Write the head of `write_error_response`'s answer and no body: the answer to a HEAD
+/// request (RFC 9110 section 9.3.2), whose `Content-Length` is the body a GET would get.
+pub fn write_error_head(out: &mut Vec<u8>, status: u16, reason: &str, headers: &[(&str, &str)]) {
     let reason = reason.lines().next().unwrap_or_default();
     let mut head = String::with_capacity(160);
     let _ = write!(
@@ -516,8 +535,6 @@ pub fn write_error_response(out: &mut Vec<u8>, status: u16, reason: &str, header
         push_header(out, name, value);
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(reason.as_bytes());
-    out.push(b'\n');
 }
 
 fn push_header(out: &mut Vec<u8>, name: &str, value: &str) {

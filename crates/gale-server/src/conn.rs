@@ -8,7 +8,7 @@
 use gale_frame::deflate::{InflateError, negotiate};
 use gale_frame::handshake::{
     AcceptOptions, Request, extension_offers, is_upgrade_request, parse_request, request_line_path,
-    validate_upgrade, write_accept_response, write_error_response,
+    validate_upgrade, write_accept_response, write_error_head, write_error_response,
 };
 use gale_frame::{CloseCode, ClosePayload, DataKind, Decoder, DecoderConfig, Event, OpCode, ProtocolError};
 
@@ -440,9 +440,10 @@ impl Conn {
             // A deferred answer that did not come in time: the client is told, rather than
             // left with a connection closed in silence. A late answer finds nothing awaited.
             Phase::Http(http) if http.awaiting.is_some() => {
-                let path = http.awaiting.take().map(|a| a.path).unwrap_or_default();
+                let (path, head) =
+                    http.awaiting.take().map(|a| (a.path, a.mode.head_only)).unwrap_or_default();
                 let reason = "the answer did not come in time";
-                self.http_error(cx, Some(&path), 503, reason, &[]);
+                self.http_error(cx, Some(&path), head, 503, reason, &[]);
             }
             // Handshake not finished, or an idle keep-alive connection: drop it (slowloris).
             Phase::Http(_) => self.link.finish = Finish::Now,
@@ -575,31 +576,40 @@ impl Conn {
                 Ok(None) => break,
                 Err(e) => {
                     let path = request_line_path(&bytes[pos..]);
-                    self.http_error(cx, path, e.status, e.reason, e.headers);
+                    let head = bytes[pos..].starts_with(b"HEAD ");
+                    self.http_error(cx, path, head, e.status, e.reason, e.headers);
                     break;
                 }
             };
             let path = req.path();
+            let head = req.method == "HEAD";
             // RFC 9112 section 6.3: a request whose body cannot be delimited surely is refused
             // and the connection closed, so that no byte of it is read as the next request.
             let framing = check_host(&req).and_then(|()| req.body_length());
             let body_len = match framing {
                 Ok(n) => n,
                 Err(e) => {
-                    self.http_error(cx, Some(path), e.status, e.reason, e.headers);
+                    self.http_error(cx, Some(path), head, e.status, e.reason, e.headers);
                     break;
                 }
             };
             if body_len > cx.config.max_body as u64 {
                 // 413 rather than 417 for `Expect: 100-continue` too: it names the actual
                 // problem, and is what a client that sent the body at once gets.
-                self.http_error(cx, Some(path), 413, "request body larger than the server accepts", &[]);
+                self.http_error(
+                    cx,
+                    Some(path),
+                    head,
+                    413,
+                    "request body larger than the server accepts",
+                    &[],
+                );
                 break;
             }
             let expects_continue = match req.expects_continue() {
                 Ok(expects) => expects,
                 Err(e) => {
-                    self.http_error(cx, Some(path), e.status, e.reason, e.headers);
+                    self.http_error(cx, Some(path), head, e.status, e.reason, e.headers);
                     break;
                 }
             };
@@ -614,7 +624,7 @@ impl Conn {
                 {
                     if !(matches!(http_route, HttpMatch::Found(_)) || upgrade && ws_route.is_some()) {
                         // No route would take it: answer now, so the client never sends it.
-                        self.refuse_unrouted(cx, path, ws_route.is_some(), &http_route);
+                        self.refuse_unrouted(cx, path, head, ws_route.is_some(), &http_route);
                         break;
                     }
                     // The client waits for this before it sends the body.
@@ -658,7 +668,7 @@ impl Conn {
                     }
                 }
                 (_, _, HttpMatch::WrongMethod(_)) | (false, Some(_), HttpMatch::NotFound) => {
-                    self.refuse_unrouted(cx, path, ws_route.is_some(), &http_route);
+                    self.refuse_unrouted(cx, path, head, ws_route.is_some(), &http_route);
                     break;
                 }
                 (_, _, HttpMatch::NotFound) => {
@@ -679,20 +689,28 @@ impl Conn {
     /// Answer a request that awaits `100 Continue` but that no route would serve (404, 405,
     /// or 426 for a WebSocket route asked without an upgrade), and close: its body is never
     /// read.
-    fn refuse_unrouted(&mut self, cx: &mut ConnCx<'_>, path: &str, ws_route: bool, http_route: &HttpMatch) {
+    fn refuse_unrouted(
+        &mut self,
+        cx: &mut ConnCx<'_>,
+        path: &str,
+        head: bool,
+        ws_route: bool,
+        http_route: &HttpMatch,
+    ) {
         match http_route {
             HttpMatch::WrongMethod(allowed) => {
                 let allow = [("Allow", allowed.as_str())];
-                self.http_error(cx, Some(path), 405, "method not allowed for this path", &allow);
+                self.http_error(cx, Some(path), head, 405, "method not allowed for this path", &allow);
             }
             _ if ws_route => self.http_error(
                 cx,
                 Some(path),
+                head,
                 426,
                 "this resource requires a WebSocket upgrade (Upgrade: websocket)",
                 &[("Upgrade", "websocket")],
             ),
-            _ => self.http_error(cx, Some(path), 404, &format!("no route for {path}"), &[]),
+            _ => self.http_error(cx, Some(path), head, 404, &format!("no route for {path}"), &[]),
         }
     }
 
@@ -764,21 +782,29 @@ impl Conn {
     }
 
     /// Answer with an error and close once it is written: rendered by the application when it
-    /// renders the errors of `path` (the request's, when known), else a one-line text.
+    /// renders the errors of `path` (the request's, when known), else a one-line text; to a
+    /// HEAD request (`head`), the head alone.
     fn http_error(
         &mut self,
         cx: &mut ConnCx<'_>,
         path: Option<&str>,
+        head: bool,
         status: u16,
         reason: &str,
         headers: &[(&str, &str)],
     ) {
         if let Some(response) = path.and_then(|p| cx.routes.render_error(p, status, reason)) {
             let response = headers.iter().fold(response, |r, (name, value)| r.header(*name, *value));
-            self.write_response(cx, ResponseMode { keep_alive: false, head_only: false }, &response);
+            self.write_response(cx, ResponseMode { keep_alive: false, head_only: head }, &response);
             return;
         }
-        self.link.push_with(cx.pool, |out| write_error_response(out, status, reason, headers));
+        self.link.push_with(cx.pool, |out| {
+            if head {
+                write_error_head(out, status, reason, headers)
+            } else {
+                write_error_response(out, status, reason, headers)
+            }
+        });
         self.link.finish = Finish::AfterFlush;
     }
 
@@ -789,7 +815,7 @@ impl Conn {
         let upgrade = match validate_upgrade(req) {
             Ok(u) => u,
             Err(e) => {
-                self.http_error(cx, Some(req.path()), e.status, e.reason, e.headers);
+                self.http_error(cx, Some(req.path()), req.method == "HEAD", e.status, e.reason, e.headers);
                 return false;
             }
         };
@@ -798,7 +824,7 @@ impl Conn {
             Ok(accepted) => accepted,
             Err(reject) => {
                 let status = if (400..600).contains(&reject.status) { reject.status } else { 500 };
-                self.http_error(cx, Some(req.path()), status, &reject.reason, &[]);
+                self.http_error(cx, Some(req.path()), req.method == "HEAD", status, &reject.reason, &[]);
                 return false;
             }
         };
@@ -808,7 +834,14 @@ impl Conn {
             Some(cfg) => match extension_offers(req) {
                 Ok(offers) => negotiate(&offers, &cfg),
                 Err(e) => {
-                    self.http_error(cx, Some(req.path()), e.status, e.reason, e.headers);
+                    self.http_error(
+                        cx,
+                        Some(req.path()),
+                        req.method == "HEAD",
+                        e.status,
+                        e.reason,
+                        e.headers,
+                    );
                     return false;
                 }
             },

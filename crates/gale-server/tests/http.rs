@@ -141,6 +141,35 @@ fn wrong_method_gets_405_with_allow() {
     server.stop();
 }
 
+#[test]
+fn error_answers_to_head_requests_carry_no_body() {
+    // RFC 9110 section 9.3.2: the head a GET would get, with no body after it. Each error
+    // closes the connection, so everything up to EOF is the answer.
+    let cases: [(&[u8], &str); 3] = [
+        (b"HEAD /upload HTTP/1.1\r\nHost: test\r\n\r\n", "405"),
+        (b"HEAD /items HTTP/1.1\r\n\r\n", "400"),
+        (b"HEAD /items HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: rot13, chunked\r\n\r\n", "501"),
+    ];
+    let log = Log::new();
+    let server = start(&log);
+    for (request, status) in cases {
+        let mut stream = connect_tcp(server.addr);
+        stream.write_all(request).expect("send the request");
+        let answer = String::from_utf8_lossy(&rest_until_eof(&mut stream, &mut Vec::new())).into_owned();
+        let shown = String::from_utf8_lossy(request);
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{shown:?}: {answer:?}");
+        assert!(answer.to_ascii_lowercase().contains("\r\ncontent-length: "), "{shown:?}: {answer:?}");
+        assert!(answer.ends_with("\r\n\r\n"), "{shown:?}: a body followed the head: {answer:?}");
+    }
+    // Any other method gets the body that a HEAD answer announces.
+    let mut stream = connect_tcp(server.addr);
+    stream.write_all(b"POST /items HTTP/1.1\r\nHost: test\r\n\r\n").expect("send the request");
+    let answer = String::from_utf8_lossy(&rest_until_eof(&mut stream, &mut Vec::new())).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 405 ") && !answer.ends_with("\r\n\r\n"), "{answer:?}");
+    assert!(log.snapshot().is_empty(), "no handler ran: {:?}", log.snapshot());
+    server.stop();
+}
+
 /// Read from `stream` until EOF: the server must close the connection without sending more
 /// than what `buf` already holds. Returns what arrived meanwhile (empty when it closed).
 fn rest_until_eof(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
@@ -158,10 +187,10 @@ fn rest_until_eof(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> Vec<u8
 }
 
 #[test]
-fn requests_whose_body_cannot_be_delimited_get_400_or_411_and_close() {
+fn requests_whose_body_cannot_be_delimited_get_400_411_or_501_and_close() {
     // RFC 9112 section 6.3. Each request is followed by a second one in the same write: if the
     // server misread where the first ends, it would serve the second (request smuggling).
-    let cases: [(&[u8], u16); 15] = [
+    let cases: [(&[u8], u16); 18] = [
         (b"HTTP/1.1\r\nContent-Length: 34\xff", 400),
         (b"HTTP/1.1\r\nX-Folded: a\r\n Content-Length: 5", 400),
         (b"HTTP/1.1\r\nContent-Length: \xb3", 400),
@@ -177,6 +206,10 @@ fn requests_whose_body_cannot_be_delimited_get_400_or_411_and_close() {
         (b"HTTP/1.1\r\nTransfer-Encoding: ,", 400),
         (b"HTTP/1.0\r\nTransfer-Encoding: chunked", 400),
         (b"HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 411),
+        (b"HTTP/1.1\r\nTransfer-Encoding: X-Gzip, chunked", 411),
+        // A coding this server does not know (RFC 9112 section 6.1).
+        (b"HTTP/1.1\r\nTransfer-Encoding: rot13, chunked", 501),
+        (b"HTTP/1.1\r\nTransfer-Encoding: rot13\r\nTransfer-Encoding: chunked", 501),
     ];
     let log = Log::new();
     let server = start(&log);
