@@ -173,6 +173,38 @@ fn a_slow_subscriber_is_cut_off_without_slowing_the_others() {
     server.stop();
 }
 
+/// Publishes delivered in one go, to two topics: a subscriber of one topic misses the other's
+/// messages in between, so its frames are not one run of what the loop delivered; it still
+/// gets its messages in order (a large one, written at once when nothing is queued, included),
+/// and a subscriber of both gets every message in order.
+#[test]
+fn one_batch_of_publishes_to_two_topics_keeps_each_subscribers_order() {
+    let server = start(1, Behavior::default());
+    let mut both = subscribe(&server, "a");
+    both.send_text("sub b");
+    assert_eq!(both.expect_text(), "subscribed");
+    let mut only_a = subscribe(&server, "a");
+    let mut publisher = server.connect("/ps");
+    let large = format!("a2{}", "L".repeat(20 * 1024));
+    let published = ["a1".to_string(), "b1".to_string(), large.clone(), "b2".to_string(), "a3".to_string()];
+    // One write: the loop reads the five publishes at once and delivers them together.
+    let mut wire = Vec::new();
+    for text in &published {
+        let topic = &text[..1];
+        let spec = gale_frame::FrameSpec::client(gale_frame::OpCode::Text, [1, 2, 3, 4]);
+        gale_frame::append_frame(&mut wire, spec, format!("pub {topic} {text}").as_bytes());
+    }
+    publisher.send_raw(&wire);
+    for expected in &published {
+        assert_eq!(&both.expect_text(), expected);
+    }
+    for expected in ["a1", large.as_str(), "a3"] {
+        assert_eq!(only_a.expect_text(), expected);
+    }
+    drop((both, only_a, publisher));
+    server.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Acting on connections from other threads
 // ---------------------------------------------------------------------------------------------
