@@ -12,12 +12,17 @@
 //! queue the rest in its own buffer. So one delivery reads its subscriber's slot once, copies
 //! nothing and allocates nothing per subscriber.
 //!
+//! io_uring does the same, except that it hands the batch over instead of writing it
+//! ([`SharedBatch::hand_over`]): each run becomes a send pointing into the batch's bytes,
+//! which are shared by those sends and freed with the last of them.
+//!
 //! A subscriber whose messages stop being consecutive (another topic's message came between
 //! two of its own) or that must get bytes of its own (a compressed frame, a control frame, a
 //! task posted to it) first has its range copied into its own buffer
 //! ([`SharedBatch::take_run`]): its bytes leave in the order they were queued.
 
 use std::os::fd::RawFd;
+use std::rc::Rc;
 
 use crate::link::{WriteEnd, write_fd};
 
@@ -135,6 +140,20 @@ impl SharedBatch {
         let run = &mut self.runs[i];
         run.key = GONE;
         Some(&self.bytes[run.start as usize..run.end as usize])
+    }
+
+    /// Hand the batch over to a backend whose sends outlive this call (io_uring): its bytes
+    /// move into one shared buffer, and `send` gets each run still owed (the connection's
+    /// slot, that buffer, the run's start and end in it). The batch starts empty.
+    pub(crate) fn hand_over(&mut self, mut send: impl FnMut(usize, &Rc<Vec<u8>>, usize, usize)) {
+        let bytes = Rc::new(std::mem::take(&mut self.bytes));
+        for run in &self.runs {
+            if run.key != GONE {
+                send(run.key as usize, &bytes, run.start as usize, run.end as usize);
+            }
+        }
+        self.runs.clear();
+        self.current = None;
     }
 
     /// Write every run to its socket (one `send` each), then call `unsent` for each one the

@@ -24,8 +24,12 @@ const DIRECT_WRITE_MIN: usize = 16 * 1024;
 /// Output buffers larger than this are freed instead of going back to the pool.
 const POOL_MAX_CAPACITY: usize = 256 * 1024;
 
-/// Buffers kept in a loop's pool.
-const POOL_MAX_BUFFERS: usize = 64;
+/// Capacity kept in a loop's pool, over all its buffers: enough for the 256-byte buffers of
+/// 8,192 subscribers, so that a fan-out through connections' own buffers (io_uring, or
+/// subscribers that compress) reuses them publish after publish instead of allocating and
+/// freeing one per subscriber. The allocator would keep most of that memory in the process
+/// anyway; an idle connection holds no buffer either way.
+const POOL_MAX_BYTES: usize = 2 << 20;
 
 /// A data message is accepted whatever its size while a connection holds at most this many
 /// bytes (or its `max_backpressure`, if smaller): room for a few control frames (a pong or a
@@ -113,6 +117,8 @@ pub(crate) struct Counters {
 /// table and counters, and the server's handle (to publish).
 pub(crate) struct Scratch {
     free: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `free`.
+    free_bytes: usize,
     pub(crate) codecs: SharedCodecs,
     pub(crate) topics: LoopTopics,
     pub(crate) counters: Counters,
@@ -129,6 +135,7 @@ impl Scratch {
     pub(crate) fn new(handle: ServerHandle, index: usize) -> Self {
         Scratch {
             free: Vec::new(),
+            free_bytes: 0,
             codecs: SharedCodecs::default(),
             topics: LoopTopics::new(handle.registry(), index),
             counters: Counters::default(),
@@ -151,14 +158,20 @@ impl Scratch {
     /// buffer for a 100-byte message made the allocator map and unmap pages every publish.)
     fn take(&mut self, need: usize) -> Vec<u8> {
         match self.free.pop() {
-            Some(buf) => buf,
+            Some(buf) => {
+                self.free_bytes -= buf.capacity();
+                buf
+            }
             None => Vec::with_capacity(need.max(256).next_power_of_two()),
         }
     }
 
+    /// Take back a buffer a connection or a send no longer needs (freed if the pool is full).
     pub(crate) fn give(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() <= POOL_MAX_CAPACITY && self.free.len() < POOL_MAX_BUFFERS {
+        let capacity = buf.capacity();
+        if capacity <= POOL_MAX_CAPACITY && self.free_bytes + capacity <= POOL_MAX_BYTES {
             buf.clear();
+            self.free_bytes += capacity;
             self.free.push(buf);
         }
     }
