@@ -15,7 +15,8 @@
 //! - A send's buffer is moved out of the connection into the loop's table of sends in flight
 //!   ([`InFlight`]) and stays there until the send's last completion (for a zero-copy send,
 //!   the kernel's notification that it no longer reads the buffer); only then does it return
-//!   to the pool.
+//!   to the pool. A send of a run of the shared fan-out batch holds a reference to the
+//!   batch's bytes instead ([`SendBuf::Shared`]), which live until the last such send ends.
 //! - A provided buffer is the kernel's until a completion names it; the bytes named are ours
 //!   until released, and the buffer returns to the ring at its last completion.
 //! - A closing connection cancels its operations and keeps its slab slot and its descriptor
