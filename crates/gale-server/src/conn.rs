@@ -58,6 +58,19 @@ pub(crate) struct Conn {
     paused_since: u32,
 }
 
+/// How a published message reaches a connection (see [`Conn::delivery`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Not at all: not an open WebSocket, or the publisher that excluded itself.
+    Skip,
+    /// As the message's uncompressed frame, which the loop may write from its shared batch:
+    /// nothing is queued for the connection and nothing stands in the way. Holds the
+    /// route's `max_backpressure`.
+    Shared(usize),
+    /// Through the connection's own output buffer ([`Conn::deliver`]).
+    Own,
+}
+
 /// How long a lingering close waits for the peer's EOF, in ticks.
 const LINGER_TICKS: u32 = 8;
 
@@ -336,6 +349,26 @@ impl Conn {
             // Its unfinished message goes back to the loop's budget now, not when the slot is
             // freed (io_uring waits for the connection's operations to end first).
             ws.decoder.finish();
+        }
+    }
+
+    /// How `msg` reaches this connection: not at all (as [`Conn::deliver`] would skip it), as
+    /// the shared uncompressed frame written from the loop's batch, or through its own buffer.
+    /// Reads only this connection's slot and its route.
+    #[inline]
+    pub(crate) fn delivery(&self, msg: &Published, routes: &Routes) -> Delivery {
+        let Phase::Ws(ws) = &self.phase else { return Delivery::Skip };
+        if self.reported || msg.exclude == Some(self.link.id) {
+            return Delivery::Skip;
+        }
+        let behavior = &routes.ws[self.route as usize].behavior;
+        let uncompressed = !msg.compress
+            || matches!(ws.app.session.compression.mode(), SendMode::Plain)
+            || msg.payload().len() < behavior.compress_threshold();
+        if uncompressed && self.paused_since == 0 && self.link.takes_shared() {
+            Delivery::Shared(behavior.max_backpressure)
+        } else {
+            Delivery::Own
         }
     }
 

@@ -16,6 +16,7 @@ mod backend;
 mod behavior;
 mod compress;
 mod conn;
+mod fanout;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;

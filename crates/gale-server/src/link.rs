@@ -3,6 +3,7 @@
 
 use std::io::{self, IoSlice, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
+use std::os::fd::RawFd;
 
 use gale_frame::{CloseCode, ClosePayload, FrameSpec, MAX_HEADER_LEN, OpCode, write_header};
 
@@ -23,8 +24,12 @@ const DIRECT_WRITE_MIN: usize = 16 * 1024;
 /// Output buffers larger than this are freed instead of going back to the pool.
 const POOL_MAX_CAPACITY: usize = 256 * 1024;
 
-/// Buffers kept in a loop's pool.
-const POOL_MAX_BUFFERS: usize = 64;
+/// Capacity kept in a loop's pool, over all its buffers: enough for the 256-byte buffers of
+/// 8,192 subscribers, so that a fan-out through connections' own buffers (io_uring, or
+/// subscribers that compress) reuses them publish after publish instead of allocating and
+/// freeing one per subscriber. The allocator would keep most of that memory in the process
+/// anyway; an idle connection holds no buffer either way.
+const POOL_MAX_BYTES: usize = 2 << 20;
 
 /// A data message is accepted whatever its size while a connection holds at most this many
 /// bytes (or its `max_backpressure`, if smaller): room for a few control frames (a pong or a
@@ -35,7 +40,7 @@ pub const CONTROL_ALLOWANCE: usize = 4096;
 
 /// Whether a data message of `len` bytes may be queued on top of `held` bytes under `limit`.
 #[inline]
-fn admits(held: usize, len: usize, limit: usize) -> bool {
+pub(crate) fn admits(held: usize, len: usize, limit: usize) -> bool {
     held <= CONTROL_ALLOWANCE.min(limit) || held + len <= limit
 }
 
@@ -112,6 +117,8 @@ pub(crate) struct Counters {
 /// table and counters, and the server's handle (to publish).
 pub(crate) struct Scratch {
     free: Vec<Vec<u8>>,
+    /// Capacity of the buffers in `free`.
+    free_bytes: usize,
     pub(crate) codecs: SharedCodecs,
     pub(crate) topics: LoopTopics,
     pub(crate) counters: Counters,
@@ -128,6 +135,7 @@ impl Scratch {
     pub(crate) fn new(handle: ServerHandle, index: usize) -> Self {
         Scratch {
             free: Vec::new(),
+            free_bytes: 0,
             codecs: SharedCodecs::default(),
             topics: LoopTopics::new(handle.registry(), index),
             counters: Counters::default(),
@@ -150,14 +158,20 @@ impl Scratch {
     /// buffer for a 100-byte message made the allocator map and unmap pages every publish.)
     fn take(&mut self, need: usize) -> Vec<u8> {
         match self.free.pop() {
-            Some(buf) => buf,
+            Some(buf) => {
+                self.free_bytes -= buf.capacity();
+                buf
+            }
             None => Vec::with_capacity(need.max(256).next_power_of_two()),
         }
     }
 
+    /// Take back a buffer a connection or a send no longer needs (freed if the pool is full).
     pub(crate) fn give(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() <= POOL_MAX_CAPACITY && self.free.len() < POOL_MAX_BUFFERS {
+        let capacity = buf.capacity();
+        if capacity <= POOL_MAX_CAPACITY && self.free_bytes + capacity <= POOL_MAX_BYTES {
             buf.clear();
+            self.free_bytes += capacity;
             self.free.push(buf);
         }
     }
@@ -199,6 +213,10 @@ pub(crate) struct Link {
     pub(crate) out_limit: u32,
     /// Bytes handed to the kernel in a send that has not completed (completion backends).
     pub(crate) in_kernel: usize,
+    /// epoll: the index of this connection's run in the loop's shared fan-out batch, valid
+    /// while that run names this connection's slot (see `crate::fanout`). 24 bits, like the
+    /// slot number itself, in bytes the struct has free.
+    shared_run: [u8; 3],
 }
 
 /// The TLS session in a link's cold state, if any: a function of the field alone, so that
@@ -248,7 +266,21 @@ impl Link {
             refused: false,
             out_limit: u32::MAX,
             in_kernel: 0,
+            shared_run: [0xFF; 3],
         }
+    }
+
+    /// The index of this connection's run in the loop's shared batch, when it has one there.
+    #[inline]
+    pub(crate) fn shared_run(&self) -> u32 {
+        u32::from_le_bytes([self.shared_run[0], self.shared_run[1], self.shared_run[2], 0])
+    }
+
+    /// Remember the index of this connection's run in the loop's shared batch (below 2^24).
+    #[inline]
+    pub(crate) fn set_shared_run(&mut self, index: u32) {
+        let [a, b, c, _] = index.to_le_bytes();
+        self.shared_run = [a, b, c];
     }
 
     /// The peer's address.
@@ -269,6 +301,44 @@ impl Link {
     #[inline]
     pub(crate) fn tls(&mut self) -> Option<&mut TlsSession> {
         tls_in(&mut self.cold)
+    }
+
+    /// Whether a published frame may be written to this connection from the loop's shared
+    /// batch (`crate::fanout`) instead of being queued here: open, plain TCP, nothing queued,
+    /// in flight or refused, and the socket taking everything so far.
+    #[inline]
+    pub(crate) fn takes_shared(&self) -> bool {
+        self.out.is_empty()
+            && self.in_kernel == 0
+            && self.direct
+            && !self.blocked
+            && !self.refused
+            && !self.broken
+            && self.close == CloseState::Open
+            && self.finish == Finish::No
+            && self.is_plain()
+    }
+
+    /// Queue bytes owed to this connection from the loop's shared batch (already counted as
+    /// sent messages), ahead of what it queues next.
+    pub(crate) fn queue_shared(&mut self, pool: &mut Scratch, bytes: &[u8]) {
+        self.ensure_buf(pool, bytes.len());
+        self.out.extend_from_slice(bytes);
+        self.dirty = true;
+    }
+
+    /// The socket did not take the whole of this connection's run of shared frames: queue the
+    /// rest and wait for a writable event, or mark the connection broken, as `flush` would.
+    pub(crate) fn shared_unsent(&mut self, pool: &mut Scratch, rest: &[u8], end: WriteEnd) {
+        match end {
+            WriteEnd::Broken => self.broken = true,
+            WriteEnd::Blocked | WriteEnd::Done => {
+                self.ensure_buf(pool, rest.len());
+                self.out.extend_from_slice(rest);
+                self.blocked = end == WriteEnd::Blocked;
+                self.dirty = !self.blocked;
+            }
+        }
     }
 
     /// Whether the connection is plain TCP (no TLS): a pointer check while it has no cold state.
@@ -618,9 +688,35 @@ fn write_some(stream: &TcpStream, head: &[u8], body: &[u8]) -> (usize, WriteEnd)
     (written, WriteEnd::Done)
 }
 
+/// Write `bytes` to the socket `fd` as far as the kernel takes them, like [`write_some`], for
+/// a caller that holds the descriptor and not the connection (`crate::fanout`).
+pub(crate) fn write_fd(fd: RawFd, bytes: &[u8]) -> (usize, WriteEnd) {
+    let mut written = 0;
+    while written < bytes.len() {
+        let rest = &bytes[written..];
+        // SAFETY: `rest` is readable for its whole length. `fd` is the socket of a connection
+        // in the caller's table, which closes none of them while it writes; a descriptor that
+        // were closed all the same would only make the call fail.
+        let n = unsafe { libc::send(fd, rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+        if n > 0 {
+            written += n as usize;
+            continue;
+        }
+        if n == 0 {
+            return (written, WriteEnd::Broken);
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock => return (written, WriteEnd::Blocked),
+            io::ErrorKind::Interrupted => {}
+            _ => return (written, WriteEnd::Broken),
+        }
+    }
+    (written, WriteEnd::Done)
+}
+
 /// How a [`write_some`] ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WriteEnd {
+pub(crate) enum WriteEnd {
     /// Everything was written.
     Done,
     /// The kernel refused the rest for now.

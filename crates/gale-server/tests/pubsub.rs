@@ -173,6 +173,69 @@ fn a_slow_subscriber_is_cut_off_without_slowing_the_others() {
     server.stop();
 }
 
+/// Publishes delivered in one go, to two topics: a subscriber of one topic misses the other's
+/// messages in between, so its frames are not one run of what the loop delivered; it still
+/// gets its messages in order (a large one, written at once when nothing is queued, included),
+/// and a subscriber of both gets every message in order.
+#[test]
+fn one_batch_of_publishes_to_two_topics_keeps_each_subscribers_order() {
+    let server = start(1, Behavior::default());
+    let mut both = subscribe(&server, "a");
+    both.send_text("sub b");
+    assert_eq!(both.expect_text(), "subscribed");
+    let mut only_a = subscribe(&server, "a");
+    let mut publisher = server.connect("/ps");
+    let large = format!("a2{}", "L".repeat(20 * 1024));
+    let published = ["a1".to_string(), "b1".to_string(), large.clone(), "b2".to_string(), "a3".to_string()];
+    // One write: the loop reads the five publishes at once and delivers them together.
+    let mut wire = Vec::new();
+    for text in &published {
+        let topic = &text[..1];
+        let spec = gale_frame::FrameSpec::client(gale_frame::OpCode::Text, [1, 2, 3, 4]);
+        gale_frame::append_frame(&mut wire, spec, format!("pub {topic} {text}").as_bytes());
+    }
+    publisher.send_raw(&wire);
+    for expected in &published {
+        assert_eq!(&both.expect_text(), expected);
+    }
+    for expected in ["a1", large.as_str(), "a3"] {
+        assert_eq!(only_a.expect_text(), expected);
+    }
+    drop((both, only_a, publisher));
+    server.stop();
+}
+
+/// Publishes delivered in one go count against a subscriber's `max_backpressure` as they would
+/// one by one: with the drop policy, exactly the messages that fit arrive (a message is
+/// admitted while at most the limit, here under 4 KiB, is held), and the rest are dropped.
+#[test]
+fn one_batch_of_publishes_is_held_to_the_subscribers_limit() {
+    let behavior = Behavior {
+        max_backpressure: 4000,
+        backpressure_policy: BackpressurePolicy::Drop,
+        ..Behavior::default()
+    };
+    let server = start(1, behavior);
+    let mut subscriber = subscribe(&server, "t");
+    let mut publisher = server.connect("/ps");
+    // Ten frames of 1,005 bytes: held 0, 1005, 2010, 3015 admit the first four; 4020 is past
+    // the limit and refuses the other six.
+    let body = "x".repeat(1000);
+    let mut wire = Vec::new();
+    for i in 0..10 {
+        let spec = gale_frame::FrameSpec::client(gale_frame::OpCode::Text, [1, 2, 3, 4]);
+        gale_frame::append_frame(&mut wire, spec, format!("pub t {i}{body}").as_bytes());
+    }
+    publisher.send_raw(&wire);
+    for i in 0..4 {
+        assert_eq!(subscriber.expect_text(), format!("{i}{body}"));
+    }
+    assert!(matches!(subscriber.recv(Duration::from_millis(300)), Recv::Timeout), "only four fit");
+    assert_eq!(server.handle.loop_stats(0).dropped, 6);
+    drop((subscriber, publisher));
+    server.stop();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Acting on connections from other threads
 // ---------------------------------------------------------------------------------------------

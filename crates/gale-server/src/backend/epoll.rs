@@ -15,8 +15,9 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
-use crate::conn::{Conn, ConnCx};
-use crate::link::Scratch;
+use crate::conn::{Conn, ConnCx, Delivery};
+use crate::fanout::SharedBatch;
+use crate::link::{Scratch, admits};
 use crate::timer::TimerWheel;
 
 use super::{WAKER, accepted_link};
@@ -75,6 +76,8 @@ pub(crate) struct EpollLoop {
     recipients: Vec<u32>,
     /// Connections that got published messages since the last flush.
     touched: Vec<usize>,
+    /// Published frames owed to idle subscribers, written at the end of a run of publishes.
+    batch: SharedBatch,
 }
 
 impl EpollLoop {
@@ -104,6 +107,7 @@ impl EpollLoop {
             shutdown_deadline: None,
             recipients: Vec::new(),
             touched: Vec::new(),
+            batch: SharedBatch::default(),
         })
     }
 
@@ -362,31 +366,17 @@ impl EpollLoop {
         self.handle.awake(self.index);
         loop {
             match self.rx.try_recv() {
-                Ok(Task::Shutdown) => self.begin_shutdown(),
-                Ok(Task::Run(f)) => {
-                    let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
-                    f(&mut cx);
-                }
                 Ok(Task::Publish(msg)) => self.deliver(&msg),
-                Ok(Task::RunOn(id, f)) => {
-                    if let Some(key) = self.key_of(id) {
-                        self.conns[key].run_on(f, &mut self.env.cx());
-                        self.touched.push(key);
-                    }
-                }
-                Ok(Task::Respond(id, response)) => {
-                    if let Some(key) = self.key_of(id) {
-                        self.conns[key].deferred_response(&response, &mut self.env.cx());
-                        self.touched.push(key);
-                    }
-                }
-                Ok(Task::Subscribe(id, name, global, since)) => {
-                    let key = self.key_of(id).filter(|&k| self.conns[k].is_open_ws());
-                    self.env.pool.topics.settle_prepared(name, global, key.map(|k| k as u32), since);
+                Ok(task) => {
+                    // Whatever the task queues for a subscriber goes after the frames the
+                    // subscriber is owed from the shared batch.
+                    self.write_batch();
+                    self.run_task(task);
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        self.write_batch();
         // One write per subscriber for everything published since the last one.
         for key in std::mem::take(&mut self.touched) {
             if self.conns.contains(key) {
@@ -395,19 +385,86 @@ impl EpollLoop {
         }
     }
 
+    fn run_task(&mut self, task: Task) {
+        match task {
+            Task::Shutdown => self.begin_shutdown(),
+            Task::Run(f) => {
+                let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
+                f(&mut cx);
+            }
+            Task::Publish(msg) => self.deliver(&msg),
+            Task::RunOn(id, f) => {
+                if let Some(key) = self.key_of(id) {
+                    self.conns[key].run_on(f, &mut self.env.cx());
+                    self.touched.push(key);
+                }
+            }
+            Task::Respond(id, response) => {
+                if let Some(key) = self.key_of(id) {
+                    self.conns[key].deferred_response(&response, &mut self.env.cx());
+                    self.touched.push(key);
+                }
+            }
+            Task::Subscribe(id, name, global, since) => {
+                let key = self.key_of(id).filter(|&k| self.conns[k].is_open_ws());
+                self.env.pool.topics.settle_prepared(name, global, key.map(|k| k as u32), since);
+            }
+        }
+    }
+
+    /// Write every subscriber's run of the shared batch (one `send` each); a subscriber whose
+    /// socket did not take it whole queues the rest (or is broken) and is settled with the
+    /// touched ones.
+    fn write_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let (conns, pool, touched) = (&mut self.conns, &mut self.env.pool, &mut self.touched);
+        self.batch.write(|unsent| {
+            if let Some(conn) = conns.get_mut(unsent.key) {
+                conn.link.shared_unsent(pool, unsent.rest, unsent.end);
+                touched.push(unsent.key);
+            }
+        });
+    }
+
     /// The slot of connection `id`, if it is still there.
     fn key_of(&self, id: crate::pubsub::ConnId) -> Option<usize> {
         let key = id.key();
         self.conns.get(key).filter(|c| c.link.id == id).map(|_| key)
     }
 
-    /// Queue a published message for the local subscribers of its topic.
+    /// Deliver a published message to the local subscribers of its topic: owed from the shared
+    /// batch by those that take it (one read of their slot, no copy), queued in their own
+    /// buffers for the others.
     fn deliver(&mut self, msg: &crate::pubsub::Published) {
         let mut keys = std::mem::take(&mut self.recipients);
         self.env.pool.topics.recipients(msg, &mut keys);
+        self.batch.next_message();
+        let frame = msg.frame();
         for &key in &keys {
             let Some(conn) = self.conns.get_mut(key as usize) else { continue };
+            match conn.delivery(msg, &self.env.shared.routes) {
+                Delivery::Skip => continue,
+                Delivery::Shared(limit) => {
+                    let fd = conn.link.stream.as_raw_fd();
+                    let admit = |owed| admits(owed, frame.len(), limit);
+                    let mut run = conn.link.shared_run();
+                    if self.batch.owe(key, fd, &mut run, frame, admit) {
+                        conn.link.set_shared_run(run);
+                        let counters = &mut self.env.pool.counters;
+                        counters.messages_out += 1;
+                        counters.bytes_out += frame.len() as u64;
+                        continue;
+                    }
+                }
+                Delivery::Own => {}
+            }
             let (was_dirty, was_refused) = (conn.link.dirty, conn.link.refused());
+            // What it is owed from the batch goes first.
+            if let Some(owed) = self.batch.take_run(key, conn.link.shared_run()) {
+                conn.link.queue_shared(&mut self.env.pool, owed);
+            }
             conn.deliver(msg, &mut self.env.cx());
             // A refused delivery leaves `dirty` as it was: settle the first one all the same,
             // so that reading pauses and the backpressure timeout applies.

@@ -15,7 +15,8 @@
 //! - A send's buffer is moved out of the connection into the loop's table of sends in flight
 //!   ([`InFlight`]) and stays there until the send's last completion (for a zero-copy send,
 //!   the kernel's notification that it no longer reads the buffer); only then does it return
-//!   to the pool.
+//!   to the pool. A send of a run of the shared fan-out batch holds a reference to the
+//!   batch's bytes instead ([`SendBuf::Shared`]), which live until the last such send ends.
 //! - A provided buffer is the kernel's until a completion names it; the bytes named are ours
 //!   until released, and the buffer returns to the ring at its last completion.
 //! - A closing connection cancels its operations and keeps its slab slot and its descriptor
@@ -28,6 +29,7 @@
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,8 +40,9 @@ use slab::Slab;
 use super::accepted_link;
 use super::bufring::{BufRing, Received};
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
-use crate::conn::{Conn, ConnCx};
-use crate::link::Scratch;
+use crate::conn::{Conn, ConnCx, Delivery};
+use crate::fanout::SharedBatch;
+use crate::link::{Scratch, admits};
 use crate::timer::TimerWheel;
 
 /// Submission queue size; the completion queue is twice as large.
@@ -179,7 +182,7 @@ impl Entry {
 /// A send whose buffer the kernel may still read. Its completions name its key in the loop's
 /// `sends` (not the connection's): a zero-copy send's buffer can outlive its connection.
 struct InFlight {
-    buf: Vec<u8>,
+    buf: SendBuf,
     /// Bytes of `buf` the kernel has taken so far.
     done: usize,
     /// The connection sending it, or [`DETACHED`] once the send is over for the connection
@@ -188,6 +191,31 @@ struct InFlight {
     /// Zero-copy notifications still to come: the kernel reads the buffer until the peer has
     /// acknowledged the bytes, long after the send's result.
     notifs: u8,
+}
+
+/// The bytes of a send in flight.
+enum SendBuf {
+    /// The connection's own queued bytes, back to the pool when the send is over.
+    Own(Vec<u8>),
+    /// A run of the loop's shared fan-out batch (`crate::fanout`): `start..end` of bytes that
+    /// other sends share, freed with the last of them.
+    Shared { bytes: Rc<Vec<u8>>, start: usize, end: usize },
+}
+
+impl SendBuf {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            SendBuf::Own(buf) => buf,
+            SendBuf::Shared { bytes, start, end } => &bytes[*start..*end],
+        }
+    }
+
+    /// The kernel is done with the bytes: an own buffer goes back to the pool.
+    fn release(self, pool: &mut Scratch) {
+        if let SendBuf::Own(buf) = self {
+            pool.give(buf);
+        }
+    }
 }
 
 /// [`InFlight::conn`] of a send that is over for its connection.
@@ -242,6 +270,10 @@ pub(crate) struct UringLoop {
     shutdown_deadline: Option<Instant>,
     /// Subscribers a published message goes to (reused).
     recipients: Vec<u32>,
+    /// Published frames owed to idle subscribers, sent at the end of a run of publishes.
+    batch: SharedBatch,
+    /// Connections whose run of the batch was just made a send (reused).
+    batch_sends: Vec<usize>,
 }
 
 impl UringLoop {
@@ -275,6 +307,8 @@ impl UringLoop {
             completions: Vec::with_capacity(1024),
             shutdown_deadline: None,
             recipients: Vec::new(),
+            batch: SharedBatch::default(),
+            batch_sends: Vec::new(),
         };
         lp.arm_accept();
         lp.arm_wake();
@@ -526,7 +560,7 @@ impl UringLoop {
         if cqueue::notif(flags) {
             sending.notifs = sending.notifs.saturating_sub(1);
             if sending.conn == DETACHED && sending.notifs == 0 {
-                self.env.pool.give(self.sends.remove(skey).buf);
+                self.sends.remove(skey).buf.release(&mut self.env.pool);
             }
             return;
         }
@@ -542,9 +576,10 @@ impl UringLoop {
         e.ops = e.ops.saturating_sub(1);
         if res >= 0 {
             sending.done += res as usize;
-            if sending.done < sending.buf.len() && !e.closing {
+            let len = sending.buf.bytes().len();
+            if sending.done < len && !e.closing {
                 // The kernel took part of it: send the rest before anything queued after it.
-                e.conn.link.in_kernel = sending.buf.len() - sending.done;
+                e.conn.link.in_kernel = len - sending.done;
                 e.conn.link.blocked = true;
                 self.submit_send(key);
                 return;
@@ -554,7 +589,7 @@ impl UringLoop {
         // last notification.
         e.send = NO_SEND;
         if sending.notifs == 0 {
-            self.env.pool.give(self.sends.remove(skey).buf);
+            self.sends.remove(skey).buf.release(&mut self.env.pool);
         } else {
             sending.conn = DETACHED;
         }
@@ -583,7 +618,7 @@ impl UringLoop {
     fn submit_send(&mut self, key: usize) {
         let e = &mut self.conns[key];
         let sending = &self.sends[e.send as usize];
-        let rest = &sending.buf[sending.done..];
+        let rest = &sending.buf.bytes()[sending.done..];
         let ud = user_data(Op::Send, 0, e.send as usize);
         let sqe = if rest.len() >= self.send_zc_from {
             self.env.pool.counters.zero_copy_sends += 1;
@@ -659,6 +694,7 @@ impl UringLoop {
             }
             let buf = e.conn.link.take_queued(&mut self.env.pool);
             e.conn.link.direct = false;
+            let buf = SendBuf::Own(buf);
             e.send = self.sends.insert(InFlight { buf, done: 0, conn: key as u32, notifs: 0 }) as u32;
             self.submit_send(key);
         }
@@ -722,31 +758,72 @@ impl UringLoop {
         self.handle.awake(self.index);
         loop {
             match self.rx.try_recv() {
-                Ok(Task::Shutdown) => self.begin_shutdown(),
-                Ok(Task::Run(f)) => {
-                    let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
-                    f(&mut cx);
-                }
                 Ok(Task::Publish(msg)) => self.deliver(&msg),
-                Ok(Task::RunOn(id, f)) => {
-                    if let Some(key) = self.key_of(id) {
-                        self.conns[key].conn.run_on(f, &mut self.env.cx());
-                        self.settle(key);
-                    }
+                Ok(task) => {
+                    // Whatever the task queues for a subscriber goes after the frames the
+                    // subscriber is owed from the shared batch.
+                    self.send_batch();
+                    self.run_task(task);
                 }
-                Ok(Task::Respond(id, response)) => {
-                    if let Some(key) = self.key_of(id) {
-                        self.conns[key].conn.deferred_response(&response, &mut self.env.cx());
-                        self.settle(key);
-                    }
-                }
-                Ok(Task::Subscribe(id, name, global, since)) => {
-                    let key = self.key_of(id).filter(|&k| self.conns[k].conn.is_open_ws());
-                    self.env.pool.topics.settle_prepared(name, global, key.map(|k| k as u32), since);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
             }
         }
+        self.send_batch();
+    }
+
+    fn run_task(&mut self, task: Task) {
+        match task {
+            Task::Shutdown => self.begin_shutdown(),
+            Task::Run(f) => {
+                let mut cx = LoopContext { index: self.index, connections: self.conns.len() };
+                f(&mut cx);
+            }
+            Task::Publish(msg) => self.deliver(&msg),
+            Task::RunOn(id, f) => {
+                if let Some(key) = self.key_of(id) {
+                    self.conns[key].conn.run_on(f, &mut self.env.cx());
+                    self.settle(key);
+                }
+            }
+            Task::Respond(id, response) => {
+                if let Some(key) = self.key_of(id) {
+                    self.conns[key].conn.deferred_response(&response, &mut self.env.cx());
+                    self.settle(key);
+                }
+            }
+            Task::Subscribe(id, name, global, since) => {
+                let key = self.key_of(id).filter(|&k| self.conns[k].conn.is_open_ws());
+                self.env.pool.topics.settle_prepared(name, global, key.map(|k| k as u32), since);
+            }
+        }
+    }
+
+    /// Make each subscriber's run of the shared batch a send in flight (pointing into the
+    /// batch's bytes, which the sends share), as `send_dirty` does with queued bytes.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let (conns, sends, submit) = (&mut self.conns, &mut self.sends, &mut self.batch_sends);
+        self.batch.hand_over(|key, bytes, start, end| {
+            // An owed connection has no send in flight and is not closing: nothing but
+            // deliveries ran since it was owed, and those leave it alone.
+            let Some(e) = conns.get_mut(key).filter(|e| !e.closing && e.send == NO_SEND) else {
+                debug_assert!(false, "a run of the batch owed to a busy or closing connection");
+                return;
+            };
+            e.conn.link.in_kernel = end - start;
+            e.conn.link.direct = false;
+            let buf = SendBuf::Shared { bytes: Rc::clone(bytes), start, end };
+            e.send = sends.insert(InFlight { buf, done: 0, conn: key as u32, notifs: 0 }) as u32;
+            submit.push(key);
+        });
+        let mut submit = std::mem::take(&mut self.batch_sends);
+        for &key in &submit {
+            self.submit_send(key);
+        }
+        submit.clear();
+        self.batch_sends = submit;
     }
 
     /// The slot of connection `id`, if it is still there and not closing.
@@ -755,15 +832,38 @@ impl UringLoop {
         self.conns.get(key).filter(|e| !e.closing && e.conn.link.id == id).map(|_| key)
     }
 
-    /// Queue a published message for the local subscribers of its topic; the sends go out
-    /// with the other dirty connections at the end of the iteration.
+    /// Deliver a published message to the local subscribers of its topic: owed from the shared
+    /// batch by those that take it (no copy), queued in their own buffers for the others; the
+    /// sends go out at the end of the run of publishes and with the other dirty connections.
     fn deliver(&mut self, msg: &crate::pubsub::Published) {
         let mut keys = std::mem::take(&mut self.recipients);
         self.env.pool.topics.recipients(msg, &mut keys);
+        self.batch.next_message();
+        let frame = msg.frame();
         for &key in &keys {
             let Some(e) = self.conns.get_mut(key as usize) else { continue };
             if e.closing {
                 continue;
+            }
+            match e.conn.delivery(msg, &self.env.shared.routes) {
+                Delivery::Skip => continue,
+                Delivery::Shared(limit) if e.send == NO_SEND => {
+                    let fd = e.conn.link.stream.as_raw_fd();
+                    let admit = |owed| admits(owed, frame.len(), limit);
+                    let mut run = e.conn.link.shared_run();
+                    if self.batch.owe(key, fd, &mut run, frame, admit) {
+                        e.conn.link.set_shared_run(run);
+                        let counters = &mut self.env.pool.counters;
+                        counters.messages_out += 1;
+                        counters.bytes_out += frame.len() as u64;
+                        continue;
+                    }
+                }
+                Delivery::Shared(_) | Delivery::Own => {}
+            }
+            // What it is owed from the batch goes first.
+            if let Some(owed) = self.batch.take_run(key, e.conn.link.shared_run()) {
+                e.conn.link.queue_shared(&mut self.env.pool, owed);
             }
             e.conn.deliver(msg, &mut self.env.cx());
             self.settle(key as usize);
