@@ -6,6 +6,9 @@
 //!   to the ring at once, so no connection holds a receive buffer.
 //! - Sending: at the end of each batch of completions, every connection with queued bytes gets
 //!   one send of all of them; bytes queued while a send is in flight wait for its completion.
+//!   A connection's socket is also in the ring's table of registered files (slot = its slab
+//!   key, the first [`FIXED_FILES`] slots), so a send does not look the descriptor up and
+//!   take a reference to the file each time.
 //!   Sends from `ServerConfig::uring_send_zc` bytes up are zero-copy (`SEND_ZC`), when set.
 //! - Waking: a read on the loop's eventfd, which other threads signal.
 //! - Timers: the wait for completions carries the timer wheel's timeout.
@@ -49,6 +52,10 @@ use crate::timer::TimerWheel;
 const RING_ENTRIES: u32 = 4096;
 /// Buffer group of the receive ring.
 const BGID: u16 = 1;
+/// Slots in each ring's table of registered files (fewer if `RLIMIT_NOFILE` is lower): the
+/// connections in slab slots below it send through the table; the others by descriptor.
+/// The kernel keeps a pointer per slot (128 KiB per loop).
+const FIXED_FILES: u32 = 16_384;
 
 /// How long accepting pauses after running out of descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
@@ -132,6 +139,24 @@ fn send_zc_threshold(ring: &IoUring, configured: usize) -> usize {
     } else {
         tracing::warn!("the kernel lacks SEND_ZC: zero-copy sends are off");
         usize::MAX
+    }
+}
+
+/// Registers an empty table of files with the ring; returns its size (0 if the kernel refused).
+fn register_fixed_files(ring: &IoUring) -> u32 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+        limit.rlim_cur.min(u64::from(FIXED_FILES)) as u32
+    } else {
+        0
+    };
+    match ring.submitter().register_files_sparse(nofile) {
+        Ok(()) => nofile,
+        Err(e) => {
+            tracing::debug!(error = %e, "no registered files: sends go by descriptor");
+            0
+        }
     }
 }
 
@@ -260,6 +285,9 @@ pub(crate) struct UringLoop {
     sends: Slab<InFlight>,
     /// Sends of at least this many bytes are zero-copy; `usize::MAX` when off.
     send_zc_from: usize,
+    /// Slots in the ring's table of registered files: a connection whose key is below it has
+    /// its socket there, at its key.
+    fixed_files: u32,
     env: Env,
     accept_armed: bool,
     accept_paused_until: Option<Instant>,
@@ -286,6 +314,7 @@ impl UringLoop {
         let ring = build_ring(RING_ENTRIES)?;
         let bufs = BufRing::for_loop(&ring.submitter(), &shared.config, BGID)?;
         let send_zc_from = send_zc_threshold(&ring, shared.config.uring_send_zc);
+        let fixed_files = register_fixed_files(&ring);
         let mut lp = UringLoop {
             index: seed.index,
             ring,
@@ -298,6 +327,7 @@ impl UringLoop {
             conns: Slab::new(),
             sends: Slab::new(),
             send_zc_from,
+            fixed_files,
             env: Env { shared, pool: Scratch::new(handle.clone(), seed.index), wheel: TimerWheel::new() },
             accept_armed: false,
             accept_paused_until: None,
@@ -492,6 +522,17 @@ impl UringLoop {
         let Some(link) = accepted_link(stream, remote, slot, &mut self.env.pool, &self.env.shared) else {
             return;
         };
+        // Registered only now that the connection is taken: a refused one must leave no
+        // reference to its socket in the table.
+        if slot < self.fixed_files as usize
+            && let Err(e) =
+                self.ring.submitter().register_files_update(slot as u32, &[link.stream.as_raw_fd()])
+        {
+            // Its sends would name an empty slot: refuse the connection (the kernel is out
+            // of memory); dropping it closes the socket.
+            tracing::warn!(error = %e, "cannot register an accepted connection's socket");
+            return;
+        }
         let now = self.env.wheel.now();
         let key = self.conns.insert(Entry {
             conn: Conn::new(link, now),
@@ -620,11 +661,28 @@ impl UringLoop {
         let sending = &self.sends[e.send as usize];
         let rest = &sending.buf.bytes()[sending.done..];
         let ud = user_data(Op::Send, 0, e.send as usize);
-        let sqe = if rest.len() >= self.send_zc_from {
+        let zero_copy = rest.len() >= self.send_zc_from;
+        if zero_copy {
             self.env.pool.counters.zero_copy_sends += 1;
-            opcode::SendZc::new(e.fd(), rest.as_ptr(), rest.len() as u32).flags(libc::MSG_NOSIGNAL).build()
+        }
+        // The same send by registered slot or by descriptor (two types, so built twice).
+        macro_rules! send_to {
+            ($target:expr) => {
+                if zero_copy {
+                    opcode::SendZc::new($target, rest.as_ptr(), rest.len() as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                } else {
+                    opcode::Send::new($target, rest.as_ptr(), rest.len() as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build()
+                }
+            };
+        }
+        let sqe = if key < self.fixed_files as usize {
+            send_to!(types::Fixed(key as u32))
         } else {
-            opcode::Send::new(e.fd(), rest.as_ptr(), rest.len() as u32).flags(libc::MSG_NOSIGNAL).build()
+            send_to!(e.fd())
         };
         e.ops += 1;
         self.push(sqe.user_data(ud));
@@ -740,6 +798,13 @@ impl UringLoop {
         let e = self.conns.remove(key);
         // With nothing in flight the send's result has come, which ended the send.
         debug_assert_eq!(e.send, NO_SEND);
+        if key < self.fixed_files as usize {
+            // The table holds a reference to the socket: without this it would stay open
+            // (no FIN to the peer) until the slot is reused.
+            if let Err(err) = self.ring.submitter().register_files_update(key as u32, &[-1]) {
+                tracing::warn!(error = %err, "cannot unregister a closed connection's socket");
+            }
+        }
         // Dropping the stream closes the descriptor (and so frees what the kernel still held
         // of a zero-copy send: its notification follows).
         drop(e);
