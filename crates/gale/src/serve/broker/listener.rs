@@ -407,6 +407,9 @@ fn parse_nested(buf: &[u8], depth: usize) -> Result<Option<(Resp, usize)>, Strin
 struct Sub {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Where a read lands before it joins `buf`: made once, not zeroed again for every read
+    /// (the listener reads every connection every `POLL`, most times finding nothing).
+    chunk: Box<[u8]>,
     channels: HashSet<String>,
 }
 
@@ -423,7 +426,8 @@ impl Sub {
         let stream = TcpStream::connect_timeout(&addr, COMMAND_TIMEOUT)?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
-        let mut sub = Sub { stream, buf: Vec::new(), channels: HashSet::new() };
+        let chunk = vec![0; 16 * 1024].into_boxed_slice();
+        let mut sub = Sub { stream, buf: Vec::new(), chunk, channels: HashSet::new() };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
             match settings.username() {
@@ -465,12 +469,11 @@ impl Sub {
                 }
                 None => self.stream.set_nonblocking(true)?,
             }
-            let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(&mut self.chunk) {
                 Ok(0) => {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection"));
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.buf.extend_from_slice(&self.chunk[..n]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     return Ok(None);
                 }
