@@ -368,10 +368,16 @@ impl Layout {
         if self.cluster { format!("{{{topic}}}") } else { topic.to_string() }
     }
 
-    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel.
+    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel (made
+    /// for every topic of every publish: without an intermediate string).
     pub(super) fn keys(&self, topic: &str) -> (String, String, String, String) {
-        let t = self.name(topic);
-        (format!("gale:{t}:seq"), format!("gale:{t}:log"), format!("gale:{t}:epoch"), format!("gale:{t}"))
+        let (open, close) = if self.cluster { ("{", "}") } else { ("", "") };
+        (
+            format!("gale:{open}{topic}{close}:seq"),
+            format!("gale:{open}{topic}{close}:log"),
+            format!("gale:{open}{topic}{close}:epoch"),
+            format!("gale:{open}{topic}{close}"),
+        )
     }
 
     /// The channel of `topic`.
