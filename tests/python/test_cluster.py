@@ -4,7 +4,8 @@
 Covers cross-node delivery, one order per topic with publishers on several nodes, recovery on a
 different node than the one a client left, a publish Redis refuses failing alone in its
 pipelined batch, `limits.max_topics` over the cluster, replays read in pages, history read
-from Redis alike on every node, and the faults: Redis killed and
+from Redis alike on every node, scripts called by SHA1 and loaded again where Redis lost them,
+and the faults: Redis killed and
 restarted (publishes get 503 while it is away, /healthz and /metrics say so, nodes reconnect,
 and a client told its epoch is gone, and a node refusing publishes meanwhile does not grow in
 memory), Redis stalled (SIGSTOP), a node killed with SIGKILL, and server-side control commands
@@ -171,6 +172,31 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertIn("gale_topics_subscribed 1", text)
         self.assertNotIn("gale_topics ", text)
         self.assertNotIn("gale_history_bytes", text)
+
+    async def test_scripts_are_called_by_their_sha1_and_loaded_again_where_redis_lost_them(self):
+        self.redis.cli("CONFIG", "RESETSTAT")
+        a, b = self.nodes[0], self.nodes[1]
+        sub = await Client.open(b)
+        self.assertTrue((await sub.command("subscribe", topic="chat:sha-a"))["ok"])
+        await asyncio.to_thread(publish, a, "chat:sha-a", 1)
+        stats = self.redis.cli("INFO", "commandstats")
+        # A script's text is not sent with every call (EVAL), only its SHA1 (EVALSHA).
+        self.assertIn("cmdstat_evalsha:", stats)
+        self.assertNotIn("cmdstat_eval:", stats)
+        # Redis forgets its scripts (a restart, a failover to a replica, SCRIPT FLUSH): the next
+        # calls load them again and go on, for publishes, subscribes and batches alike.
+        self.redis.cli("SCRIPT", "FLUSH")
+        await asyncio.to_thread(publish, a, "chat:sha-a", 2)
+        self.assertTrue((await sub.command("subscribe", topic="chat:sha-b"))["ok"])
+        self.redis.cli("SCRIPT", "FLUSH")
+        items = [{"topic": "chat:sha-a", "data": 3}, {"topic": "chat:sha-b", "data": 4}]
+        status, text = await asyncio.to_thread(
+            http, self.nodes[2], "POST", "/api/publish_batch", json.dumps(items).encode())
+        self.assertEqual((status, [r.get("seq") for r in json.loads(text)["results"]]), (200, [3, 1]), text)
+        got = [await sub.delivery() for _ in range(4)]
+        self.assertEqual([(d["topic"], d["seq"], d["data"]) for d in got],
+                         [("chat:sha-a", 1, 1), ("chat:sha-a", 2, 2), ("chat:sha-a", 3, 3), ("chat:sha-b", 1, 4)])
+        await sub.close()
 
     async def test_publishers_on_several_nodes_give_one_order(self):
         subs = [await Client.open(n) for n in self.nodes]

@@ -51,6 +51,11 @@ def slot_of(topic: str) -> int:
     return crc16(topic.encode()) % SLOTS
 
 
+def slot_of_key(key: str) -> int:
+    """The slot of a Redis key without a hash tag."""
+    return crc16(key.encode()) % SLOTS
+
+
 class Node:
     """One redis-server of the cluster: its own port, cluster bus port and data folder."""
 
@@ -321,6 +326,9 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
 
     async def test_b_one_order_and_exactly_once_within_the_history(self):
         a, b = self.gateways
+        primaries = [n for n in self.cluster.nodes if n.port in self.cluster.primaries()]
+        for n in primaries:
+            n.cli("CONFIG", "RESETSTAT")
         topic = "order:x"
         subs = [await self.client(g) for g in (a, b)]
         for s in subs:
@@ -339,6 +347,16 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual([d["seq"] for d in got], list(range(1, 81)))
             orders.append([d["data"] for d in got])
         self.assertEqual(orders[0], orders[1])
+        # Scripts are called by their SHA1, not sent whole with every call; a node that no longer
+        # holds them (flushed here, as a restarted node or a promoted replica) is given them again.
+        stats = [n.info("commandstats") for n in primaries]
+        self.assertTrue(any("cmdstat_evalsha" in st for st in stats), stats)
+        self.assertFalse(any("cmdstat_eval" in st for st in stats), stats)
+        for n in primaries:
+            n.cli("SCRIPT", "FLUSH")
+        fresh = await self.client(b)
+        await self.subscribe(fresh, "order:fresh")
+        await fresh.close()
         # An idempotent retry on the other gateway: the first publish's position, nothing sent.
         key = {"Idempotency-Key": "k-1"}
         s1, first = await asyncio.to_thread(publish, a, topic, "once", key)
@@ -396,6 +414,12 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
             reply = await c.command("subscribe", topic="more:new")
             self.assertEqual(reply["error"]["code"], 503, reply)
             await c.close()
+            # The channel, subscribed before the room was checked, is not kept.
+            owner = self.cluster.owner(slot_of("more:new"))
+            deadline = time.monotonic() + TIMEOUT
+            while "gale:{more:new}" in owner.cli("PUBSUB", "SHARDCHANNELS", "gale:*").split():
+                self.assertLess(time.monotonic(), deadline, "still subscribed to a refused topic")
+                await asyncio.sleep(0.05)
         finally:
             for g in limited:
                 g.kill()
@@ -538,7 +562,10 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
 
     async def failover(self, pubs):
         a, b = self.gateways
-        topic = "fail:x"
+        # Not on the shard of the control channel (every gateway listens there): the gateways
+        # that publish have nothing else on the victim but their publishes.
+        control = self.cluster.owner(slot_of_key("gale#control"))
+        topic = next(t for t in (f"fail:{i}" for i in range(100)) if self.cluster.owner(slot_of(t)) is not control)
         victim = self.cluster.owner(slot_of(topic))
         other = next(t for t in (f"calm:{i}" for i in range(100))
                      if self.cluster.owner(slot_of(t)) is not victim)
@@ -577,16 +604,29 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(status, 200, body)
             # Once its replica is promoted, the old primary comes back as its replica (without
             # persistence, it must not come back before: as a primary it would have no data), and
-            # the gateways can be acknowledged by a replica again.
+            # the gateways can be acknowledged by a replica again. Meanwhile a gateway's health
+            # says what its publishes to that shard meet: degraded, as with one primary down.
+            health = set()
             while not replica.role().startswith("master"):
                 self.assertLess(time.monotonic() - killed_at, 30, "the replica was not promoted")
-                await asyncio.sleep(0.1)
+                status, text = await asyncio.to_thread(http, pubs[0], "GET", "/healthz")
+                health.add((status, json.loads(text)["status"], json.loads(text)["broker"]))
+                await asyncio.sleep(0.05)
+            self.assertIn((503, "degraded", "down"), health, "a primary is down")
             await asyncio.to_thread(victim.start)
             # Publishing resumes on the promoted replica.
             count = len(acked)
             while len(acked) < count + 30:
                 self.assertLess(time.monotonic() - killed_at, 30, f"publishes did not resume: {reasons}")
                 await asyncio.sleep(0.05)
+            # And healthy again once every slot has a primary that answers.
+            while True:
+                status, text = await asyncio.to_thread(http, pubs[0], "GET", "/healthz")
+                if status == 200:
+                    break
+                self.assertLess(time.monotonic() - killed_at, 30, f"not healthy again: {text}")
+                await asyncio.sleep(0.1)
+            self.assertEqual(json.loads(text)["broker"], "up", text)
         finally:
             stop.set()
             await asyncio.to_thread(thread.join)

@@ -308,22 +308,30 @@ impl Broker {
         max_replay: usize,
         server: bool,
     ) -> redis::RedisResult<bool> {
-        let (seq_key, log, epoch_key, _) = self.shared.layout.keys(topic);
+        let (_, log, _, _) = self.shared.layout.keys(topic);
         let slot = self.shared.layout.slot(topic);
         let listening = self.shared.topics().contains_key(topic);
-        if !listening && !self.has_room(topic)? {
-            self.reply_error(conn, topic, id, PublishError::TooManyTopics.into());
-            return Ok(false);
-        }
+        let mut position = None;
         if !listening {
             // Listen first: whatever is published from now on arrives on the channel, and
-            // what came before is in the stream.
+            // what came before is in the stream. Then one round trip checks that the cluster
+            // has room for the topic and reads where it is.
             let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
             self.listen.send(Listen::Subscribe(topic.to_string(), ack_tx));
-            match ack_rx.recv_timeout(COMMAND_TIMEOUT * 2) {
-                Ok(Ok(())) => {}
-                _ => {
-                    self.reply_error(conn, topic, id, unavailable("cannot subscribe in Redis"));
+            if !matches!(ack_rx.recv_timeout(COMMAND_TIMEOUT * 2), Ok(Ok(()))) {
+                self.listen.send(Listen::Unsubscribe(topic.to_string()));
+                self.reply_error(conn, topic, id, unavailable("cannot subscribe in Redis"));
+                return Ok(false);
+            }
+            let room = self.room_and_position(topic);
+            if !matches!(room, Ok(Some(_))) {
+                // Not to be forwarded: listened to by nothing here.
+                self.listen.send(Listen::Unsubscribe(topic.to_string()));
+            }
+            match room? {
+                Some(found) => position = Some(found),
+                None => {
+                    self.reply_error(conn, topic, id, PublishError::TooManyTopics.into());
                     return Ok(false);
                 }
             }
@@ -332,9 +340,9 @@ impl Broker {
         // receives meanwhile is numbered after `last` and is forwarded after the subscription.
         let shared = self.shared.clone();
         let mut topics = shared.topics();
-        if !topics.contains_key(topic) {
-            let (seq, epoch): (Option<u64>, Option<String>) =
-                self.redis.run(slot, |c| redis::pipe().get(&seq_key).get(&epoch_key).query(c))?;
+        if let Some((seq, epoch)) = position
+            && !topics.contains_key(topic)
+        {
             topics.insert(
                 topic.to_string(),
                 Forwarding { epoch: epoch.unwrap_or_default(), last: seq.unwrap_or(0) },

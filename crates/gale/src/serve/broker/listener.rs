@@ -466,6 +466,8 @@ struct Sub {
     stream: TcpStream,
     buf: Vec<u8>,
     start: usize,
+    /// Where a read lands before it joins `buf`: made once, not zeroed again for every read.
+    chunk: Box<[u8]>,
     channels: HashSet<String>,
 }
 
@@ -483,7 +485,8 @@ impl Sub {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        let mut sub = Sub { stream, buf: Vec::new(), start: 0, channels: HashSet::new() };
+        let chunk = vec![0; 16 * 1024].into_boxed_slice();
+        let mut sub = Sub { stream, buf: Vec::new(), start: 0, chunk, channels: HashSet::new() };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
             match settings.username() {
@@ -542,12 +545,11 @@ impl Sub {
             // What is left is the start of a value: move it to the front once, not per value.
             self.buf.drain(..self.start);
             self.start = 0;
-            let mut chunk = [0u8; 16 * 1024];
-            match self.stream.read(&mut chunk) {
+            match self.stream.read(&mut self.chunk) {
                 Ok(0) => {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection"));
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => self.buf.extend_from_slice(&self.chunk[..n]),
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     return Ok(None);
                 }

@@ -27,9 +27,11 @@
 //! covers the outage.
 //!
 //! In a Redis Cluster the keys are those above hash-tagged by topic (`gale:{T}:seq`, …), so that
-//! a topic's keys and scripts stay on one shard; the registry is one sorted set per slot, the
-//! channels are sharded, each thread keeps one connection per primary, and a lost node fails
-//! only the requests for its slots.
+//! a topic's keys and scripts stay on one shard; the registry is one sorted set per slot
+//! (counted once a second by one read-only script per primary), the channels are sharded, each
+//! thread keeps one connection per primary, and a lost node fails only the requests for its
+//! slots (the broker counts as down while one does not answer). Scripts are called by their
+//! SHA1 and loaded where Redis answers `NOSCRIPT`.
 //!
 //! The parts, one job each: [`scripts`] (the key layout and the Lua scripts), [`topology`] (the
 //! connection to Redis), [`listener`] (the subscribed connection and its thread), [`forward`]
@@ -276,9 +278,10 @@ pub fn start(
         .spawn(move || listener.run())
         .map_err(|e| format!("cannot start the broker thread: {e}"))?;
     let ttl_ms = ttl.map_or(0, |t| t.as_millis().max(1) as u64);
+    let scripts = Scripts::new(&shared.layout);
     let broker = Broker {
-        redis: Redis::new(target, status.clone()),
-        scripts: Scripts::new(&shared.layout),
+        redis: Redis::new(target, status.clone()).with_scripts(scripts.texts(&shared.layout)),
+        scripts,
         shared: shared.clone(),
         rx,
         listen: orders,
@@ -446,6 +449,15 @@ impl Broker {
         }
     }
 
+    /// Count the topics (in a cluster: the same round trip asks every primary), and say the
+    /// broker is down while a slot has no primary that answers, as with one primary that does
+    /// not: requests for those slots fail meanwhile.
+    fn count_and_check(&mut self, recheck: &mut bool) -> redis::RedisResult<()> {
+        let counted = self.count_topics();
+        self.shared.set_up(false, matches!(counted, Ok(true)));
+        self.survive(counted.map(drop), recheck)
+    }
+
     /// The publishes gathered so far go to Redis first (so that `request` comes after them, as
     /// it came), then `request` is served; if the publishes fail, `request` is refused.
     fn publish_then_handle(
@@ -472,8 +484,7 @@ impl Broker {
         self.rejoin = true;
         let refreshed = self.refresh_presence();
         self.survive(refreshed, &mut recheck)?;
-        let counted = self.count_topics();
-        self.survive(counted, &mut recheck)?;
+        self.count_and_check(&mut recheck)?;
         let mut last_refresh = Instant::now();
         loop {
             let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
@@ -513,8 +524,7 @@ impl Broker {
                 // Redis answers (in a cluster: the slot map, read again); no node at all
                 // answering ends `serve`.
                 self.redis.check()?;
-                let counted = self.count_topics();
-                self.survive(counted, &mut recheck)?;
+                self.count_and_check(&mut recheck)?;
                 // Stop listening to topics nobody here subscribes to any more.
                 let mut topics = self.shared.topics();
                 let idle: Vec<String> =

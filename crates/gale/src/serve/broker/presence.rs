@@ -8,7 +8,7 @@ use gale_server::HttpResponse;
 use super::super::api::json_error;
 use super::super::presence::{ListLimit, Member, PresencePage, Stats, event};
 use super::super::protocol::{CommandError, Reply};
-use super::scripts::Layout;
+use super::scripts::{Layout, Lua};
 use super::topology::connection_lost;
 use super::{Broker, PresenceReply};
 
@@ -16,13 +16,13 @@ use super::{Broker, PresenceReply};
 pub(super) fn read_presence(
     cmd: &mut redis::Connection,
     layout: &Layout,
-    script: &str,
+    script: &Lua,
     topic: &str,
     list: bool,
     limit: &ListLimit,
 ) -> redis::RedisResult<PresencePage> {
-    let (connections, users, more, members): (u64, u64, u8, Vec<String>) = redis::cmd("EVAL")
-        .arg(script)
+    let (connections, users, more, members): (u64, u64, u8, Vec<String>) = script
+        .call()
         .arg(1)
         .arg(layout.presence_prefix(topic))
         .arg(u8::from(list))
@@ -65,15 +65,14 @@ impl Broker {
     /// the subscribers (`""`: none).
     pub(super) fn presence_script(
         &self,
-        script: &str,
+        script: &Lua,
         topic: &str,
         member: &Member,
         event: &str,
     ) -> redis::Cmd {
-        let mut c = redis::cmd("EVAL");
+        let mut c = script.call();
         let json = if member.user.is_some() { member.to_json() } else { String::new() };
-        c.arg(script)
-            .arg(1)
+        c.arg(1)
             .arg(self.shared.layout.presence_prefix(topic))
             .arg(&self.presence.node)
             .arg(self.presence.ttl.as_millis() as u64)
@@ -171,8 +170,8 @@ impl Broker {
         let layout = &self.shared.layout;
         let mut refresh = Vec::with_capacity(topics.len());
         for t in &topics {
-            let mut script = redis::cmd("EVAL");
-            script.arg(&self.scripts.refresh).arg(1).arg(layout.presence_prefix(t));
+            let mut script = self.scripts.refresh.call();
+            script.arg(1).arg(layout.presence_prefix(t));
             script.arg(&self.presence.node).arg(ttl);
             refresh.push((layout.slot(t), script));
         }
@@ -186,8 +185,8 @@ impl Broker {
                 continue;
             }
             for (client, (user, json)) in &self.present[topic] {
-                let mut script = redis::cmd("EVAL");
-                script.arg(&self.scripts.join).arg(1).arg(layout.presence_prefix(topic));
+                let mut script = self.scripts.join.call();
+                script.arg(1).arg(layout.presence_prefix(topic));
                 script.arg(&self.presence.node).arg(ttl).arg(&**client).arg(user).arg(json);
                 script.arg(layout.channel(topic)).arg("");
                 rejoin.push((layout.slot(topic), script));

@@ -49,6 +49,17 @@ pub(super) fn positions(
 pub(super) struct TopicCounts {
     per_slot: Vec<u64>,
     total: u64,
+    /// The count script's calls for one version of the slot map: made again only when it
+    /// changes.
+    calls: Option<CountCalls>,
+}
+
+/// The count script's calls for the slot map of `generation`: per primary, its slots and its
+/// call (with the slot that routes it).
+struct CountCalls {
+    generation: u64,
+    nodes: Vec<(usize, Vec<u16>)>,
+    cmds: Vec<(u16, redis::Cmd)>,
 }
 
 impl Broker {
@@ -127,8 +138,8 @@ impl Broker {
         idem: Option<&str>,
     ) -> redis::Cmd {
         let layout = &self.shared.layout;
-        let mut script = redis::cmd("EVAL");
-        script.arg(&self.scripts.publish).arg(1 + topics.len() * 3 + usize::from(idem.is_some()));
+        let mut script = self.scripts.publish.call();
+        script.arg(1 + topics.len() * 3 + usize::from(idem.is_some()));
         script.arg(layout.registry(slot));
         let keyed: Vec<_> = topics.iter().map(|t| layout.keys(t)).collect();
         for (seq_key, log, epoch_key, _) in &keyed {
@@ -148,14 +159,25 @@ impl Broker {
         script
     }
 
-    /// Whether `topic` may be subscribed to: it has state in Redis, or the cluster has room
-    /// for one more topic (as a subscription to a new topic takes a place on a single node).
-    pub(super) fn has_room(&mut self, topic: &str) -> redis::RedisResult<bool> {
-        let slot = self.shared.layout.slot(topic);
-        let mut room = redis::cmd("EVAL");
-        room.arg(&self.scripts.room).arg(1).arg(self.shared.layout.registry(slot));
+    /// Whether `topic` may be subscribed to — it has state in Redis, or the cluster has room
+    /// for one more topic (as a subscription to a new topic takes a place on a single node) —
+    /// and if so its sequence number and epoch in Redis (none if it has no state): one round
+    /// trip.
+    pub(super) fn room_and_position(
+        &mut self,
+        topic: &str,
+    ) -> redis::RedisResult<Option<(Option<u64>, Option<String>)>> {
+        let layout = &self.shared.layout;
+        let slot = layout.slot(topic);
+        let (seq_key, _, epoch_key, _) = layout.keys(topic);
+        let mut room = self.scripts.room.call();
+        room.arg(3).arg(layout.registry(slot)).arg(seq_key).arg(epoch_key);
         room.arg(topic).arg(self.room(slot));
-        self.redis.run(slot, |c| room.query(c))
+        let answer: (u8, Option<u64>, Option<String>) = self.redis.run(slot, |c| room.query(c))?;
+        Ok(match answer {
+            (1, seq, epoch) => Some((seq, epoch)),
+            _ => None,
+        })
     }
 
     /// The most topics the registry of `slot` may hold: `limits.max_topics`, less what the
@@ -166,30 +188,80 @@ impl Broker {
         (self.max_topics as u64).saturating_sub(counts.total - mine)
     }
 
-    /// Count the topics of every slot again (cluster only; one `ZCARD` per slot, pipelined
-    /// per node). A slot whose count fails keeps the last one.
-    pub(super) fn count_topics(&mut self) -> redis::RedisResult<()> {
+    /// Count the topics of every slot again (cluster only): one call of the count script per
+    /// primary, all at once (one round trip), each reading the registries of the slots it
+    /// serves; the answer names only the registries that hold topics. A slot whose count fails
+    /// (its node, or the slot itself, moved or failed) keeps the last one. `Ok(false)` if a
+    /// slot has no primary in the slot map or a primary did not answer: the requests for
+    /// their slots fail meanwhile.
+    pub(super) fn count_topics(&mut self) -> redis::RedisResult<bool> {
         let layout = &self.shared.layout;
         if !layout.is_cluster() {
-            return Ok(());
+            return Ok(true);
         }
-        let cmds: Vec<(u16, redis::Cmd)> = (0..SLOTS as u16)
-            .map(|s| {
-                let mut zcard = redis::cmd("ZCARD");
-                zcard.arg(layout.registry(s));
-                (s, zcard)
-            })
-            .collect();
+        let generation = self.redis.generation();
+        let CountCalls { nodes, cmds, .. } = match self.topic_counts.calls.take() {
+            Some(calls) if calls.generation == generation => calls,
+            _ => {
+                let nodes = self.redis.slots_by_node();
+                let cmds = nodes
+                    .iter()
+                    .map(|(_, slots)| {
+                        let mut names = String::with_capacity(slots.len() * 20);
+                        for &s in slots {
+                            names.push_str(layout.registry(s));
+                            names.push(' ');
+                        }
+                        let mut count = self.scripts.count.call();
+                        count.arg(1).arg(layout.registry(slots[0])).arg(names);
+                        (slots[0], count)
+                    })
+                    .collect();
+                CountCalls { generation, nodes, cmds }
+            }
+        };
+        let mut served = nodes.iter().map(|(_, slots)| slots.len()).sum::<usize>() == SLOTS;
         let (answers, lost) = self.redis.pipeline(&cmds, None);
         let counts = &mut self.topic_counts;
         counts.per_slot.resize(SLOTS, 0);
-        for (count, answer) in counts.per_slot.iter_mut().zip(answers) {
-            if let Some(n) = answer.ok().and_then(|v| redis::from_redis_value::<u64>(v).ok()) {
-                *count = n;
+        for ((node, slots), answer) in nodes.iter().zip(answers) {
+            let found = match answer.map(redis::from_redis_value::<redis::RedisResult<String>>) {
+                Ok(Ok(Ok(found))) => found,
+                // Down for a while (a cluster without a majority, a failover): so are its slots.
+                Ok(Ok(Err(e))) if is_transient(&e) => {
+                    served = false;
+                    continue;
+                }
+                Ok(found) => {
+                    let why = found.map_or_else(
+                        |e| e.to_string(),
+                        |e| e.err().map(|e| e.to_string()).unwrap_or_default(),
+                    );
+                    let node = self.redis.describe_node(*node);
+                    tracing::warn!(node, "broker: cannot count topics: {why}");
+                    continue;
+                }
+                Err(_) => {
+                    served = false;
+                    continue;
+                }
+            };
+            let mut read = vec![0; slots.len()];
+            let mut numbers = found.split_ascii_whitespace().map(|n| n.parse::<i64>().unwrap_or(-1));
+            while let (Some(i), Some(n)) = (numbers.next(), numbers.next()) {
+                if let Some(count) = usize::try_from(i - 1).ok().and_then(|i| read.get_mut(i)) {
+                    *count = n;
+                }
+            }
+            for (&s, n) in slots.iter().zip(read) {
+                if let Ok(n) = u64::try_from(n) {
+                    counts.per_slot[usize::from(s)] = n;
+                }
             }
         }
         counts.total = counts.per_slot.iter().sum();
-        lost.map_or(Ok(()), Err)
+        counts.calls = Some(CountCalls { generation, nodes, cmds });
+        lost.map_or(Ok(served), Err)
     }
 
     pub(super) fn answer_published(&self, reply: PublishReply, results: &[Placed]) {

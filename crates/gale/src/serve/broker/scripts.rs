@@ -127,17 +127,39 @@ return out
 "#
 );
 
-/// Whether a subscription may start: 1 if the topic has state, or one more topic would fit.
-/// KEYS: the registry; ARGV: the topic, the most topics the registry may hold.
+/// Whether a subscription may start, and where the topic is: `{1, seq, epoch}` if the topic
+/// has state or one more topic would fit (`seq` and `epoch` false when the topic has none), else
+/// `{0, false, false}`. KEYS: the registry, the topic's sequence number, its epoch; ARGV: the topic, the most
+/// topics the registry may hold.
 const ROOM_LUA: &str = concat!(
     forget_expired_lua!(),
     r#"
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  return 1
+  return {1, redis.call('GET', KEYS[2]), redis.call('GET', KEYS[3])}
 end
-return 0
+return {0, false, false}
 "#
 );
+
+/// Count the topics of the slots of one node of a Redis Cluster: `"i count i count …"`, a pair
+/// for each registry named in ARGV[1] (their names, separated by spaces; `i`: the place of one
+/// there, from 1) that holds topics, `count` -1 for one this node cannot read (its slot moved).
+/// KEYS[1]: one of those registries (it routes the call to the node). The registries are in
+/// different slots, which Redis 7 allows a script that says so (and checks that each is this
+/// node's); they are read, never written. One string each way rather than one value per slot:
+/// the gateway sends and parses one string per node, not thousands of values.
+const COUNT_LUA: &str = r#"#!lua flags=no-writes,allow-cross-slot-keys
+local out, i = {}, 0
+for registry in string.gmatch(ARGV[1], '%S+') do
+  i = i + 1
+  local n = redis.pcall('ZCARD', registry)
+  if type(n) ~= 'number' then n = -1 end
+  if n ~= 0 then
+    out[#out + 1] = i .. ' ' .. n
+  end
+end
+return table.concat(out, ' ')
+"#;
 
 /// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
 /// (`gale:T:p:`, or `gale:{T}:p:` in a Redis Cluster). Sets `now` (ms) and the topic's keys, and first forgets the nodes whose
@@ -346,10 +368,16 @@ impl Layout {
         if self.cluster { format!("{{{topic}}}") } else { topic.to_string() }
     }
 
-    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel.
+    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel (made
+    /// for every topic of every publish: without an intermediate string).
     pub(super) fn keys(&self, topic: &str) -> (String, String, String, String) {
-        let t = self.name(topic);
-        (format!("gale:{t}:seq"), format!("gale:{t}:log"), format!("gale:{t}:epoch"), format!("gale:{t}"))
+        let (open, close) = if self.cluster { ("{", "}") } else { ("", "") };
+        (
+            format!("gale:{open}{topic}{close}:seq"),
+            format!("gale:{open}{topic}{close}:log"),
+            format!("gale:{open}{topic}{close}:epoch"),
+            format!("gale:{open}{topic}{close}"),
+        )
     }
 
     /// The channel of `topic`.
@@ -417,14 +445,40 @@ pub(super) struct SubscribeCommands {
     pub(super) message: &'static str,
 }
 
+/// A Lua script: called by its SHA1 (`EVALSHA`), so that a call carries its keys and
+/// arguments, not its text; the text is loaded (`SCRIPT LOAD`) where Redis answers
+/// `NOSCRIPT` (a restarted node, a promoted replica, a node added, `SCRIPT FLUSH`).
+pub(super) struct Lua {
+    /// The script's text.
+    pub(super) text: String,
+    /// Its SHA1, in hex, as Redis names it.
+    sha: String,
+}
+
+impl Lua {
+    fn new(text: String) -> Lua {
+        let sha = redis::Script::new(&text).get_hash().to_string();
+        Lua { text, sha }
+    }
+
+    /// `EVALSHA` of this script; its number of keys, keys and arguments follow.
+    pub(super) fn call(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha);
+        cmd
+    }
+}
+
 /// The scripts as a layout runs them: in a cluster, their `PUBLISH` calls are `SPUBLISH`.
 pub(super) struct Scripts {
-    pub(super) publish: String,
-    pub(super) room: String,
-    pub(super) join: String,
-    pub(super) leave: String,
-    pub(super) refresh: String,
-    pub(super) read_presence: String,
+    pub(super) publish: Lua,
+    pub(super) room: Lua,
+    pub(super) join: Lua,
+    pub(super) leave: Lua,
+    pub(super) refresh: Lua,
+    pub(super) read_presence: Lua,
+    /// Counts the topics of a cluster node's slots (cluster only).
+    pub(super) count: Lua,
 }
 
 impl Scripts {
@@ -432,7 +486,7 @@ impl Scripts {
     pub(super) fn new(layout: &Layout) -> Scripts {
         let adapt = |script: &str| {
             let command = format!("redis.call('{}', ", layout.publish_command());
-            script.replace("redis.call('PUBLISH', ", &command)
+            Lua::new(script.replace("redis.call('PUBLISH', ", &command))
         };
         Scripts {
             publish: adapt(PUBLISH_LUA),
@@ -441,7 +495,21 @@ impl Scripts {
             leave: adapt(LEAVE_LUA),
             refresh: adapt(REFRESH_LUA),
             read_presence: adapt(READ_PRESENCE_LUA),
+            count: Lua::new(COUNT_LUA.to_string()),
         }
+    }
+
+    /// Every script's text: what a node that answers `NOSCRIPT` is given (the count script only
+    /// in a cluster: its shebang flags need Redis 7, which only cluster mode requires).
+    pub(super) fn texts(&self, layout: &Layout) -> Vec<String> {
+        let mut all =
+            [&self.publish, &self.room, &self.join, &self.leave, &self.refresh, &self.read_presence]
+                .map(|l| l.text.clone())
+                .to_vec();
+        if layout.is_cluster() {
+            all.push(self.count.text.clone());
+        }
+        all
     }
 }
 
@@ -496,12 +564,25 @@ mod tests {
     }
 
     #[test]
+    fn scripts_are_called_by_the_sha1_redis_gives_them() {
+        // `SCRIPT LOAD "return 1"` answers this.
+        let lua = super::Lua::new("return 1".into());
+        let call = lua.call();
+        let args: Vec<_> = call.args_iter().collect();
+        assert!(matches!(args[..], [redis::Arg::Simple(b"EVALSHA"), redis::Arg::Simple(sha)]
+            if sha == b"e0e1f9fabfc9d4800c877a703b823ac0578ff8db"));
+        let scripts = Scripts::new(&Layout::new(true));
+        assert!(scripts.texts(&Layout::new(true)).contains(&scripts.count.text));
+        assert!(!scripts.texts(&Layout::new(false)).contains(&scripts.count.text), "Redis 7 only");
+    }
+
+    #[test]
     fn cluster_scripts_publish_on_sharded_channels() {
         let scripts = Scripts::new(&Layout::new(true));
         for s in [&scripts.publish, &scripts.join, &scripts.leave, &scripts.read_presence, &scripts.refresh] {
-            assert!(!s.contains("'PUBLISH'"), "{s}");
+            assert!(!s.text.contains("'PUBLISH'"), "{}", s.text);
         }
-        assert!(scripts.publish.contains("redis.call('SPUBLISH', "));
-        assert!(Scripts::new(&Layout::new(false)).join.contains("redis.call('PUBLISH', "));
+        assert!(scripts.publish.text.contains("redis.call('SPUBLISH', "));
+        assert!(Scripts::new(&Layout::new(false)).join.text.contains("redis.call('PUBLISH', "));
     }
 }

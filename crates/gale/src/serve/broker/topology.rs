@@ -9,7 +9,6 @@
 //! pipeline fails whole on one script's error, and it answers 503 at once where the crate
 //! retries with a backoff of its own.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -154,6 +153,18 @@ fn redirect_of(e: &redis::RedisError) -> Option<Redirect> {
     })
 }
 
+/// Redis's answer to `EVALSHA` of a script it does not hold.
+const NOSCRIPT: &str = "NOSCRIPT";
+
+/// Whether Redis did not run a command (or a pipeline's first failed one) because it does not
+/// hold its script: loaded, the command can be sent again.
+fn no_script(e: &redis::RedisError) -> bool {
+    e.code() == Some(NOSCRIPT)
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|failed| failed.first().is_some_and(|(_, first)| first.code() == NOSCRIPT))
+}
+
 /// A pipelined command's answer: Redis's (a value, or an error it answered), or `Err(why)`
 /// when it is not known whether it ran (the connection failed).
 pub(super) type Answer = Result<Value, String>;
@@ -164,10 +175,15 @@ pub(super) struct Redis {
     nodes: Vec<Node>,
     /// Per slot, its primary's index in `nodes` (cluster only).
     slots: Vec<u16>,
+    /// Changed whenever `slots` changes: what is derived from the slot map is made again.
+    generation: u64,
     /// What a node found in a slot map shares with the seeds (credentials).
     template: ConnectionInfo,
     /// Where reconnects are counted.
     status: Arc<BrokerStatus>,
+    /// The texts of the scripts the broker calls by SHA1: loaded on a node that answers
+    /// `NOSCRIPT`.
+    scripts: Vec<String>,
 }
 
 impl Redis {
@@ -177,7 +193,72 @@ impl Redis {
         let template = seeds[0].clone();
         let nodes = seeds.into_iter().map(Node::new).collect();
         let slots = if target.is_cluster() { vec![UNSERVED; SLOTS] } else { Vec::new() };
-        Redis { cluster: target.is_cluster(), nodes, slots, template, status }
+        Redis {
+            cluster: target.is_cluster(),
+            nodes,
+            slots,
+            generation: 0,
+            template,
+            status,
+            scripts: Vec::new(),
+        }
+    }
+
+    /// Load `scripts` on a node that answers `NOSCRIPT`.
+    pub(super) fn with_scripts(mut self, scripts: Vec<String>) -> Redis {
+        self.scripts = scripts;
+        self
+    }
+
+    /// Load every script on node `node` (`SCRIPT LOAD`, pipelined): it answered `NOSCRIPT`.
+    fn load_scripts(&mut self, node: usize) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        for text in &self.scripts {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(text);
+        }
+        let loaded = self.conn(node).and_then(|c| pipe.query::<Vec<String>>(c));
+        match loaded {
+            Ok(loaded) => {
+                tracing::info!(
+                    node = address(&self.nodes[node].info),
+                    scripts = loaded.len(),
+                    "broker: scripts loaded"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if connection_lost(&e) {
+                    self.fail(node);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Which version of the slot map this is: it changes whenever the map does.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The primaries that serve slots, each with its slots (cluster only).
+    pub(super) fn slots_by_node(&self) -> Vec<(usize, Vec<u16>)> {
+        let mut by_node: Vec<(usize, Vec<u16>)> = Vec::new();
+        for (slot, &node) in self.slots.iter().enumerate() {
+            if node == UNSERVED {
+                continue;
+            }
+            let node = usize::from(node);
+            match by_node.iter_mut().find(|(n, _)| *n == node) {
+                Some((_, slots)) => slots.push(slot as u16),
+                None => by_node.push((node, vec![slot as u16])),
+            }
+        }
+        by_node
+    }
+
+    /// Node `node`'s `host:port`, for logs.
+    pub(super) fn describe_node(&self, node: usize) -> String {
+        address(&self.nodes[node].info)
     }
 
     /// The seeds, for logs.
@@ -253,7 +334,10 @@ impl Redis {
                 slots[usize::from(s)] = node;
             }
         }
-        self.slots = slots;
+        if self.slots != slots {
+            self.slots = slots;
+            self.generation += 1;
+        }
         Ok(())
     }
 
@@ -324,7 +408,11 @@ impl Redis {
             Redirect::Moved(slot, host, port) => {
                 let node = self.node_at(&host, port);
                 if self.cluster {
-                    self.slots[usize::from(slot) % SLOTS] = node;
+                    let owner = &mut self.slots[usize::from(slot) % SLOTS];
+                    if *owner != node {
+                        *owner = node;
+                        self.generation += 1;
+                    }
                 }
                 Some((usize::from(node), false))
             }
@@ -338,7 +426,8 @@ impl Redis {
 
     /// Run `f` on the connection of the node that serves `slot`, following redirections (the
     /// commands `f` sends are not run where Redis redirects them, so running `f` again is
-    /// safe). A lost connection is dropped, to be made again.
+    /// safe), and loading the scripts where Redis does not hold one (`NOSCRIPT`: the script
+    /// did not run). A lost connection is dropped, to be made again.
     pub(super) fn run<T>(
         &mut self,
         slot: u16,
@@ -346,6 +435,7 @@ impl Redis {
     ) -> redis::RedisResult<T> {
         let mut next: Option<(usize, bool)> = None;
         let mut last = None;
+        let mut loaded = false;
         for _ in 0..REDIRECTS {
             let (node, asking) = match next.take() {
                 Some(n) => n,
@@ -358,6 +448,12 @@ impl Redis {
                 Err(e) => match redirect_of(&e) {
                     Some(r) => {
                         next = self.follow(r);
+                        last = Some(e);
+                    }
+                    None if !loaded && no_script(&e) => {
+                        loaded = true;
+                        self.load_scripts(node)?;
+                        next = Some((node, asking));
                         last = Some(e);
                     }
                     None => {
@@ -374,10 +470,12 @@ impl Redis {
     }
 
     /// Run `cmds` (each with its slot), one pipeline per node, each followed by `WAIT` for
-    /// `ack` replicas if given, and answer each in order. A command Redis redirects is run
-    /// again where it goes; where `WAIT` counts fewer replicas than asked, the node's commands
-    /// are answered `NOREPLICAS` (they ran on the primary). The error is the first lost
-    /// connection, if any (its node's commands are answered `Err`).
+    /// `ack` replicas if given, and answer each in order. Every node's pipeline is written
+    /// before any answer is read, so the nodes work at the same time: one round trip in all. A
+    /// command Redis redirects, or does not run for want of its script (`NOSCRIPT`: loaded
+    /// then), is run again where it goes; where `WAIT` counts fewer replicas than asked, the
+    /// node's commands are answered `NOREPLICAS` (they ran on the primary). The error is the
+    /// first lost connection, if any (its node's commands are answered `Err`).
     pub(super) fn pipeline(
         &mut self,
         cmds: &[(u16, redis::Cmd)],
@@ -385,14 +483,32 @@ impl Redis {
     ) -> (Vec<Answer>, Option<redis::RedisError>) {
         let mut answers: Vec<Answer> = vec![Err(String::new()); cmds.len()];
         let mut lost_conn = None;
-        let mut by_node: HashMap<usize, Vec<usize>> = HashMap::new();
+        let mut by_node: Vec<(usize, Vec<usize>)> = Vec::new();
         for (i, (slot, _)) in cmds.iter().enumerate() {
             match self.node_of(*slot) {
-                Ok(node) => by_node.entry(node).or_default().push(i),
+                Ok(node) => match by_node.iter_mut().find(|(n, _)| *n == node) {
+                    Some((_, indexes)) => indexes.push(i),
+                    None => by_node.push((node, vec![i])),
+                },
                 Err(e) => answers[i] = Err(e.to_string()),
             }
         }
-        let mut again = Vec::new();
+        // A node's connection failed: its commands are answered with why.
+        let failed = |redis: &mut Redis,
+                      (answers, lost_conn): (&mut Vec<Answer>, &mut Option<redis::RedisError>),
+                      node: usize,
+                      indexes: &[usize],
+                      e: redis::RedisError| {
+            if connection_lost(&e) {
+                redis.fail(node);
+            }
+            for &i in indexes {
+                answers[i] = Err(e.to_string());
+            }
+            lost_conn.get_or_insert(e);
+        };
+        // Written, all of them.
+        let mut sent = Vec::with_capacity(by_node.len());
         for (node, indexes) in by_node {
             let mut pipe = redis::pipe();
             for &i in &indexes {
@@ -401,25 +517,21 @@ impl Redis {
             if let Some((n, timeout)) = ack {
                 pipe.cmd("WAIT").arg(n).arg(timeout.as_millis() as u64);
             }
-            let result = self.conn(node).and_then(|c| pipe.ignore_errors().query::<Vec<Value>>(c)).and_then(
-                |values| {
-                    if values.len() == indexes.len() + usize::from(ack.is_some()) {
-                        Ok(values)
-                    } else {
-                        Err(lost("a pipeline's answers do not match its commands"))
-                    }
-                },
-            );
-            let mut values = match result {
+            match self.conn(node).and_then(|c| c.send_packed_command(&pipe.get_packed_pipeline())) {
+                Ok(()) => sent.push((node, indexes)),
+                Err(e) => failed(self, (&mut answers, &mut lost_conn), node, &indexes, e),
+            }
+        }
+        // Then read, node after node.
+        let mut again = Vec::new();
+        let mut unloaded = Vec::new();
+        for (node, indexes) in sent {
+            let expected = indexes.len() + usize::from(ack.is_some());
+            let result = self.conn(node).and_then(|c| (0..expected).map(|_| c.recv_response()).collect());
+            let mut values: Vec<Value> = match result {
                 Ok(values) => values,
                 Err(e) => {
-                    if connection_lost(&e) {
-                        self.fail(node);
-                    }
-                    for &i in &indexes {
-                        answers[i] = Err(e.to_string());
-                    }
-                    lost_conn.get_or_insert(e);
+                    failed(self, (&mut answers, &mut lost_conn), node, &indexes, e);
                     continue;
                 }
             };
@@ -430,13 +542,24 @@ impl Redis {
             for (&i, value) in indexes.iter().zip(values) {
                 match &value {
                     Value::ServerError(e) if redirect(Some(e.code()), e.details()).is_some() => again.push(i),
+                    Value::ServerError(e) if e.code() == NOSCRIPT => {
+                        again.push(i);
+                        if !unloaded.contains(&node) {
+                            unloaded.push(node);
+                        }
+                    }
                     Value::ServerError(_) => answers[i] = Ok(value),
                     _ if !acked => answers[i] = Ok(not_acknowledged(ack)),
                     _ => answers[i] = Ok(value),
                 }
             }
         }
-        // Redirected: one at a time, where Redis says.
+        for node in unloaded {
+            // Not loaded: the commands run again below meet `NOSCRIPT` again, and `run` tries.
+            let _ = self.load_scripts(node);
+        }
+        again.sort_unstable();
+        // Redirected or reloaded: one at a time, in order, where Redis says.
         for i in again {
             let (slot, cmd) = &cmds[i];
             let result = self.run(*slot, |c| {
@@ -448,10 +571,10 @@ impl Redis {
                 let mut values: Vec<Value> = pipe.ignore_errors().query(c)?;
                 let got = ack.map(|_| values.pop().and_then(|v| redis::from_redis_value::<usize>(v).ok()));
                 let value = values.pop().unwrap_or(Value::Nil);
-                // Redirected again: an error for `run` to follow.
+                // Redirected again, or the script is missing: an error for `run` to follow.
                 if let Value::ServerError(_) = &value
                     && let Ok(Err(e)) = redis::from_redis_value::<redis::RedisResult<Value>>(value.clone())
-                    && redirect_of(&e).is_some()
+                    && (redirect_of(&e).is_some() || no_script(&e))
                 {
                     return Err(e);
                 }
