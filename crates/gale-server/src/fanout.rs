@@ -29,6 +29,12 @@ use crate::link::{WriteEnd, write_fd};
 /// A batch above this size is freed after it is written, not kept for the next one.
 const KEEP_CAPACITY: usize = 1 << 20;
 
+/// A batch holding this many bytes is written before another message joins it. It keeps the
+/// batch a per-loop cost whatever the messages' sizes: the part of a run that a socket does
+/// not take is copied into the connection's own buffer, so without a bound a run of large
+/// publishes to slow subscribers would be held twice, in the batch and in their buffers.
+const WRITE_AT: usize = 256 << 10;
+
 /// One subscriber's share of the batch.
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -70,6 +76,13 @@ impl SharedBatch {
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         self.runs.is_empty() && self.bytes.is_empty()
+    }
+
+    /// Whether the batch is full: the backend writes (or hands over) it before the next
+    /// message.
+    #[inline]
+    pub(crate) fn is_full(&self) -> bool {
+        self.bytes.len() >= WRITE_AT
     }
 
     /// A new message is being delivered: its frame is appended when its first subscriber
@@ -213,5 +226,23 @@ mod tests {
         batch.next_message();
         assert!(!batch.owe(1, -1, &mut a, b"yy", |owed| owed < 2));
         assert_eq!(batch.take_run(1, a), Some(&b"xx"[..]));
+    }
+
+    #[test]
+    fn a_batch_is_full_once_it_holds_write_at_bytes_and_empty_after_it_is_written() {
+        let mut batch = SharedBatch::default();
+        let frame = vec![0u8; WRITE_AT / 4];
+        for i in 0..4 {
+            assert!(!batch.is_full(), "{i} frames");
+            let mut run = MAX_RUNS as u32;
+            batch.next_message();
+            assert!(batch.owe(i, -1, &mut run, &frame, |_| true));
+        }
+        assert!(batch.is_full());
+        // Sockets of -1 fail: each run is reported unsent, and the batch is empty after.
+        let mut unsent = 0;
+        batch.write(|_| unsent += 1);
+        assert_eq!(unsent, 4);
+        assert!(batch.is_empty() && !batch.is_full());
     }
 }

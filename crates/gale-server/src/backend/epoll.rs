@@ -438,6 +438,9 @@ impl EpollLoop {
     /// batch by those that take it (one read of their slot, no copy), queued in their own
     /// buffers for the others.
     fn deliver(&mut self, msg: &crate::pubsub::Published) {
+        if self.batch.is_full() {
+            self.write_batch();
+        }
         let mut keys = std::mem::take(&mut self.recipients);
         self.env.pool.topics.recipients(msg, &mut keys);
         self.batch.next_message();

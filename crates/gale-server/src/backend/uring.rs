@@ -901,6 +901,9 @@ impl UringLoop {
     /// batch by those that take it (no copy), queued in their own buffers for the others; the
     /// sends go out at the end of the run of publishes and with the other dirty connections.
     fn deliver(&mut self, msg: &crate::pubsub::Published) {
+        if self.batch.is_full() {
+            self.send_batch();
+        }
         let mut keys = std::mem::take(&mut self.recipients);
         self.env.pool.topics.recipients(msg, &mut keys);
         self.batch.next_message();
