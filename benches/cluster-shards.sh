@@ -11,9 +11,12 @@
 # own with that CPU budget, as if each were a machine of that size: the regime where one
 # primary's CPU is the limit, which on one small machine the gateways and the load would
 # otherwise reach first. It needs a writable cgroup cpu controller (v1 or v2; root).
+# ROUNDS (default 1) repeats the runs, interleaved (one primary, then the cluster, for each
+# count of topics, round after round); the table gives the median of each figure over the
+# rounds and the range of the gateways' CPU per delivery.
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
-# Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
+# Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${1:-5}
@@ -21,6 +24,7 @@ PUBLISHERS=${2:-4}
 BATCH=${BATCH:-100}
 TOPICS=${TOPICS:-1000 10000}
 REDIS_CPU=${REDIS_CPU:-}
+ROUNDS=${ROUNDS:-1}
 cargo build --release -p gale
 R="${CARGO_TARGET_DIR:-target}/release"
 OUT=target/bench/cluster-shards
@@ -116,21 +120,32 @@ run() { # name broker topics redis-pids
     wait "$pa" "$pb" 2>/dev/null || true
 }
 CLUSTER_URL="redis+cluster://$(IFS=,; echo "${CLUSTER[*]}")"
-for topics in $TOPICS; do
-    run "one primary" "redis://127.0.0.1:$SINGLE" "$topics" "$SINGLE_PID"
-    run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for topics in $TOPICS; do
+        run "one primary" "redis://127.0.0.1:$SINGLE" "$topics" "$SINGLE_PID"
+        run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")"
+    done
 done
 python3 - "$OUT/results.jsonl" <<'PY'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
 budget = rows[0]["redis_cpu_budget"]
-print(f"Redis CPU budget per node: {budget if budget else 'none (the machine shared)'}; "
-      f"{rows[0]['batch']} items per request")
-print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries "
-      "| Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+groups = {}
 for r in rows:
-    print(f"| {r['setup']} | {r['topics']:,} | {r['publishes_per_sec']:,} | {r['deliveries']:,} "
-          f"({r['expected_deliveries']:,}) | {r['gateway_cpu_ms_per_1k_deliveries']:.2f} "
-          f"| {r['redis_cpu_us_per_publish']:.1f} | {r['busiest_redis_cores']:.2f} | {r['subscribe_s']:.1f} |")
+    groups.setdefault((r["topics"], r["setup"]), []).append(r)
+rounds = max(len(g) for g in groups.values())
+print(f"Redis CPU budget per node: {budget if budget else 'none (the machine shared)'}; "
+      f"{rows[0]['batch']} items per request; "
+      + (f"medians of {rounds} rounds" if rounds > 1 else "one run"))
+print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries "
+      "(range) | of which system | Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for (topics, setup), g in groups.items():
+    med = lambda key: statistics.median(r[key] for r in g)
+    cpu = [r["gateway_cpu_ms_per_1k_deliveries"] for r in g]
+    span = f" ({min(cpu):.2f}-{max(cpu):.2f})" if len(g) > 1 else ""
+    print(f"| {setup} | {topics:,} | {med('publishes_per_sec'):,.0f} | {sum(r['deliveries'] for r in g):,} "
+          f"({sum(r['expected_deliveries'] for r in g):,}) | {med('gateway_cpu_ms_per_1k_deliveries'):.2f}{span} "
+          f"| {med('gateway_system_ms_per_1k_deliveries'):.2f} "
+          f"| {med('redis_cpu_us_per_publish'):.1f} | {med('busiest_redis_cores'):.2f} | {med('subscribe_s'):.1f} |")
 PY

@@ -24,10 +24,15 @@ API_KEY = os.environ.get("GALE_API_KEY", "bench-key")
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid):
+def cpu_split(pid):
+    """User and system CPU seconds of process `pid`."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_s(pid):
+    return sum(cpu_split(pid))
 
 
 def topic_names(n):
@@ -106,6 +111,7 @@ def main():
 
     acked, refused = mp.Value("q", 0), mp.Value("q", 0)
     gw0 = sum(cpu_s(pid) for _, pid in gateways)
+    gw_sys0 = sum(cpu_split(pid)[1] for _, pid in gateways)
     redis0 = [cpu_s(pid) for pid in redis_pids]
     seen0 = sum(c.value for c in counts)
     started = time.monotonic()
@@ -124,6 +130,7 @@ def main():
         last = sum(c.value for c in counts)
         time.sleep(0.5)
     gw = sum(cpu_s(pid) for _, pid in gateways) - gw0
+    gw_sys = sum(cpu_split(pid)[1] for _, pid in gateways) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
     deliveries = sum(c.value for c in counts) - seen0
     for s in subs:
@@ -135,6 +142,7 @@ def main():
         "publishes_per_sec": round(acked.value / elapsed), "refused": refused.value,
         "deliveries": deliveries, "expected_deliveries": expected,
         "gateway_cpu_ms_per_1k_deliveries": round(gw / max(deliveries, 1) * 1e6, 2),
+        "gateway_system_ms_per_1k_deliveries": round(gw_sys / max(deliveries, 1) * 1e6, 2),
         "redis_cpu_us_per_publish": round(redis / max(acked.value, 1) * 1e6, 1),
         # While publishing: the busiest node's CPU time over the wall time, in cores.
         "busiest_redis_cores": round(max(redis_busy) / elapsed, 2),

@@ -93,6 +93,8 @@ struct State {
     /// Messages received while a subscription was being confirmed: handled after it (and
     /// after the catch-up that follows it).
     held: Vec<(usize, Resp)>,
+    /// Nodes whose connection was left with values to read (READ_BATCH reached).
+    unfinished: Vec<usize>,
 }
 
 impl Listener {
@@ -147,12 +149,17 @@ impl Listener {
                 }
             }
             self.shared.set_up(true, st.homeless.is_empty());
-            // Then messages: every connection is read until it has nothing more, or for
-            // READ_BATCH values (then the others and the orders get their turn, and the poll
-            // below does not wait).
-            let mut more = false;
-            let mut nodes: Vec<usize> = st.subs.keys().copied().collect();
+            // Then messages: each connection that the poll found readable, that was left
+            // with values to read, or that holds bytes received meanwhile (an order's reply
+            // read them) is read until it has nothing more, or for READ_BATCH values (then
+            // the others and the orders get their turn, and the poll below does not wait).
+            // The others are not read: a read that finds nothing is a system call per
+            // connection per wake-up, and a cluster has one connection per primary.
+            let mut nodes = std::mem::take(&mut st.unfinished);
+            nodes.extend(self.events.iter().map(|e| e.token().0).filter(|&t| t != WAKE.0));
+            nodes.extend(st.subs.iter().filter(|(_, sub)| sub.holds_bytes()).map(|(&node, _)| node));
             nodes.sort_unstable();
+            nodes.dedup();
             for node in nodes {
                 let mut read = 0;
                 while read < READ_BATCH {
@@ -172,8 +179,11 @@ impl Listener {
                         }
                     }
                 }
-                more |= read == READ_BATCH;
+                if read == READ_BATCH {
+                    st.unfinished.push(node);
+                }
             }
+            let more = !st.unfinished.is_empty();
             // Sleep until a connection has something, an order comes, or a retry is due.
             // Every connection was read until it had nothing, so its next arrival wakes the
             // poll (which is edge-triggered).
@@ -528,6 +538,12 @@ impl Sub {
             }
         }
         Ok(())
+    }
+
+    /// Whether bytes were received and not yet taken as values (the socket raises no new
+    /// readiness for them).
+    fn holds_bytes(&self) -> bool {
+        self.start < self.buf.len()
     }
 
     /// The next value: one already received, else one the socket holds now. `Ok(None)`: none
