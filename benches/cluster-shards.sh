@@ -11,12 +11,13 @@
 # own with that CPU budget, as if each were a machine of that size: the regime where one
 # primary's CPU is the limit, which on one small machine the gateways and the load would
 # otherwise reach first. It needs a writable cgroup cpu controller (v1 or v2; root).
+# PERF_SYSCALLS=1 adds the gateways' system calls and context switches per delivery (perf).
 # ROUNDS (default 1) repeats the runs, interleaved (one primary, then the cluster, for each
 # count of topics, round after round); the table gives the median of each figure over the
 # rounds and the range of the gateways' CPU per delivery.
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
-# Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
+# Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] [PERF_SYSCALLS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${1:-5}
@@ -137,9 +138,11 @@ rounds = max(len(g) for g in groups.values())
 print(f"Redis CPU budget per node: {budget if budget else 'none (the machine shared)'}; "
       f"{rows[0]['batch']} items per request; "
       + (f"medians of {rounds} rounds" if rounds > 1 else "one run"))
+perf = all("gateway_syscalls_per_delivery" in r for r in rows)
 print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries "
-      "(range) | of which system | Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "(range) | of which system | Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |"
+      + (" gateway syscalls / delivery | context switches / delivery |" if perf else ""))
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if perf else ""))
 for (topics, setup), g in groups.items():
     med = lambda key: statistics.median(r[key] for r in g)
     cpu = [r["gateway_cpu_ms_per_1k_deliveries"] for r in g]
@@ -147,5 +150,7 @@ for (topics, setup), g in groups.items():
     print(f"| {setup} | {topics:,} | {med('publishes_per_sec'):,.0f} | {sum(r['deliveries'] for r in g):,} "
           f"({sum(r['expected_deliveries'] for r in g):,}) | {med('gateway_cpu_ms_per_1k_deliveries'):.2f}{span} "
           f"| {med('gateway_system_ms_per_1k_deliveries'):.2f} "
-          f"| {med('redis_cpu_us_per_publish'):.1f} | {med('busiest_redis_cores'):.2f} | {med('subscribe_s'):.1f} |")
+          f"| {med('redis_cpu_us_per_publish'):.1f} | {med('busiest_redis_cores'):.2f} | {med('subscribe_s'):.1f} |"
+          + (f" {med('gateway_syscalls_per_delivery'):.2f} | {med('gateway_context_switches_per_delivery'):.3f} |"
+             if perf else ""))
 PY

@@ -6,7 +6,10 @@ the load does not queue behind one Python interpreter.
 
 Prints one JSON line: publishes/s acknowledged, deliveries, the gateways' CPU (user + system,
 from /proc) per 1,000 deliveries, Redis's CPU per publish (all its nodes), and the busiest
-Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget).
+Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget). With
+PERF_SYSCALLS=1 in the environment, also the gateways' system calls and context switches per
+delivery (`perf stat -e raw_syscalls:sys_enter,context-switches` attached to them over the same
+window).
 
 Usage: python3 benches/cluster_shards.py NAME TOPICS SECONDS PUBLISHERS BATCH
            GATEWAY_PORT:PID[,...] REDIS_PID[,...] [REDIS_CPU_BUDGET]
@@ -16,6 +19,8 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import signal
+import subprocess
 import sys
 import time
 from http.client import HTTPConnection
@@ -33,6 +38,29 @@ def cpu_split(pid):
 
 def cpu_s(pid):
     return sum(cpu_split(pid))
+
+
+def perf_start(pids):
+    """`perf stat` counting the system calls and context switches of `pids`, or None."""
+    if os.environ.get("PERF_SYSCALLS") != "1":
+        return None
+    return subprocess.Popen(
+        ["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter,context-switches", "-p", ",".join(map(str, pids))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def perf_stop(perf):
+    """The counts of a `perf_start`: {event: count}."""
+    if perf is None:
+        return {}
+    perf.send_signal(signal.SIGINT)
+    _, err = perf.communicate()
+    counts = {}
+    for line in err.splitlines():
+        fields = line.split(",")
+        if len(fields) > 2 and fields[0].isdigit():
+            counts[fields[2]] = int(fields[0])
+    return counts
 
 
 def topic_names(n):
@@ -113,6 +141,7 @@ def main():
     gw0 = sum(cpu_s(pid) for _, pid in gateways)
     gw_sys0 = sum(cpu_split(pid)[1] for _, pid in gateways)
     redis0 = [cpu_s(pid) for pid in redis_pids]
+    perf = perf_start([pid for _, pid in gateways])
     seen0 = sum(c.value for c in counts)
     started = time.monotonic()
     deadline = started + seconds
@@ -129,6 +158,7 @@ def main():
     while last != sum(c.value for c in counts):
         last = sum(c.value for c in counts)
         time.sleep(0.5)
+    kernel = perf_stop(perf)
     gw = sum(cpu_s(pid) for _, pid in gateways) - gw0
     gw_sys = sum(cpu_split(pid)[1] for _, pid in gateways) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
@@ -146,6 +176,9 @@ def main():
         "redis_cpu_us_per_publish": round(redis / max(acked.value, 1) * 1e6, 1),
         # While publishing: the busiest node's CPU time over the wall time, in cores.
         "busiest_redis_cores": round(max(redis_busy) / elapsed, 2),
+        **({"gateway_syscalls_per_delivery": round(kernel.get("raw_syscalls:sys_enter", 0) / max(deliveries, 1), 3),
+            "gateway_context_switches_per_delivery": round(kernel.get("context-switches", 0) / max(deliveries, 1), 3)}
+           if kernel else {}),
     }))
 
 

@@ -1,5 +1,6 @@
 //! The application builder, the bound server, and the handle that controls a running server.
 
+use std::cell::RefCell;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -414,6 +415,11 @@ struct Mailbox {
 impl Mailbox {
     fn post(&self, task: Task) -> Result<(), LoopGone> {
         self.tx.send(task).map_err(|_| LoopGone)?;
+        self.wake()
+    }
+
+    /// Wake the loop unless a wake is already on its way.
+    fn wake(&self) -> Result<(), LoopGone> {
         if !self.woken.swap(true, Ordering::SeqCst)
             && let Err(_e) = self.waker.wake()
         {
@@ -423,6 +429,15 @@ impl Mailbox {
         }
         Ok(())
     }
+}
+
+/// Loops (a server's handle and a loop's index) that were handed publishes and are owed a
+/// wake, each once.
+type Unwoken = Vec<(Arc<HandleInner>, usize)>;
+
+thread_local! {
+    /// Inside [`Handle::batched`] on this thread: the loops owed a wake.
+    static UNWOKEN: RefCell<Option<Unwoken>> = const { RefCell::new(None) };
 }
 
 /// Counters a loop publishes for other threads.
@@ -607,11 +622,55 @@ impl ServerHandle {
                 p.serial = serial;
                 Arc::new(p)
             });
-            if self.inner.mailboxes[index].post(Task::Publish(m.clone())).is_ok() {
+            if self.hand_over(index, Task::Publish(m.clone())).is_ok() {
                 loops += 1;
             }
         });
         loops
+    }
+
+    /// Post a publish to loop `index`: woken now, or at the end of [`batched`](Self::batched).
+    fn hand_over(&self, index: usize, task: Task) -> Result<(), LoopGone> {
+        let mailbox = &self.inner.mailboxes[index];
+        let deferred = UNWOKEN.with_borrow_mut(|unwoken| {
+            let unwoken = unwoken.as_mut()?;
+            if !unwoken.iter().any(|(inner, i)| *i == index && Arc::ptr_eq(inner, &self.inner)) {
+                unwoken.push((self.inner.clone(), index));
+            }
+            Some(())
+        });
+        match deferred {
+            Some(()) => mailbox.tx.send(task).map_err(|_| LoopGone),
+            None => mailbox.post(task),
+        }
+    }
+
+    /// Run `f`, in which this thread publishes a run of messages (a broker forwarding what it
+    /// received in one read), waking each loop that gets one of them once, when `f` returns,
+    /// rather than at the first: a loop woken at the first would start delivering while the
+    /// rest still come, and go back to sleep to be woken again, a wake-up and two context
+    /// switches for every few messages. The messages are in the loops' mailboxes as each call
+    /// returns (ordered as usual); only the wakes wait. Nested calls wake at the outermost.
+    pub fn batched<R>(&self, f: impl FnOnce() -> R) -> R {
+        /// Wakes the owed loops when `batched` ends, also by a panic in `f`.
+        struct WakeOnDrop;
+        impl Drop for WakeOnDrop {
+            fn drop(&mut self) {
+                for (inner, index) in UNWOKEN.take().unwrap_or_default() {
+                    let _ = inner.mailboxes[index].wake();
+                }
+            }
+        }
+        let nested = UNWOKEN.with_borrow_mut(|unwoken| {
+            let nested = unwoken.is_some();
+            unwoken.get_or_insert_with(Vec::new);
+            nested
+        });
+        if nested {
+            return f();
+        }
+        let _wake = WakeOnDrop;
+        f()
     }
 
     /// Run `f` on connection `conn`, on its loop, between two event batches, as if inside one

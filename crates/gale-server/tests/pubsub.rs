@@ -377,3 +377,40 @@ fn deferred_http_answers_keep_pipelined_requests_in_order() {
     );
     server.stop();
 }
+
+#[test]
+fn publishes_inside_batched_all_arrive_in_order_nested_or_cut_by_a_panic() {
+    let server = start(2, Behavior::default());
+    let mut subs: Vec<Client> = (0..8).map(|_| subscribe(&server, "news")).collect();
+    let per_loop: Vec<usize> = (0..2).map(|i| server.handle.loop_stats(i).connections).collect();
+    assert!(per_loop.iter().all(|&n| n > 0), "connections on both loops: {per_loop:?}");
+
+    let handle = server.handle.clone();
+    let publisher = std::thread::spawn(move || {
+        handle.batched(|| {
+            for i in 0..50 {
+                assert!(handle.publish_text("news", &format!("n{i}")) > 0);
+            }
+            // Nested: wakes at the end of the outer call.
+            handle.batched(|| handle.publish_text("news", "nested"));
+        });
+        // A panic inside still wakes the loops for what was published before it.
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            handle.batched(|| {
+                handle.publish_text("news", "before the panic");
+                panic!("in batched");
+            })
+        }));
+        assert!(panicked.is_err());
+    });
+    for c in &mut subs {
+        for i in 0..50 {
+            assert_eq!(c.expect_text(), format!("n{i}"));
+        }
+        assert_eq!(c.expect_text(), "nested");
+        assert_eq!(c.expect_text(), "before the panic");
+    }
+    publisher.join().unwrap();
+    drop(subs);
+    server.stop();
+}

@@ -155,34 +155,9 @@ impl Listener {
             // the others and the orders get their turn, and the poll below does not wait).
             // The others are not read: a read that finds nothing is a system call per
             // connection per wake-up, and a cluster has one connection per primary.
-            let mut nodes = std::mem::take(&mut st.unfinished);
-            nodes.extend(self.events.iter().map(|e| e.token().0).filter(|&t| t != WAKE.0));
-            nodes.extend(st.subs.iter().filter(|(_, sub)| sub.holds_bytes()).map(|(&node, _)| node));
-            nodes.sort_unstable();
-            nodes.dedup();
-            for node in nodes {
-                let mut read = 0;
-                while read < READ_BATCH {
-                    let Some(sub) = st.subs.get_mut(&node) else { break };
-                    match sub.read_now() {
-                        Ok(Some(value)) => {
-                            let State { subs, homeless, .. } = &mut st;
-                            let channels = &mut subs.get_mut(&node).expect("read above").channels;
-                            self.dispatch(commands, value, channels, homeless);
-                            read += 1;
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::warn!(node = %address(self.redis.info(node)), "broker: Redis subscription lost: {e}");
-                            self.lose(&mut st, node);
-                            break;
-                        }
-                    }
-                }
-                if read == READ_BATCH {
-                    st.unfinished.push(node);
-                }
-            }
+            // The loops are woken once for what this pass forwards, not at its first message.
+            let shared = self.shared.clone();
+            shared.handle.batched(|| self.read_ready(&mut st, commands));
             let more = !st.unfinished.is_empty();
             // Sleep until a connection has something, an order comes, or a retry is due.
             // Every connection was read until it had nothing, so its next arrival wakes the
@@ -201,6 +176,40 @@ impl Listener {
             {
                 tracing::warn!("broker: the listener cannot wait for Redis: {e}");
                 std::thread::sleep(wait.min(Duration::from_millis(100)));
+            }
+        }
+    }
+
+    /// Read the connections the poll found readable, those left unfinished, and those holding
+    /// received bytes, each until it has nothing or for READ_BATCH values, and dispatch what
+    /// they bring.
+    fn read_ready(&mut self, st: &mut State, commands: SubscribeCommands) {
+        let mut nodes = std::mem::take(&mut st.unfinished);
+        nodes.extend(self.events.iter().map(|e| e.token().0).filter(|&t| t != WAKE.0));
+        nodes.extend(st.subs.iter().filter(|(_, sub)| sub.holds_bytes()).map(|(&node, _)| node));
+        nodes.sort_unstable();
+        nodes.dedup();
+        for node in nodes {
+            let mut read = 0;
+            while read < READ_BATCH {
+                let Some(sub) = st.subs.get_mut(&node) else { break };
+                match sub.read_now() {
+                    Ok(Some(value)) => {
+                        let State { subs, homeless, .. } = st;
+                        let channels = &mut subs.get_mut(&node).expect("read above").channels;
+                        self.dispatch(commands, value, channels, homeless);
+                        read += 1;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(node = %address(self.redis.info(node)), "broker: Redis subscription lost: {e}");
+                        self.lose(st, node);
+                        break;
+                    }
+                }
+            }
+            if read == READ_BATCH {
+                st.unfinished.push(node);
             }
         }
     }
