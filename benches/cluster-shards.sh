@@ -15,6 +15,11 @@
 # ROUNDS (default 1) repeats the runs, interleaved (one primary, then the cluster, for each
 # count of topics, round after round); the table gives the median of each figure over the
 # rounds and the range of the gateways' CPU per delivery.
+# CALLGRIND="SHORT LONG" counts instead the user-space instructions per delivery of one
+# gateway (epoll backend, under `valgrind --tool=callgrind`; the other gateway runs as usual):
+# each publisher sends SHORT batches in one gateway life and LONG in another, and the
+# difference of the two counts over the difference of their deliveries leaves out what both
+# lives share (start, subscribes, shutdown). A repeatable figure where seconds of CPU are not.
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
 # Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] [PERF_SYSCALLS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
@@ -86,11 +91,14 @@ start_redis() { # port [cluster bus port]
     until redis-cli -p "$1" PING >/dev/null 2>&1; do sleep 0.05; done
     [ -z "$REDIS_CPU" ] || limit_cpu "$LAST_PID"
 }
-start_gateway() { # port broker
-    "$R/gale" serve --config "$CONFIG" --listen "127.0.0.1:$1" --threads 1 --broker "$2" >/dev/null 2>&1 &
+start_gateway() { # port broker [command prefix...]
+    local port=$1 broker=$2
+    shift 2
+    "$@" "$R/gale" serve --config "$CONFIG" --listen "127.0.0.1:$port" --threads 1 --broker "$broker" \
+        ${CALLGRIND:+--backend epoll} >/dev/null 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
-    until curl -sf "http://127.0.0.1:$1/healthz" >/dev/null 2>&1; do sleep 0.1; done
+    until curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1; do sleep 0.1; done
 }
 
 SINGLE=$(free_port)
@@ -109,8 +117,34 @@ until [ "$(redis-cli -p "${CLUSTER[0]#*:}" CLUSTER INFO | tr -d '\r' | grep clus
     sleep 0.1
 done
 
+# Callgrind mode: one gateway life under callgrind per size; appends {"setup", "topics",
+# "batches", "instructions", "deliveries"} (that gateway's) to the results.
+count_run() { # name broker topics redis-pids
+    local a b pa pb size out ir
+    for size in $CALLGRIND; do
+        a=$(free_port); b=$(free_port)
+        out="$OUT/callgrind-$a.out"
+        start_gateway "$a" "$2" valgrind --tool=callgrind --callgrind-out-file="$out"; pa=$LAST_PID
+        start_gateway "$b" "$2"; pb=$LAST_PID
+        echo "$1, $3 topics, $size batches per publisher, under callgrind" >&2
+        BATCHES=$size python3 benches/cluster_shards.py "$1" "$3" 1 "$PUBLISHERS" "$BATCH" \
+            "$a:$pa,$b:$pb" "$4" "" >"$OUT/run.json"
+        kill -TERM "$pa" "$pb"
+        wait "$pa" "$pb" 2>/dev/null || true
+        ir=$(sed -n 's/^\(summary\|totals\): \([0-9]*\).*/\2/p' "$out" | head -1)
+        python3 -c 'import json, sys; r = json.load(open(sys.argv[1]))
+print(json.dumps({"setup": r["setup"], "topics": r["topics"], "batches": int(sys.argv[2]),
+                  "instructions": int(sys.argv[3]), "deliveries": r["deliveries"] // 2}))' \
+            "$OUT/run.json" "$size" "$ir" >>"$OUT/results.jsonl"
+    done
+}
+
 run() { # name broker topics redis-pids
     local a b pa pb
+    if [ -n "${CALLGRIND:-}" ]; then
+        count_run "$@"
+        return
+    fi
     a=$(free_port); b=$(free_port)
     start_gateway "$a" "$2"; pa=$LAST_PID
     start_gateway "$b" "$2"; pb=$LAST_PID
@@ -127,6 +161,28 @@ for ((round = 1; round <= ROUNDS; round++)); do
         run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")"
     done
 done
+if [ -n "${CALLGRIND:-}" ]; then
+    python3 - "$OUT/results.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+groups = {}
+for r in rows:
+    groups.setdefault((r["topics"], r["setup"]), []).append(r)
+print("| broker | topics | deliveries (short, long) | instructions (long − short) | instructions / delivery |")
+print("|---|---:|---:|---:|---:|")
+per = {}
+for (topics, setup), g in groups.items():
+    short, long = min(g, key=lambda r: r["batches"]), max(g, key=lambda r: r["batches"])
+    d, ir = long["deliveries"] - short["deliveries"], long["instructions"] - short["instructions"]
+    per[(topics, setup)] = ir / max(d, 1)
+    print(f"| {setup} | {topics:,} | {short['deliveries']:,}, {long['deliveries']:,} | {ir:,} | {ir / max(d, 1):,.0f} |")
+for topics in sorted({t for t, _ in per}):
+    if (topics, "3-shard cluster") in per and (topics, "one primary") in per:
+        print(f"{topics:,} topics: cluster / one primary = "
+              f"{per[(topics, '3-shard cluster')] / per[(topics, 'one primary')]:.3f}")
+PY
+    exit 0
+fi
 python3 - "$OUT/results.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

@@ -7,6 +7,7 @@ the load does not queue behind one Python interpreter.
 Prints one JSON line: publishes/s acknowledged, deliveries, the gateways' CPU (user + system,
 from /proc) per 1,000 deliveries, Redis's CPU per publish (all its nodes), and the busiest
 Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget). With
+BATCHES=N in the environment, each publisher sends N batches, whatever the time. With
 PERF_SYSCALLS=1 in the environment, also the gateways' system calls and context switches per
 delivery (`perf stat -e raw_syscalls:sys_enter,context-switches` attached to them over the same
 window).
@@ -99,7 +100,10 @@ def publisher(ports, topics_n, batch, start, deadline, acked, refused):
     conns = {p: HTTPConnection("127.0.0.1", p, timeout=30) for p in ports}
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     n, ok_total, bad_total = start, 0, 0
-    while time.monotonic() < deadline:
+    # With BATCHES set, a fixed amount of work instead of a time (benches/cluster-shards.sh's
+    # callgrind mode).
+    batches = int(os.environ.get("BATCHES", "0"))
+    while (n - start < batches) if batches else (time.monotonic() < deadline):
         port = ports[n % len(ports)]
         items = [{"topic": topics[(n * batch + i) % topics_n], "data": n} for i in range(batch)]
         conns[port].request("POST", "/api/publish_batch", body=json.dumps(items), headers=headers)
