@@ -509,15 +509,17 @@ impl Redis {
         };
         // Written, all of them.
         let mut sent = Vec::with_capacity(by_node.len());
+        let mut packed = Vec::new();
         for (node, indexes) in by_node {
-            let mut pipe = redis::pipe();
+            // Each command packed straight into the node's pipeline (no copy of the command).
+            packed.clear();
             for &i in &indexes {
-                pipe.add_command(cmds[i].1.clone());
+                cmds[i].1.write_packed_command(&mut packed);
             }
             if let Some((n, timeout)) = ack {
-                pipe.cmd("WAIT").arg(n).arg(timeout.as_millis() as u64);
+                redis::cmd("WAIT").arg(n).arg(timeout.as_millis() as u64).write_packed_command(&mut packed);
             }
-            match self.conn(node).and_then(|c| c.send_packed_command(&pipe.get_packed_pipeline())) {
+            match self.conn(node).and_then(|c| c.send_packed_command(&packed)) {
                 Ok(()) => sent.push((node, indexes)),
                 Err(e) => failed(self, (&mut answers, &mut lost_conn), node, &indexes, e),
             }
