@@ -225,7 +225,7 @@ impl Broker {
         let counts = &mut self.topic_counts;
         counts.per_slot.resize(SLOTS, 0);
         for ((node, slots), answer) in nodes.iter().zip(answers) {
-            let found = match answer.map(redis::from_redis_value::<redis::RedisResult<String>>) {
+            let found = match answer.map(redis::from_redis_value::<redis::RedisResult<Vec<u8>>>) {
                 Ok(Ok(Ok(found))) => found,
                 // Down for a while (a cluster without a majority, a failover): so are its slots.
                 Ok(Ok(Err(e))) if is_transient(&e) => {
@@ -246,10 +246,12 @@ impl Broker {
                     continue;
                 }
             };
+            // Slots not named hold no topics; a count of -1 keeps the slot's last one.
             let mut read = vec![0; slots.len()];
-            let mut numbers = found.split_ascii_whitespace().map(|n| n.parse::<i64>().unwrap_or(-1));
-            while let (Some(i), Some(n)) = (numbers.next(), numbers.next()) {
-                if let Some(count) = usize::try_from(i - 1).ok().and_then(|i| read.get_mut(i)) {
+            for pair in found.chunks_exact(6) {
+                let place = usize::from(u16::from_be_bytes([pair[0], pair[1]]));
+                let n = i32::from_be_bytes([pair[2], pair[3], pair[4], pair[5]]);
+                if let Some(count) = place.checked_sub(1).and_then(|i| read.get_mut(i)) {
                     *count = n;
                 }
             }

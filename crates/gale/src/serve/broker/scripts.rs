@@ -141,13 +141,15 @@ return {0, false, false}
 "#
 );
 
-/// Count the topics of the slots of one node of a Redis Cluster: `"i count i count …"`, a pair
-/// for each registry named in ARGV[1] (their names, separated by spaces; `i`: the place of one
-/// there, from 1) that holds topics, `count` -1 for one this node cannot read (its slot moved).
-/// KEYS[1]: one of those registries (it routes the call to the node). The registries are in
-/// different slots, which Redis 7 allows a script that says so (and checks that each is this
-/// node's); they are read, never written. One string each way rather than one value per slot:
-/// the gateway sends and parses one string per node, not thousands of values.
+/// Count the topics of the slots of one node of a Redis Cluster: six bytes for each registry
+/// named in ARGV[1] (their names, separated by spaces) that holds topics, its place there
+/// (from 1; 16 bits, big-endian) and its count (32 bits, signed, big-endian; -1 for one this
+/// node cannot read: its slot moved). KEYS[1]: one of those registries (it routes the call to
+/// the node). The registries are in different slots, which Redis 7 allows a script that says
+/// so (and checks that each is this node's); they are read, never written. One string each
+/// way rather than one value per slot, and fixed-size binary pairs rather than text: the
+/// gateway sends and reads one string per node each second, not thousands of values, and
+/// reading 7,000 pairs of text numbers (10,000 topics) cost it more than the rest of the count.
 const COUNT_LUA: &str = r#"#!lua flags=no-writes,allow-cross-slot-keys
 local out, i = {}, 0
 for registry in string.gmatch(ARGV[1], '%S+') do
@@ -155,10 +157,10 @@ for registry in string.gmatch(ARGV[1], '%S+') do
   local n = redis.pcall('ZCARD', registry)
   if type(n) ~= 'number' then n = -1 end
   if n ~= 0 then
-    out[#out + 1] = i .. ' ' .. n
+    out[#out + 1] = struct.pack('>Hi', i, n)
   end
 end
-return table.concat(out, ' ')
+return table.concat(out)
 "#;
 
 /// Lua, the start of every presence script: KEYS[1] is the topic's presence prefix
