@@ -311,7 +311,7 @@ impl Broker {
         let (_, log, _, _) = self.shared.layout.keys(topic);
         let slot = self.shared.layout.slot(topic);
         let listening = self.shared.topics().contains_key(topic);
-        let mut position = None;
+        let shared = self.shared.clone();
         if !listening {
             // Listen first: whatever is published from now on arrives on the channel, and
             // what came before is in the stream. Then one round trip checks that the cluster
@@ -323,30 +323,32 @@ impl Broker {
                 self.reply_error(conn, topic, id, unavailable("cannot subscribe in Redis"));
                 return Ok(false);
             }
+        }
+        // From here until the connection is subscribed, the listener forwards nothing (it
+        // waits for the topics): what it receives meanwhile is numbered after `last` and is
+        // forwarded after the subscription. The position is read with the topics held, so a
+        // message published after that read cannot reach the listener before the topic is
+        // there to be forwarded (it would be dropped: neither in the replay nor forwarded).
+        let mut topics = shared.topics();
+        if !listening && !topics.contains_key(topic) {
             let room = self.room_and_position(topic);
             if !matches!(room, Ok(Some(_))) {
                 // Not to be forwarded: listened to by nothing here.
                 self.listen.send(Listen::Unsubscribe(topic.to_string()));
             }
             match room? {
-                Some(found) => position = Some(found),
+                Some((seq, epoch)) => {
+                    topics.insert(
+                        topic.to_string(),
+                        Forwarding { epoch: epoch.unwrap_or_default(), last: seq.unwrap_or(0) },
+                    );
+                }
                 None => {
+                    drop(topics);
                     self.reply_error(conn, topic, id, PublishError::TooManyTopics.into());
                     return Ok(false);
                 }
             }
-        }
-        // From here until the connection is subscribed, the listener forwards nothing: what it
-        // receives meanwhile is numbered after `last` and is forwarded after the subscription.
-        let shared = self.shared.clone();
-        let mut topics = shared.topics();
-        if let Some((seq, epoch)) = position
-            && !topics.contains_key(topic)
-        {
-            topics.insert(
-                topic.to_string(),
-                Forwarding { epoch: epoch.unwrap_or_default(), last: seq.unwrap_or(0) },
-            );
         }
         if let Some(p) = &since
             && topics.get(topic).is_some_and(|f| f.epoch != p.epoch || p.seq > f.last)
