@@ -400,7 +400,13 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             await asyncio.sleep(0.2)
         self.assertIs(reply.get("recovered"), False, reply)
         self.assertIn("epoch", reply["reason"])
-        status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
+        # Every node reconnects on its own (its command connection after a backoff of up to
+        # 2 s, once it has found the old one dead): node A reports up within the deadline.
+        while True:
+            status, text = await asyncio.to_thread(http, self.nodes[0], "GET", "/metrics", None, None)
+            if "gale_broker_up 1" in text or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         self.assertIn("gale_broker_up 1", text)
         self.assertRegex(text, r"gale_broker_reconnects_total [1-9]")
 

@@ -212,8 +212,16 @@ def publish(node, topic, data, headers=None):
     return status, (json.loads(text) if text else None)
 
 
-def history(node, topic):
-    status, text = http(node, "GET", f"/api/history/{topic}?limit=1000")
+def history(node, topic, settle=0.0):
+    """The topic's history read on `node`. With `settle` (seconds), a 503 is tried again until
+    then: after a failover, a node that has not used the failed primary's connection since
+    finds out on this read (503) and reads the slot map again."""
+    deadline = time.monotonic() + settle
+    while True:
+        status, text = http(node, "GET", f"/api/history/{topic}?limit=1000")
+        if status != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert status == 200, (status, text)
     return json.loads(text)
 
@@ -631,7 +639,7 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
             stop.set()
             await asyncio.to_thread(thread.join)
         self.assertEqual(set(codes) - {200, 503}, set(), "only 503 while the primary is away")
-        page = await asyncio.to_thread(history, b, topic)
+        page = await asyncio.to_thread(history, b, topic, 10.0)
         held = {m["seq"]: m["data"] for m in page["messages"]}
         self.assertEqual(page["epoch"], epoch, "the promoted replica keeps the topic's epoch")
         # No acknowledged publish lost: each is in the promoted replica's history, at its place.
