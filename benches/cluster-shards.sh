@@ -19,7 +19,8 @@
 # gateway (epoll backend, under `valgrind --tool=callgrind`; the other gateway runs as usual):
 # each publisher sends SHORT batches in one gateway life and LONG in another, and the
 # difference of the two counts over the difference of their deliveries leaves out what both
-# lives share (start, subscribes, shutdown). A repeatable figure where seconds of CPU are not.
+# lives share (start, subscribes, shutdown); a life without callgrind publishes to every topic
+# first, so that both meet the same Redis. A repeatable figure where seconds of CPU are not.
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
 # Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] [PERF_SYSCALLS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
@@ -121,6 +122,16 @@ done
 # "batches", "instructions", "deliveries"} (that gateway's) to the results.
 count_run() { # name broker topics redis-pids
     local a b pa pb size out ir
+    # First, without callgrind, publish to every topic once: both measured lives then meet a
+    # Redis that holds every topic (otherwise the shorter life would create them, paying what
+    # the longer one does not).
+    a=$(free_port); b=$(free_port)
+    start_gateway "$a" "$2"; pa=$LAST_PID
+    start_gateway "$b" "$2"; pb=$LAST_PID
+    BATCHES=$(( ($3 + PUBLISHERS * BATCH - 1) / (PUBLISHERS * BATCH) )) python3 benches/cluster_shards.py \
+        "$1" "$3" 1 "$PUBLISHERS" "$BATCH" "$a:$pa,$b:$pb" "$4" "" >/dev/null
+    kill -TERM "$pa" "$pb"
+    wait "$pa" "$pb" 2>/dev/null || true
     for size in $CALLGRIND; do
         a=$(free_port); b=$(free_port)
         out="$OUT/callgrind-$a.out"

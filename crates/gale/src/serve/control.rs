@@ -334,7 +334,7 @@ fn subscribe(g: &Arc<Gateway>, ws: &mut WebSocket<'_, Client>, topic: String, si
     if ws.is_subscribed(&topic) || ws.data().pending.contains(&topic) {
         return false;
     }
-    if ws.topics().count() + ws.data().pending.len() >= g.settings.max_subscriptions {
+    if super::gateway::subscriptions(ws) >= g.settings.max_subscriptions {
         let e = CommandError::new(
             413,
             format!(

@@ -418,7 +418,7 @@ impl Endpoint {
                 }
                 let s = &g.settings;
                 ws.data().subscribes.spend("subscribe", s.subscribe_rate, s.subscribe_burst)?;
-                if ws.topics().count() + ws.data().pending.len() >= g.settings.max_subscriptions {
+                if subscriptions(ws) >= g.settings.max_subscriptions {
                     return Err(CommandError::new(
                         413,
                         format!("at most {} subscriptions per connection", g.settings.max_subscriptions),
@@ -616,4 +616,15 @@ impl Endpoint {
         }
         Ok(())
     }
+}
+
+/// The connection's subscriptions, those the broker has not answered yet included. A topic
+/// whose subscription has just been made is counted once: the loop subscribes the connection
+/// before it takes the topic out of `pending`, and a command read in between must not count
+/// it twice (a connection at its limit would be refused a subscription it may have).
+pub(crate) fn subscriptions(ws: &mut WebSocket<'_, Client>) -> usize {
+    let pending = std::mem::take(&mut ws.data().pending);
+    let unanswered = pending.iter().filter(|t| !ws.is_subscribed(t)).count();
+    ws.data().pending = pending;
+    ws.topics().count() + unanswered
 }
