@@ -21,10 +21,10 @@
 //! task posted to it) first has its range copied into its own buffer
 //! ([`SharedBatch::take_run`]): its bytes leave in the order they were queued.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 
-use crate::link::{WriteEnd, write_fd};
+use crate::link::{Counters, Link, WriteEnd, admits, write_fd};
 
 /// A batch above this size is freed after it is written, not kept for the next one.
 const KEEP_CAPACITY: usize = 1 << 20;
@@ -143,6 +143,28 @@ impl SharedBatch {
                 self.runs.push(Run { fd, key, start, end });
             }
         }
+        true
+    }
+
+    /// [`owe`](Self::owe) the current message's `frame` to the connection in slot `key`
+    /// (`link`), held to its `max_backpressure` (`limit`), and count it as sent. False: the
+    /// connection gets it through its own buffer.
+    pub(crate) fn owe_to(
+        &mut self,
+        key: u32,
+        link: &mut Link,
+        frame: &[u8],
+        limit: usize,
+        counters: &mut Counters,
+    ) -> bool {
+        let mut run = link.shared_run();
+        let fd = link.stream.as_raw_fd();
+        if !self.owe(key, fd, &mut run, frame, |owed| admits(owed, frame.len(), limit)) {
+            return false;
+        }
+        link.set_shared_run(run);
+        counters.messages_out += 1;
+        counters.bytes_out += frame.len() as u64;
         true
     }
 

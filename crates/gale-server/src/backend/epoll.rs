@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
@@ -17,7 +17,7 @@ use slab::Slab;
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx, Delivery};
 use crate::fanout::SharedBatch;
-use crate::link::{Scratch, admits};
+use crate::link::Scratch;
 use crate::timer::TimerWheel;
 
 use super::{WAKER, accepted_link};
@@ -364,17 +364,13 @@ impl EpollLoop {
 
     fn run_tasks(&mut self) {
         self.handle.awake(self.index);
-        loop {
-            match self.rx.try_recv() {
-                Ok(Task::Publish(msg)) => self.deliver(&msg),
-                Ok(task) => {
-                    // Whatever the task queues for a subscriber goes after the frames the
-                    // subscriber is owed from the shared batch.
-                    self.write_batch();
-                    self.run_task(task);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        while let Ok(task) = self.rx.try_recv() {
+            // Whatever another task queues for a subscriber goes after the frames the
+            // subscriber is owed from the shared batch.
+            if !matches!(task, Task::Publish(_)) {
+                self.write_batch();
             }
+            self.run_task(task);
         }
         self.write_batch();
         // One write per subscriber for everything published since the last one.
@@ -449,18 +445,12 @@ impl EpollLoop {
             let Some(conn) = self.conns.get_mut(key as usize) else { continue };
             match conn.delivery(msg, &self.env.shared.routes) {
                 Delivery::Skip => continue,
-                Delivery::Shared(limit) => {
-                    let fd = conn.link.stream.as_raw_fd();
-                    let admit = |owed| admits(owed, frame.len(), limit);
-                    let mut run = conn.link.shared_run();
-                    if self.batch.owe(key, fd, &mut run, frame, admit) {
-                        conn.link.set_shared_run(run);
-                        let counters = &mut self.env.pool.counters;
-                        counters.messages_out += 1;
-                        counters.bytes_out += frame.len() as u64;
-                        continue;
-                    }
+                Delivery::Shared(limit)
+                    if self.batch.owe_to(key, &mut conn.link, frame, limit, &mut self.env.pool.counters) =>
+                {
+                    continue;
                 }
+                Delivery::Shared(_) => {}
                 Delivery::Own => {}
             }
             let (was_dirty, was_refused) = (conn.link.dirty, conn.link.refused());

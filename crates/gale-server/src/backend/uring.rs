@@ -36,7 +36,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::Receiver;
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use slab::Slab;
 
@@ -45,7 +45,7 @@ use super::bufring::{BufRing, Received};
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx, Delivery};
 use crate::fanout::SharedBatch;
-use crate::link::{Scratch, admits};
+use crate::link::Scratch;
 use crate::timer::TimerWheel;
 
 /// Submission queue size; the completion queue is twice as large.
@@ -821,17 +821,13 @@ impl UringLoop {
 
     fn run_tasks(&mut self) {
         self.handle.awake(self.index);
-        loop {
-            match self.rx.try_recv() {
-                Ok(Task::Publish(msg)) => self.deliver(&msg),
-                Ok(task) => {
-                    // Whatever the task queues for a subscriber goes after the frames the
-                    // subscriber is owed from the shared batch.
-                    self.send_batch();
-                    self.run_task(task);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        while let Ok(task) = self.rx.try_recv() {
+            // Whatever another task queues for a subscriber goes after the frames the
+            // subscriber is owed from the shared batch.
+            if !matches!(task, Task::Publish(_)) {
+                self.send_batch();
             }
+            self.run_task(task);
         }
         self.send_batch();
     }
@@ -915,17 +911,17 @@ impl UringLoop {
             }
             match e.conn.delivery(msg, &self.env.shared.routes) {
                 Delivery::Skip => continue,
-                Delivery::Shared(limit) if e.send == NO_SEND => {
-                    let fd = e.conn.link.stream.as_raw_fd();
-                    let admit = |owed| admits(owed, frame.len(), limit);
-                    let mut run = e.conn.link.shared_run();
-                    if self.batch.owe(key, fd, &mut run, frame, admit) {
-                        e.conn.link.set_shared_run(run);
-                        let counters = &mut self.env.pool.counters;
-                        counters.messages_out += 1;
-                        counters.bytes_out += frame.len() as u64;
-                        continue;
-                    }
+                Delivery::Shared(limit)
+                    if e.send == NO_SEND
+                        && self.batch.owe_to(
+                            key,
+                            &mut e.conn.link,
+                            frame,
+                            limit,
+                            &mut self.env.pool.counters,
+                        ) =>
+                {
+                    continue;
                 }
                 Delivery::Shared(_) | Delivery::Own => {}
             }
