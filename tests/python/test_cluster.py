@@ -257,6 +257,22 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(replies[2]["error"]["code"], 409)
         self.assertEqual([m["seq"] for m in messages if "seq" in m and "id" not in m], [2, 3, 4])
 
+    async def test_subscribes_in_flight_count_against_the_limit_once(self):
+        c = await Client.open(self.nodes[0])
+        # websocket.max_subscriptions (64) + 1, all sent before the broker answers any.
+        for i in range(65):
+            await c.ws.send(json.dumps({"id": i, "op": "subscribe", "topic": f"chat:limit-{i}"}))
+        replies = {}
+        while len(replies) < 65:
+            m = await c.recv()
+            replies[m["id"]] = m
+        self.assertEqual([i for i, m in replies.items() if not m.get("ok")], [64], replies[64])
+        self.assertEqual(replies[64]["error"]["code"], 413)
+        # Answered: still at the limit, until one is given up.
+        self.assertEqual((await c.command("subscribe", topic="chat:limit-more"))["error"]["code"], 413)
+        self.assertTrue((await c.command("unsubscribe", topic="chat:limit-0"))["ok"])
+        self.assertTrue((await c.command("subscribe", topic="chat:limit-more"))["ok"])
+
     async def test_a_failing_publish_in_a_batch_fails_alone(self):
         node = self.nodes[0]
         sub = await Client.open(self.nodes[1])

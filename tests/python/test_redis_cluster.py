@@ -332,6 +332,33 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
             status, text = await asyncio.to_thread(http, g, "GET", "/healthz")
             self.assertEqual((status, json.loads(text)["broker"]), (200, "up"), text)
 
+    async def test_a2_a_message_is_forwarded_while_another_shard_confirms_a_subscribe(self):
+        a, b = self.gateways
+        by_owner = {}
+        for t in topics_on_each_shard(self.cluster, "edge:", 2):
+            by_owner.setdefault(self.cluster.owner(slot_of(t)).port, []).append(t)
+        (x_topic, _), (y_topic, y_other) = list(by_owner.values())[:2]
+        y = self.cluster.owner(slot_of(y_topic))
+        c = await self.client(a)
+        for t in (x_topic, y_other):  # the listener of `a` is connected to both primaries
+            await self.subscribe(c, t)
+        # Y holds the confirmation of the next subscribe for a moment; meanwhile a message on
+        # X arrives at the listener, which is waiting for that confirmation.
+        y.cli("CLIENT", "PAUSE", "700", "ALL")
+
+        async def publish_meanwhile():
+            await asyncio.sleep(0.2)
+            return await asyncio.to_thread(publish, b, x_topic, {"n": 1})
+
+        published = asyncio.create_task(publish_meanwhile())
+        await self.subscribe(c, y_topic)
+        status, body = await published
+        self.assertEqual(status, 200, body)
+        # Forwarded without waiting for another message on X.
+        d = await asyncio.wait_for(c.delivery(), 3)
+        self.assertEqual((d["topic"], d["data"]), (x_topic, {"n": 1}))
+        await c.close()
+
     async def test_b_one_order_and_exactly_once_within_the_history(self):
         a, b = self.gateways
         primaries = [n for n in self.cluster.nodes if n.port in self.cluster.primaries()]

@@ -345,6 +345,11 @@ impl LoopTopics {
         }
     }
 
+    /// Whether connection `key` is subscribed to `topic`.
+    pub(crate) fn has(&self, topic: &str, key: u32) -> bool {
+        self.topics.get(topic).is_some_and(|local| local.subscribers.contains_key(&key))
+    }
+
     /// The topics connection `key` is subscribed to.
     pub(crate) fn of(&self, key: u32) -> &[Arc<str>] {
         self.by_conn.get(&key).map_or(&[], Vec::as_slice)
@@ -412,6 +417,7 @@ mod tests {
         assert!(l2.subscribe("t", 7));
         assert!(!l2.subscribe("t", 7), "second subscribe is a no-op");
         assert_eq!(l2.of(7).len(), 1);
+        assert!(l2.has("t", 7) && !l2.has("t", 8) && !l2.has("u", 7));
         let mut loops = Vec::new();
         let serial = registry.route("t", |_, l| loops.push(l)).unwrap();
         assert_eq!(loops, vec![2]);
@@ -427,6 +433,7 @@ mod tests {
         assert_eq!(out, vec![7]);
         assert!(l2.unsubscribe("t", 7));
         assert!(!l2.unsubscribe("t", 7));
+        assert!(!l2.has("t", 7));
         loops.clear();
         registry.route("t", |_, l| loops.push(l));
         assert_eq!(loops, vec![0]);

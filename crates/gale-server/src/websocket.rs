@@ -142,9 +142,15 @@ impl<D> WebSocket<'_, D> {
         self.pool.topics.unsubscribe(topic, self.link.key())
     }
 
-    /// Whether this connection is subscribed to `topic`.
+    /// Whether this connection is subscribed to `topic` (one lookup in the loop's topic
+    /// table, however many topics the connection has).
     pub fn is_subscribed(&self, topic: &str) -> bool {
-        self.pool.topics.of(self.link.key()).iter().any(|t| &**t == topic)
+        self.pool.topics.has(topic, self.link.key())
+    }
+
+    /// How many topics this connection is subscribed to.
+    pub fn subscription_count(&self) -> usize {
+        self.pool.topics.of(self.link.key()).len()
     }
 
     /// The topics this connection is subscribed to.

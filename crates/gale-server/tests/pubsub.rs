@@ -36,6 +36,9 @@ impl WsHandler for Commands {
             (Some("is"), Some(t), None) => {
                 ws.send_text(if ws.is_subscribed(t) { "yes" } else { "no" });
             }
+            (Some("count"), None, None) => {
+                ws.send_text(&ws.subscription_count().to_string());
+            }
             (Some("pub"), Some(t), Some(body)) => {
                 ws.publish(t, Message::Text(body), false);
             }
@@ -103,12 +106,22 @@ fn subscriptions_are_per_connection_and_end_with_it() {
     assert_eq!(a.expect_text(), "yes");
     a.send_text("is hall");
     assert_eq!(a.expect_text(), "no");
+    a.send_text("sub hall");
+    assert_eq!(a.expect_text(), "subscribed");
+    a.send_text("count");
+    assert_eq!(a.expect_text(), "2");
     let b = subscribe(&server, "room");
     assert_eq!(server.handle.num_subscribers("room"), 2);
     a.send_text("unsub room");
     assert_eq!(a.expect_text(), "unsubscribed");
     a.send_text("unsub room");
     assert_eq!(a.expect_text(), "not subscribed");
+    a.send_text("is room");
+    assert_eq!(a.expect_text(), "no");
+    a.send_text("count");
+    assert_eq!(a.expect_text(), "1");
+    a.send_text("unsub hall");
+    assert_eq!(a.expect_text(), "unsubscribed");
     assert_eq!(server.handle.num_subscribers("room"), 1);
     server.handle.publish_text("room", "hello");
     assert!(matches!(a.recv(Duration::from_millis(200)), Recv::Timeout), "unsubscribed");

@@ -334,7 +334,7 @@ fn subscribe(g: &Arc<Gateway>, ws: &mut WebSocket<'_, Client>, topic: String, si
     if ws.is_subscribed(&topic) || ws.data().pending.contains(&topic) {
         return false;
     }
-    if super::gateway::subscriptions(ws) >= g.settings.max_subscriptions {
+    if super::gateway::at_subscription_limit(ws, g.settings.max_subscriptions) {
         let e = CommandError::new(
             413,
             format!(
@@ -362,7 +362,7 @@ fn subscribe(g: &Arc<Gateway>, ws: &mut WebSocket<'_, Client>, topic: String, si
         if !b.send(request) {
             return false;
         }
-        ws.data().pending.push(topic);
+        ws.data().pending.insert(topic);
         return true;
     }
     let (pos, recovery) = match g.topics.subscribe(&topic, since.as_ref(), max_replay, || {

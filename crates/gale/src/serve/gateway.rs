@@ -1,6 +1,7 @@
 //! The gateway's shared state and its WebSocket endpoint: authentication at the upgrade, then
 //! JSON commands (subscribe with recovery, unsubscribe, publish, history, presence, ping).
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -284,7 +285,7 @@ pub struct Client {
     /// Numbers the connection's client id (see `ClientIds`).
     serial: u64,
     /// Cluster mode: subscriptions sent to the broker and not answered yet.
-    pub(crate) pending: Vec<String>,
+    pub(crate) pending: HashSet<String>,
 }
 
 /// Seconds since the Unix epoch.
@@ -322,7 +323,7 @@ impl WsHandler for Endpoint {
             histories: Bucket::full(s.history_burst),
             presences: Bucket::full(s.presence.burst),
             serial: g.client_ids.next(),
-            pending: Vec::new(),
+            pending: HashSet::new(),
         }))
     }
 
@@ -347,11 +348,8 @@ impl WsHandler for Endpoint {
         // Cluster mode: a subscription the broker has not answered yet may still join; the
         // broker handles the leave after it.
         let mut topics: Vec<String> = ws.topics().map(str::to_string).collect();
-        for t in &ws.data().pending {
-            if !topics.contains(t) {
-                topics.push(t.clone());
-            }
-        }
+        let pending = std::mem::take(&mut ws.data().pending);
+        topics.extend(pending.into_iter().filter(|t| !ws.is_subscribed(t)));
         for topic in topics {
             if let Some(tracked) = rules.tracked(&topic) {
                 g.left(ws.data(), &topic, tracked);
@@ -413,12 +411,12 @@ impl Endpoint {
                     return Err(CommandError::new(403, format!("not allowed to subscribe to {topic}")));
                 }
                 // Cluster mode: a subscription the broker has not answered yet counts too.
-                if ws.is_subscribed(topic) || ws.data().pending.iter().any(|t| t == topic) {
+                if ws.is_subscribed(topic) || ws.data().pending.contains(topic) {
                     return Err(CommandError::new(409, format!("already subscribed to {topic}")));
                 }
                 let s = &g.settings;
                 ws.data().subscribes.spend("subscribe", s.subscribe_rate, s.subscribe_burst)?;
-                if subscriptions(ws) >= g.settings.max_subscriptions {
+                if at_subscription_limit(ws, g.settings.max_subscriptions) {
                     return Err(CommandError::new(
                         413,
                         format!("at most {} subscriptions per connection", g.settings.max_subscriptions),
@@ -444,7 +442,7 @@ impl Endpoint {
                     if !b.send(request) {
                         return Err(CommandError::new(503, "the broker is unavailable"));
                     }
-                    ws.data().pending.push(topic.to_string());
+                    ws.data().pending.insert(topic.to_string());
                     return Ok(());
                 }
                 let (pos, recovery) = g
@@ -618,13 +616,19 @@ impl Endpoint {
     }
 }
 
-/// The connection's subscriptions, those the broker has not answered yet included. A topic
-/// whose subscription has just been made is counted once: the loop subscribes the connection
-/// before it takes the topic out of `pending`, and a command read in between must not count
-/// it twice (a connection at its limit would be refused a subscription it may have).
-pub(crate) fn subscriptions(ws: &mut WebSocket<'_, Client>) -> usize {
+/// Whether the connection's subscriptions, those the broker has not answered yet included,
+/// reach `max`. A topic whose subscription has just been made is counted once: the loop
+/// subscribes the connection before it takes the topic out of `pending`, and a command read
+/// in between must not count it twice (a connection at its limit would be refused a
+/// subscription it may have). Constant time below the limit: the topics counted twice are
+/// looked for only when the plain sum reaches it.
+pub(crate) fn at_subscription_limit(ws: &mut WebSocket<'_, Client>, max: usize) -> bool {
+    let subscribed = ws.subscription_count();
+    if subscribed + ws.data().pending.len() < max {
+        return false;
+    }
     let pending = std::mem::take(&mut ws.data().pending);
     let unanswered = pending.iter().filter(|t| !ws.is_subscribed(t)).count();
     ws.data().pending = pending;
-    ws.topics().count() + unanswered
+    subscribed + unanswered >= max
 }

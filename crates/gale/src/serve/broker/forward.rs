@@ -404,8 +404,9 @@ impl Broker {
         let _ = self.shared.handle.subscribe(conn, topic);
         // Behind the subscription in the loop's mailbox: from then on `is_subscribed` says so.
         let name = topic.to_string();
-        let _ =
-            self.shared.handle.post_to::<Client>(conn, move |ws| ws.data().pending.retain(|t| *t != name));
+        let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
+            ws.data().pending.remove(&name);
+        });
         drop(topics);
         Ok(true)
     }
@@ -415,7 +416,7 @@ impl Broker {
         self.shared.stats.command_errors.fetch_add(1, Ordering::Relaxed);
         let name = topic.to_string();
         let _ = self.shared.handle.post_to::<Client>(conn, move |ws| {
-            ws.data().pending.retain(|t| *t != name);
+            ws.data().pending.remove(&name);
             ws.send_text(&error_reply(id.as_deref(), &e));
         });
     }

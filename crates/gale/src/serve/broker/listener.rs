@@ -93,8 +93,10 @@ struct State {
     /// Messages received while a subscription was being confirmed: handled after it (and
     /// after the catch-up that follows it).
     held: Vec<(usize, Resp)>,
-    /// Nodes whose connection was left with values to read (READ_BATCH reached).
-    unfinished: Vec<usize>,
+    /// Nodes whose connection is to be read: a poll reported it readable (that poll's events
+    /// may be overwritten by the next one, inside an order, before the connection is read), or
+    /// its read stopped at READ_BATCH.
+    to_read: Vec<usize>,
 }
 
 impl Listener {
@@ -158,7 +160,7 @@ impl Listener {
             // The loops are woken once for what this pass forwards, not at its first message.
             let shared = self.shared.clone();
             shared.handle.batched(|| self.read_ready(&mut st, commands));
-            let more = !st.unfinished.is_empty();
+            let more = !st.to_read.is_empty();
             // Sleep until a connection has something, an order comes, or a retry is due.
             // Every connection was read until it had nothing, so its next arrival wakes the
             // poll (which is edge-triggered).
@@ -171,7 +173,7 @@ impl Listener {
                     .map_or(Duration::ZERO, |t| t.saturating_duration_since(Instant::now()))
                     .min(IDLE_WAIT)
             };
-            if let Err(e) = self.poll.poll(&mut self.events, Some(wait))
+            if let Err(e) = self.wait(&mut st.to_read, wait)
                 && e.kind() != io::ErrorKind::Interrupted
             {
                 tracing::warn!("broker: the listener cannot wait for Redis: {e}");
@@ -180,12 +182,19 @@ impl Listener {
         }
     }
 
-    /// Read the connections the poll found readable, those left unfinished, and those holding
+    /// Wait up to `timeout` for a connection or an order; the connections found readable join
+    /// `to_read` (the poll is edge-triggered: a readiness not noted here is not reported again).
+    fn wait(&mut self, to_read: &mut Vec<usize>, timeout: Duration) -> io::Result<()> {
+        self.poll.poll(&mut self.events, Some(timeout))?;
+        to_read.extend(self.events.iter().map(|e| e.token().0).filter(|&t| t != WAKE.0));
+        Ok(())
+    }
+
+    /// Read the connections the polls found readable, those left unfinished, and those holding
     /// received bytes, each until it has nothing or for READ_BATCH values, and dispatch what
     /// they bring.
     fn read_ready(&mut self, st: &mut State, commands: SubscribeCommands) {
-        let mut nodes = std::mem::take(&mut st.unfinished);
-        nodes.extend(self.events.iter().map(|e| e.token().0).filter(|&t| t != WAKE.0));
+        let mut nodes = std::mem::take(&mut st.to_read);
         nodes.extend(st.subs.iter().filter(|(_, sub)| sub.holds_bytes()).map(|(&node, _)| node));
         nodes.sort_unstable();
         nodes.dedup();
@@ -209,7 +218,7 @@ impl Listener {
                 }
             }
             if read == READ_BATCH {
-                st.unfinished.push(node);
+                st.to_read.push(node);
             }
         }
     }
@@ -242,7 +251,8 @@ impl Listener {
                 }
                 st.subs.insert(node, sub);
             }
-            let sub = st.subs.get_mut(&node).expect("inserted above");
+            let State { subs, held, to_read, .. } = &mut *st;
+            let sub = subs.get_mut(&node).expect("inserted above");
             let confirmed = sub.send(&[commands.subscribe, channel]).and_then(|()| {
                 let deadline = Instant::now() + COMMAND_TIMEOUT;
                 loop {
@@ -257,9 +267,9 @@ impl Listener {
                             return Ok(None);
                         }
                         Some(Resp::Error(e)) => return Ok(Some(e)),
-                        Some(other) => st.held.push((node, other)),
+                        Some(other) => held.push((node, other)),
                         // Woken by any connection or an order; the run loop reads the others.
-                        None => match self.poll.poll(&mut self.events, Some(left)) {
+                        None => match self.wait(to_read, left) {
                             Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
                             _ => {}
                         },
