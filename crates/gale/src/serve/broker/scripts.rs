@@ -370,21 +370,32 @@ impl Layout {
         if self.cluster { format!("{{{topic}}}") } else { topic.to_string() }
     }
 
-    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel (made
-    /// for every topic of every publish: without an intermediate string).
+    /// The keys of `topic`: its sequence number, its log, its epoch, and its channel. Made for
+    /// every topic of every publish, so each is one allocation of the right size, copied
+    /// together without the formatting machinery.
     pub(super) fn keys(&self, topic: &str) -> (String, String, String, String) {
-        let (open, close) = if self.cluster { ("{", "}") } else { ("", "") };
-        (
-            format!("gale:{open}{topic}{close}:seq"),
-            format!("gale:{open}{topic}{close}:log"),
-            format!("gale:{open}{topic}{close}:epoch"),
-            format!("gale:{open}{topic}{close}"),
-        )
+        let channel = self.channel(topic);
+        let key = |suffix: &str| {
+            let mut key = String::with_capacity(channel.len() + suffix.len());
+            key.push_str(&channel);
+            key.push_str(suffix);
+            key
+        };
+        (key(":seq"), key(":log"), key(":epoch"), channel)
     }
 
-    /// The channel of `topic`.
+    /// The channel of `topic`: `gale:T`, or `gale:{T}` in a cluster.
     pub(super) fn channel(&self, topic: &str) -> String {
-        format!("gale:{}", self.name(topic))
+        let mut channel = String::with_capacity("gale:{}".len() + topic.len());
+        channel.push_str("gale:");
+        if self.cluster {
+            channel.push('{');
+            channel.push_str(topic);
+            channel.push('}');
+        } else {
+            channel.push_str(topic);
+        }
+        channel
     }
 
     /// The topic of a channel (`None`: not a topic's channel).
@@ -558,7 +569,12 @@ mod tests {
             assert_eq!(layout.topic_of(&channel), Some(topic));
         }
         assert!((0..SLOTS as u16).all(|s| key_slot(layout.registry(s)) == s));
+        let names = |seq: &str, log: &str, epoch: &str, channel: &str| {
+            (seq.to_string(), log.to_string(), epoch.to_string(), channel.to_string())
+        };
+        assert_eq!(layout.keys("t"), names("gale:{t}:seq", "gale:{t}:log", "gale:{t}:epoch", "gale:{t}"));
         let single = Layout::new(false);
+        assert_eq!(single.keys("t"), names("gale:t:seq", "gale:t:log", "gale:t:epoch", "gale:t"));
         assert_eq!(
             (single.keys("t").3, single.topic_of("gale:t"), single.slot("t")),
             ("gale:t".into(), Some("t"), 0)
