@@ -6,11 +6,16 @@
 # `gale-loadgen fanout` run of SHORT and of LONG seconds (after 1 s of warm-up); the
 # difference of the two instruction counts over the difference of their deliveries leaves out
 # what both runs share (start, handshakes, subscribes, shutdown). Kernel work (the TCP sends
-# themselves) is not counted: callgrind sees user space only. Use Gale's epoll backend: under
-# valgrind 3.19 its io_uring loop never exits, and callgrind writes counts only at exit.
+# themselves) is not counted: callgrind sees user space only. The counts are taken with
+# `callgrind_control -d` when the run is over, so Gale's io_uring backend, whose loop never
+# exits under valgrind 3.19, is measured too.
 #
-# Usage: [LOADGEN=path] [SHORT=s] [LONG=s] benches/callgrind-fanout-plain.sh "NAME=COMMAND --port {port}" ... [-- SUBSCRIBERS RATE ROUNDS]
-#   e.g. benches/callgrind-fanout-plain.sh "raw-tcp=target/release/peer-raw-tcp-fanout --port {port}" -- 1000 10 1
+# PROTOCOL=gale measures `gale serve` the same way (subscribers on /ws, HTTP publishes; the
+# command then takes `--listen 127.0.0.1:{port}`), so that it can be set against the example.
+#
+# Usage: [LOADGEN=path] [SHORT=s] [LONG=s] [PROTOCOL=plain|gale] benches/callgrind-fanout-plain.sh "NAME=COMMAND --port {port}" ... [-- SUBSCRIBERS RATE ROUNDS]
+#   e.g. benches/callgrind-fanout-plain.sh "raw-tcp=target/release/peer-raw-tcp-fanout --port {port} --threads 1" -- 1000 10 1
+#        PROTOCOL=gale benches/callgrind-fanout-plain.sh "gale-serve-1-epoll=target/release/gale serve --listen 127.0.0.1:{port} --threads 1 --backend epoll" -- 1000 40 1
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SERVERS=()
@@ -21,6 +26,13 @@ RATE=${2:-10}
 ROUNDS=${3:-1}
 SHORT=${SHORT:-2}
 LONG=${LONG:-8}
+PROTOCOL=${PROTOCOL:-plain}
+case "$PROTOCOL" in
+    plain) CLIENT=(--protocol plain); SUB_PATH=/sub; PUB_URL=ws://127.0.0.1:{port}/pub ;;
+    gale) CLIENT=(--protocol gale --topic chat:bench); SUB_PATH=/ws; PUB_URL=http://127.0.0.1:{port}
+          export GALE_API_KEY=${GALE_API_KEY:-bench-key} ;;
+    *) echo "PROTOCOL is plain or gale" >&2; exit 2 ;;
+esac
 [ ${#SERVERS[@]} -gt 0 ] || { echo "usage: $0 \"NAME=COMMAND --port {port}\" ... [-- SUBSCRIBERS RATE ROUNDS]" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt install valgrind)" >&2; exit 2; }
 # LOADGEN=path skips the build (a build of gale-loadgen alone relinks it with other features).
@@ -36,6 +48,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 measure() {
     local name=$1 cmd=$2 secs=$3 tag=$4 port server ir got
     port=$(free_port)
+    rm -f "$OUT/$tag.out" "$OUT/$tag.out".*
     # shellcheck disable=SC2086 # the command is split into words on purpose
     valgrind --tool=callgrind --callgrind-out-file="$OUT/$tag.out" ${cmd//\{port\}/$port} >"$OUT/$tag.log" 2>&1 &
     server=$!
@@ -43,15 +56,21 @@ measure() {
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
     done
-    "$LOADGEN" fanout -c "$SUBS" --rate "$RATE" -d "$secs" --warmup 1 --timeout 60 \
-        --url "ws://127.0.0.1:$port/sub" --publish-url "ws://127.0.0.1:$port/pub" \
+    "$LOADGEN" fanout "${CLIENT[@]}" -c "$SUBS" --rate "$RATE" -d "$secs" --warmup 1 --timeout 60 \
+        --url "ws://127.0.0.1:$port$SUB_PATH" --publish-url "${PUB_URL//\{port\}/$port}" \
         --json "$OUT/$tag.json" >/dev/null 2>&1 || echo "$name: the fan-out run failed" >&2
-    # SIGINT, then SIGTERM for a server that ignores it under valgrind (uWS's does).
+    # The counts are dumped (callgrind_control) once the run is over, before the server is
+    # stopped: its shutdown is left out, and a server that never exits under valgrind (Gale's
+    # io_uring loop) is measured all the same. Then SIGINT, SIGTERM, and SIGKILL for one that
+    # ignores both.
+    callgrind_control -d "$server" >/dev/null 2>&1 || echo "$name: no dump" >&2
     kill -INT "$server"
     for _ in $(seq 1 30); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
     kill -TERM "$server" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$server" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$server" 2>/dev/null || true
     wait "$server" || true
-    ir=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$OUT/$tag.log")
+    ir=$(sed -n 's/^summary: \([0-9]*\).*/\1/p' "$OUT/$tag.out.1" 2>/dev/null)
     got=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["delivered"])' "$OUT/$tag.json" 2>/dev/null || echo 0)
     echo "${ir:-0} $got"
 }

@@ -1,17 +1,18 @@
 //! What the peer echo servers share: the command line (`--port`, `--threads`), the single
 //! `<name> listening on <scheme>://127.0.0.1:<port>` line a harness waits for, the message size
-//! limit, the tokio accept loop of the three tokio-based peers, and the accept step of the
-//! two mio-based ones.
+//! limit, the tokio accept loop of the three tokio-based peers, and the listener and accept
+//! step of the two mio-based ones.
 //!
 //! Each peer is a binary of this crate (`src/bin/`); see `benches/peers/README.md`.
 
 use std::future::Future;
 use std::io::{self, ErrorKind, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use clap::Parser;
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Largest message every peer accepts (16 MiB), so all of them take the same loads.
@@ -23,7 +24,7 @@ pub struct Args {
     /// TCP port to listen on, on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 0)]
     pub port: u16,
-    /// Worker threads (tokio runtime workers, or event loops for raw-tcp).
+    /// Worker threads (tokio runtime workers, or event loops for the raw TCP peers).
     #[arg(long, default_value_t = available_cores())]
     pub threads: NonZeroUsize,
 }
@@ -68,6 +69,19 @@ where
             }
         }
     })
+}
+
+/// A non-blocking `SO_REUSEPORT` listener on 127.0.0.1:`port` (0 picks a free one), for a mio
+/// loop: every loop of a peer listens on the same port and the kernel spreads connections
+/// over them.
+pub fn reuseport_listener(port: u16) -> io::Result<mio::net::TcpListener> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    socket.listen(1024)?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
 /// The next connection a mio `listener` has ready, with `TCP_NODELAY` set: edge-triggered

@@ -194,6 +194,19 @@ impl Conn {
         true
     }
 
+    /// Whether there is nothing for the backend to act on: no bytes queued, reading not
+    /// paused, not finishing. A send completion that leaves a connection so (and calls no
+    /// `drain`) changes nothing that settling it would look at, its deadline included: the
+    /// state the deadline is computed from is changed by input, timers, callbacks and
+    /// queued output, each of which settles the connection itself.
+    #[inline]
+    pub(crate) fn quiet(&self) -> bool {
+        self.paused_since == 0
+            && self.link.finish == Finish::No
+            && !self.link.broken
+            && self.link.queued() == 0
+    }
+
     /// Whether the socket should be closed now.
     pub(crate) fn should_close(&self) -> bool {
         self.link.should_close(self.read_closed)

@@ -2,13 +2,12 @@
 //! of what the kernel allows on this machine.
 //!
 //! `--threads` event loops, each with its own `mio` poll (edge-triggered epoll) and its own
-//! `SO_REUSEPORT` listener (built with socket2) on the same port, so the kernel spreads
+//! `SO_REUSEPORT` listener on the same port, so the kernel spreads
 //! connections over them. A readable socket is read into the loop's 512 KiB buffer until a short
 //! read or `WouldBlock`, and every chunk is written straight back; what the socket does not take
 //! is kept and the connection stops reading until it is writable again. `TCP_NODELAY` is set.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
 
 use clap::Parser;
 use gale_peers::Args;
@@ -16,18 +15,17 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Registry, Token};
 use slab::Slab;
-use socket2::{Domain, Protocol, Socket, Type};
 
 const READ_BUFFER: usize = 512 * 1024;
 const LISTENER: Token = Token(usize::MAX);
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
-    let first = listen(args.port)?;
+    let first = gale_peers::reuseport_listener(args.port)?;
     let port = first.local_addr()?.port();
     let mut listeners = vec![first];
     for _ in 1..args.threads.get() {
-        listeners.push(listen(port)?);
+        listeners.push(gale_peers::reuseport_listener(port)?);
     }
     let loops: Vec<_> = listeners.into_iter().map(|l| std::thread::spawn(move || event_loop(l))).collect();
     gale_peers::announce("raw-tcp", "tcp", port)?;
@@ -35,17 +33,6 @@ fn main() -> io::Result<()> {
         handle.join().expect("event loop panicked")?;
     }
     Ok(())
-}
-
-/// A non-blocking `SO_REUSEPORT` listener on 127.0.0.1:`port`.
-fn listen(port: u16) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
-    socket.listen(1024)?;
-    Ok(TcpListener::from_std(socket.into()))
 }
 
 fn event_loop(mut listener: TcpListener) -> io::Result<()> {

@@ -4,34 +4,78 @@
 //! sends goes to all subscribers) and does nothing else: no topic table, no per-connection
 //! state machine, no limits, no timers.
 //!
-//! One thread, one `mio` poll (edge-triggered epoll), whatever `--threads` says. The upgrade is
-//! answered with gale-frame's handshake functions (it is not on the measured path). A
-//! publisher's frames are unmasked and appended, re-framed as unmasked server frames, to one
-//! batch; after each poll iteration the batch is written to every subscriber socket, so the
-//! publishes that arrived in one iteration leave in one `write` per subscriber, as in Gale. What
-//! a socket does not take is kept and sent when it is writable again (no backlog limit: the
-//! ceiling drops nothing). What subscribers send is read and discarded. `TCP_NODELAY` is set.
+//! `--threads` event loops, each with its own `mio` poll (edge-triggered epoll) and its own
+//! `SO_REUSEPORT` listener on the same port, so the kernel spreads connections over them as it
+//! does over Gale's loops. The upgrade is answered with gale-frame's handshake functions (it is
+//! not on the measured path). A publisher's frames are unmasked and appended, re-framed as
+//! unmasked server frames, to its loop's batch; after each poll iteration the batch is written
+//! to every subscriber socket of the loop, so the publishes that arrived in one iteration leave
+//! in one `write` per subscriber, as in Gale. What a socket does not take is kept and sent when
+//! it is writable again (no backlog limit: the ceiling drops nothing). What subscribers send is
+//! read and discarded. `TCP_NODELAY` is set.
+//!
+//! With more than one loop, a loop that received publishes first appends its batch to every
+//! other loop's [`Mailbox`] (one copy per loop, under a mutex) and wakes that loop (`mio::Waker`,
+//! an eventfd) only when its mailbox was empty, so one wake per receiving iteration at most; a
+//! woken loop moves its mailbox into its own batch and writes it out like its own publishes.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use clap::Parser;
 use gale_frame::handshake::{self, AcceptOptions};
 use gale_peers::Args;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Registry, Token};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
 const READ_BUFFER: usize = 512 * 1024;
 const LISTENER: Token = Token(usize::MAX);
+const WAKER: Token = Token(usize::MAX - 1);
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
-    let mut listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, args.port)))?;
-    let port = listener.local_addr()?.port();
-    let mut poll = Poll::new()?;
-    poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+    let first = gale_peers::reuseport_listener(args.port)?;
+    let port = first.local_addr()?.port();
+    let mut listeners = vec![first];
+    for _ in 1..args.threads.get() {
+        listeners.push(gale_peers::reuseport_listener(port)?);
+    }
+    // Every poll and its waker exist before any loop starts, so each loop can reach the others.
+    let mut polls = Vec::new();
+    let mut mailboxes = Vec::new();
+    for _ in &listeners {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKER)?;
+        mailboxes.push(Mailbox { bytes: Mutex::new(Vec::new()), waker });
+        polls.push(poll);
+    }
+    let mailboxes: Arc<[Mailbox]> = mailboxes.into();
+    let loops: Vec<_> = listeners
+        .into_iter()
+        .zip(polls)
+        .enumerate()
+        .map(|(index, (listener, poll))| {
+            let mailboxes = Arc::clone(&mailboxes);
+            std::thread::spawn(move || event_loop(index, listener, poll, &mailboxes))
+        })
+        .collect();
     gale_peers::announce("raw-tcp-fanout", "ws", port)?;
+    for handle in loops {
+        handle.join().expect("event loop panicked")?;
+    }
+    Ok(())
+}
+
+/// Loop `index` of `mailboxes.len()`: accepts on `listener`, serves its connections, and hands
+/// its publishes to the other loops.
+fn event_loop(
+    index: usize,
+    mut listener: TcpListener,
+    mut poll: Poll,
+    mailboxes: &[Mailbox],
+) -> io::Result<()> {
+    poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
     let mut server = Server { conns: Slab::new(), batch: Vec::new(), buf: vec![0; READ_BUFFER] };
     let mut events = Events::with_capacity(1024);
     loop {
@@ -41,9 +85,12 @@ fn main() -> io::Result<()> {
             }
             return Err(err);
         }
+        let mut woken = false;
         for event in &events {
             if event.token() == LISTENER {
                 server.accept_all(&listener, poll.registry())?;
+            } else if event.token() == WAKER {
+                woken = true;
             } else {
                 let key = event.token().0;
                 if !server.pump(key) {
@@ -51,7 +98,51 @@ fn main() -> io::Result<()> {
                 }
             }
         }
+        // The batch holds this loop's own publishes: they go to every other loop first, so the
+        // others write while this one does; then what the others posted joins them.
+        if !server.batch.is_empty() {
+            for (other, mailbox) in mailboxes.iter().enumerate() {
+                if other != index {
+                    mailbox.post(&server.batch)?;
+                }
+            }
+        }
+        if woken {
+            mailboxes[index].take_into(&mut server.batch);
+        }
         server.flush_batch(poll.registry());
+    }
+}
+
+/// Publishes handed to one loop by the others: the frames, ready to send, and the loop's waker.
+struct Mailbox {
+    bytes: Mutex<Vec<u8>>,
+    waker: Waker,
+}
+
+impl Mailbox {
+    /// Appends `frames`, and wakes the loop if nothing was waiting: a loop empties its whole
+    /// mailbox when woken, so a non-empty mailbox already has a wake on its way.
+    fn post(&self, frames: &[u8]) -> io::Result<()> {
+        let was_empty = {
+            let mut bytes = self.bytes.lock().expect("mailbox poisoned");
+            let was_empty = bytes.is_empty();
+            bytes.extend_from_slice(frames);
+            was_empty
+        };
+        if was_empty { self.waker.wake() } else { Ok(()) }
+    }
+
+    /// Moves everything posted into `batch` (a swap when `batch` is empty, so the two buffers
+    /// trade places and nothing is allocated in steady state).
+    fn take_into(&self, batch: &mut Vec<u8>) {
+        let mut bytes = self.bytes.lock().expect("mailbox poisoned");
+        if batch.is_empty() {
+            std::mem::swap(batch, &mut *bytes);
+        } else {
+            batch.extend_from_slice(&bytes);
+            bytes.clear();
+        }
     }
 }
 
