@@ -569,10 +569,10 @@ async def garbage(server: Server) -> Outcome:
         finally:
             writer.close()
 
-    times = await gather_all(garbler(b) for b in blobs)
-    times.sort()
+    results = await rounds(lambda: gather_all(garbler(b) for b in blobs))
+    times = sorted(t for result in results for t in result)
     return Outcome(dropped=times[-1], connections=GARBAGE_CONNECTIONS,
-                   detail=f"median {times[len(times) // 2]:.2f}s, last {times[-1]:.2f}s")
+                   detail=f"{len(results)} rounds; median {times[len(times) // 2]:.2f}s, last {times[-1]:.2f}s")
 
 
 # ---------------------------------------------------------------------------------------------
