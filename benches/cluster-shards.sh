@@ -11,6 +11,8 @@
 # own with that CPU budget, as if each were a machine of that size: the regime where one
 # primary's CPU is the limit, which on one small machine the gateways and the load would
 # otherwise reach first. It needs a writable cgroup cpu controller (v1 or v2; root).
+# REDIS_CORES and GATEWAY_CORES (taskset lists, e.g. 1 and 0) pin the Redis nodes and the
+# gateways to cores of their own, so that the gateways share no core with Redis.
 # PERF_SYSCALLS=1 adds the gateways' system calls and context switches per delivery (perf).
 # ROUNDS (default 1) repeats the runs, interleaved (one primary, then the cluster, for each
 # count of topics, round after round); the table gives the median of each figure over the
@@ -27,7 +29,7 @@
 # the instructions per delivery with and without it, and each life's length.
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
-# Usage: [REDIS_CPU=0.25] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] [PERF_SYSCALLS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
+# Usage: [REDIS_CPU=0.25] [REDIS_CORES=1 GATEWAY_CORES=0] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] [PERF_SYSCALLS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${1:-5}
@@ -89,7 +91,7 @@ start_redis() { # port [cluster bus port]
     [ -n "${2:-}" ] && extra=(--cluster-enabled yes --cluster-port "$2" --cluster-config-file nodes.conf
         --cluster-node-timeout 5000)
     mkdir -p "$DATA/$1"
-    redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no --dir "$DATA/$1" "${extra[@]}" \
+    ${REDIS_CORES:+taskset -c "$REDIS_CORES"} redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no --dir "$DATA/$1" "${extra[@]}" \
         >/dev/null 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
@@ -99,7 +101,7 @@ start_redis() { # port [cluster bus port]
 start_gateway() { # port broker [command prefix...]
     local port=$1 broker=$2
     shift 2
-    "$@" "$R/gale" serve --config "$CONFIG" --listen "127.0.0.1:$port" --threads 1 --broker "$broker" \
+    ${GATEWAY_CORES:+taskset -c "$GATEWAY_CORES"} "$@" "$R/gale" serve --config "$CONFIG" --listen "127.0.0.1:$port" --threads 1 --broker "$broker" \
         ${CALLGRIND:+--backend epoll} >/dev/null 2>&1 &
     LAST_PID=$!
     PIDS+=("$LAST_PID")
