@@ -212,13 +212,13 @@ def publish(node, topic, data, headers=None):
     return status, (json.loads(text) if text else None)
 
 
-def history(node, topic, settle=0.0):
-    """The topic's history read on `node`. With `settle` (seconds), a 503 is tried again until
-    then: after a failover, a node that has not used the failed primary's connection since
-    finds out on this read (503) and reads the slot map again."""
+def history(node, topic, settle=0.0, since=0):
+    """The topic's history read on `node` (one page, after `since`). With `settle` (seconds), a
+    503 is tried again until then: after a failover, a node that has not used the failed
+    primary's connection since finds out on this read (503) and reads the slot map again."""
     deadline = time.monotonic() + settle
     while True:
-        status, text = http(node, "GET", f"/api/history/{topic}?limit=1000")
+        status, text = http(node, "GET", f"/api/history/{topic}?since_seq={since}&limit=1000")
         if status != 503 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -259,9 +259,9 @@ history = true
 """
 
 
-def config_file(extra=""):
+def config_file(extra="", base=CONFIG):
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(CONFIG + extra)
+        f.write(base + extra)
     return f.name
 
 
@@ -585,7 +585,10 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
     async def test_h_a_primary_killed_mid_stream(self):
         # Publishes through gateways that wait for a replica: an acknowledged publish is on the
         # replica that is promoted.
-        config = config_file("[cluster]\nack_replicas = 1\nack_timeout_ms = 1000\n")
+        # A history that holds every publish of the test, however long the failover takes (the
+        # publisher does not pause while it succeeds: a slow failover means thousands).
+        config = config_file("[cluster]\nack_replicas = 1\nack_timeout_ms = 1000\n",
+                             base=CONFIG.replace("size = 1000\n", "size = 1000000\n"))
         pubs = [self.gateway(f"failover-{i}", config=config) for i in range(2)]
         try:
             await self.failover(pubs)
@@ -668,10 +671,17 @@ class RedisClusterTest(unittest.IsolatedAsyncioTestCase):
         self.assertEqual(set(codes) - {200, 503}, set(), "only 503 while the primary is away")
         page = await asyncio.to_thread(history, b, topic, 10.0)
         held = {m["seq"]: m["data"] for m in page["messages"]}
+        while held and max(held) < page["seq"]:  # the rest, a page at a time
+            more = await asyncio.to_thread(history, b, topic, 0.0, max(held))
+            self.assertTrue(more["messages"], more)
+            held.update((m["seq"], m["data"]) for m in more["messages"])
         self.assertEqual(page["epoch"], epoch, "the promoted replica keeps the topic's epoch")
         # No acknowledged publish lost: each is in the promoted replica's history, at its place.
+        # (The failure message says what the page held, to tell a lost entry from a short page.)
+        shape = {k: page.get(k) for k in ("epoch", "seq", "first_seq")}
         for seq, n in acked:
-            self.assertEqual(held.get(seq), n, f"acknowledged publish {n} at {seq}")
+            self.assertEqual(held.get(seq), n, f"acknowledged publish {n} at {seq}; the page: {shape}, "
+                             f"{len(held)} messages from {min(held, default=None)} to {max(held, default=None)}")
         self.assertEqual(sorted(held), list(range(1, page["seq"] + 1)))
         # Live subscribers resume: in order, and what they got is what Redis holds (but a
         # publish answered 503 that the old primary delivered and did not replicate).
