@@ -450,8 +450,7 @@ impl EpollLoop {
                 {
                     continue;
                 }
-                Delivery::Shared(_) => {}
-                Delivery::Own => {}
+                Delivery::Shared(_) | Delivery::Own => {}
             }
             let (was_dirty, was_refused) = (conn.link.dirty, conn.link.refused());
             // What it is owed from the batch goes first.

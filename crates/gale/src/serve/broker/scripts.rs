@@ -365,37 +365,32 @@ impl Layout {
         self.cluster
     }
 
-    /// `T`, or `{T}` in a cluster: what follows `gale:` in every key of the topic.
-    fn name(&self, topic: &str) -> String {
-        if self.cluster { format!("{{{topic}}}") } else { topic.to_string() }
-    }
-
     /// The keys of `topic`: its sequence number, its log, its epoch, and its channel. Made for
     /// every topic of every publish, so each is one allocation of the right size, copied
     /// together without the formatting machinery.
     pub(super) fn keys(&self, topic: &str) -> (String, String, String, String) {
-        let channel = self.channel(topic);
-        let key = |suffix: &str| {
-            let mut key = String::with_capacity(channel.len() + suffix.len());
-            key.push_str(&channel);
-            key.push_str(suffix);
-            key
-        };
-        (key(":seq"), key(":log"), key(":epoch"), channel)
+        (self.key(topic, ":seq"), self.key(topic, ":log"), self.key(topic, ":epoch"), self.channel(topic))
     }
 
     /// The channel of `topic`: `gale:T`, or `gale:{T}` in a cluster.
     pub(super) fn channel(&self, topic: &str) -> String {
-        let mut channel = String::with_capacity("gale:{}".len() + topic.len());
-        channel.push_str("gale:");
+        self.key(topic, "")
+    }
+
+    /// `gale:`, then `T` (or `{T}` in a cluster: the hash tag that keeps a topic's keys in one
+    /// slot), then `suffix`, in one allocation of the right size.
+    fn key(&self, topic: &str, suffix: &str) -> String {
+        let mut key = String::with_capacity("gale:{}".len() + topic.len() + suffix.len());
+        key.push_str("gale:");
         if self.cluster {
-            channel.push('{');
-            channel.push_str(topic);
-            channel.push('}');
+            key.push('{');
+            key.push_str(topic);
+            key.push('}');
         } else {
-            channel.push_str(topic);
+            key.push_str(topic);
         }
-        channel
+        key.push_str(suffix);
+        key
     }
 
     /// The topic of a channel (`None`: not a topic's channel).
@@ -408,12 +403,12 @@ impl Layout {
     /// name (nor in idempotency keys), so it is never another topic's key, whatever the `:` or
     /// `#` in either.
     pub(super) fn idempotency_key(&self, topic: &str, key: &str) -> String {
-        format!("gale:{}|idem:{key}", self.name(topic))
+        self.key(topic, &format!("|idem:{key}"))
     }
 
     /// The prefix of a topic's presence keys (`KEYS[1]` of the presence scripts).
     pub(super) fn presence_prefix(&self, topic: &str) -> String {
-        format!("gale:{}:p:", self.name(topic))
+        self.key(topic, ":p:")
     }
 
     /// The hash slot of `topic`'s keys (0 with one primary).
