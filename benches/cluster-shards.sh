@@ -13,7 +13,11 @@
 # otherwise reach first. It needs a writable cgroup cpu controller (v1 or v2; root).
 # REDIS_CORES and GATEWAY_CORES (taskset lists, e.g. 1 and 0) pin the Redis nodes and the
 # gateways to cores of their own, so that the gateways share no core with Redis.
-# PERF_SYSCALLS=1 adds the gateways' system calls and context switches per delivery (perf).
+# PERF_SYSCALLS=1 adds the gateways' system calls and context switches per delivery (perf);
+# PERF_RECORD=DIR records their profiles (`perf record -g`) into DIR, one file per setup.
+# ONE_SHARD=1 adds a third setup between the two: a Redis Cluster of one primary holding every
+# slot, so that the cluster's layout and protocol (hash tags, sharded channels, the registry
+# per slot, the topic count) are measured apart from talking to three nodes.
 # ROUNDS (default 1) repeats the runs, interleaved (one primary, then the cluster, for each
 # count of topics, round after round); the table gives the median of each figure over the
 # rounds and the range of the gateways' CPU per delivery.
@@ -29,7 +33,8 @@
 # the instructions per delivery with and without it, and each life's length.
 # Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
 #
-# Usage: [REDIS_CPU=0.25] [REDIS_CORES=1 GATEWAY_CORES=0] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1] [PERF_SYSCALLS=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
+# Usage: [REDIS_CPU=0.25] [REDIS_CORES=1 GATEWAY_CORES=0] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1]
+#        [PERF_SYSCALLS=1] [PERF_RECORD=DIR] [ONE_SHARD=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${1:-5}
@@ -120,9 +125,15 @@ for _ in 1 2 3; do
     CLUSTER_PIDS+=("$LAST_PID")
 done
 redis-cli --cluster create "${CLUSTER[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
-until [ "$(redis-cli -p "${CLUSTER[0]#*:}" CLUSTER INFO | tr -d '\r' | grep cluster_state)" = "cluster_state:ok" ]; do
-    sleep 0.1
-done
+cluster_ok() { [ "$(redis-cli -p "$1" CLUSTER INFO | tr -d '\r' | grep cluster_state)" = "cluster_state:ok" ]; }
+until cluster_ok "${CLUSTER[0]#*:}"; do sleep 0.1; done
+if [ "${ONE_SHARD:-}" = 1 ]; then
+    ONE_SHARD_PORT=$(free_port)
+    start_redis "$ONE_SHARD_PORT" "$(free_port)"
+    ONE_SHARD_PID=$LAST_PID
+    redis-cli -p "$ONE_SHARD_PORT" CLUSTER ADDSLOTSRANGE 0 16383 >/dev/null
+    until cluster_ok "$ONE_SHARD_PORT"; do sleep 0.1; done
+fi
 
 # Callgrind mode: one gateway life under callgrind per size; appends {"setup", "topics",
 # "batches", "instructions", "deliveries"} (that gateway's) to the results.
@@ -192,6 +203,9 @@ CLUSTER_URL="redis+cluster://$(IFS=,; echo "${CLUSTER[*]}")"
 for ((round = 1; round <= ROUNDS; round++)); do
     for topics in $TOPICS; do
         run "one primary" "redis://127.0.0.1:$SINGLE" "$topics" "$SINGLE_PID"
+        if [ "${ONE_SHARD:-}" = 1 ]; then
+            run "1-shard cluster" "redis+cluster://127.0.0.1:$ONE_SHARD_PORT" "$topics" "$ONE_SHARD_PID"
+        fi
         run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")"
     done
 done
@@ -237,8 +251,9 @@ print(f"Redis CPU budget per node: {budget if budget else 'none (the machine sha
 perf = all("gateway_syscalls_per_delivery" in r for r in rows)
 print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries "
       "(range) | of which system | Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |"
+      " commands / pipeline | messages / listener pass |"
       + (" gateway syscalls / delivery | context switches / delivery |" if perf else ""))
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if perf else ""))
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if perf else ""))
 for (topics, setup), g in groups.items():
     med = lambda key: statistics.median(r[key] for r in g)
     cpu = [r["gateway_cpu_ms_per_1k_deliveries"] for r in g]
@@ -247,6 +262,7 @@ for (topics, setup), g in groups.items():
           f"({sum(r['expected_deliveries'] for r in g):,}) | {med('gateway_cpu_ms_per_1k_deliveries'):.2f}{span} "
           f"| {med('gateway_system_ms_per_1k_deliveries'):.2f} "
           f"| {med('redis_cpu_us_per_publish'):.1f} | {med('busiest_redis_cores'):.2f} | {med('subscribe_s'):.1f} |"
+          f" {med('commands_per_pipeline'):.1f} | {med('messages_per_listener_pass'):.1f} |"
           + (f" {med('gateway_syscalls_per_delivery'):.2f} | {med('gateway_context_switches_per_delivery'):.3f} |"
              if perf else ""))
 PY

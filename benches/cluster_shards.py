@@ -50,6 +50,18 @@ def perf_start(pids):
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def perf_record_start(pids, name, topics_n):
+    """With PERF_RECORD=DIR, `perf record` (call graphs, 4,999 samples a second) of `pids` into
+    DIR/NAME-TOPICS.data (a later round of the same setup overwrites it), or None."""
+    out = os.environ.get("PERF_RECORD")
+    if not out:
+        return None
+    path = os.path.join(out, f"{name.replace(' ', '-')}-{topics_n}.data")
+    return subprocess.Popen(
+        ["perf", "record", "-F", "4999", "-g", "-o", path, "-p", ",".join(map(str, pids))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def perf_stop(perf):
     """The counts of a `perf_start`: {event: count}."""
     if perf is None:
@@ -62,6 +74,24 @@ def perf_stop(perf):
         if len(fields) > 2 and fields[0].isdigit():
             counts[fields[2]] = int(fields[0])
     return counts
+
+
+BROKER_COUNTERS = ("gale_broker_pipelines_total", "gale_broker_pipelined_total",
+                   "gale_broker_listener_passes_total", "gale_broker_forwarded_total")
+
+
+def broker_counters(ports):
+    """The broker's counters (GET /metrics), summed over the gateways at `ports`."""
+    total = dict.fromkeys(BROKER_COUNTERS, 0)
+    for port in ports:
+        conn = HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        for line in conn.getresponse().read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in total:
+                total[name] += int(float(value))
+        conn.close()
+    return total
 
 
 def topic_names(n):
@@ -145,7 +175,9 @@ def main():
     gw0 = sum(cpu_s(pid) for _, pid in gateways)
     gw_sys0 = sum(cpu_split(pid)[1] for _, pid in gateways)
     redis0 = [cpu_s(pid) for pid in redis_pids]
+    counters0 = broker_counters(ports)
     perf = perf_start([pid for _, pid in gateways])
+    recording = perf_record_start([pid for _, pid in gateways], name, topics_n)
     seen0 = sum(c.value for c in counts)
     started = time.monotonic()
     deadline = started + seconds
@@ -163,6 +195,10 @@ def main():
         last = sum(c.value for c in counts)
         time.sleep(0.5)
     kernel = perf_stop(perf)
+    if recording is not None:
+        recording.send_signal(signal.SIGINT)
+        recording.wait()
+    counters = {k: v - counters0[k] for k, v in broker_counters(ports).items()}
     gw = sum(cpu_s(pid) for _, pid in gateways) - gw0
     gw_sys = sum(cpu_split(pid)[1] for _, pid in gateways) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
@@ -180,6 +216,11 @@ def main():
         "redis_cpu_us_per_publish": round(redis / max(acked.value, 1) * 1e6, 1),
         # While publishing: the busiest node's CPU time over the wall time, in cores.
         "busiest_redis_cores": round(max(redis_busy) / elapsed, 2),
+        # How much each round trip to a Redis node carries, and each pass of the listener.
+        "commands_per_pipeline": round(counters["gale_broker_pipelined_total"]
+                                       / max(counters["gale_broker_pipelines_total"], 1), 1),
+        "messages_per_listener_pass": round(counters["gale_broker_forwarded_total"]
+                                            / max(counters["gale_broker_listener_passes_total"], 1), 1),
         **({"gateway_syscalls_per_delivery": round(kernel.get("raw_syscalls:sys_enter", 0) / max(deliveries, 1), 3),
             "gateway_context_switches_per_delivery": round(kernel.get("context-switches", 0) / max(deliveries, 1), 3)}
            if kernel else {}),

@@ -557,6 +557,13 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
                 &st.failed_publishes,
             ),
             ("gale_broker_forwarded_total", "Messages forwarded from Redis to this node.", &st.forwarded),
+            ("gale_broker_pipelines_total", "Pipelines of commands written to Redis nodes.", &st.pipelines),
+            ("gale_broker_pipelined_total", "Commands written in those pipelines.", &st.pipelined),
+            (
+                "gale_broker_listener_passes_total",
+                "Passes of the Redis listener that brought messages.",
+                &st.listener_passes,
+            ),
         ] {
             metric(&mut out, name, "counter", help, load(value));
         }

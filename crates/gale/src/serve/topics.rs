@@ -449,15 +449,35 @@ impl Topics {
     }
 }
 
-/// A fresh epoch: 64 random bits in hex.
+/// A fresh epoch: 64 bits in hex, never the same twice in a thread and unrelated across
+/// threads and processes. A publish to a cluster passes one with every topic (the script keeps
+/// it only for a new topic), so it is a step of a generator seeded once per thread from the
+/// operating system's randomness, not a system call each time.
 pub(super) fn new_epoch() -> String {
+    thread_local! {
+        static NEXT: std::cell::Cell<u64> = std::cell::Cell::new(random_seed());
+    }
+    // SplitMix64: the state steps by an odd constant (a full cycle of 2^64) and the output
+    // is a bijection of the state, so no value repeats within a cycle.
+    let state = NEXT.with(|next| {
+        let state = next.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        next.set(state);
+        state
+    });
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:016x}", z ^ (z >> 31))
+}
+
+/// 64 random bits (without randomness, the clock: unique enough for a seed).
+fn random_seed() -> u64 {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
-        // Unique enough without randomness: the clock.
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         b = (t.as_nanos() as u64).to_le_bytes();
     }
-    format!("{:016x}", u64::from_le_bytes(b))
+    u64::from_le_bytes(b)
 }
 
 #[cfg(test)]
@@ -529,6 +549,17 @@ mod tests {
         assert!(matches!(r, Recovery::Recovered(m) if m.len() == 1));
         let (_, r) = fresh.subscribe("n", Some(&Position { seq: 1, ..nothing }), usize::MAX, || {}).unwrap();
         assert!(matches!(r, Recovery::Impossible(why) if why.contains("epoch")));
+    }
+
+    #[test]
+    fn epochs_are_sixteen_hex_digits_never_repeated() {
+        let here: std::collections::HashSet<String> = (0..10_000).map(|_| new_epoch()).collect();
+        assert_eq!(here.len(), 10_000);
+        assert!(here.iter().all(|e| e.len() == 16 && e.bytes().all(|c| c.is_ascii_hexdigit())));
+        // Another thread starts from a seed of its own.
+        let there =
+            std::thread::spawn(|| (0..10_000).map(|_| new_epoch()).collect::<Vec<_>>()).join().unwrap();
+        assert!(there.iter().all(|e| !here.contains(e)));
     }
 
     #[test]

@@ -159,7 +159,11 @@ impl Listener {
             // connection per wake-up, and a cluster has one connection per primary.
             // The loops are woken once for what this pass forwards, not at its first message.
             let shared = self.shared.clone();
-            shared.handle.batched(|| self.read_ready(&mut st, commands));
+            shared.handle.batched(|| {
+                if self.read_ready(&mut st, commands) > 0 {
+                    self.shared.status.listener_passes.fetch_add(1, Ordering::Relaxed);
+                }
+            });
             let more = !st.to_read.is_empty();
             // Sleep until a connection has something, an order comes, or a retry is due.
             // Every connection was read until it had nothing, so its next arrival wakes the
@@ -192,12 +196,18 @@ impl Listener {
 
     /// Read the connections the polls found readable, those left unfinished, and those holding
     /// received bytes, each until it has nothing or for READ_BATCH values, and dispatch what
-    /// they bring.
-    fn read_ready(&mut self, st: &mut State, commands: SubscribeCommands) {
+    /// they bring; how many values they brought.
+    fn read_ready(&mut self, st: &mut State, commands: SubscribeCommands) -> usize {
         let mut nodes = std::mem::take(&mut st.to_read);
+        for node in &nodes {
+            if let Some(sub) = st.subs.get_mut(node) {
+                sub.readable();
+            }
+        }
         nodes.extend(st.subs.iter().filter(|(_, sub)| sub.holds_bytes()).map(|(&node, _)| node));
         nodes.sort_unstable();
         nodes.dedup();
+        let mut brought = 0;
         for node in nodes {
             let mut read = 0;
             while read < READ_BATCH {
@@ -220,7 +230,9 @@ impl Listener {
             if read == READ_BATCH {
                 st.to_read.push(node);
             }
+            brought += read;
         }
+        brought
     }
 
     /// Subscribe `channel` on the node that serves it, following redirections; messages that
@@ -271,6 +283,7 @@ impl Listener {
                         // Woken by any connection or an order; the run loop reads the others.
                         None => match self.wait(to_read, left) {
                             Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                            _ if to_read.contains(&node) => sub.readable(),
                             _ => {}
                         },
                     }
@@ -497,6 +510,10 @@ struct Sub {
     start: usize,
     /// Where a read lands before it joins `buf`: made once, not zeroed again for every read.
     chunk: Box<[u8]>,
+    /// The last read took less than `chunk` holds: the socket had nothing more then, and the
+    /// poll reports what comes after (it is edge-triggered), so reading again before it does
+    /// would only find nothing, a system call per connection per pass.
+    drained: bool,
     channels: HashSet<String>,
 }
 
@@ -515,15 +532,24 @@ impl Sub {
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
         let chunk = vec![0; 16 * 1024].into_boxed_slice();
-        let mut sub = Sub { stream, buf: Vec::new(), start: 0, chunk, channels: HashSet::new() };
+        let mut sub =
+            Sub { stream, buf: Vec::new(), start: 0, chunk, drained: false, channels: HashSet::new() };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
             match settings.username() {
                 Some(user) => sub.send(&["AUTH", user, password])?,
                 None => sub.send(&["AUTH", password])?,
             }
-            // Still blocking (up to the read timeout): the answer is the next value.
-            match sub.read_now()? {
+            // Still blocking (up to the read timeout): the answer is the next value, read until
+            // it is whole (a short read here is not the end of what comes).
+            let answer = loop {
+                let value = sub.read_now()?;
+                if value.is_some() || !sub.drained {
+                    break value;
+                }
+                sub.readable();
+            };
+            match answer {
                 Some(Resp::Text(_)) => {}
                 Some(Resp::Error(e)) => return Err(io::Error::other(format!("Redis refused AUTH: {e}"))),
                 _ => return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer to AUTH")),
@@ -565,8 +591,13 @@ impl Sub {
         self.start < self.buf.len()
     }
 
+    /// The poll reported the socket readable: read it again, even after a short read.
+    fn readable(&mut self) {
+        self.drained = false;
+    }
+
     /// The next value: one already received, else one the socket holds now. `Ok(None)`: none
-    /// yet (the socket had nothing more).
+    /// yet (the socket had nothing more, now or at its last read).
     fn read_now(&mut self) -> io::Result<Option<Resp>> {
         loop {
             if let Some((value, used)) = parse(&self.buf[self.start..]).map_err(io::Error::other)? {
@@ -580,11 +611,17 @@ impl Sub {
             // What is left is the start of a value: move it to the front once, not per value.
             self.buf.drain(..self.start);
             self.start = 0;
+            if self.drained {
+                return Ok(None);
+            }
             match self.stream.read(&mut self.chunk) {
                 Ok(0) => {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "Redis closed the connection"));
                 }
-                Ok(n) => self.buf.extend_from_slice(&self.chunk[..n]),
+                Ok(n) => {
+                    self.drained = n < self.chunk.len();
+                    self.buf.extend_from_slice(&self.chunk[..n]);
+                }
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                     return Ok(None);
                 }
@@ -597,7 +634,34 @@ impl Sub {
 
 #[cfg(test)]
 mod tests {
-    use super::{Resp, parse};
+    use super::{Resp, Sub, parse};
+    use std::collections::HashSet;
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn after_a_short_read_the_socket_is_read_again_only_once_reported_readable() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let (mut redis, _) = server.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let chunk = vec![0; 64].into_boxed_slice();
+        let mut sub =
+            Sub { stream, buf: Vec::new(), start: 0, chunk, drained: false, channels: HashSet::new() };
+        // Loopback delivers a write before it returns.
+        redis.write_all(b"$4\r\nab").unwrap();
+        assert_eq!(sub.read_now().unwrap(), None, "half a value");
+        assert!(sub.drained, "6 bytes of 64: nothing more was there");
+        redis.write_all(b"cd\r\n").unwrap();
+        assert_eq!(sub.read_now().unwrap(), None, "not read before the poll reports it");
+        sub.readable();
+        assert_eq!(sub.read_now().unwrap(), Some(Resp::Text(b"abcd".to_vec())));
+        // A read that fills the chunk is not the last: the rest is read at once.
+        let long = format!("${}\r\n{}\r\n", 100, "x".repeat(100));
+        redis.write_all(long.as_bytes()).unwrap();
+        sub.readable();
+        assert_eq!(sub.read_now().unwrap(), Some(Resp::Text(vec![b'x'; 100])));
+    }
 
     #[test]
     fn replies_are_parsed_only_once_whole() {

@@ -160,6 +160,13 @@ pub struct BrokerStatus {
     pub failed_publishes: AtomicU64,
     /// Messages forwarded from Redis into this node.
     pub forwarded: AtomicU64,
+    /// Pipelines written to Redis nodes (one per node a batch of commands went to).
+    pub pipelines: AtomicU64,
+    /// Commands written in those pipelines.
+    pub pipelined: AtomicU64,
+    /// The listener's passes over the connections that brought messages (each wakes the loops
+    /// at most once).
+    pub listener_passes: AtomicU64,
     /// This node's subscriptions kept in presence.
     pub presence_members: AtomicU64,
     /// The listening connection is up.

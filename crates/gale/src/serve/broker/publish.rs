@@ -73,24 +73,35 @@ impl Broker {
             return Ok(());
         }
         let layout = &self.shared.layout;
+        // Per request, its topics grouped by slot (the indexes of each group's topics), with
+        // the slot's room for new topics.
+        let mut grouped: Vec<Vec<(u16, u64, Vec<usize>)>> = Vec::with_capacity(batch.len());
+        for (topics, ..) in &batch {
+            let mut by_slot: Vec<(u16, u64, Vec<usize>)> = Vec::new();
+            for (i, topic) in topics.iter().enumerate() {
+                let slot = layout.slot(topic);
+                match by_slot.iter_mut().find(|(s, ..)| *s == slot) {
+                    Some((.., group)) => group.push(i),
+                    None => by_slot.push((slot, 0, vec![i])),
+                }
+            }
+            grouped.push(by_slot);
+        }
+        // The rooms in a loop of their own: each reads the count of a slot among 16,384, most
+        // often a cache miss, and here the misses overlap instead of each stalling a script.
+        for (slot, room, _) in grouped.iter_mut().flatten() {
+            *room = self.room(*slot);
+        }
         let mut cmds = Vec::with_capacity(batch.len());
         // Per request, its scripts: the index of each in `cmds`, with the topics it publishes to.
         let mut scripts: Vec<Vec<(usize, Vec<usize>)>> = Vec::with_capacity(batch.len());
-        for (topics, fragment, _, opts) in &batch {
-            let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
-            for (i, topic) in topics.iter().enumerate() {
-                let slot = layout.slot(topic);
-                match by_slot.iter_mut().find(|(s, _)| *s == slot) {
-                    Some((_, group)) => group.push(i),
-                    None => by_slot.push((slot, vec![i])),
-                }
-            }
+        for ((topics, fragment, _, opts), by_slot) in batch.iter().zip(grouped) {
             let mut mine = Vec::with_capacity(by_slot.len());
-            for (slot, group) in by_slot {
+            for (slot, room, group) in by_slot {
                 let names: Vec<&str> = group.iter().map(|&i| topics[i].as_str()).collect();
                 // An idempotency key is for a publish to one topic (a publish or a batch item).
                 let idem = opts.idempotency_key.as_deref().filter(|_| topics.len() == 1);
-                cmds.push((slot, self.publish_script(slot, &names, fragment, opts, idem)));
+                cmds.push((slot, self.publish_script(slot, room, &names, fragment, opts, idem)));
                 mine.push((cmds.len() - 1, group));
             }
             scripts.push(mine);
@@ -128,10 +139,12 @@ impl Broker {
         lost.map_or(Ok(()), Err)
     }
 
-    /// The publish script's call for `topics`, all in `slot`, with the idempotency key `idem`.
+    /// The publish script's call for `topics`, all in `slot` (which has `room` for topics),
+    /// with the idempotency key `idem`.
     fn publish_script(
         &self,
         slot: u16,
+        room: u64,
         topics: &[&str],
         fragment: &str,
         opts: &PublishOptions,
@@ -140,7 +153,7 @@ impl Broker {
         let layout = &self.shared.layout;
         let mut script = self.scripts.publish.call();
         script.arg(1 + topics.len() * 3 + usize::from(idem.is_some()));
-        script.arg(layout.registry(slot));
+        script.arg(layout.registry(slot).as_str());
         let keyed: Vec<_> = topics.iter().map(|t| layout.keys(t)).collect();
         for (seq_key, log, epoch_key, _) in &keyed {
             script.arg(seq_key).arg(log).arg(epoch_key);
@@ -150,7 +163,7 @@ impl Broker {
         }
         let window_ms = self.idempotency_window.as_millis().max(1) as u64;
         let msg_ttl_ms = opts.ttl.map_or(0, |t| t.as_millis().max(1) as u64);
-        script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(self.room(slot));
+        script.arg(fragment).arg(self.history).arg(self.ttl_ms).arg(room);
         script.arg(window_ms).arg(msg_ttl_ms).arg(exclusion_prefix(&self.shared.node, opts.exclude));
         for (topic, (_, _, _, channel)) in topics.iter().zip(&keyed) {
             let json = serde_json::to_string(topic).unwrap_or_default();
@@ -171,7 +184,7 @@ impl Broker {
         let slot = layout.slot(topic);
         let (seq_key, _, epoch_key, _) = layout.keys(topic);
         let mut room = self.scripts.room.call();
-        room.arg(3).arg(layout.registry(slot)).arg(seq_key).arg(epoch_key);
+        room.arg(3).arg(layout.registry(slot).as_str()).arg(seq_key).arg(epoch_key);
         room.arg(topic).arg(self.room(slot));
         let answer: (u8, Option<u64>, Option<String>) = self.redis.run(slot, |c| room.query(c))?;
         Ok(match answer {
@@ -209,11 +222,11 @@ impl Broker {
                     .map(|(_, slots)| {
                         let mut names = String::with_capacity(slots.len() * 20);
                         for &s in slots {
-                            names.push_str(layout.registry(s));
+                            names.push_str(layout.registry(s).as_str());
                             names.push(' ');
                         }
                         let mut count = self.scripts.count.call();
-                        count.arg(1).arg(layout.registry(slots[0])).arg(names);
+                        count.arg(1).arg(layout.registry(slots[0]).as_str()).arg(names);
                         (slots[0], count)
                     })
                     .collect();

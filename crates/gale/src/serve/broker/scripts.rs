@@ -5,7 +5,8 @@
 //! the registry of topics is `gale:topics`. In a Redis Cluster the topic is a hash tag
 //! (`gale:{T}:seq`, …, channel `gale:{T}`), so that all of a topic's keys are in one slot and a
 //! publish to it is one script on one shard; the registry is one sorted set per slot
-//! (`gale:topics:{N}`, `N` chosen so that the key is in that slot), next to the topics it counts;
+//! (`gale:topics:{B}`, `B` fourteen `0`s and `1`s that put the key in that slot), next to the
+//! topics it counts;
 //! channels are sharded (`SPUBLISH`/`SSUBSCRIBE`): a message crosses only its topic's shard.
 
 use super::CONTROL_CHANNEL;
@@ -308,15 +309,114 @@ return {c, u, more, out}
 pub(super) const SLOTS: usize = 16384;
 
 /// CRC16/XMODEM, Redis Cluster's key hash.
-fn crc16(data: &[u8]) -> u16 {
+const fn crc16(data: &[u8]) -> u16 {
     let mut crc = 0u16;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
+    let mut i = 0;
+    while i < data.len() {
+        crc ^= (data[i] as u16) << 8;
+        let mut bit = 0;
+        while bit < 8 {
             crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+            bit += 1;
         }
+        i += 1;
     }
     crc
+}
+
+/// Characters of the hash tag of a slot's registry, each `0` or `1`. CRC16/XMODEM is linear
+/// over GF(2) (it starts from zero), so the slot of such a tag is that of fourteen `0`s XOR, for
+/// each `1`, the slot bits that a one-bit change of that character flips; those fourteen values
+/// span the fourteen bits of a slot, so every slot has exactly one tag, and finding it takes a
+/// few XORs instead of a table that a publish would read from memory.
+const TAG_LEN: usize = 14;
+
+/// The slot of the tag of fourteen `0`s, and per bit of a slot, the characters to set to `1` to
+/// flip that bit alone: the inverse of the map from tags to slots.
+const TAG_SOLUTION: (u16, [u16; TAG_LEN]) = solve_tags();
+
+/// Computes `TAG_SOLUTION` (Gauss-Jordan elimination over GF(2), at compile time).
+const fn solve_tags() -> (u16, [u16; TAG_LEN]) {
+    let mask = (SLOTS - 1) as u16;
+    // Per row: the slot bits flipped, and the tag characters that flip them.
+    let mut rows = [(0u16, 0u16); TAG_LEN];
+    let mut i = 0;
+    while i < TAG_LEN {
+        let mut one = [0u8; TAG_LEN];
+        one[i] = 1;
+        rows[i] = (crc16(&one) & mask, 1 << i);
+        i += 1;
+    }
+    let mut bit = 0;
+    while bit < TAG_LEN {
+        let mut pivot = bit;
+        // Past the end (a compile error) if the characters did not span every slot.
+        while rows[pivot].0 >> bit & 1 == 0 {
+            pivot += 1;
+        }
+        let row = rows[pivot];
+        rows[pivot] = rows[bit];
+        rows[bit] = row;
+        let mut k = 0;
+        while k < TAG_LEN {
+            if k != bit && rows[k].0 >> bit & 1 == 1 {
+                rows[k] = (rows[k].0 ^ row.0, rows[k].1 ^ row.1);
+            }
+            k += 1;
+        }
+        bit += 1;
+    }
+    let mut solution = [0u16; TAG_LEN];
+    let mut j = 0;
+    while j < TAG_LEN {
+        solution[j] = rows[j].1;
+        j += 1;
+    }
+    (crc16(&[b'0'; TAG_LEN]) & mask, solution)
+}
+
+/// The name of a registry of topics, made where it is used (it is short and fixed in size).
+pub(super) struct RegistryName {
+    bytes: [u8; REGISTRY_IN_SLOT.len() + TAG_LEN + 1],
+    len: usize,
+}
+
+/// The start of the name of a slot's registry; the tag and `}` follow.
+const REGISTRY_IN_SLOT: &str = "gale:topics:{";
+
+impl RegistryName {
+    /// `gale:topics`, with one primary.
+    fn single() -> RegistryName {
+        let mut bytes = [0; REGISTRY_IN_SLOT.len() + TAG_LEN + 1];
+        bytes[..REGISTRY.len()].copy_from_slice(REGISTRY.as_bytes());
+        RegistryName { bytes, len: REGISTRY.len() }
+    }
+
+    /// `gale:topics:{B}`, in `slot`.
+    fn in_slot(slot: u16) -> RegistryName {
+        let (base, solution) = TAG_SOLUTION;
+        let flips = slot ^ base;
+        let mut tag = 0u16;
+        for (bit, chars) in solution.iter().enumerate() {
+            if flips >> bit & 1 == 1 {
+                tag ^= chars;
+            }
+        }
+        let mut bytes = [0; REGISTRY_IN_SLOT.len() + TAG_LEN + 1];
+        let (start, rest) = bytes.split_at_mut(REGISTRY_IN_SLOT.len());
+        start.copy_from_slice(REGISTRY_IN_SLOT.as_bytes());
+        for (i, c) in rest[..TAG_LEN].iter_mut().enumerate() {
+            *c = b'0' + (tag >> i & 1) as u8;
+        }
+        rest[TAG_LEN] = b'}';
+        RegistryName { len: bytes.len(), bytes }
+    }
+
+    /// The name.
+    pub(super) fn as_str(&self) -> &str {
+        // ASCII by construction.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or(REGISTRY)
+    }
 }
 
 /// The hash slot of a Redis key, as Redis Cluster computes it: of its hash tag (what is between
@@ -335,29 +435,12 @@ pub(super) fn key_slot(key: &str) -> u16 {
 pub(super) struct Layout {
     /// Keys are hash-tagged and channels sharded.
     cluster: bool,
-    /// The registry of topics per slot (cluster only; indexed by slot).
-    registries: Vec<String>,
 }
 
 impl Layout {
     /// The layout for one primary, or for a Redis Cluster.
     pub(super) fn new(cluster: bool) -> Layout {
-        let mut registries = Vec::new();
-        if cluster {
-            // The first `N` whose `gale:topics:{N}` is in each slot (about 170,000 hashes, once).
-            registries = vec![String::new(); SLOTS];
-            let (mut found, mut n) = (0, 0u64);
-            while found < SLOTS {
-                let tag = n.to_string();
-                let slot = usize::from(crc16(tag.as_bytes()) % SLOTS as u16);
-                if registries[slot].is_empty() {
-                    registries[slot] = format!("gale:topics:{{{tag}}}");
-                    found += 1;
-                }
-                n += 1;
-            }
-        }
-        Layout { cluster, registries }
+        Layout { cluster }
     }
 
     /// Keys are hash-tagged and channels sharded (a Redis Cluster).
@@ -422,8 +505,8 @@ impl Layout {
     }
 
     /// The registry of the topics in `slot`.
-    pub(super) fn registry(&self, slot: u16) -> &str {
-        if self.cluster { &self.registries[usize::from(slot)] } else { REGISTRY }
+    pub(super) fn registry(&self, slot: u16) -> RegistryName {
+        if self.cluster { RegistryName::in_slot(slot) } else { RegistryName::single() }
     }
 
     /// The command that publishes to a channel: `SPUBLISH` in a cluster (sharded pub/sub).
@@ -560,10 +643,24 @@ mod tests {
             for key in [seq, log, epoch, channel.clone(), layout.idempotency_key(topic, "k"), presence] {
                 assert_eq!(key_slot(&key), slot, "{key}");
             }
-            assert_eq!(key_slot(layout.registry(slot)), slot);
+            assert_eq!(key_slot(layout.registry(slot).as_str()), slot);
             assert_eq!(layout.topic_of(&channel), Some(topic));
         }
-        assert!((0..SLOTS as u16).all(|s| key_slot(layout.registry(s)) == s));
+        assert!((0..SLOTS as u16).all(|s| key_slot(layout.registry(s).as_str()) == s));
+        let names: std::collections::HashSet<_> =
+            (0..SLOTS as u16).map(|s| layout.registry(s).as_str().to_owned()).collect();
+        assert_eq!(names.len(), SLOTS);
+        assert_eq!(layout.registry(0).as_str().len(), "gale:topics:{}".len() + 14);
+        assert!(
+            layout
+                .registry(12_345)
+                .as_str()
+                .trim_start_matches("gale:topics:{")
+                .trim_end_matches('}')
+                .bytes()
+                .all(|c| c == b'0' || c == b'1')
+        );
+        assert_eq!(Layout::new(false).registry(9).as_str(), "gale:topics");
         let names = |seq: &str, log: &str, epoch: &str, channel: &str| {
             (seq.to_string(), log.to_string(), epoch.to_string(), channel.to_string())
         };

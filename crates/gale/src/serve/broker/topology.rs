@@ -520,7 +520,11 @@ impl Redis {
                 redis::cmd("WAIT").arg(n).arg(timeout.as_millis() as u64).write_packed_command(&mut packed);
             }
             match self.conn(node).and_then(|c| c.send_packed_command(&packed)) {
-                Ok(()) => sent.push((node, indexes)),
+                Ok(()) => {
+                    self.status.pipelines.fetch_add(1, Ordering::Relaxed);
+                    self.status.pipelined.fetch_add(indexes.len() as u64, Ordering::Relaxed);
+                    sent.push((node, indexes))
+                }
                 Err(e) => failed(self, (&mut answers, &mut lost_conn), node, &indexes, e),
             }
         }
