@@ -5,7 +5,10 @@
 # topic, then publishes batches of BATCH items over HTTP, topics round-robin, to the two
 # gateways in turn as fast as they answer; it reports the publishes acknowledged per second,
 # the gateways' CPU per 1,000 deliveries, Redis's CPU per publish and the busiest Redis node's
-# CPU. Every process is on this machine.
+# CPU, and what shapes a gateway's cost per delivery: the commands each round trip to a Redis
+# node carries, the messages each pass of the listener brings (from the gateways' /metrics), and
+# how often the gateways' threads went to sleep (voluntary context switches, /proc). Every
+# process is on this machine.
 #
 # With REDIS_CPU set (a share of one core, e.g. 0.25), every Redis node runs in a cgroup of its
 # own with that CPU budget, as if each were a machine of that size: the regime where one
@@ -251,9 +254,12 @@ print(f"Redis CPU budget per node: {budget if budget else 'none (the machine sha
 perf = all("gateway_syscalls_per_delivery" in r for r in rows)
 print("| broker | topics | publishes/s | deliveries (expected) | gateway CPU ms / 1k deliveries "
       "(range) | of which system | Redis CPU µs / publish | busiest Redis node (cores) | subscribe s |"
-      " commands / pipeline | messages / listener pass |"
+      " commands / pipeline | messages / listener pass | sleeps / 1k deliveries (broker, listener, loop) |"
       + (" gateway syscalls / delivery | context switches / delivery |" if perf else ""))
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if perf else ""))
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if perf else ""))
+# Medians of the sleeps of the broker's command thread, its listener and the loop.
+sleeps = lambda g: ", ".join(f"{statistics.median(r['sleeps_per_1k_deliveries'].get(t, 0) for r in g):.1f}"
+                             for t in ("gale-broker", "gale-broker-lis", "gale-loop-0"))
 for (topics, setup), g in groups.items():
     med = lambda key: statistics.median(r[key] for r in g)
     cpu = [r["gateway_cpu_ms_per_1k_deliveries"] for r in g]
@@ -263,6 +269,7 @@ for (topics, setup), g in groups.items():
           f"| {med('gateway_system_ms_per_1k_deliveries'):.2f} "
           f"| {med('redis_cpu_us_per_publish'):.1f} | {med('busiest_redis_cores'):.2f} | {med('subscribe_s'):.1f} |"
           f" {med('commands_per_pipeline'):.1f} | {med('messages_per_listener_pass'):.1f} |"
+          f" {sleeps(g)} |"
           + (f" {med('gateway_syscalls_per_delivery'):.2f} | {med('gateway_context_switches_per_delivery'):.3f} |"
              if perf else ""))
 PY

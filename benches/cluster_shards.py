@@ -6,7 +6,10 @@ the load does not queue behind one Python interpreter.
 
 Prints one JSON line: publishes/s acknowledged, deliveries, the gateways' CPU (user + system,
 from /proc) per 1,000 deliveries, Redis's CPU per publish (all its nodes), and the busiest
-Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget). With
+Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget), the commands
+per round trip to a Redis node and the messages per pass of the listener (the gateways'
+/metrics), and the voluntary context switches of each kind of gateway thread per 1,000
+deliveries (/proc). With
 BATCHES=N in the environment, each publisher sends N batches, whatever the time. With
 PERF_SYSCALLS=1 in the environment, also the gateways' system calls and context switches per
 delivery (`perf stat -e raw_syscalls:sys_enter,context-switches` attached to them over the same
@@ -39,6 +42,23 @@ def cpu_split(pid):
 
 def cpu_s(pid):
     return sum(cpu_split(pid))
+
+
+def switches_by_thread(pids):
+    """Voluntary context switches (a thread going to sleep) of `pids`' threads, summed by
+    thread name: {name: count}."""
+    total = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    n = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+            except (OSError, StopIteration):
+                continue
+            total[name] = total.get(name, 0) + n
+    return total
 
 
 def perf_start(pids):
@@ -176,6 +196,7 @@ def main():
     gw_sys0 = sum(cpu_split(pid)[1] for _, pid in gateways)
     redis0 = [cpu_s(pid) for pid in redis_pids]
     counters0 = broker_counters(ports)
+    sleeps0 = switches_by_thread([pid for _, pid in gateways])
     perf = perf_start([pid for _, pid in gateways])
     recording = perf_record_start([pid for _, pid in gateways], name, topics_n)
     seen0 = sum(c.value for c in counts)
@@ -199,6 +220,7 @@ def main():
         recording.send_signal(signal.SIGINT)
         recording.wait()
     counters = {k: v - counters0[k] for k, v in broker_counters(ports).items()}
+    sleeps = {k: v - sleeps0.get(k, 0) for k, v in switches_by_thread([pid for _, pid in gateways]).items()}
     gw = sum(cpu_s(pid) for _, pid in gateways) - gw0
     gw_sys = sum(cpu_split(pid)[1] for _, pid in gateways) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
@@ -219,6 +241,8 @@ def main():
         # How much each round trip to a Redis node carries, and each pass of the listener.
         "commands_per_pipeline": round(counters["gale_broker_pipelined_total"]
                                        / max(counters["gale_broker_pipelines_total"], 1), 1),
+        # How often each of the gateways' threads went to sleep, per 1,000 deliveries.
+        "sleeps_per_1k_deliveries": {k: round(v / max(deliveries, 1) * 1e3, 1) for k, v in sorted(sleeps.items()) if v},
         "messages_per_listener_pass": round(counters["gale_broker_forwarded_total"]
                                             / max(counters["gale_broker_listener_passes_total"], 1), 1),
         **({"gateway_syscalls_per_delivery": round(kernel.get("raw_syscalls:sys_enter", 0) / max(deliveries, 1), 3),
