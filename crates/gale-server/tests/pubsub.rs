@@ -97,6 +97,25 @@ fn publish_from_another_thread_reaches_every_subscriber_on_every_loop_in_order()
 }
 
 #[test]
+fn a_publish_to_more_subscribers_than_the_ring_has_entries_reaches_each() {
+    // io_uring: one publish is a send per idle subscriber, more than the submission queue
+    // holds (4,096), so the queue fills and is handed to the kernel midway. (epoll: as many
+    // `send`s.) 9,000 descriptors in this process, under the 20,000 allowed.
+    let server = start(1, Behavior::default());
+    let mut subs: Vec<Client> = (0..4_500).map(|_| subscribe(&server, "all")).collect();
+    for i in 0..3 {
+        assert_eq!(server.handle.publish_text("all", &format!("m{i}")), 1);
+    }
+    for c in &mut subs {
+        for i in 0..3 {
+            assert_eq!(c.expect_text(), format!("m{i}"));
+        }
+    }
+    drop(subs);
+    server.stop();
+}
+
+#[test]
 fn subscriptions_are_per_connection_and_end_with_it() {
     let server = start(2, Behavior::default());
     let mut a = subscribe(&server, "room");

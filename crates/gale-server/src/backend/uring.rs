@@ -45,7 +45,7 @@ use super::bufring::{BufRing, Received};
 use crate::app::{LoopContext, LoopSeed, ServerHandle, Shared, Task};
 use crate::conn::{Conn, ConnCx, Delivery};
 use crate::fanout::SharedBatch;
-use crate::link::Scratch;
+use crate::link::{Counters, Scratch};
 use crate::timer::TimerWheel;
 
 /// Submission queue size; the completion queue is twice as large.
@@ -204,6 +204,41 @@ impl Entry {
     }
 }
 
+/// Where a send goes: connection `key`'s socket `fd`, by its registered slot if the key is
+/// below `fixed_files`; zero-copy from `zc_from` bytes.
+struct SendTarget {
+    key: usize,
+    fd: types::Fd,
+    fixed_files: u32,
+    zc_from: usize,
+}
+
+/// The SQE that sends `rest` to `to` for the send in flight `skey`.
+fn send_sqe(to: SendTarget, rest: &[u8], skey: usize, counters: &mut Counters) -> squeue::Entry {
+    let zero_copy = rest.len() >= to.zc_from;
+    if zero_copy {
+        counters.zero_copy_sends += 1;
+    }
+    // The same send by registered slot or by descriptor (two types, so built twice).
+    macro_rules! send_to {
+        ($target:expr) => {
+            if zero_copy {
+                opcode::SendZc::new($target, rest.as_ptr(), rest.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            } else {
+                opcode::Send::new($target, rest.as_ptr(), rest.len() as u32).flags(libc::MSG_NOSIGNAL).build()
+            }
+        };
+    }
+    let sqe = if to.key < to.fixed_files as usize {
+        send_to!(types::Fixed(to.key as u32))
+    } else {
+        send_to!(to.fd)
+    };
+    sqe.user_data(user_data(Op::Send, 0, skey))
+}
+
 /// A send whose buffer the kernel may still read. Its completions name its key in the loop's
 /// `sends` (not the connection's): a zero-copy send's buffer can outlive its connection.
 struct InFlight {
@@ -300,8 +335,6 @@ pub(crate) struct UringLoop {
     recipients: Vec<u32>,
     /// Published frames owed to idle subscribers, sent at the end of a run of publishes.
     batch: SharedBatch,
-    /// Connections whose run of the batch was just made a send (reused).
-    batch_sends: Vec<usize>,
 }
 
 impl UringLoop {
@@ -338,7 +371,6 @@ impl UringLoop {
             shutdown_deadline: None,
             recipients: Vec::new(),
             batch: SharedBatch::default(),
-            batch_sends: Vec::new(),
         };
         lp.arm_accept();
         lp.arm_wake();
@@ -663,33 +695,14 @@ impl UringLoop {
     fn submit_send(&mut self, key: usize) {
         let e = &mut self.conns[key];
         let sending = &self.sends[e.send as usize];
-        let rest = &sending.buf.bytes()[sending.done..];
-        let ud = user_data(Op::Send, 0, e.send as usize);
-        let zero_copy = rest.len() >= self.send_zc_from;
-        if zero_copy {
-            self.env.pool.counters.zero_copy_sends += 1;
-        }
-        // The same send by registered slot or by descriptor (two types, so built twice).
-        macro_rules! send_to {
-            ($target:expr) => {
-                if zero_copy {
-                    opcode::SendZc::new($target, rest.as_ptr(), rest.len() as u32)
-                        .flags(libc::MSG_NOSIGNAL)
-                        .build()
-                } else {
-                    opcode::Send::new($target, rest.as_ptr(), rest.len() as u32)
-                        .flags(libc::MSG_NOSIGNAL)
-                        .build()
-                }
-            };
-        }
-        let sqe = if key < self.fixed_files as usize {
-            send_to!(types::Fixed(key as u32))
-        } else {
-            send_to!(e.fd())
-        };
+        let sqe = send_sqe(
+            SendTarget { key, fd: e.fd(), fixed_files: self.fixed_files, zc_from: self.send_zc_from },
+            &sending.buf.bytes()[sending.done..],
+            e.send as usize,
+            &mut self.env.pool.counters,
+        );
         e.ops += 1;
-        self.push(sqe.user_data(ud));
+        self.push(sqe);
     }
 
     /// After a connection handled something: queue it for a send, close it if it is done,
@@ -869,7 +882,11 @@ impl UringLoop {
         if self.batch.is_empty() {
             return;
         }
-        let (conns, sends, submit) = (&mut self.conns, &mut self.sends, &mut self.batch_sends);
+        let (conns, sends, counters) = (&mut self.conns, &mut self.sends, &mut self.env.pool.counters);
+        let (fixed_files, zc_from) = (self.fixed_files, self.send_zc_from);
+        // One view of the submission queue for the whole batch: its tail is published to the
+        // kernel once, not once per send (a send per subscriber, thousands per publish).
+        let (submitter, mut sq, _) = self.ring.split();
         self.batch.hand_over(|key, bytes, start, end| {
             // An owed connection has no send in flight and is not closing: nothing but
             // deliveries ran since it was owed, and those leave it alone.
@@ -880,15 +897,23 @@ impl UringLoop {
             e.conn.link.in_kernel = end - start;
             e.conn.link.direct = false;
             let buf = SendBuf::Shared { bytes: Rc::clone(bytes), start, end };
-            e.send = sends.insert(InFlight { buf, done: 0, conn: key as u32, notifs: 0 }) as u32;
-            submit.push(key);
+            let skey = sends.insert(InFlight { buf, done: 0, conn: key as u32, notifs: 0 });
+            e.send = skey as u32;
+            e.ops += 1;
+            let target = SendTarget { key, fd: e.fd(), fixed_files, zc_from };
+            let sqe = send_sqe(target, &bytes[start..end], skey, counters);
+            // SAFETY: as in `push`: the bytes are held in `sends` until the send's last
+            // completion or notification.
+            while unsafe { sq.push(&sqe) }.is_err() {
+                // Full: hand the kernel what is queued, then go on.
+                sq.sync();
+                if let Err(e) = submitter.submit() {
+                    tracing::warn!(error = %e, "io_uring submit failed");
+                    std::thread::yield_now();
+                }
+                sq.sync();
+            }
         });
-        let mut submit = std::mem::take(&mut self.batch_sends);
-        for &key in &submit {
-            self.submit_send(key);
-        }
-        submit.clear();
-        self.batch_sends = submit;
     }
 
     /// The slot of connection `id`, if it is still there and not closing.
