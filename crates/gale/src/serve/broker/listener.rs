@@ -266,6 +266,9 @@ impl Listener {
             let State { subs, held, to_read, .. } = &mut *st;
             let sub = subs.get_mut(&node).expect("inserted above");
             let confirmed = sub.send(&[commands.subscribe, channel]).and_then(|()| {
+                // An answer is due: read the socket at once, whatever its last read found
+                // (its readiness may have been noted before this, and not reported again).
+                sub.readable();
                 let deadline = Instant::now() + COMMAND_TIMEOUT;
                 loop {
                     let left = deadline.saturating_duration_since(Instant::now());
