@@ -192,13 +192,14 @@ def main():
     setup = time.monotonic() - setup
 
     acked, refused = mp.Value("q", 0), mp.Value("q", 0)
-    gw0 = sum(cpu_s(pid) for _, pid in gateways)
-    gw_sys0 = sum(cpu_split(pid)[1] for _, pid in gateways)
+    gateway_pids = [pid for _, pid in gateways]
+    gw0 = sum(cpu_s(pid) for pid in gateway_pids)
+    gw_sys0 = sum(cpu_split(pid)[1] for pid in gateway_pids)
     redis0 = [cpu_s(pid) for pid in redis_pids]
     counters0 = broker_counters(ports)
-    sleeps0 = switches_by_thread([pid for _, pid in gateways])
-    perf = perf_start([pid for _, pid in gateways])
-    recording = perf_record_start([pid for _, pid in gateways], name, topics_n)
+    sleeps0 = switches_by_thread(gateway_pids)
+    perf = perf_start(gateway_pids)
+    recording = perf_record_start(gateway_pids, name, topics_n)
     seen0 = sum(c.value for c in counts)
     started = time.monotonic()
     deadline = started + seconds
@@ -220,9 +221,9 @@ def main():
         recording.send_signal(signal.SIGINT)
         recording.wait()
     counters = {k: v - counters0[k] for k, v in broker_counters(ports).items()}
-    sleeps = {k: v - sleeps0.get(k, 0) for k, v in switches_by_thread([pid for _, pid in gateways]).items()}
-    gw = sum(cpu_s(pid) for _, pid in gateways) - gw0
-    gw_sys = sum(cpu_split(pid)[1] for _, pid in gateways) - gw_sys0
+    sleeps = {k: v - sleeps0.get(k, 0) for k, v in switches_by_thread(gateway_pids).items()}
+    gw = sum(cpu_s(pid) for pid in gateway_pids) - gw0
+    gw_sys = sum(cpu_split(pid)[1] for pid in gateway_pids) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
     deliveries = sum(c.value for c in counts) - seen0
     for s in subs:
@@ -241,10 +242,10 @@ def main():
         # How much each round trip to a Redis node carries, and each pass of the listener.
         "commands_per_pipeline": round(counters["gale_broker_pipelined_total"]
                                        / max(counters["gale_broker_pipelines_total"], 1), 1),
-        # How often each of the gateways' threads went to sleep, per 1,000 deliveries.
-        "sleeps_per_1k_deliveries": {k: round(v / max(deliveries, 1) * 1e3, 1) for k, v in sorted(sleeps.items()) if v},
         "messages_per_listener_pass": round(counters["gale_broker_forwarded_total"]
                                             / max(counters["gale_broker_listener_passes_total"], 1), 1),
+        # How often each of the gateways' threads went to sleep, per 1,000 deliveries.
+        "sleeps_per_1k_deliveries": {k: round(v / max(deliveries, 1) * 1e3, 1) for k, v in sorted(sleeps.items()) if v},
         **({"gateway_syscalls_per_delivery": round(kernel.get("raw_syscalls:sys_enter", 0) / max(deliveries, 1), 3),
             "gateway_context_switches_per_delivery": round(kernel.get("context-switches", 0) / max(deliveries, 1), 3)}
            if kernel else {}),

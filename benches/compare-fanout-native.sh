@@ -11,7 +11,8 @@
 #   - gale (the broadcast example) and gale-serve (`gale serve`, HTTP publishing) on 1 and 2
 #     event loops, on each backend (epoll, io_uring).
 # The first server is the reference for the "× first" column (uws-cpp, or raw-tcp without it);
-# the ratios to raw-tcp (and of the two-loop servers to raw-tcp-2) are printed after the table. Results: target/bench/fanout-native.{md,json}.
+# the ratios to raw-tcp (and of the two-loop servers to raw-tcp-2) are printed after the table.
+# Results: target/bench/fanout-native.{md,json}.
 #
 # Usage: UWS_BROADCAST=/tmp/uws-pubsub/uws-broadcast benches/compare-fanout-native.sh [extra compare options]
 set -euo pipefail

@@ -71,10 +71,20 @@ where
     })
 }
 
-/// A non-blocking `SO_REUSEPORT` listener on 127.0.0.1:`port` (0 picks a free one), for a mio
-/// loop: every loop of a peer listens on the same port and the kernel spreads connections
-/// over them.
-pub fn reuseport_listener(port: u16) -> io::Result<mio::net::TcpListener> {
+/// `count` non-blocking `SO_REUSEPORT` listeners on 127.0.0.1:`port` (0 picks a free one),
+/// one per mio loop, and the port they share: the kernel spreads connections over them.
+pub fn reuseport_listeners(port: u16, count: usize) -> io::Result<(u16, Vec<mio::net::TcpListener>)> {
+    let first = reuseport_listener(port)?;
+    let port = first.local_addr()?.port();
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(reuseport_listener(port)?);
+    }
+    Ok((port, listeners))
+}
+
+/// A non-blocking `SO_REUSEPORT` listener on 127.0.0.1:`port`.
+fn reuseport_listener(port: u16) -> io::Result<mio::net::TcpListener> {
     let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;

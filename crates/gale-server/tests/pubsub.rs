@@ -56,10 +56,15 @@ fn start(threads: usize, behavior: Behavior) -> TestServer {
     TestServer::start(App::new().threads(threads).ws("/ps", behavior, Commands))
 }
 
+/// Send `command` and return the answer.
+fn ask(client: &mut Client, command: &str) -> String {
+    client.send_text(command);
+    client.expect_text()
+}
+
 fn subscribe(server: &TestServer, topic: &str) -> Client {
     let mut c = server.connect("/ps");
-    c.send_text(&format!("sub {topic}"));
-    assert_eq!(c.expect_text(), "subscribed");
+    assert_eq!(ask(&mut c, &format!("sub {topic}")), "subscribed");
     c
 }
 
@@ -119,28 +124,18 @@ fn a_publish_to_more_subscribers_than_the_ring_has_entries_reaches_each() {
 fn subscriptions_are_per_connection_and_end_with_it() {
     let server = start(2, Behavior::default());
     let mut a = subscribe(&server, "room");
-    a.send_text("sub room");
-    assert_eq!(a.expect_text(), "already");
-    a.send_text("is room");
-    assert_eq!(a.expect_text(), "yes");
-    a.send_text("is hall");
-    assert_eq!(a.expect_text(), "no");
-    a.send_text("sub hall");
-    assert_eq!(a.expect_text(), "subscribed");
-    a.send_text("count");
-    assert_eq!(a.expect_text(), "2");
+    assert_eq!(ask(&mut a, "sub room"), "already");
+    assert_eq!(ask(&mut a, "is room"), "yes");
+    assert_eq!(ask(&mut a, "is hall"), "no");
+    assert_eq!(ask(&mut a, "sub hall"), "subscribed");
+    assert_eq!(ask(&mut a, "count"), "2");
     let b = subscribe(&server, "room");
     assert_eq!(server.handle.num_subscribers("room"), 2);
-    a.send_text("unsub room");
-    assert_eq!(a.expect_text(), "unsubscribed");
-    a.send_text("unsub room");
-    assert_eq!(a.expect_text(), "not subscribed");
-    a.send_text("is room");
-    assert_eq!(a.expect_text(), "no");
-    a.send_text("count");
-    assert_eq!(a.expect_text(), "1");
-    a.send_text("unsub hall");
-    assert_eq!(a.expect_text(), "unsubscribed");
+    assert_eq!(ask(&mut a, "unsub room"), "unsubscribed");
+    assert_eq!(ask(&mut a, "unsub room"), "not subscribed");
+    assert_eq!(ask(&mut a, "is room"), "no");
+    assert_eq!(ask(&mut a, "count"), "1");
+    assert_eq!(ask(&mut a, "unsub hall"), "unsubscribed");
     assert_eq!(server.handle.num_subscribers("room"), 1);
     server.handle.publish_text("room", "hello");
     assert!(matches!(a.recv(Duration::from_millis(200)), Recv::Timeout), "unsubscribed");
@@ -162,8 +157,7 @@ fn handlers_publish_with_or_without_the_sender() {
     assert_eq!(b.expect_text(), "one");
     a.send_text("pubx chat two");
     assert_eq!(b.expect_text(), "two");
-    a.send_text("is chat");
-    assert_eq!(a.expect_text(), "yes", "the sender did not get its own message back");
+    assert_eq!(ask(&mut a, "is chat"), "yes", "the sender did not get its own message back");
     // A publisher need not subscribe.
     let mut c = server.connect("/ps");
     c.send_text("pub chat three");
@@ -213,8 +207,7 @@ fn a_slow_subscriber_is_cut_off_without_slowing_the_others() {
 fn one_batch_of_publishes_to_two_topics_keeps_each_subscribers_order() {
     let server = start(1, Behavior::default());
     let mut both = subscribe(&server, "a");
-    both.send_text("sub b");
-    assert_eq!(both.expect_text(), "subscribed");
+    assert_eq!(ask(&mut both, "sub b"), "subscribed");
     let mut only_a = subscribe(&server, "a");
     let mut publisher = server.connect("/ps");
     let large = format!("a2{}", "L".repeat(20 * 1024));

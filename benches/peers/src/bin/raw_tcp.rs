@@ -21,12 +21,7 @@ const LISTENER: Token = Token(usize::MAX);
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
-    let first = gale_peers::reuseport_listener(args.port)?;
-    let port = first.local_addr()?.port();
-    let mut listeners = vec![first];
-    for _ in 1..args.threads.get() {
-        listeners.push(gale_peers::reuseport_listener(port)?);
-    }
+    let (port, listeners) = gale_peers::reuseport_listeners(args.port, args.threads.get())?;
     let loops: Vec<_> = listeners.into_iter().map(|l| std::thread::spawn(move || event_loop(l))).collect();
     gale_peers::announce("raw-tcp", "tcp", port)?;
     for handle in loops {

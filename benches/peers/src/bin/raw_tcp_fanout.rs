@@ -35,12 +35,7 @@ const WAKER: Token = Token(usize::MAX - 1);
 
 fn main() -> io::Result<()> {
     let args = Args::parse();
-    let first = gale_peers::reuseport_listener(args.port)?;
-    let port = first.local_addr()?.port();
-    let mut listeners = vec![first];
-    for _ in 1..args.threads.get() {
-        listeners.push(gale_peers::reuseport_listener(port)?);
-    }
+    let (port, listeners) = gale_peers::reuseport_listeners(args.port, args.threads.get())?;
     // Every poll and its waker exist before any loop starts, so each loop can reach the others.
     let mut polls = Vec::new();
     let mut mailboxes = Vec::new();

@@ -377,17 +377,20 @@ const fn solve_tags() -> (u16, [u16; TAG_LEN]) {
 
 /// The name of a registry of topics, made where it is used (it is short and fixed in size).
 pub(super) struct RegistryName {
-    bytes: [u8; REGISTRY_IN_SLOT.len() + TAG_LEN + 1],
+    bytes: [u8; REGISTRY_NAME_MAX],
     len: usize,
 }
 
 /// The start of the name of a slot's registry; the tag and `}` follow.
 const REGISTRY_IN_SLOT: &str = "gale:topics:{";
 
+/// The length of a slot's registry name, the longest.
+const REGISTRY_NAME_MAX: usize = REGISTRY_IN_SLOT.len() + TAG_LEN + 1;
+
 impl RegistryName {
     /// `gale:topics`, with one primary.
     fn single() -> RegistryName {
-        let mut bytes = [0; REGISTRY_IN_SLOT.len() + TAG_LEN + 1];
+        let mut bytes = [0; REGISTRY_NAME_MAX];
         bytes[..REGISTRY.len()].copy_from_slice(REGISTRY.as_bytes());
         RegistryName { bytes, len: REGISTRY.len() }
     }
@@ -402,7 +405,7 @@ impl RegistryName {
                 tag ^= chars;
             }
         }
-        let mut bytes = [0; REGISTRY_IN_SLOT.len() + TAG_LEN + 1];
+        let mut bytes = [0; REGISTRY_NAME_MAX];
         let (start, rest) = bytes.split_at_mut(REGISTRY_IN_SLOT.len());
         start.copy_from_slice(REGISTRY_IN_SLOT.as_bytes());
         for (i, c) in rest[..TAG_LEN].iter_mut().enumerate() {
