@@ -355,7 +355,14 @@ async def ping_flood(server: Server) -> Outcome:
     return Outcome(dropped=max(map(max, times)), connections=NON_READERS, detail=f"{len(times)} rounds")
 
 
-@attack(bound=Bound(per_connection=("max_backpressure", "max_payload", "one_receive", "one_receive")))
+# Room in the partial-message budget for every non-reader's message in progress at once: the
+# attack is about output. A message turned away by the budget (1013) would leave its sender
+# to the close timeout instead, waiting for a peer that never reads the close.
+LARGE_NO_READ_LIMITS = Limits(partial_message_budget=1 * MIB)
+
+
+@attack(limits=LARGE_NO_READ_LIMITS,
+        bound=Bound(per_connection=("max_backpressure", "max_payload", "one_receive", "one_receive")))
 async def large_no_read(server: Server) -> Outcome:
     """Messages of max_payload bytes (gale serve: publishes to a topic the client subscribed
     to, each delivered back to it) from clients that never read the answers. Past

@@ -573,6 +573,12 @@ impl ServerHandle {
         self.inner.registry.clone()
     }
 
+    /// Whether loop `index` has tasks it has not started to run (a wake is on its way).
+    #[inline]
+    pub(crate) fn has_tasks(&self, index: usize) -> bool {
+        self.inner.mailboxes[index].woken.load(Ordering::Relaxed)
+    }
+
     /// The loop has started reading its mailbox: the next task needs a new wake.
     pub(crate) fn awake(&self, index: usize) {
         self.inner.mailboxes[index].woken.swap(false, Ordering::SeqCst);

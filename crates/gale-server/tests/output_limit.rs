@@ -365,3 +365,86 @@ fn a_pending_pong_does_not_refuse_a_message_larger_than_the_limit() {
         log.snapshot().iter().any(|e| matches!(e, Ev::Binary { data, .. } if data.len() == (3 << 19) + 1))
     );
 }
+
+/// Publishes every message back to its own connection's topic, and records how many more
+/// messages the server took from the connection before each publish reached it.
+struct SelfPublisher {
+    /// Messages received.
+    messages: Arc<AtomicUsize>,
+    /// The most messages received between one message and the delivery of its publish.
+    max_lag: Arc<AtomicUsize>,
+}
+
+impl WsHandler for SelfPublisher {
+    type Data = ();
+
+    fn upgrade(&self, _req: &UpgradeRequest<'_>) -> Result<Accept<()>, Reject> {
+        Ok(Accept::new(()))
+    }
+
+    fn open(&self, ws: &mut WebSocket<'_, ()>) {
+        ws.subscribe("me");
+    }
+
+    fn message(&self, ws: &mut WebSocket<'_, ()>, msg: Message<'_>) {
+        let this = self.messages.fetch_add(1, Ordering::Relaxed) + 1;
+        ws.publish("me", msg, false);
+        // Runs right after the publish is delivered: a loop runs its tasks in the order posted.
+        let (messages, max_lag) = (self.messages.clone(), self.max_lag.clone());
+        let _ = ws.server().post_to(ws.id(), move |_: &mut WebSocket<'_, ()>| {
+            max_lag.fetch_max(messages.load(Ordering::Relaxed) - this, Ordering::Relaxed);
+        });
+    }
+}
+
+#[test]
+fn a_client_publishing_to_itself_is_read_no_further_than_one_read_ahead_of_its_deliveries() {
+    // Its publishes come back to it through the loop's mailbox, after the read that carried
+    // them, and only then count against its limit: a loop that read on before delivering them
+    // would hold several reads' worth of publishes for a client that never reads its own.
+    // Small receive buffers (64 KiB a read on either backend) and a client that writes far
+    // more than that at once.
+    const READ: usize = 64 * 1024;
+    const MESSAGE: usize = 1024;
+    let messages = Arc::new(AtomicUsize::new(0));
+    let max_lag = Arc::new(AtomicUsize::new(0));
+    let behavior = Behavior { idle_timeout: None, ping_interval: None, ..Behavior::default() };
+    let config = ServerConfig {
+        threads: 1,
+        recv_buffer: READ,
+        uring_buffers: Some(4),
+        uring_buffer_size: Some(READ / 4),
+        ..ServerConfig::default()
+    };
+    let handler = SelfPublisher { messages: messages.clone(), max_lag: max_lag.clone() };
+    let server = TestServer::start(App::new().config(config).ws("/ws", behavior, handler));
+    let mut client = server.connect("/ws");
+    wait_until("subscribed", || server.handle.num_subscribers("me") == 1);
+    // 4 MiB of masked 1 KiB messages in one write, read back at the same time.
+    const COUNT: usize = 4096;
+    let mut wire = Vec::new();
+    let payload = vec![0x42u8; MESSAGE];
+    for seq in 0..COUNT as u32 {
+        append_frame(&mut wire, FrameSpec::client(OpCode::Binary, seq.to_le_bytes()), &payload);
+    }
+    let mut stream = client.stream().try_clone().expect("clone the client's socket");
+    stream.set_write_timeout(Some(PATIENCE)).expect("set a write timeout");
+    let writer = std::thread::spawn(move || stream.write_all(&wire));
+    for _ in 0..COUNT {
+        match client.expect_frame() {
+            Frame::Binary(data) => assert_eq!(data.len(), MESSAGE),
+            other => panic!("expected a message back, got {other:?}"),
+        }
+    }
+    writer.join().expect("writer thread").expect("write the messages");
+    // Messages taken after one, before its publish came back: at most one read's worth.
+    let lag = max_lag.load(Ordering::Relaxed);
+    assert!(
+        lag < READ / MESSAGE,
+        "{lag} messages were read before a publish came back; one read holds {}",
+        READ / MESSAGE
+    );
+    assert!(lag > 0, "every publish came back before the next message was read: the reads were not full");
+    client.close_normally();
+    server.stop();
+}

@@ -195,9 +195,10 @@ impl EpollLoop {
     }
 
     /// Read until the socket is drained (a short read), EOF, `MAX_READS` full buffers, or the
-    /// connection's held output passes its limit (then it is not read until that drains).
+    /// connection's held output passes its limit (then it is not read until that drains). The
+    /// tasks a full read's handlers post to this loop run before the next read.
     fn read(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
+        let mut conn = &mut self.conns[key];
         for _ in 0..MAX_READS {
             if conn.should_close() || conn.read_closed || conn.reading_paused() {
                 return;
@@ -225,6 +226,19 @@ impl EpollLoop {
                         // raises a new edge.
                         return;
                     }
+                    if self.handle.has_tasks(self.index) {
+                        // The handlers published (or posted work): what comes back to this
+                        // connection counts against its limit only once delivered, so deliver
+                        // it before reading on. A client that publishes to itself would
+                        // otherwise have us hold several reads' worth of its publishes.
+                        self.run_tasks();
+                        let Some(again) = self.conns.get_mut(key) else { return };
+                        conn = again;
+                        if conn.output_over_limit() {
+                            conn.pause_reading(&mut self.env.cx());
+                            return;
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -239,9 +253,10 @@ impl EpollLoop {
     }
 
     /// After a connection handled something: flush, close it if it is done, or make sure its
-    /// timer is due no later than its deadline.
+    /// timer is due no later than its deadline. Nothing if it is gone (a read that ran the
+    /// loop's tasks may have closed it).
     fn settle(&mut self, key: usize) {
-        let conn = &mut self.conns[key];
+        let Some(conn) = self.conns.get_mut(key) else { return };
         // A blocked connection is flushed by its writable event.
         if conn.link.dirty && !conn.link.blocked && conn.link.flush() {
             conn.drained(&mut self.env.cx());
