@@ -1,6 +1,6 @@
 //! The application builder, the bound server, and the handle that controls a running server.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -418,8 +418,14 @@ impl Mailbox {
         self.wake()
     }
 
-    /// Wake the loop unless a wake is already on its way.
+    /// Wake the loop unless a wake is already on its way. The loop's own thread only notes
+    /// that tasks wait: the loop runs them before it next waits for events, so the eventfd
+    /// write (a system call, and an event to read back) would buy nothing.
     fn wake(&self) -> Result<(), LoopGone> {
+        if OWN_MAILBOX.get() == std::ptr::from_ref(self).addr() {
+            self.woken.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
         if !self.woken.swap(true, Ordering::SeqCst)
             && let Err(_e) = self.waker.wake()
         {
@@ -438,6 +444,8 @@ type Unwoken = Vec<(Arc<HandleInner>, usize)>;
 thread_local! {
     /// Inside [`Handle::batched`] on this thread: the loops owed a wake.
     static UNWOKEN: RefCell<Option<Unwoken>> = const { RefCell::new(None) };
+    /// The address of the mailbox of the loop this thread runs (0: none); see [`Mailbox::wake`].
+    static OWN_MAILBOX: Cell<usize> = const { Cell::new(0) };
 }
 
 /// Counters a loop publishes for other threads.
@@ -573,7 +581,13 @@ impl ServerHandle {
         self.inner.registry.clone()
     }
 
-    /// Whether loop `index` has tasks it has not started to run (a wake is on its way).
+    /// Loop `index` runs on this thread: the tasks this thread posts to it need no wake.
+    pub(crate) fn claim_mailbox(&self, index: usize) {
+        OWN_MAILBOX.set(std::ptr::from_ref(&self.inner.mailboxes[index]).addr());
+    }
+
+    /// Whether loop `index` has tasks it has not started to run (posted from its own thread,
+    /// or with a wake on its way).
     #[inline]
     pub(crate) fn has_tasks(&self, index: usize) -> bool {
         self.inner.mailboxes[index].woken.load(Ordering::Relaxed)
@@ -858,6 +872,7 @@ impl Server {
                     if let Some(core) = core {
                         core_affinity::set_for_current(core);
                     }
+                    handle.claim_mailbox(seed.index);
                     match crate::backend::Loop::new(seed, shared, handle) {
                         Ok(lp) => {
                             let _ = ready.send(Ok(()));

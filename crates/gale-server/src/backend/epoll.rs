@@ -165,7 +165,9 @@ impl EpollLoop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.read_pending.is_empty()
+        // Tasks this loop posted to itself after it last ran them came with no wake.
+        if self.handle.has_tasks(self.index)
+            || !self.read_pending.is_empty()
             || (self.accept_pending && self.accept_paused_until.is_none() && self.listener.is_some())
         {
             return Some(Duration::ZERO);

@@ -487,6 +487,10 @@ impl UringLoop {
     fn wait(&mut self) -> io::Result<()> {
         let now = Instant::now();
         let mut timeout = self.env.wheel.timeout();
+        if self.handle.has_tasks(self.index) {
+            // Tasks this loop posted to itself after it last ran them came with no wake.
+            timeout = Some(Duration::ZERO);
+        }
         for at in [self.accept_paused_until.filter(|_| !self.accept_armed), self.shutdown_deadline]
             .into_iter()
             .flatten()
