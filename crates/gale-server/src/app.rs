@@ -407,8 +407,9 @@ impl LoopContext {
 struct Mailbox {
     tx: Sender<Task>,
     waker: Waker,
-    /// A wake is on its way and the loop has not started reading its mailbox: senders need
-    /// not wake it again (one eventfd write per batch of tasks, not per task).
+    /// Tasks wait that the loop has not started to read: a wake is on its way (senders need
+    /// not wake it again: one eventfd write per batch of tasks, not per task), or the loop
+    /// posted them itself and runs them before it next waits (see [`Mailbox::wake`]).
     woken: AtomicBool,
 }
 

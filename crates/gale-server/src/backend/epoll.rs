@@ -216,19 +216,10 @@ impl EpollLoop {
                     if conn.link.flush() {
                         conn.drained(&mut self.env.cx());
                     }
-                    if conn.output_over_limit() {
-                        // The peer is not reading what we send: leave its input in the kernel.
-                        // Data may be waiting there, and no new edge will say so: `settle`
-                        // reads again once the output drains.
-                        conn.pause_reading(&mut self.env.cx());
-                        return;
-                    }
-                    if n < self.buf.len() {
-                        // A stream socket that returned less than asked is drained; new data
-                        // raises a new edge.
-                        return;
-                    }
-                    if self.handle.has_tasks(self.index) {
+                    // A stream socket that returned less than asked is drained; new data
+                    // raises a new edge.
+                    let drained = n < self.buf.len();
+                    if !drained && self.handle.has_tasks(self.index) {
                         // The handlers published (or posted work): what comes back to this
                         // connection counts against its limit only once delivered, so deliver
                         // it before reading on. A client that publishes to itself would
@@ -236,10 +227,16 @@ impl EpollLoop {
                         self.run_tasks();
                         let Some(again) = self.conns.get_mut(key) else { return };
                         conn = again;
-                        if conn.output_over_limit() {
-                            conn.pause_reading(&mut self.env.cx());
-                            return;
-                        }
+                    }
+                    if conn.output_over_limit() {
+                        // The peer is not reading what we send: leave its input in the kernel.
+                        // Data may be waiting there, and no new edge will say so: `settle`
+                        // reads again once the output drains.
+                        conn.pause_reading(&mut self.env.cx());
+                        return;
+                    }
+                    if drained {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,

@@ -521,6 +521,12 @@ struct Sub {
 }
 
 impl Sub {
+    /// A connection over `stream`, read `chunk` bytes at a time, with nothing received yet.
+    fn over(stream: TcpStream, chunk: usize) -> Sub {
+        let chunk = vec![0; chunk].into_boxed_slice();
+        Sub { stream, buf: Vec::new(), start: 0, chunk, drained: false, channels: HashSet::new() }
+    }
+
     /// Connect to a node (and authenticate, as its URL says).
     fn connect(info: &ConnectionInfo) -> io::Result<Sub> {
         let ConnectionAddr::Tcp(host, port) = info.addr() else {
@@ -534,9 +540,7 @@ impl Sub {
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(COMMAND_TIMEOUT))?;
         stream.set_read_timeout(Some(COMMAND_TIMEOUT))?;
-        let chunk = vec![0; 16 * 1024].into_boxed_slice();
-        let mut sub =
-            Sub { stream, buf: Vec::new(), start: 0, chunk, drained: false, channels: HashSet::new() };
+        let mut sub = Sub::over(stream, 16 * 1024);
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
             match settings.username() {
@@ -638,7 +642,6 @@ impl Sub {
 #[cfg(test)]
 mod tests {
     use super::{Resp, Sub, parse};
-    use std::collections::HashSet;
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
 
@@ -648,9 +651,7 @@ mod tests {
         let stream = TcpStream::connect(server.local_addr().unwrap()).unwrap();
         let (mut redis, _) = server.accept().unwrap();
         stream.set_nonblocking(true).unwrap();
-        let chunk = vec![0; 64].into_boxed_slice();
-        let mut sub =
-            Sub { stream, buf: Vec::new(), start: 0, chunk, drained: false, channels: HashSet::new() };
+        let mut sub = Sub::over(stream, 64);
         // Loopback delivers a write before it returns.
         redis.write_all(b"$4\r\nab").unwrap();
         assert_eq!(sub.read_now().unwrap(), None, "half a value");
