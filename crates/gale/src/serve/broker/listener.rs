@@ -89,6 +89,8 @@ struct State {
     homeless: BTreeSet<String>,
     /// When to try the homeless channels again.
     retry_at: Option<Instant>,
+    /// When every connection was last read whatever the poll said.
+    swept_at: Option<Instant>,
     backoff: Duration,
     /// Messages received while a subscription was being confirmed: handled after it (and
     /// after the catch-up that follows it).
@@ -158,6 +160,13 @@ impl Listener {
             // The others are not read: a read that finds nothing is a system call per
             // connection per wake-up, and a cluster has one connection per primary.
             // The loops are woken once for what this pass forwards, not at its first message.
+            // Once a second every connection is read, reported or not: a connection is read
+            // only when the poll reports it, and a report gone missing would leave it unread
+            // for good, a dead node's end of stream among it (its channels never rehomed).
+            if st.swept_at.is_none_or(|t| t.elapsed() >= IDLE_WAIT) {
+                st.swept_at = Some(Instant::now());
+                st.to_read.extend(st.subs.keys().copied());
+            }
             let shared = self.shared.clone();
             shared.handle.batched(|| {
                 if self.read_ready(&mut st, commands) > 0 {
