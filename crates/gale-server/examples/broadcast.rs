@@ -2,8 +2,8 @@
 //! every message a connection to `/pub` sends is published to it. This is the plain fan-out
 //! protocol of `gale-loadgen fanout --protocol plain`, so it runs side by side with the peers
 //! in `benches/peers` (same command line: `--port P --threads N`, and `--backend
-//! epoll|uring|auto`; one
-//! `broadcast listening on ws://…` line once it accepts connections).
+//! epoll|uring|auto`, and `--uring-send-zc BYTES` to make io_uring's sends from that size up
+//! zero-copy; one `broadcast listening on ws://…` line once it accepts connections).
 //!
 //! ```text
 //! cargo run --release -p gale-server --example broadcast -- --port 9001
@@ -51,6 +51,7 @@ fn main() -> std::io::Result<()> {
     let mut port = 0u16;
     let mut threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut backend = gale_server::Backend::Auto;
+    let mut send_zc = 0usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_default();
@@ -59,6 +60,7 @@ fn main() -> std::io::Result<()> {
             "--port" => port = value.parse().map_err(|_| bad())?,
             "--threads" => threads = value.parse().map_err(|_| bad())?,
             "--backend" => backend = value.parse().map_err(|_| bad())?,
+            "--uring-send-zc" => send_zc = value.parse().map_err(|_| bad())?,
             _ => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
@@ -72,6 +74,7 @@ fn main() -> std::io::Result<()> {
     let server = App::new()
         .threads(threads)
         .backend(backend)
+        .uring_send_zc(send_zc)
         .ws("/sub", behavior.clone(), Subscriber)
         .ws("/pub", behavior, Publisher)
         .listen(("127.0.0.1", port))?;
