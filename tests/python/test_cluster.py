@@ -17,6 +17,7 @@ Run: python3 tests/python/test_cluster.py   (GALE_BIN overrides target/debug/gal
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -532,6 +533,38 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         finally:
             node.kill()
             node.proc.stdout.close()
+
+    async def test_recoveries_that_queue_up_together_share_one_read_of_the_log(self):
+        node = self.nodes[0]
+        live = await Client.open(node)
+        await live.command("subscribe", topic="chat:storm")
+        codes = await asyncio.to_thread(publish_many, node, "chat:storm", 30)
+        self.assertEqual(set(codes), {200})
+        epoch = json.loads((await asyncio.to_thread(http, node, "GET", "/api/topics/chat:storm"))[1])["epoch"]
+        # Forty clients coming back at positions all over the history, the lowest first.
+        sinces = [0] + [(7 * i) % 31 for i in range(1, 40)]
+        clients = [await Client.open(node) for _ in sinces]
+        # Redis holds every command for a moment: the subscribes queue up at the broker as they
+        # do in a reconnect storm, behind the first one's read.
+        self.redis.cli("CLIENT", "PAUSE", "400", "ALL")
+        replies = await asyncio.gather(*(
+            c.command("subscribe", topic="chat:storm", since={"epoch": epoch, "seq": since})
+            for c, since in zip(clients, sinces)))
+        for c, since, reply in zip(clients, sinces, replies):
+            self.assertEqual((reply["recovered"], reply["missed"]), (True, 30 - since), reply)
+            got = [(await c.delivery())["seq"] for _ in range(30 - since)]
+            self.assertEqual(got, list(range(since + 1, 31)), since)
+        text = (await asyncio.to_thread(http, node, "GET", "/metrics", None, None))[1]
+        self.assertIn('gale_recoveries_total{result="recovered"} 40', text)
+        reads = int(re.search(r"gale_broker_log_reads_total (\d+)", text).group(1))
+        # One read per client would be 39; shared, one read and one more for each client that
+        # reaches the broker with a position below all before it (the loops forward in their
+        # own order).
+        self.assertLessEqual(reads, 8, text)
+        # Live deliveries go on after the replays, once each.
+        await asyncio.to_thread(publish, node, "chat:storm", "next")
+        for c in clients:
+            self.assertEqual((await c.delivery())["seq"], 31)
 
     async def test_publish_options_hold_across_nodes(self):
         def post(node, path, data, headers):

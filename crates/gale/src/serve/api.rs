@@ -560,6 +560,11 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
             ("gale_broker_pipelines_total", "Pipelines of commands written to Redis nodes.", &st.pipelines),
             ("gale_broker_pipelined_total", "Commands written in those pipelines.", &st.pipelined),
             (
+                "gale_broker_log_reads_total",
+                "Reads of topic logs for recovering subscriptions (one per topic for the subscribes that queue up together).",
+                &st.log_reads,
+            ),
+            (
                 "gale_broker_listener_passes_total",
                 "Passes of the Redis listener that brought messages.",
                 &st.listener_passes,

@@ -162,48 +162,6 @@ pub(super) fn read_history(
     Ok(page)
 }
 
-/// The deliveries a client at `since` missed, up to `last`, read page by page: refused as soon
-/// as they pass `max_bytes` (what is left is not read), or when the log no longer holds every
-/// one of them.
-pub(super) fn read_replay(
-    cmd: &mut redis::Connection,
-    log: &str,
-    since: u64,
-    last: u64,
-    max_bytes: usize,
-) -> redis::RedisResult<Result<Vec<String>, &'static str>> {
-    const GONE: &str = "missed messages are no longer in the history";
-    let (mut missed, mut deadlines, mut bytes, mut refused) = (Vec::new(), Vec::new(), 0, None);
-    // A replay includes the messages a publisher left itself out of, as on a single node: it
-    // asked for what it missed.
-    read_log(cmd, log, since + 1, Some(last), |seq, d, expires, _| {
-        bytes += d.len();
-        if seq != since + 1 + missed.len() as u64 {
-            refused = Some(GONE);
-        } else if bytes > max_bytes {
-            refused = Some("missed messages are more than a connection may queue");
-        } else {
-            missed.push(d);
-            deadlines.push(expires);
-        }
-        refused.is_none()
-    })?;
-    // A missed message whose time to live has passed is no longer in the history. Redis's
-    // clock is asked only when a missed message has one: every other recovery (a reconnect
-    // storm's thousands) takes one round trip less.
-    if deadlines.iter().any(Option::is_some) {
-        let now = redis_ms(redis::cmd("TIME").query(cmd)?);
-        if deadlines.iter().flatten().any(|x| *x <= now) {
-            return Ok(Err(GONE));
-        }
-    }
-    Ok(match refused {
-        Some(why) => Err(why),
-        None if missed.len() as u64 != last - since => Err(GONE),
-        None => Ok(missed),
-    })
-}
-
 /// Redis's `TIME` in milliseconds.
 pub(super) fn redis_ms((secs, micros): (u64, u64)) -> u64 {
     secs * 1000 + micros / 1000
@@ -366,13 +324,21 @@ impl Broker {
             Some(p) if !p.in_epoch(&epoch) => Some(Err("epoch changed: the topic's history was reset")),
             Some(p) if p.seq > last => Some(Err("position is ahead of the topic")),
             Some(p) if p.seq == last => Some(Ok(())),
-            Some(p) => match self.redis.run(slot, |c| read_replay(c, &log, p.seq, last, max_replay))? {
-                Ok(missed) => {
-                    replay = missed;
-                    Some(Ok(()))
+            Some(p) => {
+                // Read once for the subscribes to this topic that queued up together.
+                let spans = self.log_spans.under(self.redis.generation());
+                let reads = &shared.status.log_reads;
+                match self
+                    .redis
+                    .run(slot, |c| spans.replay(c, topic, &log, &epoch, p.seq, last, max_replay, reads))?
+                {
+                    Ok(missed) => {
+                        replay = missed;
+                        Some(Ok(()))
+                    }
+                    Err(why) => Some(Err(why)),
                 }
-                Err(why) => Some(Err(why)),
-            },
+            }
         };
         let op = if server { "subscribed" } else { "subscribe" };
         let mut reply =

@@ -21,8 +21,9 @@
 //! by the broker thread itself, between two messages: it first makes sure the node is subscribed to
 //! the channel, replays `(since, last forwarded]` from the stream to the client, then subscribes
 //! the connection (`ServerHandle::subscribe`) before forwarding anything newer. Replays and
-//! catch-ups read the stream in pages of `LOG_PAGE` entries, and a replay stops as soon as it
-//! passes what the connection may queue. After a lost Redis connection the broker resubscribes and
+//! catch-ups read the stream in pages of `LOG_PAGE` entries; the subscribes to one topic that
+//! queue up together (a reconnect storm) share one read of its log, and a replay is refused as
+//! soon as it passes what the connection may queue. After a lost Redis connection the broker resubscribes and
 //! forwards what it missed from the streams, so live subscribers see no gap as long as the history
 //! covers the outage.
 //!
@@ -35,7 +36,8 @@
 //!
 //! The parts, one job each: [`scripts`] (the key layout and the Lua scripts), [`topology`] (the
 //! connection to Redis), [`listener`] (the subscribed connection and its thread), [`forward`]
-//! (forwarding into the loops, catch-up, subscriptions with recovery, history), [`publish`]
+//! (forwarding into the loops, catch-up, subscriptions with recovery, history), [`replay`]
+//! (recoveries' reads of the logs, one per topic for a batch of subscribes), [`publish`]
 //! (pipelined publish scripts) and [`presence`]; this file holds the requests the loops send,
 //! the broker's state and its command thread.
 
@@ -43,6 +45,7 @@ mod forward;
 mod listener;
 mod presence;
 mod publish;
+mod replay;
 mod scripts;
 mod topology;
 
@@ -167,6 +170,9 @@ pub struct BrokerStatus {
     /// The listener's passes over the connections that brought messages (each wakes the loops
     /// at most once).
     pub listener_passes: AtomicU64,
+    /// Reads of topic logs for recovering subscriptions (the subscribes to a topic that queue
+    /// up together share one).
+    pub log_reads: AtomicU64,
     /// This node's subscriptions kept in presence.
     pub presence_members: AtomicU64,
     /// The listening connection is up.
@@ -302,6 +308,7 @@ pub fn start(
         present: HashMap::new(),
         leaves: RefCell::new(Vec::new()),
         rejoin: false,
+        log_spans: replay::LogSpans::default(),
     };
     std::thread::Builder::new()
         .name("gale-broker".into())
@@ -397,6 +404,8 @@ struct Broker {
     /// A join failed, or the connection was made again: the next refresh joins every member
     /// of this node again (a join is idempotent), not only those of topics Redis forgot.
     rejoin: bool,
+    /// What the current batch of requests has read of topics' logs for replays.
+    log_spans: replay::LogSpans,
 }
 
 impl Broker {
@@ -496,6 +505,9 @@ impl Broker {
         self.count_and_check(&mut recheck)?;
         let mut last_refresh = Instant::now();
         loop {
+            // Replays are read for one batch at a time: what an earlier batch read, Redis may
+            // since have trimmed or lost.
+            self.log_spans.clear();
             let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(request) => Some(request),
                 Err(RecvTimeoutError::Timeout) => None,

@@ -1,0 +1,239 @@
+//! Replays for recovering subscriptions, read from a topic's log once for all the subscribes to
+//! it that queued up together (a reconnect storm's clients of one topic come back within
+//! moments of each other, most at the same position), not once per client.
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::forward::{read_log, redis_ms};
+
+/// Past this many bytes of deliveries held, the spans are dropped before the next read: the
+/// memory a batch of requests may hold for replays, whatever the histories' sizes.
+const MAX_HELD: usize = 8 << 20;
+
+/// Why a replay cannot be made: the log no longer holds every missed message.
+const GONE: &str = "missed messages are no longer in the history";
+
+/// Why a replay is refused: it is more than the connection may queue.
+const TOO_LARGE: &str = "missed messages are more than a connection may queue";
+
+/// One entry of a topic's log.
+struct Entry {
+    seq: u64,
+    delivery: String,
+    /// When a message published with a time to live expires (ms, Redis's clock).
+    expires: Option<u64>,
+}
+
+/// What was read of one topic's log: every entry it held for the sequence numbers `from..=to`
+/// of `epoch`, in order.
+struct Span {
+    epoch: String,
+    from: u64,
+    to: u64,
+    entries: VecDeque<Entry>,
+}
+
+/// The spans of topics' logs read for the subscribes of one batch of requests; emptied after
+/// the batch (`clear`), so nothing is served from memory that Redis may have changed since.
+#[derive(Default)]
+pub(super) struct LogSpans {
+    spans: HashMap<String, Span>,
+    /// Bytes of deliveries held in `spans`.
+    held: usize,
+    /// The version of the slot map they were read under.
+    generation: u64,
+}
+
+impl LogSpans {
+    /// The deliveries a client at `since` missed of `topic` (whose log is `log`), in `epoch`, up
+    /// to `last`: from what this batch already read where that covers them, reading only the
+    /// part before or after it otherwise. Refused when they pass `max_bytes`, or when the log no
+    /// longer holds every one of them. `reads` counts the reads of the log.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn replay(
+        &mut self,
+        cmd: &mut redis::Connection,
+        topic: &str,
+        log: &str,
+        epoch: &str,
+        since: u64,
+        last: u64,
+        max_bytes: usize,
+        reads: &AtomicU64,
+    ) -> redis::RedisResult<Result<Vec<String>, &'static str>> {
+        if since >= last {
+            return Ok(Ok(Vec::new()));
+        }
+        if self.held > MAX_HELD {
+            self.clear();
+        }
+        let (from, to) = (since + 1, last);
+        // What to read: all of it, or what lies before and after the span this batch read.
+        let known = self.spans.get(topic).filter(|s| s.epoch == epoch).map(|s| (s.from, s.to));
+        let (head, tail) = match known {
+            None => (Some((from, to)), None),
+            Some((a, b)) => ((from < a).then(|| (from, a - 1)), (to > b).then(|| (b + 1, to))),
+        };
+        let mut read = |range: Option<(u64, u64)>| match range {
+            Some((a, b)) => read_range(cmd, log, a, b, max_bytes, reads),
+            None => Ok((VecDeque::new(), true)),
+        };
+        let (before, whole_before) = read(head)?;
+        let (after, whole_after) = read(tail)?;
+        let empty = VecDeque::new();
+        let kept = match known {
+            Some(_) => self.spans.get(topic).map_or(&empty, |s| &s.entries),
+            None => &empty,
+        };
+        if !(whole_before && whole_after) {
+            // A read that passed `max_bytes` stopped there: this replay is refused, and what it
+            // read (a part of the range) is not kept for others.
+            let missed = before.iter().chain(kept.iter().filter(|e| e.seq >= from)).chain(after.iter());
+            return Ok(cut_short(missed_in(missed, since, last, max_bytes)));
+        }
+        self.held += held_by(&before) + held_by(&after);
+        let span = match known {
+            Some(_) => self.spans.get_mut(topic),
+            None => {
+                let span = Span { epoch: epoch.to_string(), from, to, entries: VecDeque::new() };
+                if let Some(old) = self.spans.insert(topic.to_string(), span) {
+                    self.held -= held_by(&old.entries);
+                }
+                self.spans.get_mut(topic)
+            }
+        };
+        let Some(span) = span else { return Ok(Err(GONE)) };
+        for e in before.into_iter().rev() {
+            span.entries.push_front(e);
+        }
+        span.entries.extend(after);
+        (span.from, span.to) = (span.from.min(from), span.to.max(to));
+        let start = span.entries.partition_point(|e| e.seq < from);
+        let missed = span.entries.range(start..).take_while(|e| e.seq <= to);
+        let missed = match missed_in(missed, since, last, max_bytes) {
+            Ok(missed) => missed,
+            Err(why) => return Ok(Err(why)),
+        };
+        // A missed message whose time to live has passed is no longer in the history. Redis's
+        // clock is asked only when a missed message has one: every other recovery (a reconnect
+        // storm's thousands) takes no round trip for it.
+        if missed.iter().any(|e| e.expires.is_some()) {
+            let now = redis_ms(redis::cmd("TIME").query(cmd)?);
+            if missed.iter().any(|e| e.expires.is_some_and(|x| x <= now)) {
+                return Ok(Err(GONE));
+            }
+        }
+        Ok(Ok(missed.iter().map(|e| e.delivery.clone()).collect()))
+    }
+
+    /// Forget every span if the slot map changed since they were read (a failover: the node
+    /// that serves a topic now may not hold all that its old primary did).
+    pub(super) fn under(&mut self, generation: u64) -> &mut LogSpans {
+        if generation != self.generation {
+            self.clear();
+            self.generation = generation;
+        }
+        self
+    }
+
+    /// Forget every span: the batch of requests they were read for is over.
+    pub(super) fn clear(&mut self) {
+        self.spans.clear();
+        self.held = 0;
+    }
+}
+
+/// The entries of `log` for the sequence numbers `from..=to`, in order (those it holds), and
+/// whether they are all of them: the read stops at the entry that takes it past `budget`
+/// bytes.
+fn read_range(
+    cmd: &mut redis::Connection,
+    log: &str,
+    from: u64,
+    to: u64,
+    budget: usize,
+    reads: &AtomicU64,
+) -> redis::RedisResult<(VecDeque<Entry>, bool)> {
+    reads.fetch_add(1, Ordering::Relaxed);
+    let (mut entries, mut bytes) = (VecDeque::new(), 0);
+    // A replay includes the messages a publisher left itself out of, as on a single node: it
+    // asked for what it missed.
+    read_log(cmd, log, from, Some(to), |seq, delivery, expires, _| {
+        bytes += delivery.len();
+        entries.push_back(Entry { seq, delivery, expires });
+        bytes <= budget
+    })?;
+    Ok((entries, bytes <= budget))
+}
+
+/// The answer to a replay whose read stopped past the connection's budget: refused, for why
+/// the entries read say (the log may have lacked one before the budget was passed).
+fn cut_short(read: Result<Vec<&Entry>, &'static str>) -> Result<Vec<String>, &'static str> {
+    Err(read.err().unwrap_or(TOO_LARGE))
+}
+
+fn held_by(entries: &VecDeque<Entry>) -> usize {
+    entries.iter().map(|e| e.delivery.len()).sum()
+}
+
+/// The entries missed by a client at `since` with the topic at `last`, from `entries` (the
+/// log's from `since + 1` on, in order): all of `since + 1..=last`, one after the other, or why
+/// not.
+fn missed_in<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    since: u64,
+    last: u64,
+    max_bytes: usize,
+) -> Result<Vec<&'a Entry>, &'static str> {
+    let (mut missed, mut bytes) = (Vec::new(), 0);
+    for e in entries {
+        if e.seq != since + 1 + missed.len() as u64 {
+            return Err(GONE);
+        }
+        bytes += e.delivery.len();
+        if bytes > max_bytes {
+            return Err(TOO_LARGE);
+        }
+        missed.push(e);
+    }
+    if missed.len() as u64 != last - since {
+        return Err(GONE);
+    }
+    Ok(missed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Entry, GONE, TOO_LARGE, missed_in};
+
+    fn log(seqs: &[u64]) -> Vec<Entry> {
+        seqs.iter().map(|&seq| Entry { seq, delivery: format!("m{seq}"), expires: None }).collect()
+    }
+
+    fn seqs(r: Result<Vec<&Entry>, &'static str>) -> Result<Vec<u64>, &'static str> {
+        r.map(|m| m.iter().map(|e| e.seq).collect())
+    }
+
+    #[test]
+    fn a_replay_is_every_message_after_the_position_up_to_the_last() {
+        let entries = log(&[5, 6, 7]);
+        assert_eq!(seqs(missed_in(entries.iter(), 4, 7, 1 << 20)), Ok(vec![5, 6, 7]));
+    }
+
+    #[test]
+    fn a_replay_with_a_message_missing_from_the_log_is_refused() {
+        // Trimmed from the front, a hole, or cut short at the end.
+        assert_eq!(seqs(missed_in(log(&[6, 7]).iter(), 4, 7, 1 << 20)), Err(GONE));
+        assert_eq!(seqs(missed_in(log(&[5, 7]).iter(), 4, 7, 1 << 20)), Err(GONE));
+        assert_eq!(seqs(missed_in(log(&[5, 6]).iter(), 4, 7, 1 << 20)), Err(GONE));
+    }
+
+    #[test]
+    fn a_replay_larger_than_the_connection_may_queue_is_refused() {
+        // Three messages of two bytes each.
+        assert_eq!(seqs(missed_in(log(&[5, 6, 7]).iter(), 4, 7, 6)), Ok(vec![5, 6, 7]));
+        assert_eq!(seqs(missed_in(log(&[5, 6, 7]).iter(), 4, 7, 5)), Err(TOO_LARGE));
+    }
+}
