@@ -566,6 +566,39 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         for c in clients:
             self.assertEqual((await c.delivery())["seq"], 31)
 
+    async def test_recoveries_of_many_topics_read_their_logs_in_one_round_trip(self):
+        node = self.nodes[0]
+        topics = [f"chat:many-{i}" for i in range(20)]
+        live = await Client.open(node)
+        for t in topics:
+            await live.command("subscribe", topic=t)
+        epochs = {}
+        for t in topics:
+            self.assertEqual(set(await asyncio.to_thread(publish_many, node, t, 6)), {200})
+            epochs[t] = json.loads((await asyncio.to_thread(http, node, "GET", f"/api/topics/{t}"))[1])["epoch"]
+
+        def counter(text, name):
+            return int(re.search(rf"{name} (\d+)", text).group(1))
+
+        before = (await asyncio.to_thread(http, node, "GET", "/metrics", None, None))[1]
+        # Five clients per topic, at positions 1 to 5, all coming back while Redis holds its
+        # commands: the subscribes queue up at the broker as one batch.
+        clients = [(await Client.open(node), t, 1 + i % 5) for i, t in enumerate(topics * 5)]
+        self.redis.cli("CLIENT", "PAUSE", "400", "ALL")
+        replies = await asyncio.gather(*(
+            c.command("subscribe", topic=t, since={"epoch": epochs[t], "seq": since}) for c, t, since in clients))
+        for (c, t, since), reply in zip(clients, replies):
+            self.assertEqual((reply["recovered"], reply["missed"]), (True, 6 - since), reply)
+            self.assertEqual([(await c.delivery())["seq"] for _ in range(6 - since)], list(range(since + 1, 7)))
+        after = (await asyncio.to_thread(http, node, "GET", "/metrics", None, None))[1]
+        reads = counter(after, "gale_broker_log_reads_total") - counter(before, "gale_broker_log_reads_total")
+        trips = counter(after, "gale_broker_pipelines_total") - counter(before, "gale_broker_pipelines_total")
+        # A read per topic (and one for the subscribe that met the pause), not per client...
+        self.assertLessEqual(reads, 30, after)
+        # ...in a pipelined round trip per batch (the one that met the pause, then the rest;
+        # a third if the loops handed the subscribes over in two goes).
+        self.assertTrue(1 <= trips <= 3, (trips, after))
+
     async def test_publish_options_hold_across_nodes(self):
         def post(node, path, data, headers):
             req = urllib.request.Request(node.http_url + path, data=json.dumps(data).encode(), method="POST")

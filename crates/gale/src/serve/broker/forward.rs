@@ -14,9 +14,10 @@ use super::super::presence::is_event;
 use super::super::protocol::{CommandError, Reply, error_reply};
 use super::super::topics::{Position, PublishError};
 use super::listener::Listen;
+use super::replay::Wanted;
 use super::scripts::Layout;
 use super::topology::{COMMAND_TIMEOUT, unavailable};
-use super::{Broker, HistoryReply, Shared};
+use super::{Broker, BrokerRequest, HistoryReply, Shared};
 
 /// What the broker knows of a topic this node forwards.
 pub(super) struct Forwarding {
@@ -68,6 +69,40 @@ pub(super) fn excluded_on(head: &str, node: &str) -> Option<ConnId> {
 /// beyond what it keeps, however long the history.
 pub(super) const LOG_PAGE: usize = 32;
 
+/// A page of a topic's log as Redis answers `XRANGE`: each entry's id and fields.
+pub(super) type LogPage = Vec<(String, Vec<(String, String)>)>;
+
+/// The `XRANGE` of `log` from sequence number `from` to `to` (inclusive; `None`: to its end),
+/// at most `count` entries.
+pub(super) fn log_range(log: &str, from: u64, to: Option<u64>, count: usize) -> redis::Cmd {
+    let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
+    let mut cmd = redis::cmd("XRANGE");
+    cmd.arg(log).arg(format!("{from}-1")).arg(end).arg("COUNT").arg(count);
+    cmd
+}
+
+/// Hand the deliveries of `page` to `each` (as `read_log` does) until it returns false; the
+/// sequence number of the last entry, and whether the page went on to its end (false: `each`
+/// stopped, or an id not of the form `seq-n`, none of ours, ended the log there).
+pub(super) fn each_delivery(
+    page: LogPage,
+    mut each: impl FnMut(u64, String, Option<u64>, Option<String>) -> bool,
+) -> (u64, bool) {
+    let mut reached = 0;
+    for (id, fields) in page {
+        let Some(seq) = entry_seq(&id) else { return (reached, false) };
+        reached = seq;
+        let expires = fields.iter().find(|(k, _)| k == "x").and_then(|(_, x)| x.parse().ok());
+        let exclude = fields.iter().find(|(k, _)| k == "e").map(|(_, e)| e.clone());
+        if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d")
+            && !each(seq, d, expires, exclude)
+        {
+            return (reached, false);
+        }
+    }
+    (reached, true)
+}
+
 /// Read the deliveries of a topic's log from sequence number `from` to `to` (inclusive; `None`:
 /// to its end), page by page, handing each with its sequence number, its expiry (ms,
 /// Redis's clock; for messages published with a time to live) and the connection it leaves
@@ -76,41 +111,26 @@ pub(super) const LOG_PAGE: usize = 32;
 pub(super) fn read_log(
     cmd: &mut redis::Connection,
     log: &str,
-    from: u64,
+    mut from: u64,
     to: Option<u64>,
     mut each: impl FnMut(u64, String, Option<u64>, Option<String>) -> bool,
 ) -> redis::RedisResult<()> {
-    let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
-    let mut start = format!("{from}-1");
     loop {
-        let page: Vec<(String, Vec<(String, String)>)> =
-            redis::cmd("XRANGE").arg(log).arg(&start).arg(&end).arg("COUNT").arg(LOG_PAGE).query(cmd)?;
+        let page: LogPage = log_range(log, from, to, LOG_PAGE).query(cmd)?;
         let full = page.len() == LOG_PAGE;
-        let mut reached = 0;
-        for (id, fields) in page {
-            // An id not of the form `seq-n` is none of ours: the log ends there.
-            let Some((seq, next)) = entry_id(&id) else { return Ok(()) };
-            (start, reached) = (next, seq);
-            let expires = fields.iter().find(|(k, _)| k == "x").and_then(|(_, x)| x.parse().ok());
-            let exclude = fields.iter().find(|(k, _)| k == "e").map(|(_, e)| e.clone());
-            if let Some((_, d)) = fields.into_iter().find(|(k, _)| k == "d")
-                && !each(seq, d, expires, exclude)
-            {
-                return Ok(());
-            }
-        }
-        if !full || to.is_some_and(|t| reached >= t) {
+        let (reached, went_on) = each_delivery(page, &mut each);
+        if !went_on || !full || to.is_some_and(|t| reached >= t) {
             return Ok(());
         }
+        from = reached.saturating_add(1);
     }
 }
 
-/// The sequence number of a log entry's id (`seq-n`), and the id just after it: where the next
-/// page starts.
-pub(super) fn entry_id(id: &str) -> Option<(u64, String)> {
+/// The sequence number of a log entry's id (`seq-n`).
+pub(super) fn entry_seq(id: &str) -> Option<u64> {
     let (seq, n) = id.split_once('-')?;
-    let (seq, n): (u64, u64) = (seq.parse().ok()?, n.parse().ok()?);
-    Some((seq, format!("{seq}-{}", n.checked_add(1)?)))
+    n.parse::<u64>().ok()?;
+    seq.parse().ok()
 }
 
 /// A page of `topic`'s history from its stream, read as `query` asks: the position and the
@@ -146,7 +166,7 @@ pub(super) fn read_history(
     let Some(epoch) = epoch else {
         return Ok(HistoryPage::new(None, 0, None, query));
     };
-    let seq_of = |entries: &Entries| entries.first().and_then(|(id, _)| entry_id(id)).map(|(seq, _)| seq);
+    let seq_of = |entries: &Entries| entries.first().and_then(|(id, _)| entry_seq(id));
     // As a publish numbers: a sequence key lost while the log survived goes on from the log.
     let seq = seq.unwrap_or(0).max(seq_of(&newest).unwrap_or(0));
     let mut page = HistoryPage::new(Some(epoch.clone()), seq, seq_of(&oldest), query);
@@ -227,6 +247,38 @@ impl Shared {
 }
 
 impl Broker {
+    /// Read ahead, in one round trip per node, what the subscribes with a position in `batch`
+    /// will replay: per topic this node forwards, from the lowest position in its epoch to the
+    /// last message forwarded. Topics not forwarded yet, and positions at the last message,
+    /// need no read.
+    pub(super) fn read_ahead(&mut self, batch: &[BrokerRequest]) {
+        let mut ranges: HashMap<&str, Wanted> = HashMap::new();
+        {
+            let topics = self.shared.topics();
+            for request in batch {
+                let BrokerRequest::Subscribe { topic, since: Some(p), max_replay, .. } = request else {
+                    continue;
+                };
+                let Some(f) = topics.get(topic).filter(|f| p.in_epoch(&f.epoch) && p.seq < f.last) else {
+                    continue;
+                };
+                let w = ranges.entry(topic).or_insert_with(|| Wanted {
+                    topic: topic.clone(),
+                    log: self.shared.layout.keys(topic).1,
+                    slot: self.shared.layout.slot(topic),
+                    epoch: f.epoch.clone(),
+                    from: p.seq + 1,
+                    to: f.last,
+                    max_bytes: 0,
+                });
+                w.from = w.from.min(p.seq + 1);
+                w.max_bytes = w.max_bytes.max(*max_replay);
+            }
+        }
+        let wanted = ranges.into_values().collect();
+        self.log_spans.read_ahead(&mut self.redis, wanted, &self.shared.status.log_reads);
+    }
+
     /// Answer a history read with its page, or with why it failed.
     pub(super) fn answer_history(
         &self,
@@ -414,10 +466,10 @@ mod tests {
     }
 
     #[test]
-    fn log_pages_continue_after_the_last_entry() {
-        assert_eq!(super::entry_id("42-1"), Some((42, "42-2".to_string())));
-        for bad in ["42", "x-1", "42-", "42-18446744073709551615"] {
-            assert_eq!(super::entry_id(bad), None, "{bad}");
+    fn log_entries_are_numbered_by_their_ids() {
+        assert_eq!(super::entry_seq("42-1"), Some(42));
+        for bad in ["42", "x-1", "42-", "-1"] {
+            assert_eq!(super::entry_seq(bad), None, "{bad}");
         }
     }
 }

@@ -21,9 +21,9 @@
 //! by the broker thread itself, between two messages: it first makes sure the node is subscribed to
 //! the channel, replays `(since, last forwarded]` from the stream to the client, then subscribes
 //! the connection (`ServerHandle::subscribe`) before forwarding anything newer. Replays and
-//! catch-ups read the stream in pages of `LOG_PAGE` entries; the subscribes to one topic that
-//! queue up together (a reconnect storm) share one read of its log, and a replay is refused as
-//! soon as it passes what the connection may queue. After a lost Redis connection the broker resubscribes and
+//! catch-ups read the stream in pages of `LOG_PAGE` entries; the subscribes that queue up
+//! together (a reconnect storm) share their reads, made ahead for all their topics in one round
+//! trip, and a replay is refused as soon as it passes what the connection may queue. After a lost Redis connection the broker resubscribes and
 //! forwards what it missed from the streams, so live subscribers see no gap as long as the history
 //! covers the outage.
 //!
@@ -37,7 +37,7 @@
 //! The parts, one job each: [`scripts`] (the key layout and the Lua scripts), [`topology`] (the
 //! connection to Redis), [`listener`] (the subscribed connection and its thread), [`forward`]
 //! (forwarding into the loops, catch-up, subscriptions with recovery, history), [`replay`]
-//! (recoveries' reads of the logs, one per topic for a batch of subscribes), [`publish`]
+//! (recoveries' reads of the logs, shared by a batch of subscribes), [`publish`]
 //! (pipelined publish scripts) and [`presence`]; this file holds the requests the loops send,
 //! the broker's state and its command thread.
 
@@ -198,6 +198,10 @@ pub struct BrokerHandle {
     /// Where the listener finds the handler of other nodes' control commands.
     control: Arc<std::sync::OnceLock<ControlHandler>>,
 }
+
+/// The most requests the command thread takes at once: the publishes among them go to Redis
+/// together, and so do the reads of what the subscribes among them replay.
+const BATCH: usize = 256;
 
 /// Requests waiting for the broker past this are refused with 503 (Redis cannot keep up).
 const QUEUE_LIMIT: usize = 100_000;
@@ -513,24 +517,34 @@ impl Broker {
                 Err(RecvTimeoutError::Timeout) => None,
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             };
-            // Publishes that queued up go to Redis in one pipelined round trip (per node).
-            let mut publishes = Vec::new();
-            let mut next = first;
-            for _ in 0..256 {
-                match next.take() {
-                    Some(BrokerRequest::Publish { topics, fragment, reply, opts }) => {
-                        publishes.push((topics, fragment, reply, opts))
-                    }
-                    Some(request) => self.publish_then_handle(&mut publishes, request, &mut recheck)?,
-                    None => {}
-                }
+            // What queued up is one batch: its publishes go to Redis in one pipelined round
+            // trip (per node), and so do the reads of what its subscribes will replay.
+            let mut batch: Vec<BrokerRequest> = first.into_iter().collect();
+            while batch.len() < BATCH {
                 match self.rx.try_recv() {
-                    Ok(request) => next = Some(request),
+                    Ok(request) => batch.push(request),
                     Err(_) => break,
                 }
             }
-            if let Some(request) = next {
-                self.publish_then_handle(&mut publishes, request, &mut recheck)?;
+            self.read_ahead(&batch);
+            let mut publishes = Vec::new();
+            let mut requests = batch.into_iter();
+            while let Some(request) = requests.next() {
+                let done = match request {
+                    BrokerRequest::Publish { topics, fragment, reply, opts } => {
+                        publishes.push((topics, fragment, reply, opts));
+                        Ok(())
+                    }
+                    request => self.publish_then_handle(&mut publishes, request, &mut recheck),
+                };
+                if let Err(e) = done {
+                    // Redis is lost: what is left of the batch is refused, as what comes in is
+                    // until it answers again (the publishes gathered went out just before).
+                    for request in requests.by_ref() {
+                        self.refuse(request);
+                    }
+                    return Err(e);
+                }
             }
             let done = self.publish_batch(publishes);
             self.survive(done, &mut recheck)?;

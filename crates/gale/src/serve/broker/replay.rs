@@ -1,16 +1,22 @@
-//! Replays for recovering subscriptions, read from a topic's log once for all the subscribes to
-//! it that queued up together (a reconnect storm's clients of one topic come back within
-//! moments of each other, most at the same position), not once per client.
+//! Replays for recovering subscriptions, read from the topics' logs once for all the subscribes
+//! that queued up together (a reconnect storm's clients come back within moments of each other,
+//! most at the same position), not once per client: read ahead for a batch of requests, all its
+//! topics in one round trip per node, and extended only where a subscribe needs more.
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::forward::{read_log, redis_ms};
+use super::forward::{LOG_PAGE, LogPage, each_delivery, log_range, read_log, redis_ms};
+use super::topology::Redis;
 
 /// Past this many bytes of deliveries held, the spans are dropped before the next read: the
 /// memory a batch of requests may hold for replays, whatever the histories' sizes.
 const MAX_HELD: usize = 8 << 20;
+
+/// The most entries of one topic's log read ahead for a batch, one page: a longer replay is
+/// read page by page when its subscribe comes, so that its size is checked as it is read.
+const MAX_AHEAD: u64 = LOG_PAGE as u64;
 
 /// Why a replay cannot be made: the log no longer holds every missed message.
 const GONE: &str = "missed messages are no longer in the history";
@@ -33,6 +39,18 @@ struct Span {
     from: u64,
     to: u64,
     entries: VecDeque<Entry>,
+}
+
+/// A range of a topic's log that the subscribes of a batch will replay.
+pub(super) struct Wanted {
+    pub(super) topic: String,
+    pub(super) log: String,
+    pub(super) slot: u16,
+    pub(super) epoch: String,
+    pub(super) from: u64,
+    pub(super) to: u64,
+    /// The most any of those subscribes may be replayed.
+    pub(super) max_bytes: usize,
 }
 
 /// The spans of topics' logs read for the subscribes of one batch of requests; emptied after
@@ -126,6 +144,48 @@ impl LogSpans {
             }
         }
         Ok(Ok(missed.iter().map(|e| e.delivery.clone()).collect()))
+    }
+
+    /// Read ahead, in one pipelined round trip per node, the logs of the topics that `wanted`
+    /// names: per topic (with its log, its slot and its epoch) the sequence numbers
+    /// `from..=to` the subscribes of this batch will replay. Ranges longer than `MAX_AHEAD`
+    /// are left to their subscribes, and so is a range past its `max_bytes` or one Redis does
+    /// not answer. `reads` counts the ranges read.
+    pub(super) fn read_ahead(&mut self, redis: &mut Redis, wanted: Vec<Wanted>, reads: &AtomicU64) {
+        let wanted: Vec<Wanted> =
+            wanted.into_iter().filter(|w| w.from <= w.to && w.to - w.from < MAX_AHEAD).collect();
+        if wanted.is_empty() {
+            return;
+        }
+        self.under(redis.generation());
+        let cmds: Vec<(u16, redis::Cmd)> = wanted
+            .iter()
+            .map(|w| (w.slot, log_range(&w.log, w.from, Some(w.to), (w.to - w.from + 1) as usize)))
+            .collect();
+        reads.fetch_add(cmds.len() as u64, Ordering::Relaxed);
+        let (answers, _) = redis.pipeline(&cmds, None);
+        for (w, answer) in wanted.into_iter().zip(answers) {
+            let Ok(page) =
+                answer.and_then(|v| redis::from_redis_value::<LogPage>(v).map_err(|e| e.to_string()))
+            else {
+                continue;
+            };
+            let (mut entries, mut bytes) = (VecDeque::new(), 0);
+            let (_, whole) = each_delivery(page, |seq, delivery, expires, _| {
+                bytes += delivery.len();
+                entries.push_back(Entry { seq, delivery, expires });
+                bytes <= w.max_bytes
+            });
+            // Cut short (past the budget, or an entry not of ours): left to the subscribes.
+            if !whole || self.held + bytes > MAX_HELD {
+                continue;
+            }
+            self.held += bytes;
+            let span = Span { epoch: w.epoch, from: w.from, to: w.to, entries };
+            if let Some(old) = self.spans.insert(w.topic, span) {
+                self.held -= held_by(&old.entries);
+            }
+        }
     }
 
     /// Forget every span if the slot map changed since they were read (a failover: the node
