@@ -252,6 +252,11 @@ impl Broker {
     /// last message forwarded. Topics not forwarded yet, and positions at the last message,
     /// need no read.
     pub(super) fn read_ahead(&mut self, batch: &[BrokerRequest]) {
+        let recovers = |r: &BrokerRequest| matches!(r, BrokerRequest::Subscribe { since: Some(_), .. });
+        if !batch.iter().any(recovers) {
+            // Most batches: publishes. The topics' lock is left to the listener.
+            return;
+        }
         let mut ranges: HashMap<&str, Wanted> = HashMap::new();
         {
             let topics = self.shared.topics();
