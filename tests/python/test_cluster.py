@@ -599,6 +599,26 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
         # a third if the loops handed the subscribes over in two goes).
         self.assertTrue(1 <= trips <= 3, (trips, after))
 
+    async def test_a_read_ahead_past_its_budget_is_left_to_the_subscribes(self):
+        # Three messages of 40 KB a topic: more than a read-ahead takes of one topic (64 KiB).
+        node = self.nodes[0]
+        topics = ["chat:big-0", "chat:big-1"]
+        live = await Client.open(node)
+        body = json.dumps("x" * 40_000).encode()
+        epochs = {}
+        for t in topics:
+            await live.command("subscribe", topic=t)
+            self.assertEqual(set(await asyncio.to_thread(publish_many, node, t, 3, body)), {200})
+            epochs[t] = json.loads((await asyncio.to_thread(http, node, "GET", f"/api/topics/{t}"))[1])["epoch"]
+        clients = [(await Client.open(node), t) for t in topics * 4]
+        self.redis.cli("CLIENT", "PAUSE", "400", "ALL")
+        replies = await asyncio.gather(*(
+            c.command("subscribe", topic=t, since={"epoch": epochs[t], "seq": 0}) for c, t in clients))
+        for (c, t), reply in zip(clients, replies):
+            self.assertEqual((reply["recovered"], reply["missed"]), (True, 3), reply)
+            got = [await c.delivery() for _ in range(3)]
+            self.assertEqual([(d["seq"], len(d["data"])) for d in got], [(1, 40_000), (2, 40_000), (3, 40_000)])
+
     async def test_publish_options_hold_across_nodes(self):
         def post(node, path, data, headers):
             req = urllib.request.Request(node.http_url + path, data=json.dumps(data).encode(), method="POST")

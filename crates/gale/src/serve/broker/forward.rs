@@ -122,6 +122,8 @@ pub(super) fn read_log(
         if !went_on || !full || to.is_some_and(|t| reached >= t) {
             return Ok(());
         }
+        // The next page starts after the last entry's sequence number: a publish writes one
+        // entry per number (id `seq-1`).
         from = reached.saturating_add(1);
     }
 }
@@ -281,7 +283,12 @@ impl Broker {
             }
         }
         let wanted = ranges.into_values().collect();
-        self.log_spans.read_ahead(&mut self.redis, wanted, &self.shared.status.log_reads);
+        self.log_spans.read_ahead(
+            &mut self.redis,
+            &self.scripts.read_ahead,
+            wanted,
+            &self.shared.status.log_reads,
+        );
     }
 
     /// Answer a history read with its page, or with why it failed.

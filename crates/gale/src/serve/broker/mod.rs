@@ -23,7 +23,8 @@
 //! the connection (`ServerHandle::subscribe`) before forwarding anything newer. Replays and
 //! catch-ups read the stream in pages of `LOG_PAGE` entries; the subscribes that queue up
 //! together (a reconnect storm) share their reads, made ahead for all their topics in one round
-//! trip, and a replay is refused as soon as it passes what the connection may queue. After a lost Redis connection the broker resubscribes and
+//! trip (at most a page and 64 KiB of each topic); a replay's reads stop, and it is refused, as
+//! soon as it passes what the connection may queue. After a lost Redis connection the broker resubscribes and
 //! forwards what it missed from the streams, so live subscribers see no gap as long as the history
 //! covers the outage.
 //!
@@ -512,14 +513,14 @@ impl Broker {
             // Replays are read for one batch at a time: what an earlier batch read, Redis may
             // since have trimmed or lost.
             self.log_spans.clear();
-            let first = match self.rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(request) => Some(request),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
-            };
             // What queued up is one batch: its publishes go to Redis in one pipelined round
             // trip (per node), and so do the reads of what its subscribes will replay.
-            let mut batch: Vec<BrokerRequest> = first.into_iter().collect();
+            let mut batch: Vec<BrokerRequest> = Vec::new();
+            match self.rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(request) => batch.push(request),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
             while batch.len() < BATCH {
                 match self.rx.try_recv() {
                     Ok(request) => batch.push(request),
@@ -538,8 +539,9 @@ impl Broker {
                     request => self.publish_then_handle(&mut publishes, request, &mut recheck),
                 };
                 if let Err(e) = done {
-                    // Redis is lost: what is left of the batch is refused, as what comes in is
-                    // until it answers again (the publishes gathered went out just before).
+                    // Redis is lost (the publishes gathered went out just before): what is
+                    // left of the batch is refused, as the requests that come in while the
+                    // broker waits to connect again are.
                     for request in requests.by_ref() {
                         self.refuse(request);
                     }

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::forward::{LOG_PAGE, LogPage, each_delivery, log_range, read_log, redis_ms};
+use super::forward::{LOG_PAGE, LogPage, each_delivery, read_log, redis_ms};
+use super::scripts::Lua;
 use super::topology::Redis;
 
 /// Past this many bytes of deliveries held, the spans are dropped before the next read: the
@@ -17,6 +18,10 @@ const MAX_HELD: usize = 8 << 20;
 /// The most entries of one topic's log read ahead for a batch, one page: a longer replay is
 /// read page by page when its subscribe comes, so that its size is checked as it is read.
 const MAX_AHEAD: u64 = LOG_PAGE as u64;
+
+/// The most bytes of one topic's log read ahead for a batch: with at most `BATCH` topics, a
+/// read-ahead's answer stays under 16 MiB, whatever the messages' sizes.
+const AHEAD_BYTES: usize = 64 << 10;
 
 /// Why a replay cannot be made: the log no longer holds every missed message.
 const GONE: &str = "missed messages are no longer in the history";
@@ -53,8 +58,8 @@ pub(super) struct Wanted {
     pub(super) max_bytes: usize,
 }
 
-/// The spans of topics' logs read for the subscribes of one batch of requests; emptied after
-/// the batch (`clear`), so nothing is served from memory that Redis may have changed since.
+/// The spans of topics' logs read for the subscribes of one batch of requests; emptied when
+/// the next batch begins (`clear`), so no answer comes from a read older than its batch.
 #[derive(Default)]
 pub(super) struct LogSpans {
     spans: HashMap<String, Span>,
@@ -66,9 +71,10 @@ pub(super) struct LogSpans {
 
 impl LogSpans {
     /// The deliveries a client at `since` missed of `topic` (whose log is `log`), in `epoch`, up
-    /// to `last`: from what this batch already read where that covers them, reading only the
-    /// part before or after it otherwise. Refused when they pass `max_bytes`, or when the log no
-    /// longer holds every one of them. `reads` counts the reads of the log.
+    /// to `last`: from what this batch already read of the topic where that holds `since + 1`,
+    /// reading only what lies after it; otherwise read page by page (and kept for the others
+    /// if nothing of the topic is). Refused when they pass `max_bytes` (a read stops there), or
+    /// when the log no longer holds every one of them. `reads` counts the reads of the log.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn replay(
         &mut self,
@@ -88,70 +94,57 @@ impl LogSpans {
             self.clear();
         }
         let (from, to) = (since + 1, last);
-        // What to read: all of it, or what lies before and after the span this batch read.
-        let known = self.spans.get(topic).filter(|s| s.epoch == epoch).map(|s| (s.from, s.to));
-        let (head, tail) = match known {
-            None => (Some((from, to)), None),
-            Some((a, b)) => ((from < a).then(|| (from, a - 1)), (to > b).then(|| (b + 1, to))),
-        };
-        let mut read = |range: Option<(u64, u64)>| match range {
-            Some((a, b)) => read_range(cmd, log, a, b, max_bytes, reads),
-            None => Ok((VecDeque::new(), true)),
-        };
-        let (before, whole_before) = read(head)?;
-        let (after, whole_after) = read(tail)?;
-        let empty = VecDeque::new();
-        let kept = match known {
-            Some(_) => self.spans.get(topic).map_or(&empty, |s| &s.entries),
-            None => &empty,
-        };
-        if !(whole_before && whole_after) {
-            // A read that passed `max_bytes` stopped there: this replay is refused, and what it
-            // read (a part of the range) is not kept for others.
-            let missed = before.iter().chain(kept.iter().filter(|e| e.seq >= from)).chain(after.iter());
-            return Ok(cut_short(missed_in(missed, since, last, max_bytes)));
-        }
-        self.held += held_by(&before) + held_by(&after);
-        let span = match known {
-            Some(_) => self.spans.get_mut(topic),
-            None => {
-                let span = Span { epoch: epoch.to_string(), from, to, entries: VecDeque::new() };
+        let mine = |s: &Span| s.epoch == epoch;
+        let holds_from = |s: &Span| mine(s) && s.from <= from && from <= s.to.saturating_add(1);
+        match self.spans.get_mut(topic) {
+            Some(span) if holds_from(span) => {
+                if to > span.to {
+                    let (after, whole) = read_range(cmd, log, span.to + 1, to, max_bytes, reads)?;
+                    if !whole {
+                        // Past the budget: refused, and the part read is not kept.
+                        let kept = span.entries.iter().filter(|e| e.seq >= from);
+                        return Ok(cut_short(missed_in(kept.chain(&after), since, last, max_bytes)));
+                    }
+                    self.held += held_by(&after);
+                    span.entries.extend(after);
+                    span.to = to;
+                }
+            }
+            span => {
+                let keep = span.is_none_or(|s| !mine(s));
+                let (entries, whole) = read_range(cmd, log, from, to, max_bytes, reads)?;
+                if !whole {
+                    return Ok(cut_short(missed_in(entries.iter(), since, last, max_bytes)));
+                }
+                if !keep {
+                    // The batch keeps another part of this topic's log: answered from this read.
+                    return answer(cmd, entries.iter(), since, last, max_bytes);
+                }
+                self.held += held_by(&entries);
+                let span = Span { epoch: epoch.to_string(), from, to, entries };
                 if let Some(old) = self.spans.insert(topic.to_string(), span) {
                     self.held -= held_by(&old.entries);
                 }
-                self.spans.get_mut(topic)
             }
-        };
-        let Some(span) = span else { return Ok(Err(GONE)) };
-        for e in before.into_iter().rev() {
-            span.entries.push_front(e);
         }
-        span.entries.extend(after);
-        (span.from, span.to) = (span.from.min(from), span.to.max(to));
+        let Some(span) = self.spans.get(topic) else { return Ok(Err(GONE)) };
         let start = span.entries.partition_point(|e| e.seq < from);
-        let missed = span.entries.range(start..).take_while(|e| e.seq <= to);
-        let missed = match missed_in(missed, since, last, max_bytes) {
-            Ok(missed) => missed,
-            Err(why) => return Ok(Err(why)),
-        };
-        // A missed message whose time to live has passed is no longer in the history. Redis's
-        // clock is asked only when a missed message has one: every other recovery (a reconnect
-        // storm's thousands) takes no round trip for it.
-        if missed.iter().any(|e| e.expires.is_some()) {
-            let now = redis_ms(redis::cmd("TIME").query(cmd)?);
-            if missed.iter().any(|e| e.expires.is_some_and(|x| x <= now)) {
-                return Ok(Err(GONE));
-            }
-        }
-        Ok(Ok(missed.iter().map(|e| e.delivery.clone()).collect()))
+        answer(cmd, span.entries.range(start..).take_while(|e| e.seq <= to), since, last, max_bytes)
     }
 
-    /// Read ahead, in one pipelined round trip per node, the logs of the topics that `wanted`
-    /// names: per topic (with its log, its slot and its epoch) the sequence numbers
-    /// `from..=to` the subscribes of this batch will replay. Ranges longer than `MAX_AHEAD`
-    /// are left to their subscribes, and so is a range past its `max_bytes` or one Redis does
-    /// not answer. `reads` counts the ranges read.
-    pub(super) fn read_ahead(&mut self, redis: &mut Redis, wanted: Vec<Wanted>, reads: &AtomicU64) {
+    /// Read ahead, in one pipelined round trip per node, the ranges `wanted` names (per topic,
+    /// with its log, slot and epoch, the sequence numbers the subscribes of this batch will
+    /// replay) with `script` (`READ_AHEAD_LUA`): at most `MAX_AHEAD` entries and
+    /// `AHEAD_BYTES` per topic, so the answer is bounded whatever the messages' sizes. A range
+    /// longer than that, or one Redis does not answer, is left to its subscribes. `reads`
+    /// counts the ranges asked for.
+    pub(super) fn read_ahead(
+        &mut self,
+        redis: &mut Redis,
+        script: &Lua,
+        wanted: Vec<Wanted>,
+        reads: &AtomicU64,
+    ) {
         let wanted: Vec<Wanted> =
             wanted.into_iter().filter(|w| w.from <= w.to && w.to - w.from < MAX_AHEAD).collect();
         if wanted.is_empty() {
@@ -160,23 +153,25 @@ impl LogSpans {
         self.under(redis.generation());
         let cmds: Vec<(u16, redis::Cmd)> = wanted
             .iter()
-            .map(|w| (w.slot, log_range(&w.log, w.from, Some(w.to), (w.to - w.from + 1) as usize)))
+            .map(|w| {
+                let mut cmd = script.call();
+                cmd.arg(1).arg(&w.log).arg(w.from).arg(w.to).arg(w.max_bytes.min(AHEAD_BYTES));
+                (w.slot, cmd)
+            })
             .collect();
         reads.fetch_add(cmds.len() as u64, Ordering::Relaxed);
         let (answers, _) = redis.pipeline(&cmds, None);
         for (w, answer) in wanted.into_iter().zip(answers) {
-            let Ok(page) =
-                answer.and_then(|v| redis::from_redis_value::<LogPage>(v).map_err(|e| e.to_string()))
-            else {
-                continue;
-            };
-            let (mut entries, mut bytes) = (VecDeque::new(), 0);
+            let read =
+                answer.and_then(|v| redis::from_redis_value::<(LogPage, u8)>(v).map_err(|e| e.to_string()));
+            // Cut short by the budget: left to the subscribes, which read it page by page.
+            let Ok((page, 1)) = read else { continue };
+            let mut entries = VecDeque::new();
             let (_, whole) = each_delivery(page, |seq, delivery, expires, _| {
-                bytes += delivery.len();
                 entries.push_back(Entry { seq, delivery, expires });
-                bytes <= w.max_bytes
+                true
             });
-            // Cut short (past the budget, or an entry not of ours): left to the subscribes.
+            let bytes = held_by(&entries);
             if !whole || self.held + bytes > MAX_HELD {
                 continue;
             }
@@ -206,8 +201,8 @@ impl LogSpans {
 }
 
 /// The entries of `log` for the sequence numbers `from..=to`, in order (those it holds), and
-/// whether they are all of them: the read stops at the entry that takes it past `budget`
-/// bytes.
+/// false if the read stopped at the entry that took it past `budget` bytes (a gap, or an entry
+/// not of ours, is for `missed_in` to find).
 fn read_range(
     cmd: &mut redis::Connection,
     log: &str,
@@ -226,6 +221,30 @@ fn read_range(
         bytes <= budget
     })?;
     Ok((entries, bytes <= budget))
+}
+
+/// The replay of `entries` (the log's from `since + 1` on) to a client at `since` with the topic
+/// at `last`, or why not. A missed message whose time to live has passed is no longer in the
+/// history; Redis's clock is asked only when a missed message has one, so every other recovery
+/// (a reconnect storm's thousands) takes no round trip for it.
+fn answer<'a>(
+    cmd: &mut redis::Connection,
+    entries: impl Iterator<Item = &'a Entry>,
+    since: u64,
+    last: u64,
+    max_bytes: usize,
+) -> redis::RedisResult<Result<Vec<String>, &'static str>> {
+    let missed = match missed_in(entries, since, last, max_bytes) {
+        Ok(missed) => missed,
+        Err(why) => return Ok(Err(why)),
+    };
+    if missed.iter().any(|e| e.expires.is_some()) {
+        let now = redis_ms(redis::cmd("TIME").query(cmd)?);
+        if missed.iter().any(|e| e.expires.is_some_and(|x| x <= now)) {
+            return Ok(Err(GONE));
+        }
+    }
+    Ok(Ok(missed.iter().map(|e| e.delivery.clone()).collect()))
 }
 
 /// The answer to a replay whose read stopped past the connection's budget: refused, for why

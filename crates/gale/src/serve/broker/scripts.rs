@@ -305,6 +305,23 @@ return {c, u, more, out}
 "#
 );
 
+/// A range of a topic's log read ahead for recovering subscriptions: the entries of `KEYS[1]`
+/// from sequence number `ARGV[1]` to `ARGV[2]`, as `XRANGE` gives them, while their fields fit
+/// in `ARGV[3]` bytes; then 1 if that was all of them, 0 if the budget cut them short. So that
+/// one round trip for many topics holds a bounded answer, whatever the messages' sizes.
+const READ_AHEAD_LUA: &str = r#"
+local entries = redis.call('XRANGE', KEYS[1], ARGV[1] .. '-1', ARGV[2] .. '-1')
+local out, bytes, budget = {}, 0, tonumber(ARGV[3])
+for _, e in ipairs(entries) do
+  for i = 2, #e[2], 2 do
+    bytes = bytes + #e[2][i]
+  end
+  if bytes > budget then return {out, 0} end
+  out[#out + 1] = e
+end
+return {out, 1}
+"#;
+
 /// Hash slots of a Redis Cluster.
 pub(super) const SLOTS: usize = 16384;
 
@@ -573,6 +590,8 @@ pub(super) struct Scripts {
     pub(super) read_presence: Lua,
     /// Counts the topics of a cluster node's slots (cluster only).
     pub(super) count: Lua,
+    /// Reads a range of a topic's log within a byte budget.
+    pub(super) read_ahead: Lua,
 }
 
 impl Scripts {
@@ -590,16 +609,24 @@ impl Scripts {
             refresh: adapt(REFRESH_LUA),
             read_presence: adapt(READ_PRESENCE_LUA),
             count: Lua::new(COUNT_LUA.to_string()),
+            read_ahead: Lua::new(READ_AHEAD_LUA.to_string()),
         }
     }
 
     /// Every script's text: what a node that answers `NOSCRIPT` is given (the count script only
     /// in a cluster: its shebang flags need Redis 7, which only cluster mode requires).
     pub(super) fn texts(&self, layout: &Layout) -> Vec<String> {
-        let mut all =
-            [&self.publish, &self.room, &self.join, &self.leave, &self.refresh, &self.read_presence]
-                .map(|l| l.text.clone())
-                .to_vec();
+        let mut all = [
+            &self.publish,
+            &self.room,
+            &self.join,
+            &self.leave,
+            &self.refresh,
+            &self.read_presence,
+            &self.read_ahead,
+        ]
+        .map(|l| l.text.clone())
+        .to_vec();
         if layout.is_cluster() {
             all.push(self.count.text.clone());
         }
