@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::forward::{LOG_PAGE, LogPage, each_delivery, read_log, redis_ms};
+use super::forward::{LOG_PAGE, LogPage, each_delivery, position_of, read_log, redis_ms};
 use super::scripts::Lua;
 use super::topology::Redis;
 
@@ -118,7 +118,7 @@ impl LogSpans {
                 }
                 if !keep {
                     // The batch keeps another part of this topic's log: answered from this read.
-                    return answer(cmd, entries.iter(), since, last, max_bytes);
+                    return answer(cmd, entries.iter(), epoch, since, last, max_bytes);
                 }
                 self.held += held_by(&entries);
                 let span = Span { epoch: epoch.to_string(), from, to, entries };
@@ -129,7 +129,8 @@ impl LogSpans {
         }
         let Some(span) = self.spans.get(topic) else { return Ok(Err(GONE)) };
         let start = span.entries.partition_point(|e| e.seq < from);
-        answer(cmd, span.entries.range(start..).take_while(|e| e.seq <= to), since, last, max_bytes)
+        let missed = span.entries.range(start..).take_while(|e| e.seq <= to);
+        answer(cmd, missed, epoch, since, last, max_bytes)
     }
 
     /// Read ahead, in one pipelined round trip per node, the ranges `wanted` names (per topic,
@@ -223,13 +224,16 @@ fn read_range(
     Ok((entries, bytes <= budget))
 }
 
-/// The replay of `entries` (the log's from `since + 1` on) to a client at `since` with the topic
-/// at `last`, or why not. A missed message whose time to live has passed is no longer in the
-/// history; Redis's clock is asked only when a missed message has one, so every other recovery
-/// (a reconnect storm's thousands) takes no round trip for it.
+/// The replay of `entries` (the log's from `since + 1` on) to a client at `since` in `epoch`
+/// with the topic at `last`, or why not. A log that Redis started again meanwhile (its
+/// entries of another epoch) no longer holds what the client missed, and neither does one
+/// whose missed message's time to live has passed; Redis's clock is asked only when a missed
+/// message has one, so every other recovery (a reconnect storm's thousands) takes no round
+/// trip for it.
 fn answer<'a>(
     cmd: &mut redis::Connection,
     entries: impl Iterator<Item = &'a Entry>,
+    epoch: &str,
     since: u64,
     last: u64,
     max_bytes: usize,
@@ -238,6 +242,9 @@ fn answer<'a>(
         Ok(missed) => missed,
         Err(why) => return Ok(Err(why)),
     };
+    if !missed.iter().all(|e| of_epoch(e, epoch)) {
+        return Ok(Err(GONE));
+    }
     if missed.iter().any(|e| e.expires.is_some()) {
         let now = redis_ms(redis::cmd("TIME").query(cmd)?);
         if missed.iter().any(|e| e.expires.is_some_and(|x| x <= now)) {
@@ -245,6 +252,11 @@ fn answer<'a>(
         }
     }
     Ok(Ok(missed.iter().map(|e| e.delivery.clone()).collect()))
+}
+
+/// Whether `entry` is the message of its sequence number in `epoch` (its delivery says so).
+fn of_epoch(entry: &Entry, epoch: &str) -> bool {
+    position_of(&entry.delivery).is_some_and(|(e, seq)| e == epoch && seq == entry.seq)
 }
 
 /// The answer to a replay whose read stopped past the connection's budget: refused, for why
@@ -285,10 +297,19 @@ fn missed_in<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::{Entry, GONE, TOO_LARGE, missed_in};
+    use super::{Entry, GONE, TOO_LARGE, missed_in, of_epoch};
 
     fn log(seqs: &[u64]) -> Vec<Entry> {
         seqs.iter().map(|&seq| Entry { seq, delivery: format!("m{seq}"), expires: None }).collect()
+    }
+
+    #[test]
+    fn an_entry_of_another_epoch_is_not_the_message_missed() {
+        let entry = |delivery: &str| Entry { seq: 5, delivery: delivery.to_string(), expires: None };
+        assert!(of_epoch(&entry(r#"{"topic":"t","epoch":"e1","seq":5,"data":1}"#), "e1"));
+        assert!(!of_epoch(&entry(r#"{"topic":"t","epoch":"e2","seq":5,"data":1}"#), "e1"));
+        assert!(!of_epoch(&entry(r#"{"topic":"t","epoch":"e1","seq":6,"data":1}"#), "e1"));
+        assert!(!of_epoch(&entry("not a delivery"), "e1"));
     }
 
     fn seqs(r: Result<Vec<&Entry>, &'static str>) -> Result<Vec<u64>, &'static str> {
