@@ -315,6 +315,9 @@ impl Listener {
                     return Err(io::Error::other(format!("Redis refused to subscribe: {e}")).into());
                 }
                 Err(e) => {
+                    // Said as a read's failure says it: an outage's log tells every lost
+                    // connection, whichever path found it.
+                    tracing::warn!(node = %address(self.redis.info(node)), channel, "broker: Redis subscription lost: {e}");
                     self.lose(st, node);
                     return Err(e.into());
                 }
