@@ -561,7 +561,7 @@ pub fn metrics(g: &Arc<Gateway>) -> HttpResponse {
             ("gale_broker_pipelined_total", "Commands written in those pipelines.", &st.pipelined),
             (
                 "gale_broker_log_reads_total",
-                "Reads of topic logs for recovering subscriptions (one per topic for the subscribes that queue up together).",
+                "Ranges of topic logs read for recovering subscriptions (shared by the subscribes that queue up together).",
                 &st.log_reads,
             ),
             (

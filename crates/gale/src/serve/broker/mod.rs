@@ -24,9 +24,9 @@
 //! catch-ups read the stream in pages of `LOG_PAGE` entries; the subscribes that queue up
 //! together (a reconnect storm) share their reads, made ahead for all their topics in one round
 //! trip (at most a page and 64 KiB of each topic); a replay's reads stop, and it is refused, as
-//! soon as it passes what the connection may queue. After a lost Redis connection the broker resubscribes and
-//! forwards what it missed from the streams, so live subscribers see no gap as long as the history
-//! covers the outage.
+//! soon as it passes what the connection may queue. After a lost Redis connection the broker
+//! resubscribes and forwards what it missed from the streams, so live subscribers see no gap as
+//! long as the history covers the outage.
 //!
 //! In a Redis Cluster the keys are those above hash-tagged by topic (`gale:{T}:seq`, …), so that
 //! a topic's keys and scripts stay on one shard; the registry is one sorted set per slot
@@ -171,8 +171,8 @@ pub struct BrokerStatus {
     /// The listener's passes over the connections that brought messages (each wakes the loops
     /// at most once).
     pub listener_passes: AtomicU64,
-    /// Reads of topic logs for recovering subscriptions (the subscribes to a topic that queue
-    /// up together share one).
+    /// Ranges of topic logs read for recovering subscriptions: read ahead for a batch of
+    /// subscribes (which share them), or by one subscribe.
     pub log_reads: AtomicU64,
     /// This node's subscriptions kept in presence.
     pub presence_members: AtomicU64,
