@@ -74,7 +74,7 @@ pub(super) type LogPage = Vec<(String, Vec<(String, String)>)>;
 
 /// The `XRANGE` of `log` from sequence number `from` to `to` (inclusive; `None`: to its end),
 /// at most `count` entries.
-pub(super) fn log_range(log: &str, from: u64, to: Option<u64>, count: usize) -> redis::Cmd {
+fn log_range(log: &str, from: u64, to: Option<u64>, count: usize) -> redis::Cmd {
     let end = to.map_or_else(|| "+".to_string(), |t| format!("{t}-1"));
     let mut cmd = redis::cmd("XRANGE");
     cmd.arg(log).arg(format!("{from}-1")).arg(end).arg("COUNT").arg(count);

@@ -4,7 +4,6 @@
 //! topics in one round trip per node, and extended only where a subscribe needs more.
 
 use std::collections::HashMap;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::forward::{LOG_PAGE, LogPage, each_delivery, position_of, read_log, redis_ms};
@@ -43,7 +42,7 @@ struct Span {
     epoch: String,
     from: u64,
     to: u64,
-    entries: VecDeque<Entry>,
+    entries: Vec<Entry>,
 }
 
 /// A range of a topic's log that the subscribes of a batch will replay.
@@ -129,7 +128,7 @@ impl LogSpans {
         }
         let Some(span) = self.spans.get(topic) else { return Ok(Err(GONE)) };
         let start = span.entries.partition_point(|e| e.seq < from);
-        let missed = span.entries.range(start..).take_while(|e| e.seq <= to);
+        let missed = span.entries[start..].iter().take_while(|e| e.seq <= to);
         answer(cmd, missed, epoch, since, last, max_bytes)
     }
 
@@ -167,9 +166,9 @@ impl LogSpans {
                 answer.and_then(|v| redis::from_redis_value::<(LogPage, u8)>(v).map_err(|e| e.to_string()));
             // Cut short by the budget: left to the subscribes, which read it page by page.
             let Ok((page, 1)) = read else { continue };
-            let mut entries = VecDeque::new();
+            let mut entries = Vec::new();
             let (_, whole) = each_delivery(page, |seq, delivery, expires, _| {
-                entries.push_back(Entry { seq, delivery, expires });
+                entries.push(Entry { seq, delivery, expires });
                 true
             });
             let bytes = held_by(&entries);
@@ -211,14 +210,14 @@ fn read_range(
     to: u64,
     budget: usize,
     reads: &AtomicU64,
-) -> redis::RedisResult<(VecDeque<Entry>, bool)> {
+) -> redis::RedisResult<(Vec<Entry>, bool)> {
     reads.fetch_add(1, Ordering::Relaxed);
-    let (mut entries, mut bytes) = (VecDeque::new(), 0);
+    let (mut entries, mut bytes) = (Vec::new(), 0);
     // A replay includes the messages a publisher left itself out of, as on a single node: it
     // asked for what it missed.
     read_log(cmd, log, from, Some(to), |seq, delivery, expires, _| {
         bytes += delivery.len();
-        entries.push_back(Entry { seq, delivery, expires });
+        entries.push(Entry { seq, delivery, expires });
         bytes <= budget
     })?;
     Ok((entries, bytes <= budget))
@@ -265,7 +264,7 @@ fn cut_short(read: Result<Vec<&Entry>, &'static str>) -> Result<Vec<String>, &'s
     Err(read.err().unwrap_or(TOO_LARGE))
 }
 
-fn held_by(entries: &VecDeque<Entry>) -> usize {
+fn held_by(entries: &[Entry]) -> usize {
     entries.iter().map(|e| e.delivery.len()).sum()
 }
 
