@@ -15,7 +15,8 @@
 # primary's CPU is the limit, which on one small machine the gateways and the load would
 # otherwise reach first. It needs a writable cgroup cpu controller (v1 or v2; root).
 # REDIS_CORES and GATEWAY_CORES (taskset lists, e.g. 1 and 0) pin the Redis nodes and the
-# gateways to cores of their own, so that the gateways share no core with Redis.
+# gateways to cores of their own, so that the gateways share no core with Redis; LOAD_CORES
+# pins the publishers and subscribers (Python processes), e.g. beside Redis.
 # PERF_SYSCALLS=1 adds the gateways' system calls and context switches per delivery (perf);
 # PERF_RECORD=DIR records their profiles (`perf record -g`) into DIR, one file per setup.
 # ONE_SHARD=1 adds a third setup between the two: a Redis Cluster of one primary holding every
@@ -34,10 +35,20 @@
 # for topics nobody subscribes to, `Broker::forget_idle_topics`) grows with a life's length,
 # which callgrind stretches some 50 times while the deliveries stay as many: the table gives
 # the instructions per delivery with and without it, and each life's length.
-# Results: target/bench/cluster-shards/results.jsonl and the table printed at the end.
+# RAW=1 adds, after each gateway run, a run of `peer-redis-raw` (benches/peers) on the same
+# setup, on the gateways' cores, at the publishes per second the gateways just reached: a client
+# that makes the gateways' Redis traffic (pipelined publishes of PIPELINE per round trip, split
+# over the nodes that own them; one subscribed connection per primary, read on an edge-triggered
+# poll) and does nothing else. What three primaries add to its CPU per message is what they add
+# to any client's; a second table sets that against what they add to a gateway's.
+# RATE=N paces the publishers to N publishes a second in all (default: as fast as answered), so
+# that every setup is measured at the same rate: a cost per delivery depends on how many
+# deliveries each wake-up and round trip carries, and so on the rate.
+# Results: target/bench/cluster-shards/results.jsonl (raw.jsonl) and the tables printed at the end.
 #
-# Usage: [REDIS_CPU=0.25] [REDIS_CORES=1 GATEWAY_CORES=0] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1]
-#        [PERF_SYSCALLS=1] [PERF_RECORD=DIR] [ONE_SHARD=1] benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
+# Usage: [REDIS_CPU=0.25] [REDIS_CORES=1 GATEWAY_CORES=0 [LOAD_CORES=1]] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1]
+#        [PERF_SYSCALLS=1] [PERF_RECORD=DIR] [ONE_SHARD=1] [RAW=1 [PIPELINE=130]] [RATE=N]
+#        benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECONDS_PER_RUN=${1:-5}
@@ -46,11 +57,15 @@ BATCH=${BATCH:-100}
 TOPICS=${TOPICS:-1000 10000}
 REDIS_CPU=${REDIS_CPU:-}
 ROUNDS=${ROUNDS:-1}
+RAW=${RAW:-}
+PIPELINE=${PIPELINE:-130}
 cargo build --release -p gale
+[ -z "$RAW" ] || cargo build --release -p gale-peers --bin peer-redis-raw
 R="${CARGO_TARGET_DIR:-target}/release"
 OUT=target/bench/cluster-shards
 mkdir -p "$OUT"
 : >"$OUT/results.jsonl"
+: >"$OUT/raw.jsonl"
 export GALE_API_KEY=bench-key
 DATA=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -187,8 +202,8 @@ PY
     done
 }
 
-run() { # name broker topics redis-pids
-    local a b pa pb
+run() { # name broker topics redis-pids raw-client-nodes...
+    local a b pa pb rate
     if [ -n "${CALLGRIND:-}" ]; then
         count_run "$@"
         return
@@ -197,19 +212,29 @@ run() { # name broker topics redis-pids
     start_gateway "$a" "$2"; pa=$LAST_PID
     start_gateway "$b" "$2"; pb=$LAST_PID
     echo "$1, $3 topics" >&2
-    python3 benches/cluster_shards.py "$1" "$3" "$SECONDS_PER_RUN" "$PUBLISHERS" "$BATCH" \
-        "$a:$pa,$b:$pb" "$4" "$REDIS_CPU" >>"$OUT/results.jsonl"
+    ${LOAD_CORES:+taskset -c "$LOAD_CORES"} python3 benches/cluster_shards.py "$1" "$3" "$SECONDS_PER_RUN" \
+        "$PUBLISHERS" "$BATCH" "$a:$pa,$b:$pb" "$4" "$REDIS_CPU" >>"$OUT/results.jsonl"
     kill "$pa" "$pb"
     wait "$pa" "$pb" 2>/dev/null || true
+    if [ -n "$RAW" ]; then
+        rate=$(tail -n 1 "$OUT/results.jsonl" | python3 -c 'import json, sys; print(json.load(sys.stdin)["publishes_per_sec"])')
+        echo "$1, $3 topics: the raw client at $rate publishes/s" >&2
+        ${GATEWAY_CORES:+taskset -c "$GATEWAY_CORES"} "$R/peer-redis-raw" "${@:5}" --topics "$3" --rate "$rate" \
+            --pipeline "$PIPELINE" --seconds "$SECONDS_PER_RUN" |
+            python3 -c 'import json, sys; r = json.load(sys.stdin); r["setup"] = sys.argv[1]; print(json.dumps(r))' "$1" \
+            >>"$OUT/raw.jsonl"
+    fi
 }
 CLUSTER_URL="redis+cluster://$(IFS=,; echo "${CLUSTER[*]}")"
 for ((round = 1; round <= ROUNDS; round++)); do
     for topics in $TOPICS; do
-        run "one primary" "redis://127.0.0.1:$SINGLE" "$topics" "$SINGLE_PID"
+        run "one primary" "redis://127.0.0.1:$SINGLE" "$topics" "$SINGLE_PID" --nodes "127.0.0.1:$SINGLE"
         if [ "${ONE_SHARD:-}" = 1 ]; then
-            run "1-shard cluster" "redis+cluster://127.0.0.1:$ONE_SHARD_PORT" "$topics" "$ONE_SHARD_PID"
+            run "1-shard cluster" "redis+cluster://127.0.0.1:$ONE_SHARD_PORT" "$topics" "$ONE_SHARD_PID" \
+                --cluster --nodes "127.0.0.1:$ONE_SHARD_PORT"
         fi
-        run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")"
+        run "3-shard cluster" "$CLUSTER_URL" "$topics" "$(IFS=,; echo "${CLUSTER_PIDS[*]}")" \
+            --cluster --nodes "$(IFS=,; echo "${CLUSTER[*]}")"
     done
 done
 if [ -n "${CALLGRIND:-}" ]; then
@@ -272,4 +297,65 @@ for (topics, setup), g in groups.items():
           f" {sleeps(g)} |"
           + (f" {med('gateway_syscalls_per_delivery'):.2f} | {med('gateway_context_switches_per_delivery'):.3f} |"
              if perf else ""))
+PY
+[ -z "$RAW" ] || python3 - "$OUT/results.jsonl" "$OUT/raw.jsonl" <<'PY'
+import json, statistics, sys
+gateway = [json.loads(line) for line in open(sys.argv[1])]
+raw = [json.loads(line) for line in open(sys.argv[2])]
+# A gateway publishes half of the messages (the publishers alternate between the two) and
+# receives all of them, one delivery each: the raw client's share of a gateway's work per
+# delivery is half its publishing CPU per message plus its listening CPU per message.
+def share(r):
+    return 0.5 * (r["publisher_user_ms_per_1k"] + r["publisher_system_ms_per_1k"]) + \
+        r["listener_user_ms_per_1k"] + r["listener_system_ms_per_1k"]
+groups = {}
+for r in gateway:
+    groups.setdefault((r["topics"], r["setup"]), {"gateway": [], "raw": [], "threads": []})
+    groups[(r["topics"], r["setup"])]["gateway"].append(r["gateway_cpu_ms_per_1k_deliveries"])
+    groups[(r["topics"], r["setup"])]["threads"].append(r["thread_cpu_ms_per_1k_deliveries"])
+for r in raw:
+    groups[(r["topics"], r["setup"])]["raw"].append(r)
+print()
+print("The raw client on the same setups (medians; CPU per 1k messages, user + system; "
+      "sleeps per 1k messages):")
+print("| broker | topics | publishes/s | publishing ms / 1k (sleeps) | listening ms / 1k (sleeps) "
+      "| raw share of a gateway's ms / 1k deliveries | change from one primary (median per round) "
+      "| gateway ms / 1k deliveries | change from one primary (median per round) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+med = statistics.median
+for (topics, setup), g in groups.items():
+    base = groups.get((topics, "one primary"))
+    rs = g["raw"]
+    pub = med(r["publisher_user_ms_per_1k"] + r["publisher_system_ms_per_1k"] for r in rs)
+    lis = med(r["listener_user_ms_per_1k"] + r["listener_system_ms_per_1k"] for r in rs)
+    # Changes are the medians of each round's difference from that round's one primary.
+    raw_change = med(share(r) - share(b) for r, b in zip(rs, base["raw"]))
+    gw_change = med(x - b for x, b in zip(g["gateway"], base["gateway"]))
+    print(f"| {setup} | {topics:,} | {med(r['publishes_per_sec'] for r in rs):,.0f} "
+          f"| {pub:.3f} ({med(r['publisher_sleeps_per_1k'] for r in rs):.1f}) "
+          f"| {lis:.3f} ({med(r['listener_sleeps_per_1k'] for r in rs):.1f}) "
+          f"| {med(share(r) for r in rs):.3f} | {raw_change:+.3f} "
+          f"| {med(g['gateway']):.2f} | {gw_change:+.2f} |")
+# Where a gateway's change goes, by thread, beside the raw client's two threads.
+THREADS = (("command thread", "gale-broker"), ("listener", "gale-broker-lis"), ("loop", "gale-loop-0"))
+print()
+print("Change from one primary by thread (medians per round; ms per 1k deliveries; the raw "
+      "client's publishing counted half, as a gateway publishes half):")
+print("| broker | topics | " + " | ".join(f"gateway {t}" for t, _ in THREADS)
+      + " | gateway, other threads | raw publishing (half) | raw listening |")
+print("|---|---:|" + "---:|" * (len(THREADS) + 3))
+for (topics, setup), g in groups.items():
+    base = groups.get((topics, "one primary"))
+    if setup == "one primary":
+        continue
+    cells = []
+    for _, name in THREADS:
+        cells.append(med(t.get(name, 0) - b.get(name, 0) for t, b in zip(g["threads"], base["threads"])))
+    named = {n for _, n in THREADS}
+    other = lambda t: sum(v for k, v in t.items() if k not in named)
+    cells.append(med(other(t) - other(b) for t, b in zip(g["threads"], base["threads"])))
+    cpu = lambda r, side: r[f"{side}_user_ms_per_1k"] + r[f"{side}_system_ms_per_1k"]
+    cells.append(med(0.5 * (cpu(r, "publisher") - cpu(b, "publisher")) for r, b in zip(g["raw"], base["raw"])))
+    cells.append(med(cpu(r, "listener") - cpu(b, "listener") for r, b in zip(g["raw"], base["raw"])))
+    print(f"| {setup} | {topics:,} | " + " | ".join(f"{c:+.3f}" for c in cells) + " |")
 PY

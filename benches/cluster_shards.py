@@ -8,8 +8,9 @@ Prints one JSON line: publishes/s acknowledged, deliveries, the gateways' CPU (u
 from /proc) per 1,000 deliveries, Redis's CPU per publish (all its nodes), and the busiest
 Redis node's CPU as a share of one core (with `--redis-cpu-limit`: of its budget), the commands
 per round trip to a Redis node and the messages per pass of the listener (the gateways'
-/metrics), and the voluntary context switches of each kind of gateway thread per 1,000
-deliveries (/proc). With
+/metrics), and the voluntary context switches and CPU time of each kind of gateway thread per
+1,000 deliveries (/proc). With RATE=N in the environment, the publishers together send N
+publishes a second instead of as fast as they are answered. With
 BATCHES=N in the environment, each publisher sends N batches, whatever the time. With
 PERF_SYSCALLS=1 in the environment, also the gateways' system calls and context switches per
 delivery (`perf stat -e raw_syscalls:sys_enter,context-switches` attached to them over the same
@@ -42,6 +43,24 @@ def cpu_split(pid):
 
 def cpu_s(pid):
     return sum(cpu_split(pid))
+
+
+def cpu_by_thread(pids):
+    """CPU seconds of `pids`' threads, summed by thread name: their time on a CPU in
+    nanoseconds (/proc/PID/task/TID/schedstat), not the 10 ms ticks of /proc/PID/stat, which at
+    a few thousand deliveries a tick would blur a thread's share."""
+    total = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ns = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+            total[name] = total.get(name, 0) + ns / 1e9
+    return total
 
 
 def switches_by_thread(pids):
@@ -145,8 +164,12 @@ def subscriber(port, topics_n, count, ready, failed):
         print(f"subscriber on {port}: {e}", file=sys.stderr)
 
 
-def publisher(ports, topics_n, batch, start, deadline, acked, refused):
+def publisher(ports, topics_n, batch, start, deadline, acked, refused, every):
+    """Publish batches to `ports` in turn until `deadline`, each as soon as the last is
+    answered, or with `every` seconds set, one every `every` seconds (none made up for when
+    behind)."""
     topics = topic_names(topics_n)
+    due = time.monotonic()
     conns = {p: HTTPConnection("127.0.0.1", p, timeout=30) for p in ports}
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     n, ok_total, bad_total = start, 0, 0
@@ -163,6 +186,9 @@ def publisher(ports, topics_n, batch, start, deadline, acked, refused):
         ok_total += ok
         bad_total += batch - ok
         n += 1
+        if every:
+            due = max(due + every, time.monotonic() - every)
+            time.sleep(max(0.0, due - time.monotonic()))
     with acked.get_lock():
         acked.value += ok_total
     with refused.get_lock():
@@ -198,12 +224,16 @@ def main():
     redis0 = [cpu_s(pid) for pid in redis_pids]
     counters0 = broker_counters(ports)
     sleeps0 = switches_by_thread(gateway_pids)
+    threads0 = cpu_by_thread(gateway_pids)
     perf = perf_start(gateway_pids)
     recording = perf_record_start(gateway_pids, name, topics_n)
     seen0 = sum(c.value for c in counts)
     started = time.monotonic()
     deadline = started + seconds
-    pubs = [mp.Process(target=publisher, args=(ports, topics_n, batch, i * 7919, deadline, acked, refused))
+    # With RATE set (publishes a second, all publishers together), each publisher is paced.
+    rate = float(os.environ.get("RATE") or 0)
+    every = batch * publishers / rate if rate else 0.0
+    pubs = [mp.Process(target=publisher, args=(ports, topics_n, batch, i * 7919, deadline, acked, refused, every))
             for i in range(publishers)]
     for p in pubs:
         p.start()
@@ -222,6 +252,7 @@ def main():
         recording.wait()
     counters = {k: v - counters0[k] for k, v in broker_counters(ports).items()}
     sleeps = {k: v - sleeps0.get(k, 0) for k, v in switches_by_thread(gateway_pids).items()}
+    threads = {k: v - threads0.get(k, 0) for k, v in cpu_by_thread(gateway_pids).items()}
     gw = sum(cpu_s(pid) for pid in gateway_pids) - gw0
     gw_sys = sum(cpu_split(pid)[1] for pid in gateway_pids) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)
@@ -246,6 +277,9 @@ def main():
                                             / max(counters["gale_broker_listener_passes_total"], 1), 1),
         # How often each of the gateways' threads went to sleep, per 1,000 deliveries.
         "sleeps_per_1k_deliveries": {k: round(v / max(deliveries, 1) * 1e3, 1) for k, v in sorted(sleeps.items()) if v},
+        # And the CPU time of each kind of thread, ms per 1,000 deliveries.
+        "thread_cpu_ms_per_1k_deliveries": {k: round(v / max(deliveries, 1) * 1e6, 3)
+                                            for k, v in sorted(threads.items()) if v},
         **({"gateway_syscalls_per_delivery": round(kernel.get("raw_syscalls:sys_enter", 0) / max(deliveries, 1), 3),
             "gateway_context_switches_per_delivery": round(kernel.get("context-switches", 0) / max(deliveries, 1), 3)}
            if kernel else {}),

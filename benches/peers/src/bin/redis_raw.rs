@@ -1,0 +1,434 @@
+//! `peer-redis-raw`: the least a client must do to carry a gateway's Redis traffic, so that what
+//! talking to three primaries instead of one costs a gateway can be set against what it costs
+//! any client. It publishes to and listens on the same channels as a gateway would, with nothing
+//! else: no scripts, no HTTP, no WebSocket, no topic table.
+//!
+//! - **Publishing** (one thread): every round trip takes the next `--pipeline` topics
+//!   round-robin and sends each a `PUBLISH` (one primary) or `SPUBLISH` (a cluster) of
+//!   `--payload` bytes, one pipeline per node that owns some of them. Every pipeline is written
+//!   before any answer is read, and the answers are read from the node written last first (as
+//!   the gateway's broker does). Round trips are paced to `--rate` publishes a second, as the
+//!   gateway's are by the rate its publishers get answered.
+//! - **Listening** (one thread): one connection per primary, subscribed (`SUBSCRIBE`, or
+//!   `SSUBSCRIBE` where the channel's slot lives) to every topic; one edge-triggered poll over
+//!   them, each readable connection read until a read comes back short, messages counted.
+//!
+//! After `--warmup` seconds it measures `--seconds` and prints one JSON line: publishes and
+//! messages per second, and each thread's user and system CPU time (`getrusage`) and voluntary
+//! context switches per 1,000 messages.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use mio::{Events, Interest, Poll, Token};
+
+/// Command line.
+#[derive(Parser)]
+#[command(
+    name = "peer-redis-raw",
+    about = "A raw Redis client carrying a gateway's publishes and deliveries"
+)]
+struct Args {
+    /// Redis nodes, host:port, comma separated: one primary, or a cluster's primaries.
+    #[arg(long, value_delimiter = ',', required = true)]
+    nodes: Vec<String>,
+    /// The nodes form a Redis Cluster: channels are sharded (`SPUBLISH`, `SSUBSCRIBE`).
+    #[arg(long)]
+    cluster: bool,
+    /// How many topics (channels), published to round-robin.
+    #[arg(long, default_value_t = 1000)]
+    topics: usize,
+    /// Publishes a second.
+    #[arg(long, default_value_t = 25_000)]
+    rate: u64,
+    /// Publishes per round trip, split over the nodes that own them.
+    #[arg(long, default_value_t = 130)]
+    pipeline: usize,
+    /// Bytes of each message.
+    #[arg(long, default_value_t = 100)]
+    payload: usize,
+    /// Seconds before the measurement.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+}
+
+/// Where the run is: warming up, measuring, done.
+const WARMING: u8 = 0;
+const MEASURING: u8 = 1;
+const DONE: u8 = 2;
+
+/// A thread's CPU time (µs) and voluntary context switches, from `getrusage(RUSAGE_THREAD)`.
+#[derive(Clone, Copy, Default)]
+struct Usage {
+    user_us: i64,
+    system_us: i64,
+    sleeps: i64,
+}
+
+impl Usage {
+    fn now() -> Usage {
+        // SAFETY: `getrusage` writes one `rusage` into the zeroed value it is given.
+        let ru = unsafe {
+            let mut ru: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+            ru
+        };
+        let us = |t: libc::timeval| t.tv_sec * 1_000_000 + t.tv_usec;
+        Usage { user_us: us(ru.ru_utime), system_us: us(ru.ru_stime), sleeps: ru.ru_nvcsw }
+    }
+
+    fn since(self, start: Usage) -> Usage {
+        Usage {
+            user_us: self.user_us - start.user_us,
+            system_us: self.system_us - start.system_us,
+            sleeps: self.sleeps - start.sleeps,
+        }
+    }
+}
+
+/// What a thread did while measuring: its work count and its usage.
+struct Measured {
+    count: u64,
+    usage: Usage,
+}
+
+/// Follows the run's phase: counts only while measuring, and the usage over that time.
+struct Meter {
+    phase: Arc<AtomicU8>,
+    seen: u8,
+    count: u64,
+    start: Usage,
+    usage: Usage,
+}
+
+impl Meter {
+    fn new(phase: Arc<AtomicU8>) -> Meter {
+        Meter { phase, seen: WARMING, count: 0, start: Usage::default(), usage: Usage::default() }
+    }
+
+    /// Note `n` units of work done; false once the run is over.
+    fn tick(&mut self, n: u64) -> bool {
+        if self.seen == MEASURING {
+            self.count += n;
+        }
+        let phase = self.phase.load(Ordering::Relaxed);
+        if phase != self.seen {
+            if phase == MEASURING {
+                self.start = Usage::now();
+            } else if self.seen == MEASURING {
+                self.usage = Usage::now().since(self.start);
+            }
+            self.seen = phase;
+        }
+        phase != DONE
+    }
+
+    fn result(self) -> Measured {
+        Measured { count: self.count, usage: self.usage }
+    }
+}
+
+/// CRC16 (XMODEM) of `key`'s hash tag, modulo 16,384: the Redis Cluster slot.
+fn slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let tagged = key.find('{').and_then(|open| {
+        let close = key[open + 1..].find('}')?;
+        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
+    });
+    let mut crc: u16 = 0;
+    for &b in tagged.unwrap_or(bytes) {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16_384
+}
+
+/// A command in RESP, its arguments as bulk strings.
+fn command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Read from `conn` until `lines` more line ends have come; `-` at a line's start is Redis's
+/// error, and stops the run.
+fn read_lines(conn: &mut TcpStream, buf: &mut [u8], mut lines: usize) -> io::Result<()> {
+    let mut line_start = true;
+    while lines > 0 {
+        let n = conn.read(buf)?;
+        if n == 0 {
+            return Err(io::Error::new(ErrorKind::UnexpectedEof, "Redis closed the connection"));
+        }
+        for &b in &buf[..n] {
+            if line_start && b == b'-' {
+                return Err(io::Error::other(format!(
+                    "Redis answered an error: {}",
+                    String::from_utf8_lossy(&buf[..n])
+                )));
+            }
+            line_start = b == b'\n';
+            lines -= usize::from(line_start);
+        }
+    }
+    Ok(())
+}
+
+/// The slots `node` serves as a primary, from its `CLUSTER NODES`.
+fn owned_slots(node: &str) -> io::Result<Vec<(u16, u16)>> {
+    let mut conn = TcpStream::connect(node)?;
+    conn.write_all(&command(&[b"CLUSTER", b"NODES"]))?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 65536];
+    // A bulk string: `$LEN\r\n` then LEN bytes and `\r\n`.
+    loop {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Err(io::Error::new(ErrorKind::UnexpectedEof, "Redis closed the connection"));
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if let Some(end) = reply.iter().position(|&b| b == b'\n') {
+            let len: usize = std::str::from_utf8(&reply[1..end - 1])
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| io::Error::other(format!("{node}: not a cluster node")))?;
+            if reply.len() >= end + 1 + len + 2 {
+                reply = reply[end + 1..end + 1 + len].to_vec();
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    let myself = text
+        .lines()
+        .find(|l| l.split(' ').nth(2).is_some_and(|flags| flags.contains("myself")))
+        .ok_or_else(|| io::Error::other(format!("{node}: CLUSTER NODES names no `myself`")))?;
+    let mut ranges = Vec::new();
+    for field in myself.split(' ').skip(8) {
+        if field.starts_with('[') {
+            continue; // a slot being migrated
+        }
+        let (a, b) = field.split_once('-').unwrap_or((field, field));
+        if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
+            ranges.push((a, b));
+        }
+    }
+    Ok(ranges)
+}
+
+fn main() -> io::Result<()> {
+    let args = Args::parse();
+    let topics = args.topics.max(1);
+    // Each topic's channel and the node that serves it.
+    let channels: Vec<String> = (0..topics)
+        .map(|i| if args.cluster { format!("bench:{{{i}}}") } else { format!("bench:{i}") })
+        .collect();
+    let node_of: Vec<usize> = if args.cluster {
+        let mut by_slot = vec![usize::MAX; 16_384];
+        for (n, node) in args.nodes.iter().enumerate() {
+            for (a, b) in owned_slots(node)? {
+                for s in a..=b {
+                    by_slot[usize::from(s)] = n;
+                }
+            }
+        }
+        let node_of: Vec<usize> = channels.iter().map(|c| by_slot[usize::from(slot(c))]).collect();
+        if node_of.contains(&usize::MAX) {
+            return Err(io::Error::other("a channel's slot is served by none of --nodes"));
+        }
+        node_of
+    } else {
+        vec![0; topics]
+    };
+    let (publish, subscribe): (&[u8], &[u8]) =
+        if args.cluster { (b"SPUBLISH", b"SSUBSCRIBE") } else { (b"PUBLISH", b"SUBSCRIBE") };
+    let payload = vec![b'x'; args.payload];
+    let publishes: Vec<Vec<u8>> =
+        channels.iter().map(|c| command(&[publish, c.as_bytes(), &payload])).collect();
+
+    // Subscribed first: each confirmation is 6 lines (`*3`, `$N`, the kind, `$N`, the channel,
+    // `:count`).
+    let mut buf = vec![0u8; 65536];
+    let mut subs = Vec::new();
+    for (n, node) in args.nodes.iter().enumerate() {
+        let mut conn = TcpStream::connect(node)?;
+        conn.set_nodelay(true)?;
+        let mine: Vec<&String> =
+            channels.iter().zip(&node_of).filter(|(_, o)| **o == n).map(|(c, _)| c).collect();
+        let mut out = Vec::new();
+        for c in &mine {
+            out.extend_from_slice(&command(&[subscribe, c.as_bytes()]));
+        }
+        conn.write_all(&out)?;
+        read_lines(&mut conn, &mut buf, 6 * mine.len())?;
+        conn.set_nonblocking(true)?;
+        subs.push(mio::net::TcpStream::from_std(conn));
+    }
+    let mut pubs = Vec::new();
+    for node in &args.nodes {
+        let conn = TcpStream::connect(node)?;
+        conn.set_nodelay(true)?;
+        pubs.push(conn);
+    }
+
+    let phase = Arc::new(AtomicU8::new(WARMING));
+    let failed = Arc::new(AtomicBool::new(false));
+
+    let publisher = {
+        let mut meter = Meter::new(phase.clone());
+        let failed = failed.clone();
+        let (pipeline, rate) = (args.pipeline.max(1), args.rate.max(1));
+        std::thread::Builder::new().name("publisher".into()).spawn(move || -> io::Result<Measured> {
+            let every = Duration::from_secs_f64(pipeline as f64 / rate as f64);
+            let mut next = Instant::now();
+            let mut topic = 0;
+            let mut out: Vec<Vec<u8>> = vec![Vec::new(); pubs.len()];
+            let mut expected = vec![0usize; pubs.len()];
+            let mut buf = vec![0u8; 65536];
+            while meter.tick(0) {
+                for _ in 0..pipeline {
+                    let node = node_of[topic];
+                    out[node].extend_from_slice(&publishes[topic]);
+                    expected[node] += 1;
+                    topic = (topic + 1) % node_of.len();
+                }
+                for (node, conn) in pubs.iter_mut().enumerate() {
+                    if expected[node] > 0 {
+                        conn.write_all(&out[node])?;
+                    }
+                }
+                // Each answer is one line (`:receivers`).
+                for (node, conn) in pubs.iter_mut().enumerate().rev() {
+                    if expected[node] > 0 {
+                        if let Err(e) = read_lines(conn, &mut buf, expected[node]) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        out[node].clear();
+                        expected[node] = 0;
+                    }
+                }
+                meter.tick(pipeline as u64);
+                next += every;
+                let now = Instant::now();
+                if next > now {
+                    std::thread::sleep(next - now);
+                } else {
+                    next = now; // behind: do not make up for it in a burst
+                }
+            }
+            Ok(meter.result())
+        })?
+    };
+
+    let listener = {
+        let mut meter = Meter::new(phase.clone());
+        std::thread::Builder::new().name("listener".into()).spawn(move || -> io::Result<Measured> {
+            let mut poll = Poll::new()?;
+            for (n, conn) in subs.iter_mut().enumerate() {
+                poll.registry().register(conn, Token(n), Interest::READABLE)?;
+            }
+            let mut events = Events::with_capacity(64);
+            // Line ends carried over: a message is 7 lines (`*3`, `$N`, the kind, `$N`, the
+            // channel, `$N`, the payload), and reads cut messages anywhere.
+            let mut lines = 0u64;
+            loop {
+                match poll.poll(&mut events, Some(Duration::from_millis(50))) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                for event in &events {
+                    let conn = &mut subs[event.token().0];
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) => {
+                                return Err(io::Error::new(
+                                    ErrorKind::UnexpectedEof,
+                                    "Redis closed a subscription",
+                                ));
+                            }
+                            Ok(n) => {
+                                lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+                                if n < buf.len() {
+                                    break;
+                                }
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                let messages = lines / 7;
+                lines %= 7;
+                if !meter.tick(messages) {
+                    return Ok(meter.result());
+                }
+            }
+        })?
+    };
+
+    std::thread::sleep(Duration::from_secs_f64(args.warmup));
+    phase.store(MEASURING, Ordering::Relaxed);
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.seconds));
+    phase.store(DONE, Ordering::Relaxed);
+    let measured = started.elapsed().as_secs_f64();
+    let join = |h: std::thread::JoinHandle<io::Result<Measured>>| {
+        h.join().unwrap_or_else(|_| Err(io::Error::other("a thread panicked")))
+    };
+    let published = join(publisher)?;
+    let received = join(listener)?;
+    if failed.load(Ordering::Relaxed) {
+        return Err(io::Error::other("publishing failed"));
+    }
+    let per_1k = |u: &Usage, count: u64| {
+        let k = count.max(1) as f64 / 1000.0;
+        let field = |v: i64| (v as f64 / 1000.0 / k * 1000.0).round() / 1000.0;
+        (field(u.user_us), field(u.system_us), (u.sleeps as f64 / k * 10.0).round() / 10.0)
+    };
+    let (pu, ps, pz) = per_1k(&published.usage, published.count);
+    let (lu, ls, lz) = per_1k(&received.usage, received.count);
+    println!(
+        "{{\"nodes\": {}, \"cluster\": {}, \"topics\": {}, \"pipeline\": {}, \"payload\": {}, \
+         \"publishes_per_sec\": {:.0}, \"messages_per_sec\": {:.0}, \
+         \"publisher_user_ms_per_1k\": {pu}, \"publisher_system_ms_per_1k\": {ps}, \"publisher_sleeps_per_1k\": {pz}, \
+         \"listener_user_ms_per_1k\": {lu}, \"listener_system_ms_per_1k\": {ls}, \"listener_sleeps_per_1k\": {lz}}}",
+        args.nodes.len(),
+        args.cluster,
+        topics,
+        args.pipeline,
+        args.payload,
+        published.count as f64 / measured,
+        received.count as f64 / measured,
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot;
+
+    #[test]
+    fn slots_are_redis_cluster_slots() {
+        // Values from Redis's `CLUSTER KEYSLOT`.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("bar"), 5061);
+        assert_eq!(slot("{user1000}.following"), slot("user1000"));
+        assert_eq!(slot("bench:{7}"), 1716);
+        assert_eq!(slot("foo{}{bar}"), 8363); // an empty tag: the whole key
+    }
+}
