@@ -36,18 +36,20 @@
 # which callgrind stretches some 50 times while the deliveries stay as many: the table gives
 # the instructions per delivery with and without it, and each life's length.
 # RAW=1 adds, after each gateway run, a run of `peer-redis-raw` (benches/peers) on the same
-# setup, on the gateways' cores, at the publishes per second the gateways just reached: a client
-# that makes the gateways' Redis traffic (pipelined publishes of PIPELINE per round trip, split
-# over the nodes that own them; one subscribed connection per primary, read on an edge-triggered
-# poll) and does nothing else. What three primaries add to its CPU per message is what they add
-# to any client's; a second table sets that against what they add to a gateway's.
+# Redis setup, on the gateways' cores, at the publishes per second the gateways just reached and
+# with as many publishes per round trip as theirs carried (or PIPELINE): a client that makes the
+# gateways' round trips to Redis (pipelined publishes split over the nodes that own them; one
+# subscribed connection per primary, read on an edge-triggered poll) and does nothing else; the
+# publishers and subscribers are not running then. What three primaries add to its CPU per
+# message is what they add to a client that reads each primary's arrivals as they come; a
+# second table sets that against what they add to a gateway's.
 # RATE=N paces the publishers to N publishes a second in all (default: as fast as answered), so
 # that every setup is measured at the same rate: a cost per delivery depends on how many
 # deliveries each wake-up and round trip carries, and so on the rate.
 # Results: target/bench/cluster-shards/results.jsonl (raw.jsonl) and the tables printed at the end.
 #
 # Usage: [REDIS_CPU=0.25] [REDIS_CORES=1 GATEWAY_CORES=0 [LOAD_CORES=1]] [BATCH=100] [TOPICS="1000 10000"] [ROUNDS=1]
-#        [PERF_SYSCALLS=1] [PERF_RECORD=DIR] [ONE_SHARD=1] [RAW=1 [PIPELINE=130]] [RATE=N]
+#        [PERF_SYSCALLS=1] [PERF_RECORD=DIR] [ONE_SHARD=1] [RAW=1 [PIPELINE=N]] [RATE=N]
 #        benches/cluster-shards.sh [SECONDS] [PUBLISHERS]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -58,7 +60,7 @@ TOPICS=${TOPICS:-1000 10000}
 REDIS_CPU=${REDIS_CPU:-}
 ROUNDS=${ROUNDS:-1}
 RAW=${RAW:-}
-PIPELINE=${PIPELINE:-130}
+PIPELINE=${PIPELINE:-}
 cargo build --release -p gale
 [ -z "$RAW" ] || cargo build --release -p gale-peers --bin peer-redis-raw
 R="${CARGO_TARGET_DIR:-target}/release"
@@ -163,7 +165,7 @@ count_run() { # name broker topics redis-pids
     a=$(free_port); b=$(free_port)
     start_gateway "$a" "$2"; pa=$LAST_PID
     start_gateway "$b" "$2"; pb=$LAST_PID
-    BATCHES=$(( ($3 + PUBLISHERS * BATCH - 1) / (PUBLISHERS * BATCH) )) python3 benches/cluster_shards.py \
+    RATE='' BATCHES=$(( ($3 + PUBLISHERS * BATCH - 1) / (PUBLISHERS * BATCH) )) python3 benches/cluster_shards.py \
         "$1" "$3" 1 "$PUBLISHERS" "$BATCH" "$a:$pa,$b:$pb" "$4" "" >/dev/null
     kill -TERM "$pa" "$pb"
     wait "$pa" "$pb" 2>/dev/null || true
@@ -174,7 +176,7 @@ count_run() { # name broker topics redis-pids
         start_gateway "$a" "$2" valgrind --tool=callgrind --callgrind-out-file="$out"; pa=$LAST_PID
         start_gateway "$b" "$2"; pb=$LAST_PID
         echo "$1, $3 topics, $size batches per publisher, under callgrind" >&2
-        BATCHES=$size python3 benches/cluster_shards.py "$1" "$3" 1 "$PUBLISHERS" "$BATCH" \
+        RATE='' BATCHES=$size python3 benches/cluster_shards.py "$1" "$3" 1 "$PUBLISHERS" "$BATCH" \
             "$a:$pa,$b:$pb" "$4" "" >"$OUT/run.json"
         kill -TERM "$pa" "$pb"
         wait "$pa" "$pb" 2>/dev/null || true
@@ -203,7 +205,7 @@ PY
 }
 
 run() { # name broker topics redis-pids raw-client-nodes...
-    local a b pa pb rate
+    local a b pa pb rate pipeline
     if [ -n "${CALLGRIND:-}" ]; then
         count_run "$@"
         return
@@ -217,10 +219,16 @@ run() { # name broker topics redis-pids raw-client-nodes...
     kill "$pa" "$pb"
     wait "$pa" "$pb" 2>/dev/null || true
     if [ -n "$RAW" ]; then
-        rate=$(tail -n 1 "$OUT/results.jsonl" | python3 -c 'import json, sys; print(json.load(sys.stdin)["publishes_per_sec"])')
-        echo "$1, $3 topics: the raw client at $rate publishes/s" >&2
+        # The gateways' rate, and the publishes of one of their batches: the commands of a
+        # round trip to one node times the nodes (the last argument names them).
+        read -r rate pipeline < <(tail -n 1 "$OUT/results.jsonl" | python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+print(max(1, r["publishes_per_sec"]), max(1, round(r["commands_per_pipeline"] * len(sys.argv[1].split(",")))))' "${*: -1}")
+        pipeline=${PIPELINE:-$pipeline}
+        echo "$1, $3 topics: the raw client at $rate publishes/s, $pipeline per round trip" >&2
         ${GATEWAY_CORES:+taskset -c "$GATEWAY_CORES"} "$R/peer-redis-raw" "${@:5}" --topics "$3" --rate "$rate" \
-            --pipeline "$PIPELINE" --seconds "$SECONDS_PER_RUN" |
+            --pipeline "$pipeline" --seconds "$SECONDS_PER_RUN" |
             python3 -c 'import json, sys; r = json.load(sys.stdin); r["setup"] = sys.argv[1]; print(json.dumps(r))' "$1" \
             >>"$OUT/raw.jsonl"
     fi

@@ -164,12 +164,14 @@ def subscriber(port, topics_n, count, ready, failed):
         print(f"subscriber on {port}: {e}", file=sys.stderr)
 
 
-def publisher(ports, topics_n, batch, start, deadline, acked, refused, every):
+def publisher(ports, topics_n, batch, start, deadline, acked, refused, every, offset):
     """Publish batches to `ports` in turn until `deadline`, each as soon as the last is
-    answered, or with `every` seconds set, one every `every` seconds (none made up for when
-    behind)."""
+    answered, or with `every` seconds set, one every `every` seconds from `offset` seconds on
+    (none made up for when behind)."""
     topics = topic_names(topics_n)
-    due = time.monotonic()
+    due = time.monotonic() + offset
+    if every:
+        time.sleep(offset)
     conns = {p: HTTPConnection("127.0.0.1", p, timeout=30) for p in ports}
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     n, ok_total, bad_total = start, 0, 0
@@ -187,7 +189,7 @@ def publisher(ports, topics_n, batch, start, deadline, acked, refused, every):
         bad_total += batch - ok
         n += 1
         if every:
-            due = max(due + every, time.monotonic() - every)
+            due = max(due + every, time.monotonic())
             time.sleep(max(0.0, due - time.monotonic()))
     with acked.get_lock():
         acked.value += ok_total
@@ -233,7 +235,9 @@ def main():
     # With RATE set (publishes a second, all publishers together), each publisher is paced.
     rate = float(os.environ.get("RATE") or 0)
     every = batch * publishers / rate if rate else 0.0
-    pubs = [mp.Process(target=publisher, args=(ports, topics_n, batch, i * 7919, deadline, acked, refused, every))
+    # Paced publishers start spread over one interval, not all at once.
+    pubs = [mp.Process(target=publisher, args=(ports, topics_n, batch, i * 7919, deadline, acked, refused, every,
+                                               i * every / publishers))
             for i in range(publishers)]
     for p in pubs:
         p.start()
@@ -253,6 +257,9 @@ def main():
     counters = {k: v - counters0[k] for k, v in broker_counters(ports).items()}
     sleeps = {k: v - sleeps0.get(k, 0) for k, v in switches_by_thread(gateway_pids).items()}
     threads = {k: v - threads0.get(k, 0) for k, v in cpu_by_thread(gateway_pids).items()}
+    if not any(threads.values()):
+        print("cluster_shards: no thread CPU read from /proc/PID/task/TID/schedstat "
+              "(a kernel without schedstats?): the by-thread figures are empty", file=sys.stderr)
     gw = sum(cpu_s(pid) for pid in gateway_pids) - gw0
     gw_sys = sum(cpu_split(pid)[1] for pid in gateway_pids) - gw_sys0
     redis = sum(cpu_s(pid) for pid in redis_pids) - sum(redis0)

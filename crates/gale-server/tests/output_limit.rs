@@ -285,7 +285,10 @@ fn a_subscriber_whose_publishes_are_refused_is_dropped_after_the_timeout() {
     }
     assert_eq!(closes.snapshot(), vec![1006]);
     let stats = server.handle.loop_stats(0);
-    assert!(stats.dropped > 0 && stats.reads_paused == 1, "{stats:?}");
+    // Reading pauses once the limit is crossed. With zero-copy sends, under load, the socket
+    // has been seen to take more after that first pause, so that the backlog fell under the
+    // limit once before the socket filled: reading may pause twice; more would mean it flaps.
+    assert!(stats.dropped > 0 && (1..=2).contains(&stats.reads_paused), "{stats:?}");
     assert!(start.elapsed() < Duration::from_secs(5), "dropped only after {:?}", start.elapsed());
     drop(client);
     server.stop();
