@@ -45,39 +45,40 @@ def cpu_s(pid):
     return sum(cpu_split(pid))
 
 
+def by_thread(pids, read):
+    """`read(task_dir)` of each of `pids`' threads, summed by thread name (a thread that ends
+    meanwhile, or whose file does not parse, is left out)."""
+    total = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            task = f"/proc/{pid}/task/{tid}"
+            try:
+                with open(f"{task}/comm") as f:
+                    name = f.read().strip()
+                value = read(task)
+            except (OSError, ValueError, IndexError, StopIteration):
+                continue
+            total[name] = total.get(name, 0) + value
+    return total
+
+
 def cpu_by_thread(pids):
     """CPU seconds of `pids`' threads, summed by thread name: their time on a CPU in
     nanoseconds (/proc/PID/task/TID/schedstat), not the 10 ms ticks of /proc/PID/stat, which at
     a few thousand deliveries a tick would blur a thread's share."""
-    total = {}
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    name = f.read().strip()
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    ns = int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            total[name] = total.get(name, 0) + ns / 1e9
-    return total
+    def on_cpu(task):
+        with open(f"{task}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    return by_thread(pids, on_cpu)
 
 
 def switches_by_thread(pids):
     """Voluntary context switches (a thread going to sleep) of `pids`' threads, summed by
     thread name: {name: count}."""
-    total = {}
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    name = f.read().strip()
-                with open(f"/proc/{pid}/task/{tid}/status") as f:
-                    n = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
-            except (OSError, StopIteration):
-                continue
-            total[name] = total.get(name, 0) + n
-    return total
+    def sleeps(task):
+        with open(f"{task}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+    return by_thread(pids, sleeps)
 
 
 def perf_start(pids):
