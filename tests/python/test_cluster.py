@@ -105,6 +105,11 @@ def publish(node, topic, data):
     return json.loads(text)
 
 
+def metric(text, name):
+    """The value of counter `name` in a /metrics answer."""
+    return int(re.search(rf"^{name} (\d+)", text, re.M).group(1))
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -556,7 +561,7 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(got, list(range(since + 1, 31)), since)
         text = (await asyncio.to_thread(http, node, "GET", "/metrics", None, None))[1]
         self.assertIn('gale_recoveries_total{result="recovered"} 40', text)
-        reads = int(re.search(r"gale_broker_log_reads_total (\d+)", text).group(1))
+        reads = metric(text, "gale_broker_log_reads_total")
         # One read per client would be 39; shared, one read and one more for each client that
         # reaches the broker with a position below all before it (the loops forward in their
         # own order).
@@ -577,9 +582,6 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual(set(await asyncio.to_thread(publish_many, node, t, 6)), {200})
             epochs[t] = json.loads((await asyncio.to_thread(http, node, "GET", f"/api/topics/{t}"))[1])["epoch"]
 
-        def counter(text, name):
-            return int(re.search(rf"{name} (\d+)", text).group(1))
-
         before = (await asyncio.to_thread(http, node, "GET", "/metrics", None, None))[1]
         # Five clients per topic, at positions 1 to 5, all coming back while Redis holds its
         # commands: the subscribes queue up at the broker as one batch.
@@ -591,8 +593,8 @@ class ClusterTest(unittest.IsolatedAsyncioTestCase):
             self.assertEqual((reply["recovered"], reply["missed"]), (True, 6 - since), reply)
             self.assertEqual([(await c.delivery())["seq"] for _ in range(6 - since)], list(range(since + 1, 7)))
         after = (await asyncio.to_thread(http, node, "GET", "/metrics", None, None))[1]
-        reads = counter(after, "gale_broker_log_reads_total") - counter(before, "gale_broker_log_reads_total")
-        trips = counter(after, "gale_broker_pipelines_total") - counter(before, "gale_broker_pipelines_total")
+        reads = metric(after, "gale_broker_log_reads_total") - metric(before, "gale_broker_log_reads_total")
+        trips = metric(after, "gale_broker_pipelines_total") - metric(before, "gale_broker_pipelines_total")
         # A read per topic (and one for the subscribe that met the pause), not per client...
         self.assertLessEqual(reads, 30, after)
         # ...in a pipelined round trip per batch (the one that met the pause, then the rest;

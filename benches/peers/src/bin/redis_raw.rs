@@ -147,32 +147,13 @@ impl Meter {
     }
 }
 
-/// CRC16 (XMODEM) of `key`'s hash tag, modulo 16,384: the Redis Cluster slot.
-fn slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = key.find('{').and_then(|open| {
-        let close = key[open + 1..].find('}')?;
-        (close > 0).then(|| &bytes[open + 1..open + 1 + close])
-    });
-    let mut crc: u16 = 0;
-    for &b in tagged.unwrap_or(bytes) {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
-        }
-    }
-    crc % 16_384
-}
-
-/// A command in RESP, its arguments as bulk strings.
-fn command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+/// `args` as one command in RESP, ready to write.
+fn packed(args: &[&[u8]]) -> Vec<u8> {
+    let mut cmd = redis::Cmd::new();
     for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
+        cmd.arg(*a);
     }
-    out
+    cmd.get_packed_command()
 }
 
 /// Read from `conn` until `lines` more line ends have come (only answers to commands sent are
@@ -199,46 +180,33 @@ fn read_lines(conn: &mut TcpStream, buf: &mut [u8], mut lines: usize) -> io::Res
     Ok(())
 }
 
-/// The slots `node` serves as a primary, from its `CLUSTER NODES`.
-fn owned_slots(node: &str) -> io::Result<Vec<(u16, u16)>> {
-    let mut conn = TcpStream::connect(node)?;
-    conn.write_all(&command(&[b"CLUSTER", b"NODES"]))?;
-    let mut reply = Vec::new();
-    let mut buf = [0u8; 65536];
-    // A bulk string: `$LEN\r\n` then LEN bytes and `\r\n`.
-    loop {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            return Err(io::Error::new(ErrorKind::UnexpectedEof, "Redis closed the connection"));
-        }
-        reply.extend_from_slice(&buf[..n]);
-        if let Some(end) = reply.iter().position(|&b| b == b'\n') {
-            let len: usize = std::str::from_utf8(reply.get(1..end.saturating_sub(1)).unwrap_or_default())
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| io::Error::other(format!("{node}: not a cluster node")))?;
-            if reply.len() >= end + 1 + len + 2 {
-                reply = reply[end + 1..end + 1 + len].to_vec();
-                break;
+/// Per channel, the index in `nodes` of the primary that serves its slot, as the cluster says:
+/// each channel's slot from `CLUSTER KEYSLOT`, each node's own slots from its `CLUSTER NODES`.
+fn nodes_of(nodes: &[String], channels: &[String]) -> redis::RedisResult<Vec<usize>> {
+    let mut by_slot = vec![usize::MAX; 16_384];
+    let mut first = None;
+    for (n, node) in nodes.iter().enumerate() {
+        let mut conn = redis::Client::open(format!("redis://{node}"))?.get_connection()?;
+        let text: String = redis::cmd("CLUSTER").arg("NODES").query(&mut conn)?;
+        let myself = text.lines().find(|l| l.split(' ').nth(2).is_some_and(|flags| flags.contains("myself")));
+        // Fields from the ninth on: the node's slots, `a-b` or `a` (`[…]`: one being migrated).
+        for field in myself.into_iter().flat_map(|l| l.split(' ').skip(8)) {
+            let (a, b) = field.split_once('-').unwrap_or((field, field));
+            if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                for slot in by_slot.iter_mut().take(b + 1).skip(a) {
+                    *slot = n;
+                }
             }
         }
+        first.get_or_insert(conn);
     }
-    let text = String::from_utf8_lossy(&reply);
-    let myself = text
-        .lines()
-        .find(|l| l.split(' ').nth(2).is_some_and(|flags| flags.contains("myself")))
-        .ok_or_else(|| io::Error::other(format!("{node}: CLUSTER NODES names no `myself`")))?;
-    let mut ranges = Vec::new();
-    for field in myself.split(' ').skip(8) {
-        if field.starts_with('[') {
-            continue; // a slot being migrated
-        }
-        let (a, b) = field.split_once('-').unwrap_or((field, field));
-        if let (Ok(a), Ok(b)) = (a.parse(), b.parse()) {
-            ranges.push((a, b));
-        }
+    let Some(mut conn) = first else { return Ok(Vec::new()) };
+    let mut pipe = redis::pipe();
+    for c in channels {
+        pipe.cmd("CLUSTER").arg("KEYSLOT").arg(c);
     }
-    Ok(ranges)
+    let slots: Vec<usize> = pipe.query(&mut conn)?;
+    Ok(slots.into_iter().map(|s| by_slot.get(s).copied().unwrap_or(usize::MAX)).collect())
 }
 
 fn main() -> io::Result<()> {
@@ -249,15 +217,7 @@ fn main() -> io::Result<()> {
         .map(|i| if args.cluster { format!("bench:{{{i}}}") } else { format!("bench:{i}") })
         .collect();
     let node_of: Vec<usize> = if args.cluster {
-        let mut by_slot = vec![usize::MAX; 16_384];
-        for (n, node) in args.nodes.iter().enumerate() {
-            for (a, b) in owned_slots(node)? {
-                for s in a..=b.min(16_383) {
-                    by_slot[usize::from(s)] = n;
-                }
-            }
-        }
-        let node_of: Vec<usize> = channels.iter().map(|c| by_slot[usize::from(slot(c))]).collect();
+        let node_of = nodes_of(&args.nodes, &channels).map_err(io::Error::other)?;
         if node_of.contains(&usize::MAX) {
             return Err(io::Error::other("a channel's slot is served by none of --nodes"));
         }
@@ -269,7 +229,7 @@ fn main() -> io::Result<()> {
         if args.cluster { (b"SPUBLISH", b"SSUBSCRIBE") } else { (b"PUBLISH", b"SUBSCRIBE") };
     let payload = vec![b'x'; args.payload];
     let publishes: Vec<Vec<u8>> =
-        channels.iter().map(|c| command(&[publish, c.as_bytes(), &payload])).collect();
+        channels.iter().map(|c| packed(&[publish, c.as_bytes(), &payload])).collect();
 
     // Subscribed first: each confirmation is 6 lines (`*3`, `$N`, the kind, `$N`, the channel,
     // `:count`).
@@ -282,7 +242,7 @@ fn main() -> io::Result<()> {
             channels.iter().zip(&node_of).filter(|(_, o)| **o == n).map(|(c, _)| c).collect();
         let mut out = Vec::new();
         for c in &mine {
-            out.extend_from_slice(&command(&[subscribe, c.as_bytes()]));
+            out.extend_from_slice(&packed(&[subscribe, c.as_bytes()]));
         }
         conn.write_all(&out)?;
         read_lines(&mut conn, &mut buf, 6 * mine.len())?;
@@ -423,19 +383,4 @@ fn main() -> io::Result<()> {
         received.count as f64 / measured,
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::slot;
-
-    #[test]
-    fn slots_are_redis_cluster_slots() {
-        // Values from Redis's `CLUSTER KEYSLOT`.
-        assert_eq!(slot("foo"), 12182);
-        assert_eq!(slot("bar"), 5061);
-        assert_eq!(slot("{user1000}.following"), slot("user1000"));
-        assert_eq!(slot("bench:{7}"), 1716);
-        assert_eq!(slot("foo{}{bar}"), 8363); // an empty tag: the whole key
-    }
 }

@@ -119,11 +119,7 @@ impl LogSpans {
                     // The batch keeps another part of this topic's log: answered from this read.
                     return answer(cmd, entries.iter(), epoch, since, last, max_bytes);
                 }
-                self.held += held_by(&entries);
-                let span = Span { epoch: epoch.to_string(), from, to, entries };
-                if let Some(old) = self.spans.insert(topic.to_string(), span) {
-                    self.held -= held_by(&old.entries);
-                }
+                self.keep(topic.to_string(), Span { epoch: epoch.to_string(), from, to, entries });
             }
         }
         let Some(span) = self.spans.get(topic) else { return Ok(Err(GONE)) };
@@ -171,15 +167,18 @@ impl LogSpans {
                 entries.push(Entry { seq, delivery, expires });
                 true
             });
-            let bytes = held_by(&entries);
-            if !whole || self.held + bytes > MAX_HELD {
+            if !whole || self.held + held_by(&entries) > MAX_HELD {
                 continue;
             }
-            self.held += bytes;
-            let span = Span { epoch: w.epoch, from: w.from, to: w.to, entries };
-            if let Some(old) = self.spans.insert(w.topic, span) {
-                self.held -= held_by(&old.entries);
-            }
+            self.keep(w.topic, Span { epoch: w.epoch, from: w.from, to: w.to, entries });
+        }
+    }
+
+    /// Keep `span` as what was read of `topic`, in place of what was.
+    fn keep(&mut self, topic: String, span: Span) {
+        self.held += held_by(&span.entries);
+        if let Some(old) = self.spans.insert(topic, span) {
+            self.held -= held_by(&old.entries);
         }
     }
 
