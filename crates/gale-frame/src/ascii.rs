@@ -31,9 +31,9 @@ pub(crate) fn is_short_ascii(bytes: &[u8]) -> bool {
     debug_assert!(bytes.len() <= SHORT_MAX);
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let n = bytes.len();
-    let bits = if n >= 8 {
-        let word = |i: usize| u64::from_ne_bytes(bytes[i..i + 8].try_into().unwrap());
-        // The last word overlaps the one before it when `n` is not a multiple of 8.
+    let word = |i: usize| u64::from_ne_bytes(bytes[i..i + 8].try_into().unwrap());
+    // Words that overlap when `n` is not a multiple of 8: up to 32 bytes without a loop.
+    let bits = if n > 32 {
         let mut bits = word(n - 8);
         let mut i = 0;
         while i + 8 < n {
@@ -41,6 +41,10 @@ pub(crate) fn is_short_ascii(bytes: &[u8]) -> bool {
             i += 8;
         }
         bits
+    } else if n > 16 {
+        word(0) | word(8) | word(n - 16) | word(n - 8)
+    } else if n >= 8 {
+        word(0) | word(n - 8)
     } else if n >= 4 {
         let word = |i: usize| u64::from(u32::from_ne_bytes(bytes[i..i + 4].try_into().unwrap()));
         word(0) | word(n - 4)

@@ -375,8 +375,17 @@ impl Decoder {
         input: &'a mut [u8],
     ) -> Result<(usize, Option<Event<'a>>), ProtocolError> {
         self.release();
-        if self.finished {
+        if self.finished || input.is_empty() {
+            // Nothing to keep from an empty input: the end of every read comes here, and
+            // would otherwise allocate the holder of a split header for no bytes.
             return Ok((input.len(), None));
+        }
+        if !self.is_mid_message()
+            && let Some(frame) = CommonFrame::find(&self.config, input)
+        {
+            let (used, event) =
+                frame.take(input, self.config.check_utf8).inspect_err(|_| self.finished = true)?;
+            return Ok((used, Some(event)));
         }
         let input_len = input.len();
         match self.decode_inner(input) {
@@ -625,6 +634,58 @@ impl Drop for Decoder {
     }
 }
 
+/// The common frame, recognised in a few compares before the general path: a whole text or
+/// binary message in one frame (FIN, no RSV bit) with a 7-bit length, masked as the role
+/// requires, within the size limit and whole in the input. Anything else, including every
+/// frame the rules refuse, goes to the general path, which gives the same events for these.
+///
+/// Longer messages (16-bit lengths) were tried here too: 5 % fewer instructions for a 1 KiB
+/// message, but 4 to 9 % more for a 20-byte one, whatever the arrangement, as the compiler
+/// then keeps less of the loop in registers.
+#[derive(Clone, Copy)]
+struct CommonFrame {
+    text: bool,
+    masked: bool,
+    header_len: usize,
+    payload_len: usize,
+}
+
+impl CommonFrame {
+    /// The frame at the start of `input`, if it is such a message.
+    #[inline(always)]
+    fn find(config: &DecoderConfig, input: &[u8]) -> Option<CommonFrame> {
+        let [b0, b1, ..] = *input else { return None };
+        let text = match b0 {
+            0x81 => true,
+            0x82 => false,
+            _ => return None,
+        };
+        let masked = b1 & 0x80 != 0;
+        let payload_len = usize::from(b1 & 0x7F);
+        let header_len = if masked { 6 } else { 2 };
+        let fits = payload_len < 126
+            && masked == (config.role == Role::Server)
+            && input.len() >= header_len + payload_len
+            && payload_len as u64 <= config.max_message_size;
+        fits.then_some(CommonFrame { text, masked, header_len, payload_len })
+    }
+
+    /// Unmask the payload in place and return the bytes consumed and the event.
+    #[inline(always)]
+    fn take(self, input: &mut [u8], check_utf8: bool) -> Result<(usize, Event<'_>), ProtocolError> {
+        let (header, rest) = input.split_at_mut(self.header_len);
+        let payload = &mut rest[..self.payload_len];
+        if self.masked {
+            apply_mask(payload, [header[2], header[3], header[4], header[5]], 0);
+        }
+        let payload: &[u8] = payload;
+        let kind = if self.text { DataKind::Text } else { DataKind::Binary };
+        let message = MessageState { kind, compressed: false, announced: self.payload_len as u64 };
+        let event = whole_message_event(message, payload, check_utf8)?;
+        Ok((self.header_len + self.payload_len, event))
+    }
+}
+
 /// How `decode_inner` finished; events that borrow the decoder's own buffers are built after
 /// it returns, so that the borrow of `self` does not outlive the loop.
 enum Step<'a> {
@@ -638,6 +699,8 @@ enum Step<'a> {
     NeedMore,
 }
 
+/// Inline: on the path of every small message, where a call costs as much as the checks.
+#[inline(always)]
 fn whole_message_event(
     message: MessageState,
     payload: &[u8],

@@ -487,3 +487,49 @@ fn budget_is_given_back_on_error_close_and_finish() {
     assert_eq!(read(&mut dec, &partial(10, 16)).unwrap(), vec![]);
     assert_eq!(budget.held(), 0);
 }
+
+/// Decode `bytes` from one read and from reads of one byte (which never take the shortcut
+/// for a whole common frame), with several configurations, and require the same events and
+/// the same close code.
+fn same_both_ways(bytes: &[u8], what: &str) {
+    for (server, limit, check_utf8) in [
+        (true, 1 << 20, true),
+        (false, 1 << 20, true),
+        (true, 3, true),
+        (true, 200, true),
+        (true, 1 << 20, false),
+    ] {
+        let config = if server { DecoderConfig::server(limit) } else { DecoderConfig::client(limit) };
+        let config = DecoderConfig { check_utf8, ..config };
+        let whole = feed_all(&mut Decoder::new(config), bytes);
+        let bytewise = feed(&mut Decoder::new(config), bytes, &[1]);
+        assert_eq!(
+            (whole.0, whole.1.map(|e| e.code)),
+            (bytewise.0, bytewise.1.map(|e| e.code)),
+            "{what}: server {server} limit {limit} utf8 {check_utf8}"
+        );
+    }
+}
+
+/// Every two-byte frame start (so every 7-bit length and the 16- and 64-bit markers), with a
+/// key, a short payload (some of it not UTF-8) and a following frame: a whole short message
+/// in one read takes a shortcut, and it must agree with the general path on every event and
+/// close code, for either role, with or without the UTF-8 check, and with size limits on
+/// either side of the payload.
+#[test]
+fn the_common_frame_shortcut_agrees_with_the_general_path() {
+    let payloads: [&[u8]; 4] = [b"", b"hello, world: twenty", &[0xCE, 0xBA, 0xFF, 0x41], &[0x61; 125]];
+    for b0 in 0..=255u8 {
+        for b1 in 0..=255u8 {
+            for payload in payloads {
+                let mut bytes = vec![b0, b1];
+                if b1 & 0x80 != 0 {
+                    bytes.extend(KEY);
+                }
+                bytes.extend(&payload[..usize::from(b1 & 0x7F).min(payload.len())]);
+                bytes.extend(cframe(OpCode::Binary, true, b"next"));
+                same_both_ways(&bytes, &format!("{b0:#04x} {b1:#04x} payload {payload:?}"));
+            }
+        }
+    }
+}
