@@ -489,8 +489,8 @@ fn budget_is_given_back_on_error_close_and_finish() {
 }
 
 /// Decode `bytes` from one read and from reads of one byte (which never take the shortcut
-/// for a whole common frame), with several configurations, and require the same events and
-/// the same close code.
+/// for a whole common frame), with several configurations, and require the same events, the
+/// same close code, and the decoder to have ended (or not) alike.
 fn same_both_ways(bytes: &[u8], what: &str) {
     for (server, limit, check_utf8) in [
         (true, 1 << 20, true),
@@ -501,11 +501,13 @@ fn same_both_ways(bytes: &[u8], what: &str) {
     ] {
         let config = if server { DecoderConfig::server(limit) } else { DecoderConfig::client(limit) };
         let config = DecoderConfig { check_utf8, ..config };
-        let whole = feed_all(&mut Decoder::new(config), bytes);
-        let bytewise = feed(&mut Decoder::new(config), bytes, &[1]);
+        let (mut one_read, mut byte_reads) = (Decoder::new(config), Decoder::new(config));
+        let whole = feed_all(&mut one_read, bytes);
+        let bytewise = feed(&mut byte_reads, bytes, &[1]);
+        // After an error or a close frame the decoder ignores the rest: both must have ended.
         assert_eq!(
-            (whole.0, whole.1.map(|e| e.code)),
-            (bytewise.0, bytewise.1.map(|e| e.code)),
+            (whole.0, whole.1.map(|e| e.code), one_read.is_finished()),
+            (bytewise.0, bytewise.1.map(|e| e.code), byte_reads.is_finished()),
             "{what}: server {server} limit {limit} utf8 {check_utf8}"
         );
     }
@@ -532,4 +534,36 @@ fn the_common_frame_shortcut_agrees_with_the_general_path() {
             }
         }
     }
+}
+
+/// A read that starts with the bytes of a short whole message while the decoder is inside
+/// something else (a fragmented message, a header cut by the previous read, a payload cut by
+/// it) must not be taken for that message.
+#[test]
+fn the_shortcut_waits_for_what_an_earlier_read_left_open() {
+    // A fragmented message, then a new text message: 1002, not a message.
+    let mut reads = cframe(OpCode::Text, false, b"ab");
+    let cut = reads.len();
+    reads.extend(cframe(OpCode::Text, true, b"cd"));
+    let (events, err) = feed(&mut server(), &reads, &[cut, reads.len()]);
+    assert_eq!((events, err.map(|e| e.code.0)), (vec![], Some(1002)));
+
+    // A header cut after its first byte: the next read starts with 0x81, which is the
+    // second header byte (masked, length 1), not the start of a text frame.
+    let mut bytes = cframe(OpCode::Binary, true, b"z");
+    assert_eq!(bytes[1], 0x81);
+    bytes.extend(cframe(OpCode::Text, true, b"after"));
+    let (events, err) = feed(&mut server(), &bytes, &[1, bytes.len()]);
+    assert_eq!((events, err), (vec![Owned::Binary(b"z".to_vec()), Owned::Text("after".into())], None));
+
+    // A payload cut by the end of a read, whose rest starts with what looks like a whole
+    // 20-byte text frame on the wire.
+    let lookalike = [[0x81, 0x94].as_slice(), &KEY, &[b'x' ^ KEY[0]; 20]].concat();
+    let payload: Vec<u8> =
+        [b"head".as_slice(), &lookalike].concat().iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]).collect();
+    let bytes = cframe(OpCode::Binary, true, &payload);
+    let header_and_head = bytes.len() - lookalike.len();
+    assert_eq!(&bytes[header_and_head..], &lookalike[..], "the second read starts with the lookalike");
+    let (events, err) = feed(&mut server(), &bytes, &[header_and_head, bytes.len()]);
+    assert_eq!((events, err), (vec![Owned::Binary(payload)], None));
 }
