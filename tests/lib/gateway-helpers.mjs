@@ -106,41 +106,67 @@ export function haveRedis() {
   return spawnSync('redis-server', ['--version'], { stdio: 'ignore' }).status === 0;
 }
 
-/** A redis-server without persistence on a free loopback port; `stop()` ends it by its PID. */
+/** The process id of the Redis answering on `port` (`INFO server`), or null if none does yet. */
+function servingPid(port) {
+  return new Promise((resolve) => {
+    let reply = '';
+    const s = net.connect(port, '127.0.0.1');
+    const done = (pid) => {
+      s.destroy();
+      resolve(pid);
+    };
+    s.setTimeout(500, () => done(null));
+    s.once('error', () => done(null));
+    s.once('close', () => done(null));
+    s.once('connect', () => s.write('INFO server\r\n'));
+    s.on('data', (d) => {
+      reply += d.toString();
+      const found = /process_id:(\d+)\r\n/.exec(reply);
+      if (found) done(Number(found[1]));
+    });
+  });
+}
+
+/**
+ * A throwaway redis-server without persistence on a free loopback port. Suites run side by
+ * side, and a port found free can be taken by another suite's server before ours binds it
+ * (ours then exits, and a plain PING would reach theirs): the server counts as started only
+ * when the one answering is ours, and otherwise another port is tried. `stop()` ends it by
+ * its PID.
+ */
 export async function startRedis(logDir) {
-  const port = await freePort();
   const dir = join(REPO_ROOT, 'target', 'test-output', logDir);
   mkdirSync(dir, { recursive: true });
-  const log = createWriteStream(join(dir, `redis-${port}.log`));
-  const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
-  child.stdout.pipe(log);
-  child.stderr.pipe(log);
-  const exited = new Promise((r) => child.once('exit', r));
-  const ping = () =>
-    new Promise((resolve) => {
-      const s = net.connect(port, '127.0.0.1');
-      s.once('error', () => resolve(false));
-      s.once('connect', () => s.write('PING\r\n'));
-      s.once('data', (d) => {
-        s.destroy();
-        resolve(d.toString().startsWith('+PONG'));
-      });
+  for (let attempt = 0; attempt < 5; attempt++) {
+    const port = await freePort();
+    const log = createWriteStream(join(dir, `redis-${port}.log`));
+    const child = spawn('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
     });
-  const deadline = Date.now() + 20_000;
-  while (!(await ping())) {
-    if (Date.now() > deadline || child.exitCode !== null) {
-      child.kill('SIGKILL');
-      throw new Error('redis-server did not start');
+    child.stdout.pipe(log);
+    child.stderr.pipe(log);
+    const exited = new Promise((r) => child.once('exit', r));
+    const deadline = Date.now() + 20_000;
+    let ours = false;
+    while (Date.now() < deadline && child.exitCode === null) {
+      if ((await servingPid(port)) === child.pid) {
+        ours = true;
+        break;
+      }
+      await sleep(20);
     }
-    await sleep(20);
-  }
-  return {
-    url: `redis://127.0.0.1:${port}`,
-    async stop() {
-      if (child.exitCode === null && child.signalCode === null) process.kill(child.pid, 'SIGTERM');
+    if (!ours) {
+      child.kill('SIGKILL');
       await exited;
-    },
-  };
+      continue;
+    }
+    return {
+      url: `redis://127.0.0.1:${port}`,
+      async stop() {
+        if (child.exitCode === null && child.signalCode === null) process.kill(child.pid, 'SIGTERM');
+        await exited;
+      },
+    };
+  }
+  throw new Error('redis-server did not start (see its logs)');
 }

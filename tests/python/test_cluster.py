@@ -42,27 +42,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serving_pid(port):
+    """The process id of the Redis answering on `port` (`INFO server`), or None if none does
+    yet."""
+    line = re.compile(rb"process_id:(\d+)\r\n")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"INFO server\r\n")
+            reply = b""
+            while not line.search(reply):
+                chunk = s.recv(65536)
+                if not chunk:
+                    return None
+                reply += chunk
+    except OSError:
+        return None
+    return int(line.search(reply).group(1))
+
+
+def wait_until_serving(proc, port):
+    """Wait until `proc` answers on `port`. False when it exits first or another process
+    answers there: suites run side by side, and a port found free can be taken by another
+    suite's server before ours binds it (ours then exits, and a plain PING would reach
+    theirs)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if serving_pid(port) == proc.pid:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 class Redis:
-    """A throwaway redis-server without persistence on a free port."""
+    """A throwaway redis-server without persistence on a free port (another one if the
+    first is taken before it binds it; `port` given: that one or an error)."""
 
     def __init__(self, port=None):
-        self.port = port or free_port()
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.log = open(LOG_DIR / f"redis-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=self.log, stderr=self.log,
-        )
-        deadline = time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
+        for _ in range(5):
+            self.port = port or free_port()
+            self.log = open(LOG_DIR / f"redis-{self.port}.log", "ab")
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=self.log, stderr=self.log,
+            )
+            if wait_until_serving(self.proc, self.port):
+                return
+            self.proc.kill()
+            self.proc.wait()
+            if port:
+                break
+        raise RuntimeError(f"redis-server did not start (last port {self.port}; see its log)")
 
     @property
     def url(self):
