@@ -310,12 +310,14 @@ PY
 import json, statistics, sys
 gateway = [json.loads(line) for line in open(sys.argv[1])]
 raw = [json.loads(line) for line in open(sys.argv[2])]
+def cpu(r, side):
+    """The raw client's CPU per 1k messages on one `side` (publisher, listener), user + system."""
+    return r[f"{side}_user_ms_per_1k"] + r[f"{side}_system_ms_per_1k"]
 # A gateway publishes half of the messages (the publishers alternate between the two) and
 # receives all of them, one delivery each: the raw client's share of a gateway's work per
 # delivery is half its publishing CPU per message plus its listening CPU per message.
 def share(r):
-    return 0.5 * (r["publisher_user_ms_per_1k"] + r["publisher_system_ms_per_1k"]) + \
-        r["listener_user_ms_per_1k"] + r["listener_system_ms_per_1k"]
+    return 0.5 * cpu(r, "publisher") + cpu(r, "listener")
 groups = {}
 for r in gateway:
     groups.setdefault((r["topics"], r["setup"]), {"gateway": [], "raw": [], "threads": []})
@@ -334,8 +336,8 @@ med = statistics.median
 for (topics, setup), g in groups.items():
     base = groups.get((topics, "one primary"))
     rs = g["raw"]
-    pub = med(r["publisher_user_ms_per_1k"] + r["publisher_system_ms_per_1k"] for r in rs)
-    lis = med(r["listener_user_ms_per_1k"] + r["listener_system_ms_per_1k"] for r in rs)
+    pub = med(cpu(r, "publisher") for r in rs)
+    lis = med(cpu(r, "listener") for r in rs)
     # Changes are the medians of each round's difference from that round's one primary.
     raw_change = med(share(r) - share(b) for r, b in zip(rs, base["raw"]))
     gw_change = med(x - b for x, b in zip(g["gateway"], base["gateway"]))
@@ -362,7 +364,6 @@ for (topics, setup), g in groups.items():
     named = {n for _, n in THREADS}
     other = lambda t: sum(v for k, v in t.items() if k not in named)
     cells.append(med(other(t) - other(b) for t, b in zip(g["threads"], base["threads"])))
-    cpu = lambda r, side: r[f"{side}_user_ms_per_1k"] + r[f"{side}_system_ms_per_1k"]
     cells.append(med(0.5 * (cpu(r, "publisher") - cpu(b, "publisher")) for r, b in zip(g["raw"], base["raw"])))
     cells.append(med(cpu(r, "listener") - cpu(b, "listener") for r, b in zip(g["raw"], base["raw"])))
     print(f"| {setup} | {topics:,} | " + " | ".join(f"{c:+.3f}" for c in cells) + " |")

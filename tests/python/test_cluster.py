@@ -60,19 +60,25 @@ def serving_pid(port):
     return int(line.search(reply).group(1))
 
 
-def wait_until_serving(proc, port):
-    """Wait until `proc` answers on `port`. False when it exits first or another process
-    answers there: suites run side by side, and a port found free can be taken by another
-    suite's server before ours binds it (ours then exits, and a plain PING would reach
-    theirs)."""
+def start_redis(port, log, *options):
+    """`redis-server` on `port` with `options`, once it is the process answering there
+    (`INFO server`); None, and no process left, if it exits first or another answers there:
+    suites run side by side, and a port found free can be taken by another suite's server
+    before ours binds it (ours then exits, and a plain PING would reach theirs)."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", *options],
+                            stdout=log, stderr=log)
     deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
+    while time.monotonic() < deadline and proc.poll() is None:
         if serving_pid(port) == proc.pid:
-            return True
+            return proc
         time.sleep(0.05)
-    return False
+    proc.kill()
+    proc.wait()
+    return None
+
+
+# Ports tried before giving up when the free ones found are taken first.
+REDIS_ATTEMPTS = 5
 
 
 class Redis:
@@ -81,19 +87,12 @@ class Redis:
 
     def __init__(self, port=None):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
+        for _ in range(1 if port else REDIS_ATTEMPTS):
             self.port = port or free_port()
             self.log = open(LOG_DIR / f"redis-{self.port}.log", "ab")
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                stdout=self.log, stderr=self.log,
-            )
-            if wait_until_serving(self.proc, self.port):
+            self.proc = start_redis(self.port, self.log, "--save", "", "--appendonly", "no")
+            if self.proc:
                 return
-            self.proc.kill()
-            self.proc.wait()
-            if port:
-                break
         raise RuntimeError(f"redis-server did not start (last port {self.port}; see its log)")
 
     @property

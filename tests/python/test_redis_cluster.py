@@ -26,7 +26,7 @@ import time
 import unittest
 
 from gale_process import LOG_DIR, GaleServe
-from test_cluster import free_port, wait_until_serving
+from test_cluster import REDIS_ATTEMPTS, free_port, start_redis
 from gateway_client import GatewayClient
 from test_gateway import SECRET, make_token
 
@@ -61,34 +61,28 @@ class Node:
 
     def __init__(self, root):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
-        # Ports found free can be taken by a suite running beside this one before the server
-        # binds them: then it exits, and new ports are tried.
-        for _ in range(5):
+        for _ in range(REDIS_ATTEMPTS):
             self.port, self.bus = free_port(), free_port()
             self.dir = os.path.join(root, str(self.port))
             os.makedirs(self.dir)
             self.log = open(LOG_DIR / f"redis-cluster-{self.port}.log", "ab")
-            if self.start(must=False):
+            if self.started():
                 return
         raise RuntimeError(f"redis-server did not start (last port {self.port}; see its log)")
 
-    def start(self, must=True):
-        """Start the server (again: it finds the cluster in its nodes.conf). Whether it is the
-        one answering on its port; unless `must` is false, an error if not."""
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--cluster-port", str(self.bus), "--bind", "127.0.0.1",
-             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
-             "--cluster-replica-validity-factor", "0", "--dir", self.dir, "--save", "", "--appendonly", "no",
-             "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"],
-            stdout=self.log, stderr=self.log,
-        )
-        if wait_until_serving(self.proc, self.port):
-            return True
-        self.proc.kill()
-        self.proc.wait()
-        if must:
+    def started(self):
+        """Start the server on its ports; whether it is the one answering there."""
+        self.proc = start_redis(
+            self.port, self.log, "--cluster-port", str(self.bus), "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000",
+            "--cluster-replica-validity-factor", "0", "--dir", self.dir, "--save", "", "--appendonly", "no",
+            "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+        return self.proc is not None
+
+    def start(self):
+        """Start the server again (it finds the cluster in its nodes.conf)."""
+        if not self.started():
             raise RuntimeError(f"redis-server on {self.port} did not start (see its log)")
-        return False
 
     @property
     def addr(self):

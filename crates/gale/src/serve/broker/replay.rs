@@ -119,7 +119,8 @@ impl LogSpans {
                     // The batch keeps another part of this topic's log: answered from this read.
                     return answer(cmd, entries.iter(), epoch, since, last, max_bytes);
                 }
-                self.keep(topic.to_string(), Span { epoch: epoch.to_string(), from, to, entries });
+                let bytes = held_by(&entries);
+                self.keep(topic.to_string(), Span { epoch: epoch.to_string(), from, to, entries }, bytes);
             }
         }
         let Some(span) = self.spans.get(topic) else { return Ok(Err(GONE)) };
@@ -162,21 +163,23 @@ impl LogSpans {
                 answer.and_then(|v| redis::from_redis_value::<(LogPage, u8)>(v).map_err(|e| e.to_string()));
             // Cut short by the budget: left to the subscribes, which read it page by page.
             let Ok((page, 1)) = read else { continue };
-            let mut entries = Vec::new();
+            let (mut entries, mut bytes) = (Vec::new(), 0);
             let (_, whole) = each_delivery(page, |seq, delivery, expires, _| {
+                bytes += delivery.len();
                 entries.push(Entry { seq, delivery, expires });
                 true
             });
-            if !whole || self.held + held_by(&entries) > MAX_HELD {
+            if !whole || self.held + bytes > MAX_HELD {
                 continue;
             }
-            self.keep(w.topic, Span { epoch: w.epoch, from: w.from, to: w.to, entries });
+            self.keep(w.topic, Span { epoch: w.epoch, from: w.from, to: w.to, entries }, bytes);
         }
     }
 
-    /// Keep `span` as what was read of `topic`, in place of what was.
-    fn keep(&mut self, topic: String, span: Span) {
-        self.held += held_by(&span.entries);
+    /// Keep `span`, whose entries hold `bytes`, as what was read of `topic`, in place of what
+    /// was.
+    fn keep(&mut self, topic: String, span: Span, bytes: usize) {
+        self.held += bytes;
         if let Some(old) = self.spans.insert(topic, span) {
             self.held -= held_by(&old.entries);
         }
